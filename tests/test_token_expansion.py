@@ -94,6 +94,26 @@ def test_other_distances_match_reference(distance, k):
             np.testing.assert_allclose(out[b, 1:].numpy(), merged, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "manhattan"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_ties_match_reference(distance, k):
+    """Zero vectors and repeated exact tokens make exact distance ties: the lowest patch index wins."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 1 + 49, 6, generator=gen, dtype=torch.float64)
+    x[0, 1:] = 0.0  # every distance ties
+    x[1, 10:30] = 0.0
+    # power-of-two multiples of basis vectors: normalising is exact, so every distance is exact
+    x[2, 1:] = torch.stack([2.0 ** (i % 3) * torch.eye(6, dtype=torch.float64)[i % 6] for i in range(49)])
+    schedule = ToESchedule(r1=0.5, total_steps=3, k=k)
+    for stage in (1, 2):
+        counts = schedule.kept_counts(49, stage)
+        out, keep_index = expand_tokens(x, counts, k=k, distance=distance, seed_stride=schedule.seed_stride)
+        for b in range(3):
+            anchors, merged = reference_toe(x[b, 1:].numpy(), counts, k, schedule.seed_stride, distance)
+            assert keep_index[b].tolist() == anchors, (b, stage)
+            np.testing.assert_allclose(out[b, 1:].numpy(), merged, rtol=0, atol=1e-6)
+
+
 # -- properties ----------------------------------------------------------------------------------
 
 def merge_weights(x, out, prefix, kept):

@@ -76,12 +76,12 @@ def expand_tokens(
         feats = patches.detach().to(compute_dtype)
         if distance == "cosine":
             feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        is_anchor = _select_anchors(feats, counts, k, distance, init, expand, seed_stride, generator)
+        is_anchor, nearest_index = _select_anchors(feats, counts, k, distance, init, expand, seed_stride, generator)
         # anchors in ascending patch index: sort the anchor indices (N marks non-anchors) and cut
         positions = torch.arange(num_patches, device=x.device).expand(batch, num_patches)
         keep_index = torch.where(is_anchor, positions, num_patches).sort(dim=1).values[:, :kept]
         if merge:
-            assignment = _merge_matrix(feats, is_anchor, keep_index, distance, compute_dtype)
+            assignment = _merge_matrix(is_anchor, nearest_index, kept, compute_dtype)
 
     if merge:
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -139,56 +139,62 @@ def _gather_rows(feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _initial_anchors(batch, num_patches, count, init, stride, device, generator) -> torch.Tensor:
-    """``[B, count]`` initial anchor indices."""
+    """``[B, count]`` initial anchor indices, ascending."""
     if init == "random":
         noise = torch.rand(batch, num_patches, generator=generator, device=device)
-        return noise.argsort(dim=1)[:, :count]
+        return noise.argsort(dim=1)[:, :count].sort(dim=1).values
     index = torch.arange(count, device=device) * stride
     return index.expand(batch, count)
 
 
-def _select_anchors(feats, counts, k, distance, init, expand, seed_stride, generator) -> torch.Tensor:
-    """Boolean ``[B, N]`` anchor mask after initialization and expansion (Eq. 2-6)."""
+def _nearest(feats, anchors, distance) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance from every patch to its nearest anchor among ``anchors`` (``[B, q]``, ascending)
+    and that anchor's patch index; ``min`` returns the first minimum, so ties go to the lowest index."""
+    dist, column = _pairwise_distance(feats, _gather_rows(feats, anchors), distance).min(dim=-1)
+    return dist, anchors.gather(1, column)
+
+
+def _select_anchors(feats, counts, k, distance, init, expand, seed_stride, generator):
+    """Anchor mask ``[B, N]`` after initialization and expansion (Eq. 2-6), and the patch index of
+    every patch's nearest anchor (Eq. 7's argmin), tracked along the way."""
     batch, num_patches, _ = feats.shape
     device = feats.device
-    is_anchor = torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
     if not expand:
         kept = counts[-1]
         if init == "spatial":  # evenly spaced: the spatial initialization at the stage's rate
-            index = (torch.arange(kept, device=device) * num_patches // kept).expand(batch, kept)
+            anchors = (torch.arange(kept, device=device) * num_patches // kept).expand(batch, kept)
         else:
-            index = _initial_anchors(batch, num_patches, kept, init, None, device, generator)
-        return is_anchor.scatter_(1, index, True)
+            anchors = _initial_anchors(batch, num_patches, kept, init, None, device, generator)
+        is_anchor = torch.zeros(batch, num_patches, dtype=torch.bool, device=device).scatter_(1, anchors, True)
+        return is_anchor, _nearest(feats, anchors, distance)[1]
 
     stride = seed_stride if seed_stride is not None else num_patches // counts[0]
     seeds = _initial_anchors(batch, num_patches, counts[0], init, stride, device, generator)
-    is_anchor.scatter_(1, seeds, True)
-    # distance of every patch to its nearest anchor so far; min is exact, so updating it with each
-    # repeat's new anchors equals recomputing D(U, A) over all anchors (Algorithm 1 lines 14-15)
-    nearest = _pairwise_distance(feats, _gather_rows(feats, seeds), distance).amin(dim=-1)
+    is_anchor = torch.zeros(batch, num_patches, dtype=torch.bool, device=device).scatter_(1, seeds, True)
+    # min is exact, so folding each repeat's new anchors into the running nearest distance equals
+    # recomputing D(U, A) over all anchors (Algorithm 1 lines 14-15)
+    nearest_dist, nearest_index = _nearest(feats, seeds, distance)
     for added in (b - a for a, b in zip(counts, counts[1:])):
         for repeat in range(k):
             take = added // k + (1 if repeat < added % k else 0)
             if take == 0:
                 continue
-            score = nearest.masked_fill(is_anchor, float("-inf"))
+            score = nearest_dist.masked_fill(is_anchor, float("-inf"))
             # stable descending sort: among equal distances the lowest patch index wins
-            new = score.sort(dim=1, descending=True, stable=True).indices[:, :take]
+            new = score.sort(dim=1, descending=True, stable=True).indices[:, :take].sort(dim=1).values
             is_anchor.scatter_(1, new, True)
-            to_new = _pairwise_distance(feats, _gather_rows(feats, new), distance).amin(dim=-1)
-            nearest = torch.minimum(nearest, to_new)
-    return is_anchor
+            dist, index = _nearest(feats, new, distance)
+            closer = (dist < nearest_dist) | ((dist == nearest_dist) & (index < nearest_index))
+            nearest_dist = torch.where(closer, dist, nearest_dist)
+            nearest_index = torch.where(closer, index, nearest_index)
+    return is_anchor, nearest_index
 
 
-def _merge_matrix(feats, is_anchor, keep_index, distance, dtype) -> torch.Tensor:
+def _merge_matrix(is_anchor, nearest_index, kept, dtype) -> torch.Tensor:
     """``[B, n, N]`` row-normalised assignment: row j averages anchor j and the patches nearest to it (Eq. 7)."""
-    batch, num_patches, _ = feats.shape
-    kept = keep_index.shape[1]
-    to_anchors = _pairwise_distance(feats, _gather_rows(feats, keep_index), distance)  # [B, N, n]
-    # argmin returns the first minimum: anchors are in ascending patch index, so ties go low
-    slot = to_anchors.argmin(dim=-1)
-    anchor_slot = is_anchor.long().cumsum(dim=1) - 1  # every anchor merges into its own row
-    slot = torch.where(is_anchor, anchor_slot, slot)
-    assignment = torch.zeros(batch, kept, num_patches, dtype=dtype, device=feats.device)
+    batch, num_patches = is_anchor.shape
+    anchor_slot = is_anchor.long().cumsum(dim=1) - 1  # output row of each anchor (ascending order)
+    slot = torch.where(is_anchor, anchor_slot, anchor_slot.gather(1, nearest_index))
+    assignment = torch.zeros(batch, kept, num_patches, dtype=dtype, device=is_anchor.device)
     assignment.scatter_(1, slot.unsqueeze(1), 1.0)
     return assignment / assignment.sum(dim=-1, keepdim=True)
