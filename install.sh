@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs everything the project needs into a virtual environment (default .venv) and checks it.
+# Safe to re-run. System packages: an MPI for mpi4py (OpenMPI from apt when run as root).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if ! command -v mpicc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "install: no MPI compiler found; installing OpenMPI from apt"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
+  else
+    echo "install: mpi4py needs an MPI implementation (mpicc not found)." >&2
+    echo "install: install one first, e.g. 'sudo apt-get install openmpi-bin libopenmpi-dev' or 'module load openmpi'." >&2
+    exit 1
+  fi
+fi
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "install: Python >= 3.10 required" >&2; exit 1; }
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# requirements.txt excludes torch's local CPU-only build, which breaks torchvision (see the file)
+"$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
+
+"$VENV/bin/python" - <<'PY'
+import torch, torchvision, timm, deepspeed, webdataset, mpi4py, yaml, scipy, pycocotools
+from torchvision.ops import nms
+nms(torch.zeros(1, 4), torch.zeros(1), 0.5)  # fails on a torch build without torchvision's ops
+print(f"install: ok: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+      f"deepspeed {deepspeed.__version__}, webdataset {webdataset.__version__}")
+PY
+touch "$VENV/.installed"
