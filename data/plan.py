@@ -1,0 +1,140 @@
+"""Which sample every rank and worker reads, in which order: pure functions of the configuration.
+
+An epoch's *items* are ``(position, repeat)`` pairs: shards in an order shuffled from
+``(seed, epoch)`` (before any rank split), their samples concatenated, optionally restricted to a
+subset, optionally repeated. The items are cut into ``world * workers`` contiguous *slots* of
+equal length, rank-major (split by rank, then by DataLoader worker), so every rank and every
+worker yields the same number of batches:
+
+- training: each slot gets ``L = floor(items / slots / batch) * batch`` items; the last
+  ``items - slots * L`` (fewer than ``slots * batch``) are dropped for this epoch (a different
+  set each epoch, since the shard order changes);
+- evaluation: no shuffle, slots of ``ceil(items / slots)`` items padded with ``-1`` to whole
+  batches, so every sample is seen exactly once and padding is marked.
+
+Each slot emits its items in the order of a seeded buffer shuffle (``buffer_order``), a
+permutation in which output ``j`` is always among the first ``j + buffer`` items: the reader
+needs at most ``buffer`` samples in memory. A *cursor* counts a slot's emitted items; a stream
+state is the cursors of every slot, so the consumed part of an epoch is known exactly, and an
+epoch resumed with another world size (a new *phase*) re-splits exactly the items not consumed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .shards import SplitIndex
+
+__all__ = ["Phase", "epoch_items", "split_slots", "buffer_order", "remaining_items", "rng_for"]
+
+
+def rng_for(*keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in keys])
+
+
+def epoch_items(split: SplitIndex, seed: int, epoch: int, *, shuffle: bool, repeats: int = 1,
+                subset: Optional[np.ndarray] = None) -> np.ndarray:
+    """``[M, 2]`` int64 ``(position, repeat)`` items of an epoch, in reading order.
+
+    ``subset``: boolean mask over positions (a plug-in's example subset); ``repeats``: each
+    sample appears ``repeats`` times in a row (repeated augmentation) and the epoch keeps its
+    length by taking the first ``1 / repeats`` of the samples.
+    """
+    order = rng_for(seed, epoch, 0x5EED).permutation(len(split.counts)) if shuffle else np.arange(len(split.counts))
+    positions = np.concatenate([split.starts[s] + np.arange(split.counts[s]) for s in order]).astype(np.int64)
+    if subset is not None:
+        if subset.shape != (split.total,):
+            raise ValueError(f"subset mask has shape {subset.shape}, the split has {split.total} samples")
+        positions = positions[subset[positions]]
+    if repeats > 1:
+        positions = np.repeat(positions[: len(positions) // repeats], repeats)
+        repeat_index = np.tile(np.arange(repeats), len(positions) // repeats)
+    else:
+        repeat_index = np.zeros(len(positions), np.int64)
+    return np.stack([positions, repeat_index], axis=1)
+
+
+def split_slots(items: np.ndarray, world: int, workers: int, batch: int, *, pad: bool) -> tuple[list[np.ndarray], int]:
+    """Cut items into ``world * workers`` slots (index ``rank * workers + worker``); returns the
+    slots and the number of items dropped (training) or padded (evaluation)."""
+    slots = world * workers
+    if pad:
+        length = -(-len(items) // slots)
+        length = -(-length // batch) * batch
+        padded = np.full((slots * length, 2), -1, np.int64)
+        # spread the real items as evenly as possible: slot s gets items[s::...] contiguous runs
+        base, extra = divmod(len(items), slots)
+        cut = np.cumsum([0] + [base + (s < extra) for s in range(slots)])
+        out = []
+        for s in range(slots):
+            chunk = padded[s * length:(s + 1) * length]
+            chunk[: cut[s + 1] - cut[s]] = items[cut[s]:cut[s + 1]]
+            out.append(chunk)
+        return out, slots * length - len(items)
+    length = (len(items) // slots // batch) * batch
+    return [items[s * length:(s + 1) * length] for s in range(slots)], len(items) - slots * length
+
+
+def buffer_order(length: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """Emission order of a shuffle buffer of ``buffer`` items over ``length`` items read in order."""
+    if buffer <= 1 or length <= 1:
+        return np.arange(length)
+    order = np.empty(length, np.int64)
+    pool = list(range(min(buffer, length)))
+    next_item = len(pool)
+    picks = rng.random(length)
+    for j in range(length):
+        chosen = int(picks[j] * len(pool))
+        order[j] = pool[chosen]
+        if next_item < length:
+            pool[chosen] = next_item
+            next_item += 1
+        else:
+            pool[chosen] = pool[-1]
+            pool.pop()
+    return order
+
+
+@dataclass
+class Phase:
+    """A stretch of an epoch run with one (world, workers, batch); cursors/batches per [rank][worker]."""
+
+    world: int
+    workers: int
+    batch: int
+    cursors: list[list[int]] = field(default_factory=list)
+    batches: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.cursors:
+            self.cursors = [[0] * self.workers for _ in range(self.world)]
+        if not self.batches:
+            self.batches = [[0] * self.workers for _ in range(self.world)]
+
+    def to_dict(self) -> dict:
+        return {"world": self.world, "workers": self.workers, "batch": self.batch,
+                "cursors": self.cursors, "batches": self.batches}
+
+
+def slot_rng(seed: int, epoch: int, phase: int, rank: int, worker: int) -> np.random.Generator:
+    return rng_for(seed, epoch, phase, rank, worker, 0xB0FF)
+
+
+def remaining_items(items: np.ndarray, phases: list[Phase], seed: int, epoch: int, buffer: int) -> np.ndarray:
+    """Items of the epoch not consumed by ``phases`` (all but the last being complete or
+    interrupted), in the epoch's reading order."""
+    for index, phase in enumerate(phases):
+        slots, _ = split_slots(items, phase.world, phase.workers, phase.batch, pad=False)
+        consumed = np.zeros(len(items), bool)
+        offset = 0
+        length = len(slots[0]) if slots else 0
+        for rank in range(phase.world):
+            for worker in range(phase.workers):
+                order = buffer_order(length, buffer, slot_rng(seed, epoch, index, rank, worker))
+                taken = order[: min(phase.cursors[rank][worker], length)]
+                consumed[offset + taken] = True
+                offset += length
+        items = items[~consumed]
+    return items

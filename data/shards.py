@@ -1,0 +1,168 @@
+"""WebDataset shards on disk: the ``shards.json`` index, safe sample keys, and reading samples by position.
+
+A shard directory holds ``{split}-{n:06d}.tar`` files in the WebDataset layout (members
+``KEY.EXT``, the members of one sample contiguous), ``classes.json`` and ``shards.json``::
+
+    {"format": "toe-shards/1",
+     "splits": {"train": {"shards": [{"name": "train-000000.tar", "samples": 1000}, ...], "total": 9000}},
+     "classes": "classes.json"}
+
+Readers learn the epoch length and every sample's global position from the index without
+scanning a tar. ``read_samples`` reads the samples at given positions of one shard: members of
+samples not asked for are skipped without being read (seek) when the shard is a local file, and
+read but never decoded when it is a stream (``pipe:``, ``http``; opened through webdataset's
+``gopen``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+__all__ = ["INDEX_NAME", "ShardIndex", "SplitIndex", "check_key", "read_samples", "ShardReadError"]
+
+INDEX_NAME = "shards.json"
+FORMAT = "toe-shards/1"
+log = logging.getLogger(__name__)
+
+_KEY_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def check_key(key: str) -> str:
+    """A sample key that stays inside the tar when extracted and that WebDataset splits correctly.
+
+    Allowed: ``/``-separated parts of letters, digits, ``_`` and ``-``. Refused: empty parts,
+    ``..`` / absolute paths (they escape the extraction directory), dots (WebDataset splits a
+    member name at the first dot of its base name), anything else.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"sample key must be a non-empty string, got {key!r}")
+    if key.startswith("/") or "\\" in key or "\x00" in key:
+        raise ValueError(f"sample key {key!r} is an absolute path or holds \\ or NUL: it would escape the tar")
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"sample key {key!r} has an empty, '.' or '..' part: it would escape the tar")
+    bad = [part for part in parts if not _KEY_PART.match(part)]
+    if bad:
+        raise ValueError(f"sample key {key!r}: part {bad[0]!r} may only hold letters, digits, '_' and '-'")
+    return key
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """The shards of one split and where each shard's samples sit in the split's global order."""
+
+    urls: tuple[str, ...]
+    counts: np.ndarray  # samples per shard
+    starts: np.ndarray  # global position of each shard's first sample
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global positions -> (shard index, offset inside the shard)."""
+        shard = np.searchsorted(self.starts, positions, side="right") - 1
+        return shard, positions - self.starts[shard]
+
+
+class ShardIndex:
+    """``shards.json`` of a shard directory (or of any URL prefix the shards are served from)."""
+
+    def __init__(self, root: str, meta: dict, base: Optional[str] = None) -> None:
+        self.root = root
+        self.meta = meta
+        self.base = (base or root).rstrip("/")
+
+    @classmethod
+    def load(cls, path: str, base: Optional[str] = None) -> "ShardIndex":
+        """``path``: a shard directory or its ``shards.json``; ``base``: where the tars are served
+        from if not beside the index (a URL prefix such as ``pipe:curl -s https://host/shards``)."""
+        index_path = Path(path)
+        if index_path.is_dir():
+            index_path = index_path / INDEX_NAME
+        if not index_path.is_file():
+            raise FileNotFoundError(f"no shard index at {index_path} (write shards with `python -m data.write_shards`)")
+        try:
+            meta = json.loads(index_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{index_path} is not valid JSON: {err}") from err
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{index_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+        for name, split in meta.get("splits", {}).items():
+            counts = [s.get("samples") for s in split.get("shards", [])]
+            if not counts or any(not isinstance(c, int) or c < 0 for c in counts) or sum(counts) != split.get("total"):
+                raise ValueError(f"{index_path}: split {name!r} has bad shard sample counts or total")
+        return cls(str(index_path.parent), meta, base)
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(self.meta["splits"])
+
+    def split(self, name: str) -> SplitIndex:
+        if name not in self.meta["splits"]:
+            raise ValueError(f"split {name!r} is not in {self.root}/{INDEX_NAME}; it has {self.splits}")
+        shards = self.meta["splits"][name]["shards"]
+        counts = np.asarray([s["samples"] for s in shards], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        return SplitIndex(tuple(f"{self.base}/{s['name']}" for s in shards), counts, starts)
+
+    def classes(self) -> list[str]:
+        path = Path(self.root) / self.meta.get("classes", "classes.json")
+        return json.loads(path.read_text())["names"] if path.is_file() else []
+
+
+class ShardReadError(RuntimeError):
+    """A shard could not be read to the end (missing, truncated, not a tar)."""
+
+
+def read_samples(url: str, offsets: Sequence[int]) -> Iterator[tuple[int, dict[str, bytes]]]:
+    """Yield ``(offset, {ext: bytes, "__key__": key})`` for the samples at ``offsets`` (ascending) of a shard.
+
+    Raises ``ShardReadError`` (after yielding what was readable) if the shard is missing,
+    truncated or not a tar.
+    """
+    wanted = iter(offsets)
+    target = next(wanted, None)
+    if target is None:
+        return
+    local = not re.match(r"^[a-z]+:", url) or url.startswith("file:")
+    path = url[len("file:"):] if url.startswith("file:") else url
+    try:
+        stream = open(path, "rb") if local else gopen(url, "rb")
+    except OSError as err:
+        raise ShardReadError(f"{url}: cannot open: {err}") from err
+    offset, key, sample = -1, None, None
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r:" if local else "r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, ext = base_plus_ext(member.name)
+                if member_key is None:
+                    continue
+                if member_key != key:
+                    if sample is not None:
+                        yield offset, sample
+                        target = next(wanted, None)
+                        if target is None:
+                            return
+                    offset, key = offset + 1, member_key
+                    sample = {"__key__": key} if offset == target else None
+                if sample is not None:
+                    sample[ext] = tar.extractfile(member).read()
+            if sample is not None:
+                yield offset, sample
+                target = next(wanted, None)
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ShardReadError(f"{url}: unreadable after sample {offset}: {err}") from err
+    if target is not None:
+        raise ShardReadError(f"{url}: holds {offset + 1} samples, sample {target} was asked for")

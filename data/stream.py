@@ -1,0 +1,409 @@
+"""Batches on every rank from WebDataset shards: equal batch counts, counted skips, exact resume.
+
+``build_train_stream`` / ``build_eval_stream`` return a ``ShardStream``: iterate it for one
+epoch's batches (dicts with ``image``, ``label``, ``sample_id``, ``valid``), call
+``state_dict()`` after any batch and ``load_state_dict()`` in a new process to continue with
+exactly the batches the uninterrupted run would have produced.
+
+Guarantees (``data/plan.py`` has the arithmetic):
+
+- Ordering: shard order shuffled from ``(seed, epoch)`` before the rank split, then split by
+  rank and DataLoader worker; each worker's shuffle buffer is seeded from
+  ``(seed, epoch, phase, rank, worker)``; augmentation randomness is seeded per sample from
+  ``(seed, epoch, position, repeat, pass)``. Same seed, same batches, run after run.
+- Equal batches: every rank yields ``len(stream)`` batches per epoch. Training drops the
+  remainder (fewer than ``world * workers * batch`` samples, a different set each epoch);
+  evaluation pads the last batches and marks the padding ``valid = False``.
+- Bad samples (undecodable image, missing or bad ``.cls``, unreadable or truncated shard) are
+  skipped, counted (``stream.counters``) and logged once with their key; a training worker that
+  runs short refills from the start of its own slot (counted as ``refilled``), so no rank ever
+  yields fewer batches than the others.
+- Exact resume with the same world size and worker count; with another world size or worker
+  count, the epoch continues over exactly the samples not yet consumed (re-split equally; the
+  new split's remainder is dropped as above). Skipped samples are never decoded: their bytes
+  are not even read from local shards.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections import Counter
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .plan import Phase, buffer_order, epoch_items, remaining_items, slot_rng, split_slots
+from .shards import ShardIndex, ShardReadError, SplitIndex, read_samples
+
+__all__ = ["ShardStream", "ClassificationCodec", "SkipSample", "build_train_stream", "build_eval_stream"]
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; the message is the counter it goes to."""
+
+
+class ClassificationCodec:
+    """Raw sample -> (image tensor, label); a batch of those -> dict of tensors."""
+
+    def __init__(self, transform: Callable, num_classes: Optional[int] = None) -> None:
+        self.transform = transform
+        self.num_classes = num_classes
+
+    def decode(self, sample: dict[str, bytes]) -> tuple[torch.Tensor, int]:
+        if "cls" not in sample:
+            raise SkipSample("missing_label")
+        try:
+            label = int(sample["cls"])
+        except ValueError:
+            raise SkipSample("bad_label") from None
+        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+            raise SkipSample("bad_label")
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            raise SkipSample("missing_image")
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as image:
+                image = image.convert("RGB")
+        except Exception:  # PIL raises many types for broken data
+            raise SkipSample("corrupt_image") from None
+        return self.transform(image), label
+
+    def collate(self, decoded: list, ids: list[int], valid: list[bool]) -> dict[str, torch.Tensor]:
+        filler = next((d for d in decoded if d is not None), None)
+        if filler is None:
+            raise RuntimeError("a batch without a single readable sample")
+        images = torch.stack([(d or filler)[0] for d in decoded])
+        labels = torch.tensor([d[1] if d is not None else -1 for d in decoded], dtype=torch.long)
+        return {"image": images, "label": labels, "sample_id": torch.tensor(ids, dtype=torch.long),
+                "valid": torch.tensor(valid, dtype=torch.bool)}
+
+
+def _sample_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1, np.uint32)[0])
+
+
+def _decode_seeded(codec, sample, seed: int):
+    """Decode with every RNG a transform may use seeded per sample, restoring the caller's RNGs."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            return codec.decode(sample)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class _SlotReader:
+    """Raw samples of one slot in emission order, starting after ``cursor`` emitted items."""
+
+    def __init__(self, split: SplitIndex, slot: np.ndarray, order: np.ndarray, failed_shards: set[int]) -> None:
+        self.split, self.slot, self.order = split, slot, order
+        self.failed_shards = failed_shards  # shared by a worker's readers: each bad shard is read and reported once
+
+    def emit(self, start: int, counters: Counter) -> Iterator[Optional[dict]]:
+        """Yield one raw sample (``None`` if unreadable) per emitted item from ``start`` on."""
+        needed = self.order[start:]
+        want = np.zeros(len(self.slot), bool)
+        want[needed] = True
+        want &= self.slot[:, 0] >= 0  # evaluation padding reads nothing
+        held: dict[int, Optional[dict]] = {}
+        source = self._read(np.flatnonzero(want), counters)
+        for item in needed:
+            if not want[item]:
+                yield None
+                continue
+            while item not in held:
+                index, sample = next(source)
+                held[index] = sample
+            yield held.pop(item)
+
+    def _read(self, indices: np.ndarray, counters: Counter) -> Iterator[tuple[int, Optional[dict]]]:
+        """``(slot index, raw sample or None)`` for the given slot indices (ascending), in reading order."""
+        shards, offsets = self.split.locate(self.slot[indices, 0])
+        boundaries = np.flatnonzero(np.diff(shards)) + 1
+        for group in np.split(np.arange(len(indices)), boundaries):
+            shard = int(shards[group[0]])
+            pending = iter(group)  # offsets ascend inside a group; repeats share an offset
+            g = next(pending, None)
+            if shard not in self.failed_shards:
+                try:
+                    unique = sorted({int(offsets[i]) for i in group})
+                    for offset, sample in read_samples(self.split.urls[shard], unique):
+                        while g is not None and offsets[g] == offset:
+                            yield int(indices[g]), sample
+                            g = next(pending, None)
+                except ShardReadError as err:
+                    self.failed_shards.add(shard)
+                    counters["unreadable_shard"] += 1
+                    log.warning("skipping the rest of a shard: %s", err)
+            while g is not None:  # what the shard could not give
+                yield int(indices[g]), None
+                g = next(pending, None)
+
+
+class _PhaseDataset(IterableDataset):
+    """One rank's slots of the current phase; DataLoader worker ``p`` plays slot ``(p + rotation) % workers``.
+
+    A training worker whose slot runs short of readable samples refills from the phase's items,
+    starting where its own slot starts and wrapping around (other slots' samples, differently
+    augmented); one that reads a whole slot and a whole pass over the phase without a single
+    readable sample raises instead of spinning.
+    """
+
+    def __init__(self, stream: "ShardStream", items: np.ndarray, slots: list[np.ndarray], slot_starts: list[int],
+                 orders: list[np.ndarray], cursors: list[int], batches: list[int], rotation: int,
+                 per_worker_batches: int) -> None:
+        self.stream, self.items, self.slots, self.slot_starts = stream, items, slots, slot_starts
+        self.orders, self.cursors, self.batches = orders, cursors, batches
+        self.rotation, self.per_worker_batches = rotation, per_worker_batches
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers = len(self.slots)
+        if info is None and workers > 1:
+            raise RuntimeError("a multi-slot phase needs DataLoader workers")
+        return self._batches(((info.id if info else 0) + self.rotation) % workers)
+
+    def _batches(self, worker: int) -> Iterator[dict[str, Any]]:
+        s = self.stream
+        counters: Counter = Counter()
+        cursor, produced = self.cursors[worker], self.batches[worker]
+        emitted = self._emission(worker, cursor, counters)
+        failures, give_up = 0, len(self.slots[worker]) + len(self.items)
+        while produced < self.per_worker_batches:
+            entries: list[tuple[Any, int, bool]] = []  # (decoded sample or None, position, valid)
+            skips: list[tuple[str, int, str]] = []  # logged by the rank's main process, once per sample
+            while len(entries) < s.batch_size:
+                item_pass, (position, repeat), raw = next(emitted)
+                cursor += 1
+                if position < 0:  # evaluation padding
+                    entries.append((None, -1, False))
+                    continue
+                try:
+                    if raw is None:
+                        raise SkipSample("unreadable_sample")
+                    seed = _sample_seed(s.seed, s.epoch, position, repeat, item_pass)
+                    entries.append((_decode_seeded(s.codec, raw, seed), position, True))
+                    counters["refilled"] += item_pass > 0
+                    failures = 0
+                except SkipSample as skip:
+                    counters[str(skip)] += 1
+                    failures += 1
+                    if item_pass == 0:
+                        skips.append((raw.get("__key__", "?") if raw else "?", position, str(skip)))
+                    if s.pad:  # evaluation: keep the slot aligned, mark the hole
+                        entries.append((None, position, False))
+                    elif failures > give_up:
+                        raise RuntimeError(f"{s.split_name}: no readable sample in a whole pass over the epoch "
+                                           f"({dict(counters)}); check the shards")
+            produced += 1
+            decoded, ids, valid = (list(column) for column in zip(*entries))
+            batch = s.codec.collate(decoded, ids, valid)
+            batch.update(_worker=worker, _cursor=cursor, _counters=dict(counters), _skips=skips)
+            yield batch
+
+    def _emission(self, worker: int, cursor: int, counters: Counter):
+        """``(pass, (position, repeat), raw)`` from ``cursor`` on: the slot in its shuffled order,
+        then (training) refill passes over the phase's items from the slot's start, wrapping."""
+        slot, order = self.slots[worker], self.orders[worker]
+        length, failed_shards = len(slot), set()
+        if cursor < length:
+            reader = _SlotReader(self.stream.split, slot, order, failed_shards)
+            for index, raw in zip(order[cursor:], reader.emit(cursor, counters)):
+                yield 0, slot[index], raw
+        if self.stream.pad:
+            raise RuntimeError("evaluation slot exhausted before its batches were complete")
+        refill = np.roll(self.items, -self.slot_starts[worker], axis=0)
+        reader = _SlotReader(self.stream.split, refill, np.arange(len(refill)), failed_shards)
+        done = max(0, cursor - length)
+        while True:
+            start = done % len(refill)
+            for index, raw in zip(range(start, len(refill)), reader.emit(start, counters)):
+                yield 1 + done // len(refill), refill[index], raw
+                done += 1
+
+
+class ShardStream:
+    """An epoch-aware, resumable stream of batches for one rank."""
+
+    def __init__(self, split: SplitIndex, codec, *, batch_size: int, rank: int, world_size: int,
+                 num_workers: int, seed: int, shuffle: bool, pad: bool, buffer_size: int = 1000,
+                 repeats: int = 1, pin_memory: bool = False, split_name: str = "train",
+                 prefetch_factor: int = 2) -> None:
+        if batch_size < 1 or num_workers < 0 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad stream geometry: batch_size={batch_size} num_workers={num_workers} "
+                             f"rank={rank} world_size={world_size}")
+        if repeats < 1 or buffer_size < 0:
+            raise ValueError(f"repeats must be >= 1 and buffer_size >= 0, got {repeats} and {buffer_size}")
+        self.split, self.codec, self.split_name = split, codec, split_name
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers, self.slots_per_rank = num_workers, max(1, num_workers)
+        self.seed, self.shuffle, self.pad = seed, shuffle, pad
+        self.buffer_size = buffer_size if shuffle else 0
+        self.repeats, self.pin_memory, self.prefetch_factor = repeats, pin_memory, prefetch_factor
+        self.subset: Optional[np.ndarray] = None
+        self.epoch = 0
+        self.phases: list[Phase] = []
+        self.counters: Counter = Counter()
+        self.dropped = 0
+        self._check_enough_samples()
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def _check_enough_samples(self) -> None:
+        slots = self.world_size * self.slots_per_rank
+        if not self.pad and self.split.total // self.repeats < slots * self.batch_size:
+            raise ValueError(
+                f"{self.split_name} has {self.split.total} samples: fewer than world_size x workers x batch "
+                f"= {self.world_size} x {self.slots_per_rank} x {self.batch_size}; lower one of them")
+
+    def set_subset(self, mask: Optional[np.ndarray]) -> None:
+        """Restrict later epochs to a subset of sample positions (e.g. a Tri-Level example subset)."""
+        self.subset = None if mask is None else np.asarray(mask, bool)
+
+    def _current_phase(self) -> Phase:
+        geometry = (self.world_size, self.slots_per_rank, self.batch_size)
+        if not self.phases or (self.phases[-1].world, self.phases[-1].workers, self.phases[-1].batch) != geometry:
+            self.phases.append(Phase(*geometry))
+        return self.phases[-1]
+
+    def _plan(self):
+        """The phase's items; this rank's slots, where they start among the items, their emission
+        orders; batches per worker."""
+        phase = self._current_phase()
+        items = epoch_items(self.split, self.seed, self.epoch, shuffle=self.shuffle, repeats=self.repeats,
+                            subset=self.subset)
+        items = remaining_items(items, self.phases[:-1], self.seed, self.epoch, self.buffer_size)
+        slots, self.dropped = split_slots(items, phase.world, phase.workers, phase.batch, pad=self.pad)
+        per_worker = len(slots[0]) // self.batch_size if slots else 0
+        if per_worker == 0:
+            raise ValueError(f"{len(items)} samples left in epoch {self.epoch} cannot give every one of "
+                             f"{len(slots)} workers a batch of {self.batch_size}")
+        first = self.rank * phase.workers
+        mine = slots[first:first + phase.workers]
+        index = len(self.phases) - 1
+        orders = [buffer_order(len(slot), self.buffer_size, slot_rng(self.seed, self.epoch, index, self.rank, w))
+                  for w, slot in enumerate(mine)]
+        starts = [(first + w) * len(slots[0]) for w in range(phase.workers)]
+        return items, mine, starts, orders, per_worker
+
+    def __len__(self) -> int:
+        """Batches this rank yields in a whole epoch (the same on every rank)."""
+        items = epoch_items(self.split, self.seed, self.epoch, shuffle=self.shuffle, repeats=self.repeats,
+                            subset=self.subset)
+        slots, _ = split_slots(items, self.world_size, self.slots_per_rank, self.batch_size, pad=self.pad)
+        return self.slots_per_rank * (len(slots[0]) // self.batch_size)
+
+    # -- iteration ---------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The rest of the current epoch; the next ``iter()`` starts the following epoch."""
+        items, slots, starts, orders, per_worker = self._plan()
+        phase = self.phases[-1]
+        cursors, batches = phase.cursors[self.rank], phase.batches[self.rank]
+        done = sum(batches)
+        total = per_worker * phase.workers
+        if done >= total:
+            self._next_epoch()
+            yield from self.__iter__()
+            return
+        if self.dropped and done == 0 and len(self.phases) == 1:
+            log.info("epoch %d of %s: %d samples left over after equal %s-sample batches on %d ranks x %d "
+                     "workers (%s)", self.epoch, self.split_name, self.dropped, self.batch_size, phase.world,
+                     phase.workers, "padded" if self.pad else "dropped this epoch")
+        dataset = _PhaseDataset(self, items, slots, starts, orders, list(cursors), list(batches),
+                                done % phase.workers, per_worker)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            persistent_workers=False, generator=torch.Generator())  # leave the global RNG alone
+        worker_counters: dict[int, dict] = {}
+        base = Counter(self.counters)
+        for batch in loader:
+            worker = batch.pop("_worker")
+            cursors[worker] = batch.pop("_cursor")
+            batches[worker] += 1
+            worker_counters[worker] = batch.pop("_counters")
+            for key, position, reason in batch.pop("_skips"):
+                log.warning("%s epoch %d: skipped sample %s (position %d): %s", self.split_name, self.epoch, key,
+                            position, reason)
+            self.counters = base + sum((Counter(c) for c in worker_counters.values()), Counter())
+            yield batch
+        if sum(batches) != total:
+            raise RuntimeError(f"rank {self.rank} got {sum(batches)} of {total} batches in epoch {self.epoch}")
+        self._next_epoch()
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.phases = []
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position of every rank in the epoch (gathered from all ranks when distributed)."""
+        phases = [p.to_dict() for p in self.phases]
+        if phases and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (self.rank, phases[-1]["cursors"][self.rank],
+                                              phases[-1]["batches"][self.rank]))
+            for rank, cursors, batches in gathered:
+                phases[-1]["cursors"][rank], phases[-1]["batches"][rank] = cursors, batches
+        return {"epoch": self.epoch, "phases": phases, "seed": self.seed, "split": self.split_name,
+                "total": self.split.total, "repeats": self.repeats, "buffer_size": self.buffer_size,
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = {"seed": self.seed, "split": self.split_name, "total": self.split.total, "repeats": self.repeats,
+                    "buffer_size": self.buffer_size, "shuffle": self.shuffle}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ValueError(f"stream state has {key}={state.get(key)!r} but this stream has {value!r}: "
+                                 f"resuming needs the same data, seed and stream options")
+        self.epoch = int(state["epoch"])
+        self.phases = [Phase(**p) for p in state["phases"]]
+        self.counters = Counter()
+
+
+def _index(path: str, base: Optional[str]) -> ShardIndex:
+    return ShardIndex.load(path, base)
+
+
+def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
+                       seed: int = 0, image_size: int = 224, split: str = "train", transform: Optional[Callable] = None,
+                       buffer_size: int = 1000, repeats: int = 1, base: Optional[str] = None,
+                       pin_memory: bool = False, **transform_options) -> ShardStream:
+    """Training stream: shuffled, augmented (DeiT recipe through timm unless ``transform`` is given)."""
+    from .transforms import build_transform
+
+    index = _index(path, base)
+    classes = index.classes()
+    codec = ClassificationCodec(transform or build_transform(True, image_size, **transform_options),
+                                num_classes=len(classes) or None)
+    return ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
+                       num_workers=num_workers, seed=seed, shuffle=True, pad=False, buffer_size=buffer_size,
+                       repeats=repeats, pin_memory=pin_memory, split_name=split)
+
+
+def build_eval_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
+                      image_size: int = 224, split: str = "val", transform: Optional[Callable] = None,
+                      base: Optional[str] = None, pin_memory: bool = False, **transform_options) -> ShardStream:
+    """Evaluation stream: every sample exactly once across ranks, padding marked ``valid = False``."""
+    from .transforms import build_transform
+
+    index = _index(path, base)
+    classes = index.classes()
+    codec = ClassificationCodec(transform or build_transform(False, image_size, **transform_options),
+                                num_classes=len(classes) or None)
+    return ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
+                       num_workers=num_workers, seed=0, shuffle=False, pad=True, buffer_size=0,
+                       pin_memory=pin_memory, split_name=split)

@@ -1,0 +1,299 @@
+"""Write WebDataset shards plus the index readers need.
+
+    python -m data.write_shards imagefolder SRC OUT [--val-fraction 0.1] [--shard-size 1000] [--workers 4]
+    python -m data.write_shards synthetic OUT [--train 8192] [--val 1024] [--size 32] [--objects 1]
+
+``imagefolder``: an ImageNet-style tree (``SRC/class_name/*.jpg|jpeg|png``, or ``SRC/train/...``
+and ``SRC/val/...`` when those exist). Images are stored as they are (no re-encoding) with
+their class index in ``.cls``; unreadable images are counted, listed and skipped.
+``synthetic``: the embedded default data (``data.synthetic``): ``.png`` + ``.cls`` + ``.json``
+(boxes, for detection), and ``{split}_coco.json`` ground truth for COCO evaluation.
+
+Both write ``{split}-{n:06d}.tar``, ``classes.json`` and ``shards.json`` (shard names, sample
+counts, totals) into OUT, and refuse an OUT that already holds shards unless ``--overwrite``.
+Shards are byte-for-byte reproducible (fixed member times and owners).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from webdataset import TarWriter
+
+from .shards import FORMAT, INDEX_NAME, check_key
+
+log = logging.getLogger("data.write_shards")
+
+IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit="shard", file=sys.stderr)
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    existing = sorted(p.name for p in out.glob("*.tar")) + ([INDEX_NAME] if (out / INDEX_NAME).exists() else [])
+    if existing:
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds shards ({', '.join(existing[:3])}"
+                                  f"{', ...' if len(existing) > 3 else ''}); choose an empty directory or pass --overwrite")
+        for name in existing:
+            (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_split(out: Path, split: str, items: Sequence, encode: Callable, shard_size: int, workers: int,
+                progress: bool) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Write ``items`` into shards of ``shard_size`` samples; ``encode(item) -> sample dict`` may raise
+    ``ValueError`` to skip an item. Returns the shard entries and the skipped (item, reason) pairs."""
+    chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    jobs = [(str(out / f"{split}-{n:06d}.tar"), chunk, encode) for n, chunk in enumerate(chunks)]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(_progress(pool.map(_write_shard, jobs), len(jobs), split, progress))
+    else:
+        results = list(_progress(map(_write_shard, jobs), len(jobs), split, progress))
+    shards, skipped = [], []
+    for (path, _, _), (count, bad) in zip(jobs, results):
+        skipped += bad
+        if count:
+            shards.append({"name": Path(path).name, "samples": count})
+        else:
+            os.unlink(path)
+    return shards, skipped
+
+
+def _write_shard(job) -> tuple[int, list[tuple[str, str]]]:
+    path, chunk, encode = job
+    count, skipped = 0, []
+    with TarWriter(path, encoder=False, mtime=0, user="toe", group="toe") as writer:
+        for item in chunk:
+            try:
+                sample = encode(item)
+            except ValueError as err:
+                skipped.append((str(item[0] if isinstance(item, tuple) else item), str(err)))
+                continue
+            check_key(sample["__key__"])
+            writer.write(sample)
+            count += 1
+    return count, skipped
+
+
+def write_index(out: Path, splits: dict[str, list[dict]], classes: Sequence[str], extra: Optional[dict] = None) -> dict:
+    (out / "classes.json").write_text(json.dumps({"names": list(classes)}, indent=1))
+    meta = {"format": FORMAT, "classes": "classes.json",
+            "splits": {name: {"shards": shards, "total": sum(s["samples"] for s in shards)}
+                       for name, shards in splits.items()}}
+    meta.update(extra or {})
+    (out / INDEX_NAME).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+# -- imagefolder --------------------------------------------------------------------------------
+
+def _sanitize(part: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", part) or "_"
+
+
+def scan_imagefolder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} has no class directories (expected {root}/CLASS_NAME/*.jpg)")
+    files = []
+    for index, name in enumerate(classes):
+        files += [(p, index) for p in sorted((root / name).rglob("*"))
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+    if not files:
+        raise ValueError(f"{root} has class directories but no .jpg/.jpeg/.png images")
+    return classes, files
+
+
+def sample_key(root: Path, path: Path) -> str:
+    """Stable key from the path below SRC: ``class/stem`` with unsafe characters replaced and a
+    short hash of the original path appended when replacing changed anything (no collisions)."""
+    relative = path.relative_to(root).with_suffix("")
+    key = "/".join(_sanitize(part) for part in relative.parts)
+    if key != str(relative).replace(os.sep, "/"):
+        key += "-" + hashlib.sha1(str(relative).encode()).hexdigest()[:8]
+    return key
+
+
+class _EncodeImageFile:
+    """Picklable encoder for worker processes: (path, class index, key) -> sample."""
+
+    def __call__(self, item) -> dict:
+        path, label, key = item
+        try:
+            data = Path(path).read_bytes()
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+        except Exception as err:  # PIL raises many types for broken files
+            raise ValueError(f"unreadable image: {type(err).__name__}: {err}") from err
+        return {"__key__": key, IMAGE_EXTS[Path(path).suffix.lower()]: data, "cls": str(label).encode()}
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """Deterministic train/val assignment from the key (stable when files are added or removed)."""
+    bucket = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 16**8
+    return "val" if bucket < val_fraction else "train"
+
+
+def imagefolder(args) -> dict:
+    src, out = Path(args.src), Path(args.out)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source directory {src} does not exist")
+    presplit = [name for name in ("train", "val") if (src / name).is_dir()]
+    if presplit:
+        trees = {name: src / name for name in presplit}
+        classes = scan_imagefolder(trees[presplit[0]])[0]
+    else:
+        trees = {"all": src}
+        classes = scan_imagefolder(src)[0]
+    prepare_out(out, args.overwrite)
+    items: dict[str, list] = {}
+    for name, tree in trees.items():
+        tree_classes, files = scan_imagefolder(tree)
+        if tree_classes != classes:
+            raise ValueError(f"{tree} has classes {tree_classes[:5]}..., {trees[presplit[0]]} has {classes[:5]}...")
+        for path, label in files:
+            key = sample_key(tree, path)
+            split = name if presplit else split_of(key, args.val_fraction)
+            items.setdefault(split, []).append((str(path), label, key))
+    keys = [item[2] for split_items in items.values() for item in split_items]
+    if len(set(keys)) != len(keys):
+        raise ValueError("two images map to the same sample key; rename one of them")
+    splits, skipped = {}, []
+    for split, split_items in sorted(items.items()):
+        splits[split], bad = write_split(out, split, split_items, _EncodeImageFile(), args.shard_size,
+                                         args.workers, not args.no_progress)
+        skipped += bad
+    meta = write_index(out, splits, classes, {"skipped": [{"item": i, "reason": r} for i, r in skipped]})
+    _report(out, meta, skipped)
+    return meta
+
+
+# -- synthetic ----------------------------------------------------------------------------------
+
+class _EncodeSynthetic:
+    def __init__(self, seed: int, size: int, objects: int) -> None:
+        self.seed, self.size, self.objects = seed, size, objects
+
+    def __call__(self, item) -> dict:
+        from .synthetic import draw_sample
+
+        split, index = item
+        sample = draw_sample(index, self.seed, self.size, self.objects)
+        png = io.BytesIO()
+        Image.fromarray(sample.image).save(png, format="PNG")
+        boxes = {"boxes": sample.boxes.round(2).tolist(), "labels": sample.box_labels.tolist(),
+                 "width": self.size, "height": self.size, "image_id": index}
+        return {"__key__": f"{split}_{index:08d}", "png": png.getvalue(), "cls": str(sample.label).encode(),
+                "json": json.dumps(boxes).encode()}
+
+
+def coco_ground_truth(split: str, indices: Iterable[int], seed: int, size: int, objects: int, classes) -> dict:
+    """COCO-format ground truth of a synthetic split (for pycocotools evaluation)."""
+    from .synthetic import draw_sample
+
+    images, annotations = [], []
+    for index in indices:
+        sample = draw_sample(index, seed, size, objects)
+        images.append({"id": index, "file_name": f"{split}_{index:08d}.png", "width": size, "height": size})
+        for box, label in zip(sample.boxes.tolist(), sample.box_labels.tolist()):
+            x0, y0, x1, y1 = box
+            annotations.append({"id": len(annotations) + 1, "image_id": index, "category_id": int(label),
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    categories = [{"id": i, "name": name} for i, name in enumerate(classes)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def synthetic(args) -> dict:
+    from .synthetic import CLASS_NAMES
+
+    out = Path(args.out)
+    prepare_out(out, args.overwrite)
+    ranges = {"train": range(args.train), "val": range(10**7, 10**7 + args.val)}
+    encode = _EncodeSynthetic(args.seed, args.size, args.objects)
+    splits = {}
+    for split, indices in ranges.items():
+        if len(indices):
+            splits[split], _ = write_split(out, split, [(split, i) for i in indices], encode, args.shard_size,
+                                           args.workers, not args.no_progress)
+            gt = coco_ground_truth(split, indices, args.seed, args.size, args.objects, CLASS_NAMES)
+            (out / f"{split}_coco.json").write_text(json.dumps(gt))
+    meta = write_index(out, splits, CLASS_NAMES, {"synthetic": {"seed": args.seed, "size": args.size,
+                                                               "objects": args.objects}})
+    _report(out, meta, [])
+    return meta
+
+
+def _report(out: Path, meta: dict, skipped) -> None:
+    for split, info in meta["splits"].items():
+        log.info("%s: %d samples in %d shards", split, info["total"], len(info["shards"]))
+    if skipped:
+        log.warning("skipped %d unreadable images:", len(skipped))
+        for item, reason in skipped[:20]:
+            log.warning("  %s: %s", item, reason)
+        if len(skipped) > 20:
+            log.warning("  ... and %d more (all listed in %s)", len(skipped) - 20, out / INDEX_NAME)
+    log.info("wrote %s", out / INDEX_NAME)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m data.write_shards", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    common.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    common.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    folder = sub.add_parser("imagefolder", parents=[common], help="SRC/class_name/*.jpg -> shards")
+    folder.add_argument("src")
+    folder.add_argument("out")
+    folder.add_argument("--val-fraction", type=float, default=0.0,
+                        help="share of images put in a val split (by key hash); ignored when SRC has train/ and val/")
+    synth = sub.add_parser("synthetic", parents=[common], help="the embedded default data set")
+    synth.add_argument("out")
+    synth.add_argument("--train", type=int, default=8192)
+    synth.add_argument("--val", type=int, default=1024)
+    synth.add_argument("--size", type=int, default=32)
+    synth.add_argument("--objects", type=int, default=1, help="objects per image (1 for classification)")
+    synth.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.shard_size < 1 or args.workers < 1:
+        parser.error("--shard-size and --workers must be >= 1")
+    if args.command == "imagefolder" and not 0.0 <= args.val_fraction < 1.0:
+        parser.error("--val-fraction must be in [0, 1)")
+    if args.command == "synthetic" and (args.train < 0 or args.val < 0 or args.train + args.val == 0 or args.objects < 1):
+        parser.error("--train/--val must be >= 0 (not both 0) and --objects >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        (imagefolder if args.command == "imagefolder" else synthetic)(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

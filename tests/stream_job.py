@@ -1,0 +1,59 @@
+"""Runs a stream in a process of its own for the resume tests (not a test module).
+
+    python tests/stream_job.py SHARDS OUT.pt --rank R --world W --workers N --batch B
+        [--state STATE.pt] [--take K] [--save-state STATE.pt] [--dist-port P]
+
+Loads STATE if given, takes K batches (all that are left in the epoch if K is omitted), saves
+them (and the state after them) with torch.save. With --dist-port, joins a gloo process group on
+127.0.0.1 so that state_dict() gathers every rank's position.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.stream import build_train_stream  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("shards")
+    parser.add_argument("out")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--world", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--buffer", type=int, default=16)
+    parser.add_argument("--state")
+    parser.add_argument("--take", type=int)
+    parser.add_argument("--save-state")
+    parser.add_argument("--dist-port", type=int)
+    args = parser.parse_args()
+    if args.dist_port:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.dist_port))
+        dist.init_process_group("gloo", rank=args.rank, world_size=args.world)
+    stream = build_train_stream(args.shards, batch_size=args.batch, rank=args.rank, world_size=args.world,
+                                num_workers=args.workers, seed=args.seed, image_size=32, buffer_size=args.buffer)
+    if args.state:
+        stream.load_state_dict(torch.load(args.state, weights_only=False))
+    batches = []
+    for batch in stream:
+        batches.append(batch)
+        if args.take is not None and len(batches) == args.take:
+            break
+    state = stream.state_dict()
+    if args.save_state and args.rank == 0:
+        torch.save(state, args.save_state)
+    torch.save({"batches": batches, "counters": dict(stream.counters), "len": len(stream)}, args.out)
+    if args.dist_port:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
