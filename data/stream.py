@@ -96,7 +96,7 @@ def _decode_seeded(codec, sample, seed: int):
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # transforms run on the CPU; torch.manual_seed also walks CUDA
         try:
             return codec.decode(sample)
         finally:

@@ -45,7 +45,7 @@ class StepMixup:
             with torch.random.fork_rng(devices=[]):
                 seed = int(np.random.SeedSequence([self.seed, step, 0x313]).generate_state(1)[0])
                 np.random.seed(seed)
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
                 return self.mixup(images, labels)
         finally:
             np.random.set_state(np_state)
