@@ -1,0 +1,291 @@
+"""Recipes: YAML -> typed dataclasses, validated once at start-up.
+
+A recipe may start from another (``base: deit_small.yaml``, relative to the recipe), then
+``key=value`` overrides from the command line apply (``train.steps=100 toe.r1=0.4``; values
+are YAML). Unknown keys and bad values are errors that name the key, raised before any process
+group starts. ``resolved(cfg)`` is what gets written to the run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+__all__ = ["RunConfig", "ConfigError", "load_config", "resolved", "deepspeed_config"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A recipe problem; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deit_tiny_patch16_224"
+    num_classes: int = 1000
+    img_size: int = 224
+    drop_path: float = 0.1
+    checkpoint: Optional[str] = None  # local weights file; nothing is downloaded
+    kwargs: dict = field(default_factory=dict)  # more timm.create_model arguments (patch_size, depth, ...)
+
+
+@dataclass
+class ToEConfig:
+    enabled: bool = False
+    r1: float = 0.5
+    r0: Optional[float] = None
+    num_stages: int = 3
+    k: int = 2
+    block: int = 1
+    boundaries: Optional[list] = None  # first step (int) or fraction of the run (float) of stages 2..Ng
+    warmup_steps: int = 0
+    distance: str = "cosine"
+    init: str = "spatial"
+    expand: bool = True
+    merge: bool = True
+    sparse_eval: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shards/synthetic"
+    synthetic: bool = False  # write the embedded synthetic shards to ``path`` if they are not there
+    train_split: str = "train"
+    eval_split: str = "val"
+    workers: int = 2
+    buffer_size: int = 1000
+    repeats: int = 1
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    color_jitter: float = 0.3
+    crop_pct: float = 0.875
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 5e-4  # per 512 images: lr = base_lr * global_batch / 512
+    lr: Optional[float] = None  # absolute; overrides base_lr
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: Optional[float] = 300.0
+    steps: Optional[int] = None  # total optimizer steps; overrides epochs
+    global_batch: int = 1024
+    grad_accum: int = 1
+    precision: str = "bf16"
+    zero_stage: int = 1
+    ds_config: Optional[str] = None  # default ds_configs/zero{stage}_{precision}.json
+    seed: int = 0
+    ema: bool = False
+    ema_decay: float = 0.99996
+    eval_every: int = 0  # optimizer steps; 0: at the end only
+    log_every: int = 50
+    collective_timeout_minutes: float = 30.0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # optimizer steps; 0: at the end and on a signal only
+    keep: int = 3
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    toe: ToEConfig = field(default_factory=ToEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+CHOICES = {
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.zero_stage": (0, 1, 2, 3),
+    "toe.distance": ("cosine", "euclidean", "manhattan"),
+    "toe.init": ("spatial", "random"),
+}
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if path in seen:
+        raise ConfigError(f"recipe {path} includes itself through 'base'")
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_yaml((path.parent / base).resolve(), seen + (path,)), data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _apply_override(data: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _check_type(key, value, next(a for a in args if a is not type(None)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = {list: list, dict: dict}.get(origin or hint, hint)
+    if expected is bool and not isinstance(value, bool) or (
+            expected is not bool and (isinstance(value, bool) or not isinstance(value, expected))):
+        raise ConfigError(f"{key} must be {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; {prefix.rstrip('.') or 'the recipe'} has: "
+                          f"{', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, key + ".")
+        else:
+            kwargs[name] = _check_type(key, value, hints[name])
+            if key in CHOICES and kwargs[name] not in CHOICES[key]:
+                raise ConfigError(f"{key} must be one of {CHOICES[key]}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _validate(cfg: RunConfig) -> None:
+    t, o, d, c = cfg.train, cfg.optim, cfg.data, cfg.checkpoint
+    positive = {"train.global_batch": t.global_batch, "train.grad_accum": t.grad_accum, "model.img_size": cfg.model.img_size,
+                "model.num_classes": cfg.model.num_classes, "checkpoint.keep": c.keep, "data.repeats": d.repeats,
+                "train.log_every": t.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in {"train.eval_every": t.eval_every, "checkpoint.every": c.every, "data.workers": d.workers,
+                       "data.buffer_size": d.buffer_size, "toe.warmup_steps": cfg.toe.warmup_steps}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if t.steps is None and t.epochs is None:
+        raise ConfigError("set train.steps or train.epochs")
+    if t.steps is not None and t.steps < 1 or t.epochs is not None and t.epochs <= 0:
+        raise ConfigError(f"train.steps must be >= 1 and train.epochs > 0, got {t.steps} and {t.epochs}")
+    if not 0 <= cfg.model.drop_path < 1 or not 0 <= d.label_smoothing < 1 or not 0 <= d.mixup_prob <= 1:
+        raise ConfigError("model.drop_path, data.label_smoothing in [0, 1) and data.mixup_prob in [0, 1]")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas must hold two numbers, got {o.betas}")
+    if o.clip_grad is not None and o.clip_grad <= 0:
+        raise ConfigError(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
+    if t.ema and t.zero_stage == 3:
+        raise ConfigError("train.ema with train.zero_stage=3 is not supported: ZeRO-3 partitions the weights the "
+                          "EMA averages; use stage 0-2 or turn the EMA off")
+    if t.ds_config is not None and not _ds_path(cfg).is_file():
+        raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
+    if cfg.toe.enabled:  # the schedule validates its own numbers; total steps are known later
+        from toe import ToESchedule
+        try:
+            ToESchedule(r1=cfg.toe.r1, r0=cfg.toe.r0, num_stages=cfg.toe.num_stages, total_steps=max(
+                cfg.toe.warmup_steps + cfg.toe.num_stages, 10**9), k=cfg.toe.k, block=cfg.toe.block)
+        except ValueError as err:
+            raise ConfigError(f"toe: {err}") from err
+
+
+def load_config(path: str, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    data = _read_yaml(Path(path).resolve())
+    for override in overrides:
+        _apply_override(data, override)
+    cfg = _build(RunConfig, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def resolved(cfg: RunConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def _ds_path(cfg: RunConfig) -> Path:
+    name = cfg.train.ds_config or f"ds_configs/zero{cfg.train.zero_stage}_{cfg.train.precision}.json"
+    path = Path(name)
+    return path if path.is_absolute() or path.exists() else ROOT / name
+
+
+# keys the recipe owns: a DeepSpeed JSON may repeat them only with the same value
+_RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "gradient_clipping")
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed config: the JSON's ZeRO / precision blocks + batch, accumulation and clipping
+    from the recipe (one source of truth; a JSON that disagrees is an error)."""
+    t = cfg.train
+    micro, rest = divmod(t.global_batch, world_size * t.grad_accum)
+    if rest or micro < 1:
+        raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by world size {world_size} x "
+                          f"train.grad_accum={t.grad_accum}")
+    path = _ds_path(cfg)
+    ds = json.loads(path.read_text())
+    owned = {"train_batch_size": t.global_batch, "train_micro_batch_size_per_gpu": micro,
+             "gradient_accumulation_steps": t.grad_accum}
+    if cfg.optim.clip_grad is not None:
+        owned["gradient_clipping"] = cfg.optim.clip_grad
+    for key in _RECIPE_OWNED:
+        if key in ds and ds[key] != owned.get(key, 0.0):
+            raise ConfigError(f"{path} sets {key}={ds[key]} but the recipe gives {owned.get(key, 'none')}: "
+                              f"set it in the recipe only")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage != t.zero_stage:
+        raise ConfigError(f"{path} has ZeRO stage {stage}, the recipe says train.zero_stage={t.zero_stage}")
+    precisions = {"bf16": ds.get("bf16", {}).get("enabled", False), "fp16": ds.get("fp16", {}).get("enabled", False)}
+    got = next((p for p, on in precisions.items() if on), "fp32")
+    if got != t.precision:
+        raise ConfigError(f"{path} trains in {got}, the recipe says train.precision={t.precision}")
+    ds.update(owned)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds

@@ -1,0 +1,344 @@
+"""The main job: a DeepSpeed engine trains a timm ViT with training plug-ins (ToE) on WebDataset shards.
+
+    python -m launcher.train --config configs/deit_tiny_toe_cpu.yaml [key=value ...]
+    deepspeed --num_accelerators 2 -m launcher.train --config ...   # or torchrun / srun / mpirun
+
+Resumes from the run folder's latest complete checkpoint unless --no-resume (or --resume PATH).
+SIGTERM / SIGUSR1: checkpoint at the next step boundary on every rank, exit with code 75.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import ConfigError, RunConfig, deepspeed_config, load_config, resolved
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal, run again to continue
+log = logging.getLogger("launcher.train")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="recipe YAML (configs/)")
+    parser.add_argument("--resume", help="a run folder or checkpoint folder to resume from")
+    parser.add_argument("--no-resume", action="store_true", help="start fresh even if the run folder has checkpoints")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
+    parser.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.steps=100")
+    return parser.parse_args(argv)
+
+
+def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, warmup_lr: float, min_lr: float) -> float:
+    """Linear warm-up from ``warmup_lr`` to ``peak``, then cosine to ``min_lr``: a pure function of the step."""
+    if step < warmup_steps:
+        return warmup_lr + (peak - warmup_lr) * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Float32 exponential moving average of a module's weights (evaluated with all tokens)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        import copy
+        self.module = copy.deepcopy(module).float().eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        ema = list(self.module.state_dict().values())
+        live = [v.float() for v in module.state_dict().values()]
+        floats = [(e, v) for e, v in zip(ema, live) if e.is_floating_point()]
+        torch._foreach_lerp_([e for e, _ in floats], [v for _, v in floats], 1.0 - self.decay)
+
+
+class StopSignal:
+    """Remembers SIGTERM / SIGUSR1; ``requested()`` agrees across ranks (all-reduce MAX)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.signum = 0
+        self.device = device
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def requested(self) -> int:
+        flag = torch.tensor([self.signum], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)  # before any process group: a bad recipe fails here
+    except ConfigError as err:
+        log.error("bad recipe: %s", err)
+        return 2
+    from .distributed import init_distributed
+    env = init_distributed(cfg.train.collective_timeout_minutes)
+    try:
+        return Trainer(cfg, env, args).run()
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env, args) -> None:
+        self.cfg, self.env, self.args = cfg, env, args
+        self.rank, self.world = env.rank, env.world_size
+        self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if self.rank != 0:
+            logging.getLogger().setLevel(logging.WARNING)
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _prepare_data(self):
+        from data import write_shards
+        from data.shards import INDEX_NAME
+        from data.stream import build_eval_stream, build_train_stream
+
+        d, t = self.cfg.data, self.cfg.train
+        if d.synthetic and not (Path(d.path) / INDEX_NAME).is_file():
+            if self.rank == 0:
+                log.info("writing the embedded synthetic shards to %s", d.path)
+                write_shards.main(["synthetic", d.path, "--size", str(self.cfg.model.img_size), "--no-progress"])
+            dist.barrier()
+        micro = deepspeed_config(self.cfg, self.world)["train_micro_batch_size_per_gpu"]
+        options = dict(auto_augment=d.auto_augment, re_prob=d.re_prob, color_jitter=d.color_jitter)
+        self.train_stream = build_train_stream(
+            d.path, batch_size=micro, rank=self.rank, world_size=self.world, num_workers=d.workers, seed=t.seed,
+            image_size=self.cfg.model.img_size, split=d.train_split, buffer_size=d.buffer_size, repeats=d.repeats,
+            pin_memory=self.device.type == "cuda", **options)
+        self.eval_stream = build_eval_stream(
+            d.path, batch_size=micro, rank=self.rank, world_size=self.world, num_workers=d.workers,
+            image_size=self.cfg.model.img_size, split=d.eval_split, crop_pct=d.crop_pct,
+            pin_memory=self.device.type == "cuda")
+        self.steps_per_epoch = len(self.train_stream) // t.grad_accum
+        self.total_steps = t.steps or math.ceil(t.epochs * self.steps_per_epoch)
+
+    def _build(self, point):
+        import deepspeed
+        from models import create_classifier, weight_decay_groups
+        from toe import PluginStack, ToEPlugin, ToESchedule
+        from data.transforms import StepMixup
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+        model = create_classifier(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.model.img_size,
+                                  drop_path=cfg.model.drop_path, checkpoint=cfg.model.checkpoint, **cfg.model.kwargs)
+        plugins = []
+        if cfg.toe.enabled:
+            tc = cfg.toe
+            self.schedule = ToESchedule(r1=tc.r1, r0=tc.r0, num_stages=tc.num_stages, total_steps=self.total_steps,
+                                        k=tc.k, boundaries=tc.boundaries, block=tc.block, warmup_steps=tc.warmup_steps)
+            plugins.append(ToEPlugin(self.schedule, distance=tc.distance, init=tc.init, expand=tc.expand,
+                                     merge=tc.merge, sparse_eval=tc.sparse_eval))
+        self.plugins = PluginStack(plugins)
+        self.plugins.attach(model)
+        if cfg.toe.enabled and self.rank == 0:
+            log.info("ToE schedule:\n%s", self.schedule.describe(self.plugins.shape.num_patches, self.plugins.shape))
+        o = cfg.optim
+        self.peak_lr = o.lr if o.lr is not None else o.base_lr * cfg.train.global_batch / 512
+        optimizer = torch.optim.AdamW(weight_decay_groups(model, o.weight_decay), lr=self.peak_lr,
+                                      betas=tuple(o.betas), eps=o.eps)
+        ds_config = deepspeed_config(cfg, self.world)
+        self.universal = bool(point and point.needs_universal(self.world, cfg.train.zero_stage))
+        if self.universal:
+            ds_config["checkpoint"] = {"load_universal": True}
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.ema = EMA(self.engine.module, cfg.train.ema_decay) if cfg.train.ema else None
+        d = cfg.data
+        self.mixup = (StepMixup(cfg.model.num_classes, mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob,
+                                label_smoothing=d.label_smoothing, seed=cfg.train.seed)
+                      if d.mixup > 0 or d.cutmix > 0 else None)
+
+    def _input_dtype(self) -> torch.dtype:
+        if self.engine.bfloat16_enabled():
+            return torch.bfloat16
+        return torch.float16 if self.engine.fp16_enabled() else torch.float32
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from .checkpoint import Checkpointer, find_resume_point
+
+        cfg, run_dir = self.cfg, self.cfg.run_dir
+        if self.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(resolved(cfg))
+        dist.barrier()
+        self._prepare_data()
+        point = None if self.args.no_resume else find_resume_point(Path(self.args.resume or run_dir))
+        self._build(point)
+        self.checkpointer = Checkpointer(run_dir, self.engine, rank=self.rank, world_size=self.world,
+                                         zero_stage=cfg.train.zero_stage, keep=cfg.checkpoint.keep)
+        step = 0
+        if point is not None:
+            state = self.checkpointer.load(point, universal=self.universal)
+            step = int(state["step"])
+            self.train_stream.load_state_dict(state["stream"])
+            self.plugins.load_state_dict(state["plugins"])
+            if self.ema is not None and "ema" in state:
+                self.ema.module.load_state_dict(state["ema"])
+            log.info("resumed at step %d of %d (SLURM_RESTART_COUNT=%s)", step, self.total_steps,
+                     os.environ.get("SLURM_RESTART_COUNT", "-"))
+            if step >= self.total_steps:
+                log.info("the run is already complete")
+                return 0
+        return self._loop(step)
+
+    def _client_state(self, step: int) -> dict:
+        state = {"step": step, "stream": self.train_stream.state_dict(), "plugins": self.plugins.state_dict(),
+                 "seed": self.cfg.train.seed, "lr": self._lr(step)}
+        if self.ema is not None:
+            state["ema"] = self.ema.module.state_dict()
+        return state
+
+    def _lr(self, step: int) -> float:
+        o = self.cfg.optim
+        return lr_at(step, peak=self.peak_lr, warmup_steps=round(o.warmup_epochs * self.steps_per_epoch),
+                     total_steps=self.total_steps, warmup_lr=o.warmup_lr, min_lr=o.min_lr)
+
+    def _loop(self, step: int) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        stop = StopSignal(self.device)
+        metrics_file = open(cfg.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
+        writer = self._tensorboard()
+        dtype = self._input_dtype()
+        progress = self._progress(step)
+        self.engine.train()
+        window_start, window_images, accum = time.perf_counter(), 0, 0
+        while step < self.total_steps:
+            for batch in self.train_stream:
+                if accum == 0:
+                    metrics = self.plugins.on_step(step)
+                    lr = self._lr(step)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                images = batch["image"].to(self.device, non_blocking=True)
+                labels = batch["label"].to(self.device, non_blocking=True)
+                if self.mixup is not None:
+                    images, targets = self.mixup(images, labels, step * t.grad_accum + accum)
+                    loss_fn = lambda logits: torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                else:
+                    loss_fn = lambda logits: F.cross_entropy(logits.float(), labels, label_smoothing=cfg.data.label_smoothing)
+                loss = loss_fn(self.engine(images.to(dtype)))
+                self.engine.backward(loss)
+                self.engine.step()
+                window_images += len(images) * self.world
+                accum = (accum + 1) % t.grad_accum
+                if accum:
+                    continue
+                step += 1
+                if self.ema is not None:
+                    self.ema.update(self.engine.module)
+                record = {"step": step - 1, "loss": loss.item(), "lr": lr, **metrics}
+                if step % t.log_every == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record.update({"img_per_s": window_images / elapsed, "epoch": self.train_stream.epoch,
+                                   **{f"data/{k}": v for k, v in self._data_counters().items()}})
+                    window_start, window_images = time.perf_counter(), 0
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}",
+                                             img_s=f"{record['img_per_s']:.0f}", stage=record.get("toe/stage", "-"),
+                                             kept=record.get("toe/kept_tokens", "-"))
+                if progress is not None:
+                    progress.update(1)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    if writer is not None:
+                        for key, value in record.items():
+                            if key != "step":
+                                writer.add_scalar(key, value, step)
+                if t.eval_every and step % t.eval_every == 0 and step < self.total_steps:
+                    self._evaluate(step, metrics_file, writer)
+                signum = stop.requested()
+                if signum:
+                    self.checkpointer.save(step, self._client_state(step))
+                    log.warning("signal %d: checkpointed at step %d, exiting with %d", signum, step, EXIT_PREEMPTED)
+                    return EXIT_PREEMPTED
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < self.total_steps:
+                    self.checkpointer.save(step, self._client_state(step))
+                if step >= self.total_steps:
+                    break
+        if progress is not None:
+            progress.close()
+        results = self._evaluate(step, metrics_file, writer)
+        self.checkpointer.save(step, self._client_state(step))
+        if self.rank == 0:
+            (cfg.run_dir / "final.json").write_text(json.dumps({"step": step, **results}, indent=2))
+        return 0
+
+    def _data_counters(self) -> dict[str, float]:
+        names = ["corrupt_image", "missing_label", "bad_label", "missing_image", "unreadable_sample",
+                 "unreadable_shard", "refilled"]
+        counts = torch.tensor([float(self.train_stream.counters.get(n, 0)) for n in names], device=self.device)
+        dist.all_reduce(counts)
+        return dict(zip(names, counts.tolist()))
+
+    @torch.no_grad()
+    def _evaluate(self, step: int, metrics_file, writer) -> dict[str, float]:
+        self.engine.eval()
+        dtype = self._input_dtype()
+        models = {"": self.engine}
+        if self.ema is not None:
+            models["ema_"] = self.ema.module
+        totals = torch.zeros(len(models), 3, device=self.device)  # correct top-1, correct top-5, count
+        for batch in self.eval_stream:
+            images = batch["image"].to(self.device)
+            labels, valid = batch["label"].to(self.device), batch["valid"].to(self.device)
+            for i, model in enumerate(models.values()):
+                logits = model(images.to(dtype if model is self.engine else torch.float32)).float()
+                top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                hits = top5 == labels[:, None]
+                totals[i] += torch.stack([(hits[:, 0] & valid).sum(), (hits.any(-1) & valid).sum(), valid.sum()]).float()
+        dist.all_reduce(totals)
+        self.engine.train()
+        results = {}
+        for (prefix, _), (top1, top5, count) in zip(models.items(), totals.tolist()):
+            results[f"{prefix}top1"], results[f"{prefix}top5"] = top1 / count, top5 / count
+        results["eval_samples"] = int(totals[0, 2].item())
+        log.info("eval at step %d: %s", step, " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                        for k, v in results.items()))
+        if metrics_file is not None:
+            metrics_file.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in results.items()}}) + "\n")
+            metrics_file.flush()
+            if writer is not None:
+                for key, value in results.items():
+                    writer.add_scalar(f"eval/{key}", value, step)
+        return results
+
+    def _tensorboard(self):
+        if self.rank != 0:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(self.cfg.run_dir / "tensorboard"))
+
+    def _progress(self, step: int):
+        if self.rank != 0:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                    mininterval=2.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
