@@ -114,8 +114,9 @@ class Phase:
             self.batches = [[0] * self.workers for _ in range(self.world)]
 
     def to_dict(self) -> dict:
+        """A snapshot: later progress does not change it, and changing it does not touch the phase."""
         return {"world": self.world, "workers": self.workers, "batch": self.batch,
-                "cursors": self.cursors, "batches": self.batches}
+                "cursors": [list(row) for row in self.cursors], "batches": [list(row) for row in self.batches]}
 
 
 def slot_rng(seed: int, epoch: int, phase: int, rank: int, worker: int) -> np.random.Generator:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+import signal
 from collections import Counter
 from typing import Any, Callable, Iterator, Optional
 
@@ -84,6 +85,14 @@ class ClassificationCodec:
         labels = torch.tensor([d[1] if d is not None else -1 for d in decoded], dtype=torch.long)
         return {"image": images, "label": labels, "sample_id": torch.tensor(ids, dtype=torch.long),
                 "valid": torch.tensor(valid, dtype=torch.bool)}
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGUSR1 to the training process, which checkpoints and then
+    ends them; a job-wide signal (scancel, a preemption) would otherwise kill a worker mid-batch and
+    take the rank down before it can save. Workers still exit when their parent dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _sample_seed(*keys: int) -> int:
@@ -326,7 +335,8 @@ class ShardStream:
                                 done % phase.workers, per_worker)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            persistent_workers=False, generator=torch.Generator())  # leave the global RNG alone
+                            persistent_workers=False, worker_init_fn=_ignore_stop_signals,
+                            generator=torch.Generator())  # leave the global RNG alone
         worker_counters: dict[int, dict] = {}
         base = Counter(self.counters)
         for batch in loader:

@@ -187,7 +187,7 @@ def _build(cls, data: dict, prefix: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; {prefix.rstrip('.') or 'the recipe'} has: "
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; {prefix.rstrip('.') or 'the recipe'} has: "
                           f"{', '.join(sorted(known))}")
     kwargs = {}
     for name, value in data.items():

@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-resume", action="store_true", help="start fresh even if the run folder has checkpoints")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.steps=100")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after the options
 
 
 def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, warmup_lr: float, min_lr: float) -> float:

@@ -280,6 +280,20 @@ def test_eval_stream_sees_every_sample_once_with_padding_marked(shards):
     assert all(torch.all(b["label"][~b["valid"]] == -1) for rank in batches for b in rank)
 
 
+def test_state_dict_is_a_snapshot(shards):
+    stream = build_train_stream(str(shards), batch_size=4, num_workers=2, seed=1, image_size=32, buffer_size=8)
+    batches = iter(stream)
+    next(batches)
+    first = stream.state_dict()
+    next(batches)
+    second = stream.state_dict()
+    assert first["phases"][0]["batches"] == [[1, 0]] and second["phases"][0]["batches"] == [[1, 1]]
+    second["phases"][0]["cursors"][0][0] = 999
+    next(batches)
+    assert stream.state_dict()["phases"][0]["batches"] == [[2, 1]]
+    assert stream.state_dict()["phases"][0]["cursors"][0][0] != 999
+
+
 def test_stream_refuses_too_little_data_and_foreign_state(shards):
     with pytest.raises(ValueError, match="fewer than world_size x workers x batch"):
         build_train_stream(str(shards), batch_size=32, world_size=2, num_workers=2, image_size=32)

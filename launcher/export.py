@@ -1,0 +1,64 @@
+"""Export a run or checkpoint to a plain timm state_dict.
+
+    python -m launcher.export runs/deit_tiny_toe_cpu model.pth        # the run's latest checkpoint
+    python -m launcher.export runs/deit_tiny_toe_cpu/checkpoints/step-128 model.pth
+
+The result loads with ``timm.create_model(name, num_classes=..., img_size=...).load_state_dict(sd,
+strict=True)`` (checked before writing): ToE adds nothing to the state_dict. ZeRO 1-3 shards are
+merged to fp32 with DeepSpeed's ``zero_to_fp32``; ZeRO-0 reads the module from the model states.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoint import find_resume_point
+
+
+def export(source: str, out: str) -> Path:
+    point = find_resume_point(Path(source))
+    if point is None:
+        raise FileNotFoundError(f"no complete checkpoint under {source}")
+    folder = point.folder
+    run_dir = folder.parent.parent
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if point.meta["zero_stage"] > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    else:
+        state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+    from models import create_classifier
+    model_cfg = config["model"]
+    plain = create_classifier(model_cfg["name"], num_classes=model_cfg["num_classes"], img_size=model_cfg["img_size"],
+                              **model_cfg.get("kwargs", {}))
+    plain.load_state_dict(state, strict=True)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(plain.state_dict(), out_path)
+    out_path.with_suffix(".json").write_text(json.dumps(
+        {"model": model_cfg, "step": point.step, "source": str(folder)}, indent=2))
+    return out_path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="run folder or checkpoint folder")
+    parser.add_argument("out", help="output .pth")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.source, args.out)
+    except (FileNotFoundError, RuntimeError) as err:
+        print(f"export: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (plain timm state_dict, strict load checked)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""launcher.train end to end: real DeepSpeed engines (gloo), real processes, real checkpoints."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from data import write_shards
+from launcher.train import lr_at
+from toe import ToESchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}", "data.workers=1",
+        "train.global_batch=16", "train.log_every=1", "train.eval_every=0", "checkpoint.keep=5"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine") / "shards"
+    assert write_shards.main(["synthetic", str(out), "--train", "256", "--val", "48", "--shard-size", "32",
+                              "--no-progress"]) == 0
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def command(ranks: int, port: int):
+    if ranks == 1:
+        return [sys.executable, "-m", "launcher.train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+            "127.0.0.1", "--master_port", str(port), "-m", "launcher.train"]
+
+
+def start(run_dir: Path, shards: Path, *overrides, ranks=1, extra=()):
+    args = [*command(ranks, free_port()), "--config", str(ROOT / "configs/deit_tiny_toe_cpu.yaml"), *extra,
+            f"out_dir={run_dir.parent}", f"name={run_dir.name}", f"data.path={shards}", *TINY, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(process, timeout=300) -> str:
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return out
+
+
+def train(run_dir, shards, *overrides, ranks=1, extra=(), expect=0) -> str:
+    process = start(run_dir, shards, *overrides, ranks=ranks, extra=extra)
+    out = finish(process)
+    assert process.returncode == expect, out[-4000:]
+    return out
+
+
+def records(run_dir: Path) -> dict[int, dict]:
+    """The last record of every step (a resumed run appends the steps it redoes)."""
+    by_step = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            by_step[record["step"]] = record
+    return by_step
+
+
+def kill_tree(pid: int, sig: int) -> None:
+    """Signal a process and all its descendants (torchrun starts its workers in sessions of their own)."""
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    for child in children:
+        kill_tree(int(child), sig)
+
+
+def wait_for_step(run_dir: Path, step: int, process, timeout=240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and step in records(run_dir):
+            return
+        assert process.poll() is None, "the run ended early"
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def module_state(run_dir: Path, step: int):
+    from launcher.export import export
+    out = export(str(run_dir / "checkpoints" / f"step-{step}"), str(run_dir / f"export-{step}.pth"))
+    return torch.load(out, weights_only=True)
+
+
+def test_lr_is_a_pure_function_of_the_step():
+    kw = dict(peak=1e-3, warmup_steps=10, total_steps=110, warmup_lr=1e-6, min_lr=1e-5)
+    assert lr_at(0, **kw) == 1e-6 and lr_at(10, **kw) == 1e-3
+    assert abs(lr_at(110, **kw) - 1e-5) < 1e-12 and lr_at(60, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
+
+
+def test_bad_recipe_fails_before_any_process_group(tmp_path, shards):
+    out = train(tmp_path / "bad", shards, "train.batchsize=8", expect=2)
+    assert "unknown key 'train.batchsize'" in out
+    assert "init_distributed" not in out and "TorchBackend" not in out
+    out = train(tmp_path / "bad2", shards, "toe.r1=1.5", expect=2)
+    assert "r1 must lie in (0, 1]" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16"),
+                                                  (0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "fp32")])
+def test_trains_on_ranks_zero_stages_and_precisions(tmp_path, shards, ranks, zero_stage, precision):
+    run = tmp_path / "run"
+    train(run, shards, "train.steps=6", f"train.zero_stage={zero_stage}", f"train.precision={precision}",
+          "checkpoint.every=3", ranks=ranks)
+    steps = records(run)
+    assert sorted(steps) == list(range(6))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps.values())
+    schedule = ToESchedule(r1=0.5, total_steps=6)
+    assert [steps[t]["toe/stage"] for t in range(6)] == [schedule.stage(t) for t in range(6)]
+    assert [steps[t]["toe/kept_tokens"] for t in range(6)] == [schedule.kept_tokens(16, schedule.stage(t))
+                                                               for t in range(6)]
+    final = json.loads((run / "final.json").read_text())
+    assert final["eval_samples"] == 48 and 0 <= final["top1"] <= 1
+    assert (run / "checkpoints" / "latest").read_text() == "step-6"
+    assert json.loads((run / "checkpoints/step-6/meta.json").read_text()) == {
+        "step": 6, "world_size": ranks, "zero_stage": zero_stage}
+    if (ranks, zero_stage) in ((1, 0), (2, 3)):  # export from unsharded and ZeRO-3-sharded checkpoints
+        state = module_state(run, 6)
+        plain = timm.create_model("deit_tiny_patch16_224", num_classes=32, img_size=32, patch_size=8, depth=3,
+                                  embed_dim=48, num_heads=2)
+        plain.load_state_dict(state, strict=True)
+
+
+@pytest.mark.slow
+def test_sigkill_and_auto_resume_is_bit_identical(tmp_path, shards):
+    total = 30
+    common = [f"train.steps={total}", "checkpoint.every=4", "train.zero_stage=1", "train.precision=fp32",
+              "model.drop_path=0.1"]
+    train(tmp_path / "straight", shards, *common, ranks=2)
+    victim = tmp_path / "killed"
+    process = start(victim, shards, *common, ranks=2)
+    wait_for_step(victim, 6, process)
+    kill_tree(process.pid, signal.SIGKILL)  # the whole job dies at once, as on a node failure
+    process.wait()
+    killed_at = max(records(victim))
+    latest = int((victim / "checkpoints" / "latest").read_text().split("-")[1])
+    assert 4 <= latest <= killed_at + 1 < total, "killed mid-run, after a checkpoint"
+    out = train(victim, shards, *common, ranks=2)  # auto-resume from the run folder
+    assert f"resumed at step {latest}" in out
+    straight, resumed = records(tmp_path / "straight"), records(victim)
+    assert [straight[t]["loss"] for t in range(total)] == [resumed[t]["loss"] for t in range(total)], \
+        "bit-identical losses"
+    a, b = module_state(tmp_path / "straight", total), module_state(victim, total)
+    assert all(torch.equal(a[k], b[k]) for k in a), "identical final weights"
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_with_75(tmp_path, shards):
+    run = tmp_path / "run"
+    process = start(run, shards, "train.steps=200", "checkpoint.every=0")
+    wait_for_step(run, 3, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    out = finish(process)
+    assert process.returncode == 75, out[-3000:]
+    tag = (run / "checkpoints" / "latest").read_text()
+    step = int(tag.split("-")[1])
+    assert step >= 4 and (run / "checkpoints" / tag / "meta.json").is_file()
+    assert max(records(run)) == step - 1, "saved at the step boundary after the signal"
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_on_one_through_a_universal_checkpoint(tmp_path, shards):
+    run = tmp_path / "run"
+    common = ["train.steps=8", "checkpoint.every=4", "train.zero_stage=2", "train.precision=fp32"]
+    train(run, shards, *common, ranks=2)
+    resumed = tmp_path / "resumed"
+    out = train(resumed, shards, *common, ranks=1, extra=["--resume", str(run / "checkpoints" / "step-4")])
+    assert "converting" in out and "resumed at step 4" in out
+    steps = records(resumed)
+    assert sorted(steps) == [4, 5, 6, 7]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps.values())
+    assert json.loads((resumed / "final.json").read_text())["step"] == 8
