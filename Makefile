@@ -7,11 +7,13 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt install.sh
 	bash install.sh $(VENV)
 
-demo: install  ## install, then run the main job on the embedded synthetic data
-	$(PY) -m launcher.demo
+demo: install  ## install, then run the main job (DeiT-Ti + ToE, DeepSpeed, CPU) on the embedded synthetic data
+	$(PY) -m launcher.train --config configs/deit_tiny_toe_cpu.yaml
 
 test: install  ## the whole test suite, CPU only
 	$(PY) -m pytest tests/ -q
 
-bench: install
+bench: install  ## the three benchmarks (tables + JSON in bench/results/)
 	$(PY) bench/toe_overhead.py
+	$(PY) bench/step_throughput.py
+	$(PY) bench/data_throughput.py

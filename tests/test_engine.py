@@ -1,6 +1,7 @@
 """launcher.train end to end: real DeepSpeed engines (gloo), real processes, real checkpoints."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -193,3 +194,38 @@ def test_two_ranks_resume_on_one_through_a_universal_checkpoint(tmp_path, shards
     assert sorted(steps) == [4, 5, 6, 7]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps.values())
     assert json.loads((resumed / "final.json").read_text())["step"] == 8
+
+
+def shm_files() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed*")} if Path("/dev/shm").is_dir() else set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
+def test_deepspeed_launcher_and_mpirun_run_the_recipe(tmp_path, shards, launcher):
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    if launcher == "deepspeed":
+        prefix = [str(bin_dir / "deepspeed"), "--num_accelerators", "2", "--master_port", str(port), "--module",
+                  "launcher.train"]
+        env_extra = {}
+    else:
+        mpirun = shutil.which("mpirun")
+        if mpirun is None:
+            pytest.skip("OpenMPI's mpirun is not installed (install.sh installs it as root)")
+        prefix = [mpirun, "-np", "2", "--bind-to", "none", "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={port}",
+                  "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", sys.executable, "-m", "launcher.train"]
+        env_extra = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    run = tmp_path / "run"
+    before = shm_files()
+    args = [*prefix, "--config", str(ROOT / "configs/deit_tiny_toe_cpu.yaml"), f"out_dir={run.parent}",
+            f"name={run.name}", f"data.path={shards}", *TINY, "train.steps=4", "checkpoint.every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_extra}
+    try:
+        result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        for name in shm_files() - before:  # DeepSpeed's shared-memory comm buffers outlive the run
+            (Path("/dev/shm") / name).unlink(missing_ok=True)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert json.loads((run / "checkpoints/step-4/meta.json").read_text())["world_size"] == 2
+    assert sorted(records(run)) == [0, 1, 2, 3]
