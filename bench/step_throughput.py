@@ -39,7 +39,7 @@ def parse_args():
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on GPU, 32 on CPU")
     parser.add_argument("--precision", default=None, choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--r1", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=None, help="default: 20 on GPU, 4 on CPU")
+    parser.add_argument("--rounds", type=int, default=None, help="default: 20 on GPU, 10 on CPU")
     parser.add_argument("--steps-per-round", type=int, default=None, help="default: 5 on GPU, 2 on CPU")
     parser.add_argument("--out", default="bench/results/step_throughput.json")
     return parser.parse_args()
@@ -53,7 +53,7 @@ def main() -> None:
     batch = args.batch or (256 if on_gpu else 32)
     precision = args.precision or ("bf16" if on_gpu else "fp32")
     dtype = DTYPES[precision]
-    rounds, per_round = args.rounds or (20 if on_gpu else 4), args.steps_per_round or (5 if on_gpu else 2)
+    rounds, per_round = args.rounds or (20 if on_gpu else 10), args.steps_per_round or (5 if on_gpu else 2)
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     from launcher.distributed import init_distributed
