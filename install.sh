@@ -6,16 +6,25 @@ cd "$(dirname "$0")"
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
 
-if ! command -v mpicc >/dev/null 2>&1; then
+# System packages: an MPI for mpi4py (required), and SLURM + munge for the tests that run a real
+# one-node SLURM cluster (optional: without them those tests are skipped, loudly).
+need=()
+command -v mpicc >/dev/null 2>&1 || need+=(openmpi-bin libopenmpi-dev)
+for bin in slurmctld slurmd munged sbatch; do
+  command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || { need+=(slurmd slurmctld slurm-client munge); break; }
+done
+if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "install: no MPI compiler found; installing OpenMPI from apt"
+    echo "install: installing ${need[*]} from apt"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
-    apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
-  else
+    apt-get install -y -qq "${need[@]}" >/dev/null
+  elif ! command -v mpicc >/dev/null 2>&1; then
     echo "install: mpi4py needs an MPI implementation (mpicc not found)." >&2
     echo "install: install one first, e.g. 'sudo apt-get install openmpi-bin libopenmpi-dev' or 'module load openmpi'." >&2
     exit 1
+  else
+    echo "install: SLURM/munge not installed (needs root): the SLURM tests will be skipped" >&2
   fi
 fi
 

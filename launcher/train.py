@@ -4,7 +4,8 @@
     deepspeed --num_accelerators 2 -m launcher.train --config ...   # or torchrun / srun / mpirun
 
 Resumes from the run folder's latest complete checkpoint unless --no-resume (or --resume PATH).
-SIGTERM / SIGUSR1: checkpoint at the next step boundary on every rank, exit with code 75.
+SIGTERM / SIGUSR1: checkpoint at the next step boundary on every rank, exit with code 75 (also
+written to $TOE_EXIT_FILE by rank 0 when set, before any rank exits).
 """
 from __future__ import annotations
 
@@ -274,7 +275,7 @@ class Trainer:
                 if signum:
                     self.checkpointer.save(step, self._client_state(step))
                     log.warning("signal %d: checkpointed at step %d, exiting with %d", signum, step, EXIT_PREEMPTED)
-                    return EXIT_PREEMPTED
+                    return self._announce_exit(EXIT_PREEMPTED)
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < self.total_steps:
                     self.checkpointer.save(step, self._client_state(step))
                 if step >= self.total_steps:
@@ -285,7 +286,17 @@ class Trainer:
         self.checkpointer.save(step, self._client_state(step))
         if self.rank == 0:
             (cfg.run_dir / "final.json").write_text(json.dumps({"step": step, **results}, indent=2))
-        return 0
+        return self._announce_exit(0)
+
+    def _announce_exit(self, code: int) -> int:
+        """Rank 0 writes the job's exit code to ``TOE_EXIT_FILE`` (set by slurm/train.sbatch) before any
+        rank may exit: under ``srun --kill-on-bad-exit`` the first rank out with 75 gets the others
+        killed, and srun's own exit code then no longer says that the run checkpointed on a signal."""
+        exit_file = os.environ.get("TOE_EXIT_FILE")
+        if exit_file and self.rank == 0:
+            Path(exit_file).write_text(f"{code}\n")
+        dist.barrier()
+        return code
 
     def _data_counters(self) -> dict[str, float]:
         names = ["corrupt_image", "missing_label", "bad_label", "missing_image", "unreadable_sample",
