@@ -116,6 +116,23 @@ def test_bad_recipe_fails_before_any_process_group(tmp_path, shards):
     assert "init_distributed" not in out and "TorchBackend" not in out
     out = train(tmp_path / "bad2", shards, "toe.r1=1.5", expect=2)
     assert "r1 must lie in (0, 1]" in out
+    out = train(tmp_path / "bad3", shards, "train.ema=true", "train.zero_stage=3", expect=2)
+    assert "train.ema with train.zero_stage=3 is not supported" in out
+    assert not (tmp_path / "bad").exists(), "nothing is written for a bad recipe"
+
+
+@pytest.mark.slow
+def test_ema_is_evaluated_checkpoints_are_pruned_and_logs_written(tmp_path, shards):
+    run = tmp_path / "ema"
+    train(run, shards, "train.steps=4", "train.ema=true", "train.ema_decay=0.5", "checkpoint.every=1",
+          "checkpoint.keep=2", ranks=2)
+    final = json.loads((run / "final.json").read_text())
+    assert {"top1", "top5", "ema_top1", "ema_top5"} <= set(final) and final["eval_samples"] == 48
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-3", "step-4"], "keep the last 2"
+    assert any((run / "tensorboard").iterdir())
+    assert "ema: true" in (run / "config.yaml").read_text()
+    state = torch.load(run / "checkpoints/step-4/mp_rank_00_model_states.pt", weights_only=False)
+    assert set(state["ema"]) == set(state["module"]), "the EMA travels in the checkpoint"
 
 
 @pytest.mark.slow

@@ -148,3 +148,23 @@ def test_deepspeed_hostfile_from_the_allocation(cluster, tmp_path):
     job = submit(cluster, ["-n", "1", f"--output={tmp_path}/out.txt", str(script)])
     assert cluster.wait_job(job, timeout=60)["JobState"] == "COMPLETED", (tmp_path / "out.txt").read_text()
     assert hostfile.read_text() == "localhost slots=2\n"
+
+
+@pytest.mark.slow
+def test_deepspeed_sbatch_template_runs_the_recipe(cluster, shards, tmp_path):
+    run = tmp_path / "ds"
+    before = {p.name for p in Path("/dev/shm").glob("deepspeed*")}
+    env = {"SLOTS_PER_NODE": "2", "TOE_REPO": str(ROOT), "TOE_DEEPSPEED": str(Path(sys.executable).parent / "deepspeed"),
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={tmp_path}/ds-%j.out",
+            str(ROOT / "slurm/train_deepspeed.sbatch"), str(ROOT / "configs/deit_tiny_toe_cpu.yaml"),
+            f"out_dir={tmp_path}", "name=ds", f"data.path={shards}", *TINY, "train.steps=4", "checkpoint.every=0"]
+    try:
+        job = submit(cluster, args, env)
+        info = cluster.wait_job(job, timeout=300)
+    finally:
+        for name in {p.name for p in Path("/dev/shm").glob("deepspeed*")} - before:
+            (Path("/dev/shm") / name).unlink(missing_ok=True)
+    log = next(tmp_path.glob("ds-*.out")).read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert json.loads((run / "checkpoints/step-4/meta.json").read_text())["world_size"] == 2
