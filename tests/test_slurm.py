@@ -136,6 +136,7 @@ def test_a_killed_rank_fails_the_job_within_bounded_time(cluster, shards, tmp_pa
     killed = time.time()
     info = cluster.wait_job(job, timeout=180)
     elapsed = time.time() - killed
+    print(f"job {job} failed {elapsed:.1f} s after rank 1 was killed")
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
     assert elapsed < 90, f"the job took {elapsed:.0f} s to fail after a rank died"
     assert "requeueing" not in next(run.glob("slurm-*.out")).read_text()
