@@ -29,7 +29,8 @@ def create_classifier(name: str, *, num_classes: int, img_size: int, drop_path: 
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state.get("state_dict", state))
         own = model.state_dict()
-        head = [k for k in state if k.startswith(("head.", "head_dist.")) and state[k].shape != own.get(k, state[k]).shape]
+        # a classifier head of another size (or none, for a detection backbone) is not loaded
+        head = [k for k in state if k.startswith(("head.", "head_dist.")) and (k not in own or state[k].shape != own[k].shape)]
         for key in head:
             del state[key]
         missing, unexpected = model.load_state_dict(state, strict=False)

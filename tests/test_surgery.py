@@ -46,9 +46,9 @@ def test_distilled_deit_keeps_both_prefix_tokens():
     assert module.num_prefix == 2
     seen = record_tokens(model)
     captured = {}
-    model.blocks[1].register_forward_pre_hook(lambda m, args: captured.setdefault("tokens", args[0]))
+    model.blocks[1].register_forward_pre_hook(lambda m, args: captured.update(tokens=args[0]))  # returns None
     inputs = {}
-    model.blocks[0].register_forward_hook(lambda m, args, out: inputs.setdefault("tokens", out))
+    model.blocks[0].register_forward_hook(lambda m, args, out: inputs.update(tokens=out))
     module.set_step(0)
     model(torch.randn(2, 3, 224, 224)).sum().backward()
     assert seen == [198] + [2 + 98] * 11

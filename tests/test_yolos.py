@@ -1,0 +1,175 @@
+"""YOLOS: the model, ToE with detection tokens, Hungarian matching, the set criterion."""
+import itertools
+
+import pytest
+import timm
+import torch
+from torchvision.ops import box_convert, generalized_box_iou
+
+from models.detection import SetCriterion, hungarian_match
+from models.yolos import create_yolos
+from toe import ToESchedule, apply_token_expansion
+
+TINY = dict(img_size=64, patch_size=8, depth=4, embed_dim=48, num_heads=2)
+
+
+def make(mid_pos_embed=True, det=6, classes=5, seed=0):
+    torch.manual_seed(seed)
+    return create_yolos(num_classes=classes, num_det_tokens=det, mid_pos_embed=mid_pos_embed, **TINY)
+
+
+def random_targets(batch, classes, generator, max_boxes=3):
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(0, max_boxes + 1, (1,), generator=generator))
+        centres = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(n, 2, generator=generator) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(0, classes, (n,), generator=generator),
+                        "boxes": torch.cat([centres, sizes], dim=1)})
+    return targets
+
+
+# -- matching ------------------------------------------------------------------------------------
+
+def brute_force_cost(logits, boxes, target):
+    prob = logits.softmax(-1)
+    xyxy = lambda b: box_convert(b, "cxcywh", "xyxy")
+    cost = (5 * torch.cdist(boxes, target["boxes"], p=1) - prob[:, target["labels"]]
+            - 2 * generalized_box_iou(xyxy(boxes), xyxy(target["boxes"])))
+    n = len(target["labels"])
+    return min(sum(cost[q, t] for t, q in enumerate(perm)) for perm in itertools.permutations(range(len(boxes)), n))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_matcher_finds_the_brute_force_optimum(seed):
+    gen = torch.Generator().manual_seed(seed)
+    queries, classes = 5, 4
+    logits = torch.randn(3, queries, classes + 1, generator=gen)
+    boxes = torch.rand(3, queries, 4, generator=gen) * 0.5 + 0.1
+    targets = random_targets(3, classes, gen)
+    matches = hungarian_match(logits, boxes, targets)
+    for b, (rows, cols) in enumerate(matches):
+        target = targets[b]
+        assert len(rows) == len(cols) == len(target["labels"]) and len(set(rows.tolist())) == len(rows)
+        if len(rows) == 0:
+            continue
+        prob = logits[b].softmax(-1)
+        xyxy = lambda x: box_convert(x, "cxcywh", "xyxy")
+        cost = (5 * torch.cdist(boxes[b], target["boxes"], p=1) - prob[:, target["labels"]]
+                - 2 * generalized_box_iou(xyxy(boxes[b]), xyxy(target["boxes"])))
+        assert cost[rows, cols].sum() == pytest.approx(float(brute_force_cost(logits[b], boxes[b], target)), abs=1e-5)
+
+
+# -- criterion -----------------------------------------------------------------------------------
+
+def test_perfect_prediction_has_zero_box_losses():
+    targets = [{"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    logits = torch.full((2, 4, 4), -20.0)
+    logits[..., 3] = 20.0  # no-object everywhere ...
+    boxes = torch.rand(2, 4, 4) * 0.1 + 0.05
+    for b, (q, t) in enumerate([(1, 0), (3, 1)]):
+        logits[0, q] = -20.0
+        logits[0, q, targets[0]["labels"][t]] = 20.0
+    logits[1, 2] = -20.0
+    logits[1, 2, 1] = 20.0  # ... except the matched queries, which are right and certain
+    boxes[0, 1], boxes[0, 3], boxes[1, 2] = targets[0]["boxes"][0], targets[0]["boxes"][1], targets[1]["boxes"][0]
+    losses = SetCriterion(3)({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    assert losses["loss_bbox"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_giou"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_ce"].item() < 1e-6
+
+
+def test_criterion_is_invariant_to_query_order_and_weighs_no_object():
+    gen = torch.Generator().manual_seed(0)
+    logits, boxes = torch.randn(2, 6, 5, generator=gen), torch.rand(2, 6, 4, generator=gen) * 0.5 + 0.1
+    targets = random_targets(2, 4, gen, max_boxes=3)
+    criterion = SetCriterion(4)
+    base = criterion({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    perm = torch.randperm(6, generator=gen)
+    shuffled = criterion({"pred_logits": logits[:, perm], "pred_boxes": boxes[:, perm]}, targets)
+    for key in base:
+        assert shuffled[key].item() == pytest.approx(base[key].item(), rel=1e-6)
+    assert base["loss"].item() == pytest.approx(
+        base["loss_ce"].item() + 5 * base["loss_bbox"].item() + 2 * base["loss_giou"].item(), rel=1e-6)
+    empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    nothing = criterion({"pred_logits": logits, "pred_boxes": boxes}, empty)
+    assert nothing["loss_bbox"].item() == 0.0 and nothing["loss_giou"].item() == 0.0
+
+
+# -- the model -----------------------------------------------------------------------------------
+
+def test_position_embeddings_keep_the_pretrained_grid_at_native_size_and_follow_other_sizes(tmp_path):
+    teacher = timm.create_model("deit_tiny_patch16_224", num_classes=1000, **TINY)
+    path = tmp_path / "deit.pth"
+    torch.save(teacher.state_dict(), path)
+    model = create_yolos(num_classes=5, num_det_tokens=6, checkpoint=str(path), **TINY)
+    for name, value in teacher.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(model.backbone.state_dict()[name], value), name
+    native = model._grid_pos(model.backbone.pos_embed, (8, 8))
+    assert torch.equal(native, model.backbone.pos_embed), "no resampling at the pretrained grid"
+    assert model._grid_pos(model.backbone.pos_embed, (6, 10)).shape == (1, 1 + 60, 48)
+    for size in ((64, 64), (48, 80), (96, 56)):
+        out = model(torch.randn(2, 3, *size))
+        assert out["pred_logits"].shape == (2, 6, 6) and out["pred_boxes"].shape == (2, 6, 4)
+        assert torch.all((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1))
+
+
+def test_toe_keeps_detection_tokens_and_works_per_sample_with_mid_position_embeddings():
+    model = make()
+    module = apply_token_expansion(model, ToESchedule(r1=0.5, total_steps=3), num_suffix=model.num_det_tokens)
+    module.set_step(0)
+    seen = {}
+
+    def record(name):
+        def hook(module, args):  # returns None: a pre-hook's return value would replace the input
+            seen.setdefault(name, args[0].shape[1])
+        return hook
+    model.blocks[1].register_forward_pre_hook(record("before"))
+    model.blocks[2].register_forward_pre_hook(record("after"))
+    model.train()
+    images = torch.randn(3, 3, 64, 64)
+    batched = model(images)
+    n = 32  # r1 = 0.5 of 64 patches
+    # blocks[2] gets block 1's output plus mid embeddings; block 1's input tokens are what ToE made
+    assert seen == {"before": 1 + n + 6, "after": 1 + n + 6}
+    # per-sample runs give the same outputs: selection and mid position embeddings follow each sample
+    for b in range(3):
+        single = model(images[b:b + 1])
+        torch.testing.assert_close(single["pred_boxes"][0], batched["pred_boxes"][b], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(single["pred_logits"][0], batched["pred_logits"][b], rtol=1e-5, atol=1e-6)
+    batched["pred_boxes"].sum().backward()
+    assert model.mid_pos_embed.grad is not None and model.det_token.grad.abs().sum() > 0
+
+
+def test_toe_output_keeps_detection_tokens_bit_identical():
+    model = make()
+    module = apply_token_expansion(model, ToESchedule(r1=0.5, total_steps=3), num_suffix=6)
+    module.set_step(1)
+    captured = {}
+    original = module.forward
+
+    def spy(x):
+        out = original(x)
+        captured["in"], captured["out"] = x, out
+        return out
+    module.forward = spy
+    model.train()
+    model(torch.randn(2, 3, 64, 64))
+    assert captured["out"].shape[1] == 1 + 48 + 6
+    assert torch.equal(captured["out"][:, -6:], captured["in"][:, -6:])
+    assert torch.equal(captured["out"][:, :1], captured["in"][:, :1])
+
+
+def test_eval_is_plain_yolos_and_state_dict_loads_strict():
+    model = make()
+    plain = make(seed=1)
+    apply_token_expansion(model, ToESchedule(r1=0.5, total_steps=3), num_suffix=6).set_step(0)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    model.eval()
+    plain.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model(images), plain(images)
+    assert torch.equal(a["pred_boxes"], b["pred_boxes"]) and torch.equal(a["pred_logits"], b["pred_logits"])
