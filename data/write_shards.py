@@ -2,10 +2,13 @@
 
     python -m data.write_shards imagefolder SRC OUT [--val-fraction 0.1] [--shard-size 1000] [--workers 4]
     python -m data.write_shards synthetic OUT [--train 8192] [--val 1024] [--size 32] [--objects 1]
+    python -m data.write_shards coco IMG_DIR instances_val2017.json OUT --split val
 
 ``imagefolder``: an ImageNet-style tree (``SRC/class_name/*.jpg|jpeg|png``, or ``SRC/train/...``
 and ``SRC/val/...`` when those exist). Images are stored as they are (no re-encoding) with
 their class index in ``.cls``; unreadable images are counted, listed and skipped.
+``coco``: COCO images (stored as they are) + ``.json`` boxes (x0, y0, x1, y1 pixels), COCO class ids
+kept, ``iscrowd`` kept; the annotation file is copied to ``{split}_coco.json`` for evaluation.
 ``synthetic``: the embedded default data (``data.synthetic``): ``.png`` + ``.cls`` + ``.json``
 (boxes, for detection), and ``{split}_coco.json`` ground truth for COCO evaluation.
 
@@ -241,6 +244,67 @@ def synthetic(args) -> dict:
     return meta
 
 
+# -- coco ---------------------------------------------------------------------------------------
+
+class _EncodeCocoImage:
+    """Picklable: (image record, its annotations) -> sample with the original image bytes and boxes."""
+
+    def __init__(self, image_dir: str) -> None:
+        self.image_dir = Path(image_dir)
+
+    def __call__(self, item) -> dict:
+        image, annotations = item
+        path = self.image_dir / image["file_name"]
+        suffix = path.suffix.lower()
+        if suffix not in IMAGE_EXTS:
+            raise ValueError(f"not a .jpg/.png image: {path.name}")
+        try:
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as pil:
+                pil.verify()
+        except Exception as err:  # PIL raises many types for broken files
+            raise ValueError(f"unreadable image: {type(err).__name__}: {err}") from err
+        boxes, labels, crowd = [], [], []
+        for ann in annotations:
+            x, y, w, h = ann["bbox"]
+            if w <= 0 or h <= 0:
+                continue  # degenerate boxes exist in COCO; they carry no signal
+            boxes.append([x, y, x + w, y + h])
+            labels.append(int(ann["category_id"]))
+            crowd.append(int(ann.get("iscrowd", 0)))
+        meta = {"boxes": boxes, "labels": labels, "iscrowd": crowd, "image_id": int(image["id"]),
+                "width": int(image["width"]), "height": int(image["height"])}
+        key = f"{int(image['id']):012d}"
+        return {"__key__": key, IMAGE_EXTS[suffix]: data, "json": json.dumps(meta).encode()}
+
+
+def coco(args) -> dict:
+    image_dir, annotation_file, out = Path(args.images), Path(args.annotations), Path(args.out)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image directory {image_dir} does not exist")
+    if not annotation_file.is_file():
+        raise FileNotFoundError(f"annotation file {annotation_file} does not exist")
+    ground_truth = json.loads(annotation_file.read_text())
+    for key in ("images", "annotations", "categories"):
+        if key not in ground_truth:
+            raise ValueError(f"{annotation_file} is not COCO detection json: no {key!r}")
+    prepare_out(out, args.overwrite)
+    by_image: dict[int, list] = {}
+    for ann in ground_truth["annotations"]:
+        by_image.setdefault(int(ann["image_id"]), []).append(ann)
+    items = [(image, by_image.get(int(image["id"]), [])) for image in sorted(ground_truth["images"], key=lambda i: i["id"])]
+    shards, skipped = write_split(out, args.split, items, _EncodeCocoImage(str(image_dir)), args.shard_size,
+                                  args.workers, not args.no_progress)
+    names = [""] * (max(c["id"] for c in ground_truth["categories"]) + 1)  # class ids are kept as they are
+    for category in ground_truth["categories"]:
+        names[int(category["id"])] = category["name"]
+    (out / f"{args.split}_coco.json").write_text(annotation_file.read_text())
+    meta = write_index(out, {args.split: shards}, names,
+                       {"skipped": [{"item": i, "reason": r} for i, r in skipped]})
+    _report(out, meta, skipped)
+    return meta
+
+
 def _report(out: Path, meta: dict, skipped) -> None:
     for split, info in meta["splits"].items():
         log.info("%s: %d samples in %d shards", split, info["total"], len(info["shards"]))
@@ -267,6 +331,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     folder.add_argument("out")
     folder.add_argument("--val-fraction", type=float, default=0.0,
                         help="share of images put in a val split (by key hash); ignored when SRC has train/ and val/")
+    coco_parser = sub.add_parser("coco", parents=[common], help="COCO images + instances json -> detection shards")
+    coco_parser.add_argument("images", help="the image folder (file_name in the json is relative to it)")
+    coco_parser.add_argument("annotations", help="instances_*.json")
+    coco_parser.add_argument("out")
+    coco_parser.add_argument("--split", default="train", help="split name for the shards (train, val, ...)")
     synth = sub.add_parser("synthetic", parents=[common], help="the embedded default data set")
     synth.add_argument("out")
     synth.add_argument("--train", type=int, default=8192)
@@ -288,7 +357,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        (imagefolder if args.command == "imagefolder" else synthetic)(args)
+        {"imagefolder": imagefolder, "coco": coco, "synthetic": synthetic}[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         log.error("%s", err)
         return 2

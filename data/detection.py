@@ -1,0 +1,188 @@
+"""Detection samples: image + boxes through YOLOS-style transforms, padded batches, COCO evaluation.
+
+Shards hold an image (``.jpg``/``.png``) and ``.json`` ``{"boxes": [[x0, y0, x1, y1], ...] (pixels),
+"labels": [...], "image_id": int, "width": W, "height": H}`` (what ``data.write_shards synthetic``
+writes). Transforms are ``torchvision.transforms.v2``, which move the boxes with the image.
+
+Batches pad every image to the largest height and width of the batch (rounded up to
+``pad_multiple``, the patch size), top-left aligned. Target boxes are ``cx, cy, w, h``
+normalised by the *padded* canvas, the frame the network sees; ``orig_size`` and ``size`` let
+``postprocess`` map predictions back to absolute ``x, y, w, h`` in the original image.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .stream import IMAGE_EXTS, ShardStream, SkipSample
+
+__all__ = ["RandomSizeCrop", "build_detection_transform", "DetectionCodec", "postprocess", "coco_evaluate",
+           "build_detection_stream"]
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class RandomSizeCrop(v2.Transform):
+    """Crop a random ``h x w`` region, each side uniform in ``[min_size, min(max_size, side)]`` (DETR/YOLOS)."""
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        super().__init__()
+        self.min_size, self.max_size = min_size, max_size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        crop_w = int(torch.randint(min(self.min_size, width), max(min(width, self.max_size), min(self.min_size, width)) + 1, ()))
+        crop_h = int(torch.randint(min(self.min_size, height), max(min(height, self.max_size), min(self.min_size, height)) + 1, ()))
+        top = int(torch.randint(0, height - crop_h + 1, ()))
+        left = int(torch.randint(0, width - crop_w + 1, ()))
+        return {"top": top, "left": left, "height": crop_h, "width": crop_w}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(TF.crop, inpt, **params)
+
+
+def build_detection_transform(train: bool, *, scales: Sequence[int], max_size: int,
+                              crop_scales: Sequence[int] = (400, 500, 600), crop_size: tuple[int, int] = (384, 600)):
+    """YOLOS's training transform (flip; multi-scale shortest-side resize capped at ``max_size``, or
+    resize + random crop + multi-scale resize) or its eval transform (shortest side ``scales[-1]``)."""
+    normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    if not train:
+        return v2.Compose([v2.Resize(size=scales[-1], max_size=max_size), normalize])
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomChoice([
+            v2.RandomShortestSize(min_size=list(scales), max_size=max_size),
+            v2.Compose([v2.RandomShortestSize(min_size=list(crop_scales)), RandomSizeCrop(*crop_size),
+                        v2.RandomShortestSize(min_size=list(scales), max_size=max_size)]),
+        ]),
+        v2.SanitizeBoundingBoxes(labels_getter=lambda sample: sample["labels"]),
+        normalize,
+    ])
+
+
+class DetectionCodec:
+    """Raw sample -> (image tensor, target); a list of those -> a padded batch."""
+
+    def __init__(self, transform: Callable, *, num_classes: Optional[int] = None, pad_multiple: int = 1) -> None:
+        self.transform, self.num_classes, self.pad_multiple = transform, num_classes, pad_multiple
+
+    def decode(self, sample: dict[str, bytes]):
+        if "json" not in sample:
+            raise SkipSample("missing_boxes")
+        try:
+            meta = json.loads(sample["json"])
+            boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
+            labels = torch.tensor(meta["labels"], dtype=torch.long).reshape(-1)
+        except (ValueError, KeyError, TypeError):
+            raise SkipSample("bad_boxes") from None
+        if len(boxes) != len(labels) or not torch.isfinite(boxes).all() or (boxes[:, 2:] <= boxes[:, :2]).any():
+            raise SkipSample("bad_boxes")
+        crowd = torch.tensor(meta.get("iscrowd", [0] * len(labels)), dtype=torch.bool).reshape(-1)
+        if len(crowd) == len(labels) and crowd.any():  # crowd regions are not targets (as in DETR / YOLOS)
+            boxes, labels = boxes[~crowd], labels[~crowd]
+        if (labels < 0).any() or (self.num_classes is not None and (labels >= self.num_classes).any()):
+            raise SkipSample("bad_label")
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            raise SkipSample("missing_image")
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as pil:
+                image = TF.pil_to_tensor(pil.convert("RGB"))
+        except Exception:  # PIL raises many types for broken data
+            raise SkipSample("corrupt_image") from None
+        height, width = image.shape[-2:]
+        out = self.transform({"image": tv_tensors.Image(image),
+                              "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+                              "labels": labels})
+        size = out["image"].shape[-2:]
+        target = {"boxes": out["boxes"].as_subclass(torch.Tensor).float(), "labels": out["labels"],
+                  "image_id": torch.tensor(int(meta.get("image_id", -1))),
+                  "orig_size": torch.tensor([height, width]), "size": torch.tensor(list(size))}
+        return out["image"].as_subclass(torch.Tensor), target
+
+    def collate(self, decoded: list, ids: list[int], valid: list[bool]) -> dict[str, Any]:
+        real = [d for d in decoded if d is not None]
+        if not real:
+            raise RuntimeError("a batch without a single readable sample")
+        m = self.pad_multiple
+        height = -(-max(image.shape[-2] for image, _ in real) // m) * m
+        width = -(-max(image.shape[-1] for image, _ in real) // m) * m
+        images = torch.zeros(len(decoded), 3, height, width)
+        targets = []
+        for i, entry in enumerate(decoded):
+            if entry is None:  # evaluation padding
+                targets.append({"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                                "image_id": torch.tensor(-1), "orig_size": torch.tensor([height, width]),
+                                "size": torch.tensor([height, width])})
+                continue
+            image, target = entry
+            images[i, :, :image.shape[-2], :image.shape[-1]] = image
+            normalised = box_convert(target["boxes"], "xyxy", "cxcywh") / torch.tensor([width, height, width, height])
+            targets.append({**target, "boxes": normalised, "canvas": torch.tensor([height, width])})
+        return {"image": images, "targets": targets, "sample_id": torch.tensor(ids, dtype=torch.long),
+                "valid": torch.tensor(valid, dtype=torch.bool)}
+
+
+@torch.no_grad()
+def postprocess(outputs: dict[str, torch.Tensor], targets: list[dict]) -> list[dict]:
+    """COCO result entries (``image_id, category_id, bbox [x, y, w, h] in original pixels, score``):
+    each query's best class that is not no-object."""
+    prob = outputs["pred_logits"].float().softmax(-1)[..., :-1]
+    scores, labels = prob.max(-1)
+    results = []
+    for i, target in enumerate(targets):
+        if int(target["image_id"]) < 0:
+            continue
+        canvas_h, canvas_w = target["canvas"].tolist()
+        size_h, size_w = target["size"].tolist()
+        orig_h, orig_w = target["orig_size"].tolist()
+        scale = torch.tensor([canvas_w * orig_w / size_w, canvas_h * orig_h / size_h] * 2)
+        boxes = box_convert(outputs["pred_boxes"][i].float().cpu() * scale, "cxcywh", "xywh")
+        for box, score, label in zip(boxes.tolist(), scores[i].tolist(), labels[i].tolist()):
+            results.append({"image_id": int(target["image_id"]), "category_id": int(label), "bbox": box,
+                            "score": float(score)})
+    return results
+
+
+def coco_evaluate(results: list[dict], ground_truth: str) -> dict[str, float]:
+    """AP, AP50, AP75 and AP for small / medium / large objects through pycocotools' COCOeval."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(ground_truth)
+        if not results:
+            return {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+        evaluator = COCOeval(gt, gt.loadRes(results), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    return {name: float(value) for name, value in zip(names, evaluator.stats[:6])}
+
+
+def build_detection_stream(path: str, *, train: bool, batch_size: int, rank: int = 0, world_size: int = 1,
+                           num_workers: int = 2, seed: int = 0, split: Optional[str] = None, scales: Sequence[int],
+                           max_size: int, crop_scales: Sequence[int] = (400, 500, 600),
+                           crop_size: tuple[int, int] = (384, 600), pad_multiple: int = 16,
+                           buffer_size: int = 1000, base: Optional[str] = None) -> ShardStream:
+    """The classification stream's guarantees (equal batches, exact resume, counted skips) for detection."""
+    from .shards import ShardIndex
+
+    index = ShardIndex.load(path, base)
+    codec = DetectionCodec(build_detection_transform(train, scales=scales, max_size=max_size, crop_scales=crop_scales,
+                                                     crop_size=crop_size),
+                           num_classes=len(index.classes()) or None, pad_multiple=pad_multiple)
+    split = split or ("train" if train else "val")
+    return ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
+                       num_workers=num_workers, seed=seed, shuffle=train, pad=not train,
+                       buffer_size=buffer_size if train else 0, split_name=split)
