@@ -30,7 +30,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 

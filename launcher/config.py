@@ -55,6 +55,7 @@ class ToEConfig:
 @dataclass
 class DataConfig:
     path: str = "data/shards/synthetic"
+    eval_path: Optional[str] = None  # shards of the eval split, if not in ``path``
     synthetic: bool = False  # write the embedded synthetic shards to ``path`` if they are not there
     train_split: str = "train"
     eval_split: str = "val"
@@ -108,15 +109,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class DetectionConfig:
+    num_det_tokens: int = 100
+    mid_pos_embed: bool = False
+    scales: list = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
+    max_size: int = 1333
+    crop_scales: list = field(default_factory=lambda: [400, 500, 600])
+    crop_size: list = field(default_factory=lambda: [384, 600])
+    eos_coef: float = 0.1
+    weight_ce: float = 1.0
+    weight_bbox: float = 5.0
+    weight_giou: float = 2.0
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
+    task: str = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     toe: ToEConfig = field(default_factory=ToEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -124,6 +141,7 @@ class RunConfig:
 
 
 CHOICES = {
+    "task": ("classification", "detection"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2, 3),
     "toe.distance": ("cosine", "euclidean", "manhattan"),
@@ -223,6 +241,12 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.betas must hold two numbers, got {o.betas}")
     if o.clip_grad is not None and o.clip_grad <= 0:
         raise ConfigError(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
+    det = cfg.detection
+    if cfg.task == "detection":
+        if det.num_det_tokens < 1 or not det.scales or len(det.crop_size) != 2 or det.max_size < max(det.scales):
+            raise ConfigError("detection: num_det_tokens >= 1, non-empty scales <= max_size, crop_size [min, max]")
+        if d.mixup > 0 or d.cutmix > 0:
+            raise ConfigError("data.mixup and data.cutmix must be 0 for task: detection")
     if t.ema and t.zero_stage == 3:
         raise ConfigError("train.ema with train.zero_stage=3 is not supported: ZeRO-3 partitions the weights the "
                           "EMA averages; use stage 0-2 or turn the EMA off")

@@ -4,7 +4,8 @@
     python -m launcher.export runs/deit_tiny_toe_cpu/checkpoints/step-128 model.pth
 
 The result loads with ``timm.create_model(name, num_classes=..., img_size=...).load_state_dict(sd,
-strict=True)`` (checked before writing): ToE adds nothing to the state_dict. ZeRO 1-3 shards are
+strict=True)`` (detection runs: ``models.yolos.create_yolos(...)``), checked before writing: ToE adds
+nothing to the state_dict. ZeRO 1-3 shards are
 merged to fp32 with DeepSpeed's ``zero_to_fp32``; ZeRO-0 reads the module from the model states.
 """
 from __future__ import annotations
@@ -33,10 +34,17 @@ def export(source: str, out: str) -> Path:
     else:
         state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
-    from models import create_classifier
     model_cfg = config["model"]
-    plain = create_classifier(model_cfg["name"], num_classes=model_cfg["num_classes"], img_size=model_cfg["img_size"],
-                              **model_cfg.get("kwargs", {}))
+    if config.get("task", "classification") == "detection":
+        from models.yolos import create_yolos
+        det = config["detection"]
+        plain = create_yolos(model_cfg["name"], num_classes=model_cfg["num_classes"], img_size=model_cfg["img_size"],
+                             num_det_tokens=det["num_det_tokens"], mid_pos_embed=det["mid_pos_embed"],
+                             **model_cfg.get("kwargs", {}))
+    else:
+        from models import create_classifier
+        plain = create_classifier(model_cfg["name"], num_classes=model_cfg["num_classes"],
+                                  img_size=model_cfg["img_size"], **model_cfg.get("kwargs", {}))
     plain.load_state_dict(state, strict=True)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

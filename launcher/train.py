@@ -18,11 +18,9 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .config import ConfigError, RunConfig, deepspeed_config, load_config, resolved
 
@@ -102,7 +100,9 @@ def main(argv=None) -> int:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, env, args) -> None:
+        from .tasks import make_task
         self.cfg, self.env, self.args = cfg, env, args
+        self.task = make_task(cfg)
         self.rank, self.world = env.rank, env.world_size
         self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if self.rank != 0:
@@ -113,46 +113,38 @@ class Trainer:
     def _prepare_data(self):
         from data import write_shards
         from data.shards import INDEX_NAME
-        from data.stream import build_eval_stream, build_train_stream
 
         d, t = self.cfg.data, self.cfg.train
         if d.synthetic and not (Path(d.path) / INDEX_NAME).is_file():
             if self.rank == 0:
                 log.info("writing the embedded synthetic shards to %s", d.path)
-                write_shards.main(["synthetic", d.path, "--size", str(self.cfg.model.img_size), "--no-progress"])
+                objects = "3" if self.cfg.task == "detection" else "1"
+                write_shards.main(["synthetic", d.path, "--size", str(self.cfg.model.img_size), "--objects", objects,
+                                   "--no-progress"])
             dist.barrier()
         micro = deepspeed_config(self.cfg, self.world)["train_micro_batch_size_per_gpu"]
-        options = dict(auto_augment=d.auto_augment, re_prob=d.re_prob, color_jitter=d.color_jitter)
-        self.train_stream = build_train_stream(
-            d.path, batch_size=micro, rank=self.rank, world_size=self.world, num_workers=d.workers, seed=t.seed,
-            image_size=self.cfg.model.img_size, split=d.train_split, buffer_size=d.buffer_size, repeats=d.repeats,
-            pin_memory=self.device.type == "cuda", **options)
-        self.eval_stream = build_eval_stream(
-            d.path, batch_size=micro, rank=self.rank, world_size=self.world, num_workers=d.workers,
-            image_size=self.cfg.model.img_size, split=d.eval_split, crop_pct=d.crop_pct,
-            pin_memory=self.device.type == "cuda")
+        self.train_stream, self.eval_stream = self.task.build_streams(
+            micro=micro, rank=self.rank, world=self.world, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = len(self.train_stream) // t.grad_accum
         self.total_steps = t.steps or math.ceil(t.epochs * self.steps_per_epoch)
 
     def _build(self, point):
         import deepspeed
-        from models import create_classifier, weight_decay_groups
+        from models import weight_decay_groups
         from toe import PluginStack, ToEPlugin, ToESchedule
-        from data.transforms import StepMixup
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-        model = create_classifier(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.model.img_size,
-                                  drop_path=cfg.model.drop_path, checkpoint=cfg.model.checkpoint, **cfg.model.kwargs)
+        model, num_suffix = self.task.build_model()
         plugins = []
         if cfg.toe.enabled:
             tc = cfg.toe
             self.schedule = ToESchedule(r1=tc.r1, r0=tc.r0, num_stages=tc.num_stages, total_steps=self.total_steps,
                                         k=tc.k, boundaries=tc.boundaries, block=tc.block, warmup_steps=tc.warmup_steps)
-            plugins.append(ToEPlugin(self.schedule, distance=tc.distance, init=tc.init, expand=tc.expand,
-                                     merge=tc.merge, sparse_eval=tc.sparse_eval))
+            plugins.append(ToEPlugin(self.schedule, num_suffix=num_suffix, distance=tc.distance, init=tc.init,
+                                     expand=tc.expand, merge=tc.merge, sparse_eval=tc.sparse_eval))
         self.plugins = PluginStack(plugins)
-        self.plugins.attach(model)
+        self.plugins.attach(model, num_suffix=num_suffix)
         if cfg.toe.enabled and self.rank == 0:
             log.info("ToE schedule:\n%s", self.schedule.describe(self.plugins.shape.num_patches, self.plugins.shape))
         o = cfg.optim
@@ -165,10 +157,6 @@ class Trainer:
             ds_config["checkpoint"] = {"load_universal": True}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.ema = EMA(self.engine.module, cfg.train.ema_decay) if cfg.train.ema else None
-        d = cfg.data
-        self.mixup = (StepMixup(cfg.model.num_classes, mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mixup_prob,
-                                label_smoothing=d.label_smoothing, seed=cfg.train.seed)
-                      if d.mixup > 0 or d.cutmix > 0 else None)
 
     def _input_dtype(self) -> torch.dtype:
         if self.engine.bfloat16_enabled():
@@ -233,17 +221,10 @@ class Trainer:
                     lr = self._lr(step)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                images = batch["image"].to(self.device, non_blocking=True)
-                labels = batch["label"].to(self.device, non_blocking=True)
-                if self.mixup is not None:
-                    images, targets = self.mixup(images, labels, step * t.grad_accum + accum)
-                    loss_fn = lambda logits: torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-                else:
-                    loss_fn = lambda logits: F.cross_entropy(logits.float(), labels, label_smoothing=cfg.data.label_smoothing)
-                loss = loss_fn(self.engine(images.to(dtype)))
+                loss = self.task.loss(self.engine, batch, step * t.grad_accum + accum, self.device, dtype)
                 self.engine.backward(loss)
                 self.engine.step()
-                window_images += len(images) * self.world
+                window_images += len(batch["image"]) * self.world
                 accum = (accum + 1) % t.grad_accum
                 if accum:
                     continue
@@ -300,7 +281,7 @@ class Trainer:
 
     def _data_counters(self) -> dict[str, float]:
         names = ["corrupt_image", "missing_label", "bad_label", "missing_image", "unreadable_sample",
-                 "unreadable_shard", "refilled"]
+                 "unreadable_shard", "refilled", "missing_boxes", "bad_boxes"]
         counts = torch.tensor([float(self.train_stream.counters.get(n, 0)) for n in names], device=self.device)
         dist.all_reduce(counts)
         return dict(zip(names, counts.tolist()))
@@ -308,25 +289,11 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, step: int, metrics_file, writer) -> dict[str, float]:
         self.engine.eval()
-        dtype = self._input_dtype()
-        models = {"": self.engine}
+        models = {"": (self.engine, self._input_dtype())}
         if self.ema is not None:
-            models["ema_"] = self.ema.module
-        totals = torch.zeros(len(models), 3, device=self.device)  # correct top-1, correct top-5, count
-        for batch in self.eval_stream:
-            images = batch["image"].to(self.device)
-            labels, valid = batch["label"].to(self.device), batch["valid"].to(self.device)
-            for i, model in enumerate(models.values()):
-                logits = model(images.to(dtype if model is self.engine else torch.float32)).float()
-                top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-                hits = top5 == labels[:, None]
-                totals[i] += torch.stack([(hits[:, 0] & valid).sum(), (hits.any(-1) & valid).sum(), valid.sum()]).float()
-        dist.all_reduce(totals)
+            models["ema_"] = (self.ema.module, torch.float32)
+        results = self.task.evaluate(models, self.eval_stream, self.device)
         self.engine.train()
-        results = {}
-        for (prefix, _), (top1, top5, count) in zip(models.items(), totals.tolist()):
-            results[f"{prefix}top1"], results[f"{prefix}top5"] = top1 / count, top5 / count
-        results["eval_samples"] = int(totals[0, 2].item())
         log.info("eval at step %d: %s", step, " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in results.items()))
         if metrics_file is not None:

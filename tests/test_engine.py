@@ -246,3 +246,36 @@ def test_deepspeed_launcher_and_mpirun_run_the_recipe(tmp_path, shards, launcher
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert json.loads((run / "checkpoints/step-4/meta.json").read_text())["world_size"] == 2
     assert sorted(records(run)) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_detection_trains_on_two_ranks_with_toe_and_resumes_exactly(tmp_path):
+    shards = tmp_path / "det_shards"
+    assert write_shards.main(["synthetic", str(shards), "--train", "128", "--val", "16", "--size", "64", "--objects", "3",
+                              "--shard-size", "32", "--no-progress"]) == 0
+    common = [f"data.path={shards}", "model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}",
+              "data.workers=1", "train.global_batch=8", "train.log_every=1", "checkpoint.keep=5", "train.steps=8",
+              "checkpoint.every=4", "toe.warmup_steps=2", "model.drop_path=0.1"]
+
+    def run(name, *extra):
+        args = [*command(2, free_port()), "--config", str(ROOT / "configs/yolos_ti_toe_cpu.yaml"),
+                f"out_dir={tmp_path}", f"name={name}", *common, *extra]
+        result = subprocess.run(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                                capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        return result.stdout + result.stderr
+
+    run("straight")
+    out = run("resumed", "--resume", str(tmp_path / "straight/checkpoints/step-4"))
+    assert "resumed at step 4" in out
+    straight, resumed = records(tmp_path / "straight"), records(tmp_path / "resumed")
+    schedule = ToESchedule(r1=0.5, total_steps=8, warmup_steps=2)
+    assert [straight[t]["toe/stage"] for t in range(8)] == [schedule.stage(t) for t in range(8)]
+    assert [resumed[t]["loss"] for t in range(4, 8)] == [straight[t]["loss"] for t in range(4, 8)]
+    final = json.loads((tmp_path / "straight/final.json").read_text())
+    assert {"AP", "AP50", "AP75"} <= set(final) and final["eval_samples"] == 16
+    from models.yolos import create_yolos
+    state = module_state(tmp_path / "straight", 8)
+    plain = create_yolos(num_classes=32, num_det_tokens=10, img_size=64, mid_pos_embed=True, patch_size=8, depth=3,
+                         embed_dim=48, num_heads=2)
+    plain.load_state_dict(state, strict=True)

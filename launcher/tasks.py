@@ -1,0 +1,135 @@
+"""What differs between training a classifier and a detector: model, streams, loss, evaluation.
+
+The step loop in ``launcher.train`` is the same for both; it asks its task for these four things.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import RunConfig
+
+__all__ = ["ClassificationTask", "DetectionTask", "make_task"]
+
+
+class ClassificationTask:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.mixup = None
+
+    def build_model(self):
+        from models import create_classifier
+        m = self.cfg.model
+        return create_classifier(m.name, num_classes=m.num_classes, img_size=m.img_size, drop_path=m.drop_path,
+                                 checkpoint=m.checkpoint, **m.kwargs), 0
+
+    def build_streams(self, *, micro: int, rank: int, world: int, pin_memory: bool):
+        from data.stream import build_eval_stream, build_train_stream
+        from data.transforms import StepMixup
+        cfg, d = self.cfg, self.cfg.data
+        options = dict(auto_augment=d.auto_augment, re_prob=d.re_prob, color_jitter=d.color_jitter)
+        train = build_train_stream(d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
+                                   seed=cfg.train.seed, image_size=cfg.model.img_size, split=d.train_split,
+                                   buffer_size=d.buffer_size, repeats=d.repeats, pin_memory=pin_memory, **options)
+        evaluation = build_eval_stream(d.eval_path or d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
+                                       image_size=cfg.model.img_size, split=d.eval_split, crop_pct=d.crop_pct,
+                                       pin_memory=pin_memory)
+        if d.mixup > 0 or d.cutmix > 0:
+            self.mixup = StepMixup(cfg.model.num_classes, mixup_alpha=d.mixup, cutmix_alpha=d.cutmix,
+                                   prob=d.mixup_prob, label_smoothing=d.label_smoothing, seed=cfg.train.seed)
+        return train, evaluation
+
+    def loss(self, model, batch: dict, micro_step: int, device, dtype) -> torch.Tensor:
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels, micro_step)
+            return torch.sum(-targets * F.log_softmax(model(images.to(dtype)).float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(model(images.to(dtype)).float(), labels, label_smoothing=self.cfg.data.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, models: dict[str, tuple[Any, torch.dtype]], stream, device) -> dict[str, float]:
+        totals = torch.zeros(len(models), 3, device=device)  # correct top-1, correct top-5, count
+        for batch in stream:
+            images = batch["image"].to(device)
+            labels, valid = batch["label"].to(device), batch["valid"].to(device)
+            for i, (model, dtype) in enumerate(models.values()):
+                logits = model(images.to(dtype)).float()
+                hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
+                totals[i] += torch.stack([(hits[:, 0] & valid).sum(), (hits.any(-1) & valid).sum(), valid.sum()]).float()
+        dist.all_reduce(totals)
+        results = {}
+        for prefix, (top1, top5, count) in zip(models, totals.tolist()):
+            results[f"{prefix}top1"], results[f"{prefix}top5"] = top1 / count, top5 / count
+        results["eval_samples"] = int(totals[0, 2].item())
+        return results
+
+
+def _to_device(targets: list[dict], device) -> list[dict]:
+    return [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+class DetectionTask:
+    """YOLOS + Hungarian set criterion; COCO AP through pycocotools against ``{eval_split}_coco.json``."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        from models.detection import SetCriterion
+        det = cfg.detection
+        self.criterion = SetCriterion(cfg.model.num_classes, eos_coef=det.eos_coef, weight_ce=det.weight_ce,
+                                      weight_bbox=det.weight_bbox, weight_giou=det.weight_giou)
+
+    def build_model(self):
+        from models.yolos import create_yolos
+        m, det = self.cfg.model, self.cfg.detection
+        model = create_yolos(m.name, num_classes=m.num_classes, num_det_tokens=det.num_det_tokens,
+                             img_size=m.img_size, mid_pos_embed=det.mid_pos_embed, drop_path=m.drop_path,
+                             checkpoint=m.checkpoint, **m.kwargs)
+        return model, det.num_det_tokens
+
+    def build_streams(self, *, micro: int, rank: int, world: int, pin_memory: bool):
+        from data.detection import build_detection_stream
+        cfg, d, det = self.cfg, self.cfg.data, self.cfg.detection
+        patch = self.cfg.model.kwargs.get("patch_size", 16)
+        common = dict(batch_size=micro, rank=rank, world_size=world, num_workers=d.workers, scales=det.scales,
+                      max_size=det.max_size, crop_scales=det.crop_scales, crop_size=tuple(det.crop_size),
+                      pad_multiple=patch)
+        train = build_detection_stream(d.path, train=True, seed=cfg.train.seed, split=d.train_split,
+                                       buffer_size=d.buffer_size, **common)
+        evaluation = build_detection_stream(d.eval_path or d.path, train=False, split=d.eval_split, **common)
+        return train, evaluation
+
+    def loss(self, model, batch: dict, micro_step: int, device, dtype) -> torch.Tensor:
+        outputs = model(batch["image"].to(device, non_blocking=True).to(dtype))
+        return self.criterion(outputs, _to_device(batch["targets"], device))["loss"]
+
+    @torch.no_grad()
+    def evaluate(self, models: dict[str, tuple[Any, torch.dtype]], stream, device) -> dict[str, float]:
+        from data.detection import coco_evaluate, postprocess
+        predictions: dict[str, list] = {prefix: [] for prefix in models}
+        samples = 0
+        for batch in stream:
+            samples += int(batch["valid"].sum())
+            images = batch["image"].to(device)
+            for prefix, (model, dtype) in models.items():
+                predictions[prefix] += postprocess(model(images.to(dtype)), batch["targets"])
+        results: dict[str, float] = {}
+        ground_truth = str(Path(self.cfg.data.eval_path or self.cfg.data.path) / f"{self.cfg.data.eval_split}_coco.json")
+        for prefix, mine in predictions.items():
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mine)
+            scores = [coco_evaluate([r for part in gathered for r in part], ground_truth)] if dist.get_rank() == 0 else [None]
+            dist.broadcast_object_list(scores, src=0)
+            results.update({f"{prefix}{k}": v for k, v in scores[0].items()})
+        count = torch.tensor([float(samples)], device=device)
+        dist.all_reduce(count)
+        results["eval_samples"] = int(count.item())
+        return results
+
+
+def make_task(cfg: RunConfig):
+    return {"classification": ClassificationTask, "detection": DetectionTask}[cfg.task](cfg)
