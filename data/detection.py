@@ -17,13 +17,12 @@ import json
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from PIL import Image
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .stream import IMAGE_EXTS, ShardStream, SkipSample
+from .stream import ShardStream, SkipSample, decode_image
 
 __all__ = ["RandomSizeCrop", "build_detection_transform", "DetectionCodec", "postprocess", "coco_evaluate",
            "build_detection_stream"]
@@ -91,14 +90,7 @@ class DetectionCodec:
             boxes, labels = boxes[~crowd], labels[~crowd]
         if (labels < 0).any() or (self.num_classes is not None and (labels >= self.num_classes).any()):
             raise SkipSample("bad_label")
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
-            raise SkipSample("missing_image")
-        try:
-            with Image.open(io.BytesIO(sample[ext])) as pil:
-                image = TF.pil_to_tensor(pil.convert("RGB"))
-        except Exception:  # PIL raises many types for broken data
-            raise SkipSample("corrupt_image") from None
+        image = TF.pil_to_tensor(decode_image(sample))
         height, width = image.shape[-2:]
         out = self.transform({"image": tv_tensors.Image(image),
                               "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),

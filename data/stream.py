@@ -51,6 +51,18 @@ class SkipSample(Exception):
     """A sample that cannot be used; the message is the counter it goes to."""
 
 
+def decode_image(sample: dict[str, bytes]) -> Image.Image:
+    """The sample's image as RGB, or ``SkipSample`` (``missing_image`` / ``corrupt_image``)."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise SkipSample("missing_image")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as image:
+            return image.convert("RGB")
+    except Exception:  # PIL raises many types for broken data
+        raise SkipSample("corrupt_image") from None
+
+
 class ClassificationCodec:
     """Raw sample -> (image tensor, label); a batch of those -> dict of tensors."""
 
@@ -67,15 +79,7 @@ class ClassificationCodec:
             raise SkipSample("bad_label") from None
         if label < 0 or (self.num_classes is not None and label >= self.num_classes):
             raise SkipSample("bad_label")
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
-            raise SkipSample("missing_image")
-        try:
-            with Image.open(io.BytesIO(sample[ext])) as image:
-                image = image.convert("RGB")
-        except Exception:  # PIL raises many types for broken data
-            raise SkipSample("corrupt_image") from None
-        return self.transform(image), label
+        return self.transform(decode_image(sample)), label
 
     def collate(self, decoded: list, ids: list[int], valid: list[bool]) -> dict[str, torch.Tensor]:
         filler = next((d for d in decoded if d is not None), None)

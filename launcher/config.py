@@ -191,6 +191,11 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         return _check_type(key, value, next(a for a in args if a is not type(None)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     expected = {list: list, dict: dict}.get(origin or hint, hint)
     if expected is bool and not isinstance(value, bool) or (
             expected is not bool and (isinstance(value, bool) or not isinstance(value, expected))):

@@ -1,7 +1,6 @@
 """data/: shard writing, the stream's ordering, equal batches, exact resume, bad samples."""
 import io
 import json
-import socket
 import subprocess
 import sys
 import tarfile
@@ -13,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import free_port
 from data import write_shards
 from data.plan import buffer_order, epoch_items, split_slots
 from data.shards import ShardIndex, check_key, read_samples
@@ -201,12 +201,6 @@ def test_exact_resume_in_a_new_process(shards, tmp_path):
             assert torch.equal(expected["sample_id"], got["sample_id"]), k
             assert torch.equal(expected["image"], got["image"]), f"augmentation differs after resume at {k}"
             assert torch.equal(expected["label"], got["label"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

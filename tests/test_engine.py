@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import torch
 
 from data import write_shards
 from launcher.train import lr_at
+from conftest import free_port
 from toe import ToESchedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,18 +22,9 @@ TINY = ["model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}", "
         "train.global_batch=16", "train.log_every=1", "train.eval_every=0", "checkpoint.keep=5"]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engine") / "shards"
-    assert write_shards.main(["synthetic", str(out), "--train", "256", "--val", "48", "--shard-size", "32",
-                              "--no-progress"]) == 0
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture
+def shards(tiny_shards):
+    return tiny_shards
 
 
 def command(ranks: int, port: int):

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import write_shards
 from launcher.export import export
 from slurm_cluster import LocalSlurm, missing_binaries, submit
 
@@ -32,12 +31,9 @@ def cluster(tmp_path_factory):
         yield local
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("slurm_data") / "shards"
-    assert write_shards.main(["synthetic", str(out), "--train", "256", "--val", "48", "--shard-size", "32",
-                              "--no-progress"]) == 0
-    return out
+@pytest.fixture
+def shards(tiny_shards):
+    return tiny_shards
 
 
 def launch(cluster, run_dir: Path, shards: Path, *overrides, dry_run=False) -> str:

@@ -1,0 +1,22 @@
+"""Fixtures shared by the test modules."""
+import socket
+
+import pytest
+
+from data import write_shards
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (every test keeps its traffic on loopback)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """Synthetic classification shards small enough for multi-process runs: 256 train, 48 val, 32 per shard."""
+    out = tmp_path_factory.mktemp("tiny") / "shards"
+    assert write_shards.main(["synthetic", str(out), "--train", "256", "--val", "48", "--shard-size", "32",
+                              "--no-progress"]) == 0
+    return out
