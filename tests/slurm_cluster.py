@@ -133,14 +133,20 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
     def wait_job(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
                  timeout: float = 600.0, release_requeued: bool = True) -> dict[str, str]:
-        """Wait for a final state; a requeued job held for its restart delay is released at once."""
-        deadline = time.time() + timeout
+        """Wait for a final state. A requeued job is held for a restart delay (~120 s by default);
+        it is released early, but only once its old credential has expired (``cred_expire=10``):
+        slurmctld kills a job restarted before that ("Job credential revoked")."""
+        deadline, pending_since = time.time() + timeout, None
         while time.time() < deadline:
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
             if release_requeued and info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) > 0:
-                self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
+                pending_since = pending_since or time.time()
+                if time.time() - pending_since > 12:
+                    self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
+            else:
+                pending_since = None
             time.sleep(1.0)
         raise TimeoutError(f"job {job_id} not finished after {timeout} s: {self.job(job_id)}")
 
