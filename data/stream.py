@@ -388,10 +388,6 @@ class ShardStream:
         self.counters = Counter()
 
 
-def _index(path: str, base: Optional[str]) -> ShardIndex:
-    return ShardIndex.load(path, base)
-
-
 def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                        seed: int = 0, image_size: int = 224, split: str = "train", transform: Optional[Callable] = None,
                        buffer_size: int = 1000, repeats: int = 1, base: Optional[str] = None,
@@ -399,7 +395,7 @@ def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size:
     """Training stream: shuffled, augmented (DeiT recipe through timm unless ``transform`` is given)."""
     from .transforms import build_transform
 
-    index = _index(path, base)
+    index = ShardIndex.load(path, base)
     classes = index.classes()
     codec = ClassificationCodec(transform or build_transform(True, image_size, **transform_options),
                                 num_classes=len(classes) or None)
@@ -414,7 +410,7 @@ def build_eval_stream(path: str, *, batch_size: int, rank: int = 0, world_size: 
     """Evaluation stream: every sample exactly once across ranks, padding marked ``valid = False``."""
     from .transforms import build_transform
 
-    index = _index(path, base)
+    index = ShardIndex.load(path, base)
     classes = index.classes()
     codec = ClassificationCodec(transform or build_transform(False, image_size, **transform_options),
                                 num_classes=len(classes) or None)

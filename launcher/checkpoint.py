@@ -51,7 +51,7 @@ def find_resume_point(path: Path) -> Optional[ResumePoint]:
     path = Path(path)
     if (path / "meta.json").is_file():
         return ResumePoint(path)
-    if (path / "meta.json").exists() is False and _STEP.match(path.name):
+    if _STEP.match(path.name):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     latest = folder / "latest"
