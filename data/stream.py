@@ -25,10 +25,12 @@ Guarantees (``data/plan.py`` has the arithmetic):
 """
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import random
 import signal
+import weakref
 from collections import Counter
 from typing import Any, Callable, Iterator, Optional
 
@@ -97,6 +99,20 @@ def _ignore_stop_signals(worker_id: int) -> None:
     take the rank down before it can save. Workers still exit when their parent dies."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+_LIVE_LOADERS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators with workers, not yet finished
+
+
+def _end_live_workers() -> None:
+    """At interpreter exit, kill the workers of any stream left suspended (an exception in the
+    training loop keeps its generator alive). They ignore SIGTERM, and multiprocessing's own exit
+    handler ends daemonic children with SIGTERM and then joins them: without this, forever. atexit
+    runs handlers last-registered first, and this is registered after multiprocessing's."""
+    for iterator in list(_LIVE_LOADERS):
+        for worker in getattr(iterator, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
 
 
 def _sample_seed(*keys: int) -> int:
@@ -341,9 +357,26 @@ class ShardStream:
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             persistent_workers=False, worker_init_fn=_ignore_stop_signals,
                             generator=torch.Generator())  # leave the global RNG alone
+        batches_iter = iter(loader)
+        if self.num_workers:
+            atexit.unregister(_end_live_workers)
+            atexit.register(_end_live_workers)  # after multiprocessing.util's handler, so it runs first
+            _LIVE_LOADERS.add(batches_iter)
+        try:
+            yield from self._drain(batches_iter, cursors, batches)
+        finally:  # an error in a worker, or the consumer closed the generator: end the workers now
+            _LIVE_LOADERS.discard(batches_iter)
+            shutdown = getattr(batches_iter, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        if sum(batches) != total:
+            raise RuntimeError(f"rank {self.rank} got {sum(batches)} of {total} batches in epoch {self.epoch}")
+        self._next_epoch()
+
+    def _drain(self, batches_iter, cursors: list, batches: list) -> Iterator[dict[str, torch.Tensor]]:
         worker_counters: dict[int, dict] = {}
         base = Counter(self.counters)
-        for batch in loader:
+        for batch in batches_iter:
             worker = batch.pop("_worker")
             cursors[worker] = batch.pop("_cursor")
             batches[worker] += 1
@@ -353,9 +386,6 @@ class ShardStream:
                             position, reason)
             self.counters = base + sum((Counter(c) for c in worker_counters.values()), Counter())
             yield batch
-        if sum(batches) != total:
-            raise RuntimeError(f"rank {self.rank} got {sum(batches)} of {total} batches in epoch {self.epoch}")
-        self._next_epoch()
 
     def _next_epoch(self) -> None:
         self.epoch += 1

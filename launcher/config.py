@@ -248,8 +248,9 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
     det = cfg.detection
     if cfg.task == "detection":
-        if det.num_det_tokens < 1 or not det.scales or len(det.crop_size) != 2 or det.max_size < max(det.scales):
-            raise ConfigError("detection: num_det_tokens >= 1, non-empty scales <= max_size, crop_size [min, max]")
+        if det.num_det_tokens < 1 or not det.scales or len(det.crop_size) != 2 or det.max_size <= max(det.scales):
+            raise ConfigError("detection: num_det_tokens >= 1, non-empty scales all below max_size (torchvision "
+                              "resizes the shorter side to a scale and needs max_size > scale), crop_size [min, max]")
         if d.mixup > 0 or d.cutmix > 0:
             raise ConfigError("data.mixup and data.cutmix must be 0 for task: detection")
     if t.ema and t.zero_stage == 3:

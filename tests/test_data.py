@@ -323,3 +323,29 @@ def test_step_mixup_is_a_function_of_the_step():
     c, _ = mixup(images.clone(), labels, step=6)
     assert not torch.equal(a, c)
     assert torch.allclose(ta.sum(-1), torch.ones(8))
+
+
+FAILING_RUN = """
+import sys
+from data.stream import build_train_stream
+stream = build_train_stream(sys.argv[1], batch_size=4, num_workers=2, seed=0, image_size=32, buffer_size=8)
+if sys.argv[2] == "worker":
+    def broken(image):
+        raise RuntimeError("the transform fails in a worker")
+    stream.codec.transform = broken
+def train():  # like the engine: the suspended stream lives in a frame of the traceback
+    batches = iter(stream)
+    next(batches)
+    raise RuntimeError("the training step fails")
+train()
+"""
+
+
+@pytest.mark.parametrize("where,message", [("loop", "the training step fails"),
+                                           ("worker", "the transform fails in a worker")])
+def test_a_failure_ends_the_process_instead_of_hanging_on_its_workers(shards, where, message):
+    """Workers ignore SIGTERM (preemption safety), and multiprocessing's exit handler ends daemonic
+    children with SIGTERM and then joins them: an exception anywhere used to hang the process."""
+    run = subprocess.run([sys.executable, "-c", FAILING_RUN, str(shards), where], capture_output=True, text=True,
+                         timeout=90, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 1 and message in run.stderr, run.stderr[-2000:]
