@@ -57,6 +57,7 @@ class DataConfig:
     path: str = "data/shards/synthetic"
     eval_path: Optional[str] = None  # shards of the eval split, if not in ``path``
     synthetic: bool = False  # write the embedded synthetic shards to ``path`` if they are not there
+    synthetic_objects: int = 1  # objects per synthetic image (classification: 1)
     train_split: str = "train"
     eval_split: str = "val"
     workers: int = 2
@@ -98,6 +99,7 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.99996
     eval_every: int = 0  # optimizer steps; 0: at the end only
+    eval_on_start: bool = False  # also evaluate before the first step of a fresh run
     log_every: int = 50
     collective_timeout_minutes: float = 30.0
 
@@ -246,6 +248,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.betas must hold two numbers, got {o.betas}")
     if o.clip_grad is not None and o.clip_grad <= 0:
         raise ConfigError(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
+    if d.synthetic_objects < 1 or (cfg.task == "classification" and d.synthetic_objects != 1):
+        raise ConfigError(f"data.synthetic_objects must be >= 1 (and 1 for classification), got {d.synthetic_objects}")
     det = cfg.detection
     if cfg.task == "detection":
         if det.num_det_tokens < 1 or not det.scales or len(det.crop_size) != 2 or det.max_size <= max(det.scales):

@@ -115,13 +115,19 @@ class Trainer:
         from data.shards import INDEX_NAME
 
         d, t = self.cfg.data, self.cfg.train
-        if d.synthetic and not (Path(d.path) / INDEX_NAME).is_file():
-            if self.rank == 0:
-                log.info("writing the embedded synthetic shards to %s", d.path)
-                objects = "3" if self.cfg.task == "detection" else "1"
-                write_shards.main(["synthetic", d.path, "--size", str(self.cfg.model.img_size), "--objects", objects,
-                                   "--no-progress"])
-            dist.barrier()
+        if d.synthetic:
+            wanted = {"size": self.cfg.model.img_size, "objects": d.synthetic_objects}
+            index = Path(d.path) / INDEX_NAME
+            if not index.is_file():
+                if self.rank == 0:
+                    log.info("writing the embedded synthetic shards to %s", d.path)
+                    write_shards.main(["synthetic", d.path, "--size", str(wanted["size"]), "--objects",
+                                       str(wanted["objects"]), "--no-progress"])
+                dist.barrier()
+            found = json.loads(index.read_text()).get("synthetic", {})
+            if any(found.get(key) != value for key, value in wanted.items()):
+                raise ValueError(f"{d.path} holds synthetic shards with {found}, but the recipe wants {wanted}: "
+                                 f"point data.path elsewhere or delete the folder")
         micro = deepspeed_config(self.cfg, self.world)["train_micro_batch_size_per_gpu"]
         self.train_stream, self.eval_stream = self.task.build_streams(
             micro=micro, rank=self.rank, world=self.world, pin_memory=self.device.type == "cuda")
@@ -211,6 +217,8 @@ class Trainer:
         metrics_file = open(cfg.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
         writer = self._tensorboard()
         dtype = self._input_dtype()
+        if t.eval_on_start and step == 0:  # the starting point (e.g. a pretrained backbone), not on resume
+            self._evaluate(0, metrics_file, writer)
         progress = self._progress(step)
         self.engine.train()
         window_start, window_images, accum = time.perf_counter(), 0, 0

@@ -56,7 +56,7 @@ def test_deepspeed_config_takes_batch_and_clipping_from_the_recipe(tmp_path):
         deepspeed_config(cfg, world_size=8)
 
 
-@pytest.mark.parametrize("override", ["detection.max_size=72", "detection.num_det_tokens=0", "detection.scales=[]",
+@pytest.mark.parametrize("override", ["detection.max_size=32", "detection.num_det_tokens=0", "detection.scales=[]",
                                       "detection.crop_size=[40]"])
 def test_bad_detection_settings_are_refused_at_start_up(override):
     """torchvision refuses max_size == a scale only inside a DataLoader worker: catch it up front."""

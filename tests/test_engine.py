@@ -101,6 +101,13 @@ def test_lr_is_a_pure_function_of_the_step():
     assert abs(lr_at(110, **kw) - 1e-5) < 1e-12 and lr_at(60, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
 
 
+def test_synthetic_shards_of_another_geometry_are_refused(tmp_path, shards):
+    """``data.synthetic: true`` writes the shards only when missing; shards written for another image
+    size (or object count) are not silently trained on."""
+    out = train(tmp_path / "other", shards, "model.img_size=48", expect=1)
+    assert "holds synthetic shards with" in out and "'size': 48" in out
+
+
 def test_bad_recipe_fails_before_any_process_group(tmp_path, shards):
     out = train(tmp_path / "bad", shards, "train.batchsize=8", expect=2)
     assert "unknown key 'train.batchsize'" in out
@@ -246,7 +253,11 @@ def test_detection_trains_on_two_ranks_with_toe_and_resumes_exactly(tmp_path):
                               "--shard-size", "32", "--no-progress"]) == 0
     common = [f"data.path={shards}", "model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}",
               "data.workers=1", "train.global_batch=8", "train.log_every=1", "checkpoint.keep=5", "train.steps=8",
-              "checkpoint.every=4", "toe.warmup_steps=2", "model.drop_path=0.1"]
+              "checkpoint.every=4", "toe.warmup_steps=2", "model.drop_path=0.1",
+              # three-object scenes with the full YOLOS augmentation (multi-scale, crop branch)
+              "model.img_size=64", "data.synthetic_objects=3", "detection.num_det_tokens=10",
+              "detection.scales=[56, 64, 72]", "detection.max_size=96", "detection.crop_scales=[48, 64]",
+              "detection.crop_size=[40, 64]"]
 
     def run(name, *extra):
         args = [*command(2, free_port()), "--config", str(ROOT / "configs/yolos_ti_toe_cpu.yaml"),
