@@ -178,8 +178,9 @@ def test_eval_is_plain_yolos_and_state_dict_loads_strict():
 @pytest.mark.slow
 def test_yolos_overfits_a_few_images_through_the_whole_detection_path(tmp_path):
     """Model + matcher + criterion + transforms + padding + postprocess + COCO AP can learn: a tiny
-    YOLOS overfits 16 synthetic images (AP50 from ~0 to >= 0.9). Held-out learning needs far more
-    steps than a test can take on a CPU (see the README)."""
+    YOLOS overfits 16 three-object synthetic images (AP50 from ~0 to >= 0.9). Held-out learning on
+    three-object scenes needs far more steps than a CPU test can take; the tiny recipe's held-out
+    test below uses one object per image."""
     import json
     from data import write_shards
     from data.detection import build_detection_stream, coco_evaluate, postprocess
