@@ -98,6 +98,27 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
 
 
+def write_synthetic_shards(path: str, size: int, objects: int) -> None:
+    """Write the embedded synthetic shards to ``path`` through a private folder renamed into place, so
+    two jobs that start on the same empty path at once both end up reading one complete copy."""
+    import shutil
+
+    from data import write_shards
+
+    log.info("writing the embedded synthetic shards to %s", path)
+    target = Path(path)
+    private = target.with_name(f".{target.name}.{os.getpid()}")
+    shutil.rmtree(private, ignore_errors=True)
+    write_shards.main(["synthetic", str(private), "--size", str(size), "--objects", str(objects), "--no-progress"])
+    try:
+        private.rename(target)  # atomic; replaces an empty folder, fails on a filled one
+    except OSError:
+        if not target.is_dir() or not any(target.iterdir()):
+            raise
+        log.info("%s was written meanwhile by another job: using that copy", path)
+        shutil.rmtree(private)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, env, args) -> None:
         from .tasks import make_task
@@ -111,7 +132,6 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
 
     def _prepare_data(self):
-        from data import write_shards
         from data.shards import INDEX_NAME
 
         d, t = self.cfg.data, self.cfg.train
@@ -120,9 +140,7 @@ class Trainer:
             index = Path(d.path) / INDEX_NAME
             if not index.is_file():
                 if self.rank == 0:
-                    log.info("writing the embedded synthetic shards to %s", d.path)
-                    write_shards.main(["synthetic", d.path, "--size", str(wanted["size"]), "--objects",
-                                       str(wanted["objects"]), "--no-progress"])
+                    write_synthetic_shards(d.path, wanted["size"], wanted["objects"])
                 dist.barrier()
             found = json.loads(index.read_text()).get("synthetic", {})
             if any(found.get(key) != value for key, value in wanted.items()):

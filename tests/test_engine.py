@@ -281,3 +281,22 @@ def test_detection_trains_on_two_ranks_with_toe_and_resumes_exactly(tmp_path):
     plain = create_yolos(num_classes=32, num_det_tokens=10, img_size=64, mid_pos_embed=True, patch_size=8, depth=3,
                          embed_dim=48, num_heads=2)
     plain.load_state_dict(state, strict=True)
+
+
+def test_two_jobs_writing_the_embedded_shards_at_once_share_one_complete_copy(tmp_path):
+    """``data.synthetic: true`` on an empty path, two jobs at once (it happened: one read a half-written
+    folder and failed on a missing shards.json)."""
+    code = ("import sys; from launcher.train import write_synthetic_shards; "
+            "write_synthetic_shards(sys.argv[1], 32, 1)")
+    target = tmp_path / "shards"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    jobs = [subprocess.Popen([sys.executable, "-c", code, str(target)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"], "no private folder is left behind"
+    index = json.loads((target / "shards.json").read_text())
+    assert index["synthetic"] == {"seed": 0, "size": 32, "objects": 1}
+    assert sum(s["samples"] for s in index["splits"]["train"]["shards"]) == 8192
+    assert all((target / s["name"]).is_file() for split in index["splits"].values() for s in split["shards"])
+    assert (target / "val_coco.json").is_file()
