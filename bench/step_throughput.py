@@ -17,9 +17,7 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import interleaved_medians  # noqa: E402
 from models import create_classifier  # noqa: E402
 from toe import PluginStack, ToEPlugin, ToESchedule  # noqa: E402
 
@@ -99,23 +98,7 @@ def main() -> None:
     cases = {"plain": plain_step, "engine_full": engine_step(2), "engine_stage1": engine_step(0),
              "engine_stage2": engine_step(1)}
 
-    def timed(fn) -> float:
-        if on_gpu:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(per_round):
-            fn()
-        if on_gpu:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / per_round
-
-    for fn in cases.values():  # warm-up
-        fn()
-    samples = {key: [] for key in cases}
-    for _ in range(rounds):
-        for key, fn in cases.items():
-            samples[key].append(timed(fn))
-    median = {key: statistics.median(values) for key, values in samples.items()}
+    median, samples = interleaved_medians(cases, device=device, rounds=rounds, calls=per_round)
 
     counted = {}
     counter_model = copy.deepcopy(base).to(device)

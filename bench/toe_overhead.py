@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import interleaved_medians  # noqa: E402
 from toe import PluginStack, ToEPlugin, ToESchedule, expand_tokens  # noqa: E402
 
 TARGETS = {"cpu": 0.05, "cuda": 0.02}
@@ -39,18 +38,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="bench/results/toe_overhead.json")
     return parser.parse_args()
-
-
-def timer(device: torch.device):
-    def run(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-    return run
 
 
 def main() -> None:
@@ -94,15 +81,7 @@ def main() -> None:
 
     cases = {"op_stage1": op_alone(1), "op_stage2": op_alone(2),
              "step_stage1": train_step(0), "step_stage2": train_step(1), "step_full": train_step(2)}
-    run = timer(device)
-    for _ in range(args.warmup):
-        for fn in cases.values():
-            fn()
-    samples = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            samples[name].append(run(fn))
-    median = {name: statistics.median(values) for name, values in samples.items()}
+    median, samples = interleaved_medians(cases, device=device, rounds=rounds, warmup=args.warmup)
 
     target = TARGETS[device.type]
     rows = []
