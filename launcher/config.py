@@ -83,7 +83,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    clip_grad: Optional[float] = None
+    clip_grad: Optional[float] = None  # max gradient norm; null: none (written as 0.0, not DeepSpeed's default 1.0)
 
 
 @dataclass
@@ -305,14 +305,14 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
                           f"train.grad_accum={t.grad_accum}")
     path = _ds_path(cfg)
     ds = json.loads(path.read_text())
+    # gradient_clipping is always written: DeepSpeed's own default is 1.0 (GRADIENT_CLIPPING_DEFAULT in
+    # deepspeed/runtime/constants.py), which would clip every recipe that, like DeiT, trains unclipped
     owned = {"train_batch_size": t.global_batch, "train_micro_batch_size_per_gpu": micro,
-             "gradient_accumulation_steps": t.grad_accum}
-    if cfg.optim.clip_grad is not None:
-        owned["gradient_clipping"] = cfg.optim.clip_grad
+             "gradient_accumulation_steps": t.grad_accum, "gradient_clipping": cfg.optim.clip_grad or 0.0}
     for key in _RECIPE_OWNED:
-        if key in ds and ds[key] != owned.get(key, 0.0):
-            raise ConfigError(f"{path} sets {key}={ds[key]} but the recipe gives {owned.get(key, 'none')}: "
-                              f"set it in the recipe only")
+        if key in ds and ds[key] != owned[key]:
+            raise ConfigError(f"{path} sets {key}={ds[key]} but the recipe gives {owned[key]}: "
+                              f"set it in the recipe only (optim.clip_grad for gradient_clipping)")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage != t.zero_stage:
         raise ConfigError(f"{path} has ZeRO stage {stage}, the recipe says train.zero_stage={t.zero_stage}")

@@ -62,3 +62,47 @@ def test_bad_detection_settings_are_refused_at_start_up(override):
     """torchvision refuses max_size == a scale only inside a DataLoader worker: catch it up front."""
     with pytest.raises(ConfigError, match="detection:"):
         load_config(str(ROOT / "configs/yolos_ti_cpu.yaml"), [override])
+
+
+ENGINE_CLIPPING = """
+import json, os, sys
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+import deepspeed, torch
+deepspeed.init_distributed("gloo")
+out = {}
+for name, ds in json.loads(sys.argv[2]).items():
+    model = torch.nn.Linear(4, 2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=ds)
+    out[name] = engine.gradient_clipping()
+print("CLIPPING", json.dumps(out))
+"""
+
+
+def test_the_engine_clips_only_what_the_recipe_asks_for():
+    """DeepSpeed clips at norm 1.0 when the key is absent; the engine must use the recipe's value, 0 for none."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    fp32 = ["train.precision=fp32", "train.zero_stage=1", "train.global_batch=8"]
+    unclipped = deepspeed_config(load_config(str(ROOT / "configs/deit_tiny_cpu.yaml"), fp32), world_size=1)
+    clipped = deepspeed_config(load_config(str(ROOT / "configs/yolos_ti_cpu.yaml"), fp32), world_size=1)
+    silent = {k: v for k, v in unclipped.items() if k != "gradient_clipping"}  # what the engine wrote before
+    configs = {"deit": unclipped, "yolos": clipped, "absent": silent}
+    result = subprocess.run([sys.executable, "-c", ENGINE_CLIPPING, str(free_port()), json.dumps(configs)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    line = next((l for l in result.stdout.splitlines() if l.startswith("CLIPPING ")), None)
+    assert line is not None, result.stdout[-2000:] + result.stderr[-3000:]
+    used = json.loads(line.removeprefix("CLIPPING "))
+    assert used == {"deit": 0.0, "yolos": 0.1, "absent": 1.0}  # 'absent' shows the default this guards against
+
+
+def test_a_json_that_clips_against_the_recipe_is_refused(tmp_path):
+    clipping = tmp_path / "ds.json"
+    clipping.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
+                                    "gradient_clipping": 1.0}))
+    cfg = load_config(str(ROOT / "configs/deit_small.yaml"), [f"train.ds_config={clipping}"])
+    with pytest.raises(ConfigError, match="gradient_clipping=1.0 but the recipe gives 0.0"):
+        deepspeed_config(cfg, world_size=8)
+    assert deepspeed_config(load_config(str(ROOT / "configs/deit_small.yaml")), world_size=8)["gradient_clipping"] == 0.0
