@@ -14,7 +14,16 @@ worker yields the same number of batches:
 
 Each slot emits its items in the order of a seeded buffer shuffle (``buffer_order``), a
 permutation in which output ``j`` is always among the first ``j + buffer`` items: the reader
-needs at most ``buffer`` samples in memory. A *cursor* counts a slot's emitted items; a stream
+needs at most ``buffer`` samples in memory.
+
+Repeated augmentation (``repeats > 1``, DeiT's ``RASampler``) places the copies of a sample in
+the same global step on different ranks instead: the items are cut into one contiguous *chunk*
+per DataLoader worker (all ranks' slots of that worker), the chunk's samples (runs of copies)
+are buffer-shuffled with a generator shared by all ranks, and the shuffled copies are dealt
+round-robin over the ranks, so emission ``j`` of every rank comes from the same few samples.
+With ``world % repeats == 0`` each sample's copies go to ``repeats`` different ranks in one step;
+on one rank they are consecutive in one batch (when ``batch % repeats == 0``). The copies are
+augmented differently: their ``repeat`` index seeds the augmentation. A *cursor* counts a slot's emitted items; a stream
 state is the cursors of every slot, so the consumed part of an epoch is known exactly, and an
 epoch resumed with another world size (a new *phase*) re-splits exactly the items not consumed.
 """
@@ -27,7 +36,7 @@ import numpy as np
 
 from .shards import SplitIndex
 
-__all__ = ["Phase", "epoch_items", "split_slots", "buffer_order", "remaining_items", "rng_for"]
+__all__ = ["Phase", "epoch_items", "split_slots", "train_layout", "buffer_order", "remaining_items", "rng_for"]
 
 
 def rng_for(*keys: int) -> np.random.Generator:
@@ -123,19 +132,50 @@ def slot_rng(seed: int, epoch: int, phase: int, rank: int, worker: int) -> np.ra
     return rng_for(seed, epoch, phase, rank, worker, 0xB0FF)
 
 
-def remaining_items(items: np.ndarray, phases: list[Phase], seed: int, epoch: int, buffer: int) -> np.ndarray:
+def chunk_rng(seed: int, epoch: int, phase: int, worker: int) -> np.random.Generator:
+    """The generator of a worker's chunk under repeated augmentation: the same on every rank."""
+    return rng_for(seed, epoch, phase, worker, 0xC4A2)
+
+
+def train_layout(items: np.ndarray, world: int, workers: int, batch: int, *, seed: int, epoch: int, phase: int,
+                 buffer: int, repeats: int = 1) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Every training slot (index ``rank * workers + worker``) as ``(indices, order)``: the indices
+    into ``items`` it reads, ascending (the reading order), and its emission order (a permutation of
+    them); plus the number of items dropped this epoch. Slots hold ``L = floor(items / slots /
+    batch) * batch`` items each. ``repeats == 1``: contiguous rank-major slots, each with its own
+    buffer shuffle. ``repeats > 1``: per-worker chunks dealt over the ranks (module docstring)."""
+    slots = world * workers
+    length = (len(items) // slots // batch) * batch
+    dropped = len(items) - slots * length
+    if repeats == 1:
+        return [(np.arange(s * length, (s + 1) * length),
+                 buffer_order(length, buffer, slot_rng(seed, epoch, phase, s // workers, s % workers)))
+                for s in range(slots)], dropped
+    layout: list = [None] * slots
+    for worker in range(workers):
+        start = worker * world * length
+        positions = items[start:start + world * length, 0]
+        run_starts = np.flatnonzero(np.r_[True, positions[1:] != positions[:-1]]) if len(positions) else positions
+        run_lengths = np.diff(np.r_[run_starts, len(positions)])
+        shuffled = buffer_order(len(run_starts), buffer, chunk_rng(seed, epoch, phase, worker))
+        taken = run_lengths[shuffled]  # the runs (copies of one sample) in shuffled order, laid end to end
+        dealt = start + np.arange(len(positions)) + np.repeat(run_starts[shuffled] - (np.cumsum(taken) - taken), taken)
+        for rank in range(world):
+            emitted = dealt[rank::world]  # row j of the dealt sequence is emission j of every rank
+            indices = np.sort(emitted)
+            layout[rank * workers + worker] = (indices, np.searchsorted(indices, emitted))
+    return layout, dropped
+
+
+def remaining_items(items: np.ndarray, phases: list[Phase], seed: int, epoch: int, buffer: int,
+                    repeats: int = 1) -> np.ndarray:
     """Items of the epoch not consumed by ``phases`` (all but the last being complete or
     interrupted), in the epoch's reading order."""
     for index, phase in enumerate(phases):
-        slots, _ = split_slots(items, phase.world, phase.workers, phase.batch, pad=False)
+        layout, _ = train_layout(items, phase.world, phase.workers, phase.batch, seed=seed, epoch=epoch,
+                                 phase=index, buffer=buffer, repeats=repeats)
         consumed = np.zeros(len(items), bool)
-        offset = 0
-        length = len(slots[0]) if slots else 0
-        for rank in range(phase.world):
-            for worker in range(phase.workers):
-                order = buffer_order(length, buffer, slot_rng(seed, epoch, index, rank, worker))
-                taken = order[: min(phase.cursors[rank][worker], length)]
-                consumed[offset + taken] = True
-                offset += length
+        for slot, (indices, order) in enumerate(layout):
+            consumed[indices[order[: phase.cursors[slot // phase.workers][slot % phase.workers]]]] = True
         items = items[~consumed]
     return items

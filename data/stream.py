@@ -40,13 +40,14 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .plan import Phase, buffer_order, epoch_items, remaining_items, slot_rng, split_slots
+from .plan import Phase, epoch_items, remaining_items, split_slots, train_layout
 from .shards import ShardIndex, ShardReadError, SplitIndex, read_samples
 
 __all__ = ["ShardStream", "ClassificationCodec", "SkipSample", "build_train_stream", "build_eval_stream"]
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+REPEAT_LAYOUT = 2  # repeated augmentation: copies dealt over the ranks (data/plan.py train_layout)
 
 
 class SkipSample(Exception):
@@ -313,18 +314,24 @@ class ShardStream:
         phase = self._current_phase()
         items = epoch_items(self.split, self.seed, self.epoch, shuffle=self.shuffle, repeats=self.repeats,
                             subset=self.subset)
-        items = remaining_items(items, self.phases[:-1], self.seed, self.epoch, self.buffer_size)
-        slots, self.dropped = split_slots(items, phase.world, phase.workers, phase.batch, pad=self.pad)
-        per_worker = len(slots[0]) // self.batch_size if slots else 0
+        items = remaining_items(items, self.phases[:-1], self.seed, self.epoch, self.buffer_size, self.repeats)
+        first = self.rank * phase.workers
+        if self.pad:  # evaluation: contiguous padded slots, read in order
+            slots, self.dropped = split_slots(items, phase.world, phase.workers, phase.batch, pad=True)
+            mine = slots[first:first + phase.workers]
+            orders = [np.arange(len(slot)) for slot in mine]
+        else:
+            layout, self.dropped = train_layout(items, phase.world, phase.workers, phase.batch, seed=self.seed,
+                                                epoch=self.epoch, phase=len(self.phases) - 1,
+                                                buffer=self.buffer_size, repeats=self.repeats)
+            mine = [items[indices] for indices, _ in layout[first:first + phase.workers]]
+            orders = [order for _, order in layout[first:first + phase.workers]]
+        length = len(mine[0]) if mine else 0
+        per_worker = length // self.batch_size
         if per_worker == 0:
             raise ValueError(f"{len(items)} samples left in epoch {self.epoch} cannot give every one of "
-                             f"{len(slots)} workers a batch of {self.batch_size}")
-        first = self.rank * phase.workers
-        mine = slots[first:first + phase.workers]
-        index = len(self.phases) - 1
-        orders = [buffer_order(len(slot), self.buffer_size, slot_rng(self.seed, self.epoch, index, self.rank, w))
-                  for w, slot in enumerate(mine)]
-        starts = [(first + w) * len(slots[0]) for w in range(phase.workers)]
+                             f"{phase.world * phase.workers} workers a batch of {self.batch_size}")
+        starts = [(first + w) * length for w in range(phase.workers)]  # where a slot's refill pass starts
         return items, mine, starts, orders, per_worker
 
     def __len__(self) -> int:
@@ -404,7 +411,7 @@ class ShardStream:
                 phases[-1]["cursors"][rank], phases[-1]["batches"][rank] = cursors, batches
         return {"epoch": self.epoch, "phases": phases, "seed": self.seed, "split": self.split_name,
                 "total": self.split.total, "repeats": self.repeats, "buffer_size": self.buffer_size,
-                "shuffle": self.shuffle}
+                "shuffle": self.shuffle, "repeat_layout": REPEAT_LAYOUT}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = {"seed": self.seed, "split": self.split_name, "total": self.split.total, "repeats": self.repeats,
@@ -413,6 +420,10 @@ class ShardStream:
             if state.get(key) != value:
                 raise ValueError(f"stream state has {key}={state.get(key)!r} but this stream has {value!r}: "
                                  f"resuming needs the same data, seed and stream options")
+        if self.repeats > 1 and state.get("repeat_layout") != REPEAT_LAYOUT:
+            raise ValueError("stream state was saved with the earlier placement of repeated augmentation (copies "
+                             "on one rank); resuming it here would repeat or skip samples: finish that run with "
+                             "the version that started it, or start the epoch afresh")
         self.epoch = int(state["epoch"])
         self.phases = [Phase(**p) for p in state["phases"]]
         self.counters = Counter()

@@ -1,7 +1,7 @@
 """Runs a stream in a process of its own for the resume tests (not a test module).
 
     python tests/stream_job.py SHARDS OUT.pt --rank R --world W --workers N --batch B
-        [--state STATE.pt] [--take K] [--save-state STATE.pt] [--dist-port P]
+        [--repeats R] [--state STATE.pt] [--take K] [--save-state STATE.pt] [--dist-port P]
 
 Loads STATE if given, takes K batches (all that are left in the epoch if K is omitted), saves
 them (and the state after them) with torch.save. With --dist-port, joins a gloo process group on
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--buffer", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--state")
     parser.add_argument("--take", type=int)
     parser.add_argument("--save-state")
@@ -38,7 +39,8 @@ def main() -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.dist_port))
         dist.init_process_group("gloo", rank=args.rank, world_size=args.world)
     stream = build_train_stream(args.shards, batch_size=args.batch, rank=args.rank, world_size=args.world,
-                                num_workers=args.workers, seed=args.seed, image_size=32, buffer_size=args.buffer)
+                                num_workers=args.workers, seed=args.seed, image_size=32, buffer_size=args.buffer,
+                                repeats=args.repeats)
     if args.state:
         stream.load_state_dict(torch.load(args.state, weights_only=False))
     batches = []

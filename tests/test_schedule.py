@@ -129,3 +129,14 @@ def test_describe_table_and_paper_speedups():
     for width, r1, paper in ((384, 0.5, 1.30), (768, 0.5, 1.30), (768, 0.4, 1.37)):
         speedup = 1 / ToESchedule(r1=r1, total_steps=300).mean_flops_share(ViTShape(196, width, 12))
         assert abs(speedup - paper) < 0.02, (width, r1, speedup)
+
+
+def test_seed_stride_reproduces_the_authors_code_when_set():
+    """The paper floors 1 / r0 (5 at r0 = 0.2); the authors' int(1 // 0.2) is 4 in floating point."""
+    assert ToESchedule(r1=0.4, total_steps=3).seed_stride == 5
+    assert ToESchedule(r1=0.4, total_steps=3, seed_stride=int(1 // 0.2)).seed_stride == 4
+    assert ToESchedule(r1=0.5, total_steps=3).seed_stride == int(1 // 0.25) == 4  # r1 = 0.5 / 0.6: the rules agree
+    assert ToESchedule(r1=0.6, total_steps=3).seed_stride == int(1 // 0.3) == 3
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="seed_stride"):
+            ToESchedule(r1=0.4, total_steps=3, seed_stride=bad)

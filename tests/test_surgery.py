@@ -218,3 +218,22 @@ def test_plugin_stack_steps_logs_and_costs(caplog):
         stack.load_state_dict({"toe": {"stage": 2}})
     with pytest.raises(ValueError, match="unique"):
         PluginStack([ToEPlugin(schedule), ToEPlugin(schedule)])
+
+
+@pytest.mark.parametrize("seed_stride,expected", [(None, 5), (4, 4)])
+def test_the_forward_seeds_with_the_schedule_stride(monkeypatch, seed_stride, expected):
+    import toe.surgery
+    from toe import expand_tokens
+
+    used = []
+
+    def recording(*args, **kwargs):
+        used.append(kwargs["seed_stride"])
+        return expand_tokens(*args, **kwargs)
+
+    monkeypatch.setattr(toe.surgery, "expand_tokens", recording)
+    model = make()
+    module = apply_token_expansion(model, ToESchedule(r1=0.4, total_steps=3, seed_stride=seed_stride))
+    module.set_step(0)
+    model(torch.randn(2, 3, 224, 224))
+    assert used == [expected]

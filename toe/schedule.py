@@ -49,6 +49,10 @@ class ToESchedule:
             0 = right after the patch embedding).
         warmup_steps: steps of full-token training before stage 1 (the YOLOS recipe); they are
             stage 0, in which ToE is off.
+        seed_stride: stride of the spatial initialization; ``None`` is the paper's
+            ``floor(1 / r0)`` (Eq. 2). The authors' code computes ``int(1 // r0)`` in floating
+            point (token_select.py ``token_initialization``), which is 4, not 5, for r0 = 0.2
+            (r1 = 0.4): set 4 there to reproduce it.
 
     With no warm-up and the even split, ``stage(t) == min(Ng, Ng * t // T + 1)`` for 0-based t.
     """
@@ -63,6 +67,7 @@ class ToESchedule:
         boundaries: Optional[Sequence[Union[int, float]]] = None,
         block: int = 1,
         warmup_steps: int = 0,
+        seed_stride: Optional[int] = None,
     ) -> None:
         self.r1 = exact_rate(r1, "r1")
         self.r0 = self.r1 / 2 if r0 is None else exact_rate(r0, "r0")
@@ -78,6 +83,9 @@ class ToESchedule:
             raise ValueError(f"block must be an int >= 0 (0 = after the patch embedding), got {block!r}")
         if not _is_int(warmup_steps) or not 0 <= warmup_steps < total_steps:
             raise ValueError(f"warmup_steps must be an int in [0, total_steps={total_steps}), got {warmup_steps!r}")
+        if seed_stride is not None and (not _is_int(seed_stride) or seed_stride < 1):
+            raise ValueError(f"seed_stride must be an int >= 1 or None (the paper's floor(1 / r0)), got {seed_stride!r}")
+        self._seed_stride = None if seed_stride is None else int(seed_stride)
         self.num_stages = int(num_stages)
         self.total_steps = int(total_steps)
         self.k = int(k)
@@ -141,8 +149,8 @@ class ToESchedule:
 
     @property
     def seed_stride(self) -> int:
-        """``s = floor(1 / r0)`` of the spatial initialization (Eq. 2), floored exactly."""
-        return math.floor(1 / self.r0)
+        """``s = floor(1 / r0)`` of the spatial initialization (Eq. 2), floored exactly, unless set."""
+        return math.floor(1 / self.r0) if self._seed_stride is None else self._seed_stride
 
     def kept_counts(self, num_patches: int, stage: int) -> list[int]:
         """``[n_0, n_1, ..., n_stage]`` with ``n_0 = floor(r0 * N)`` and ``n_d = floor(r_d * N)``.
