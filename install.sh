@@ -35,7 +35,7 @@ fi
 "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
 
 "$VENV/bin/python" - <<'PY'
-import torch, torchvision, timm, deepspeed, webdataset, mpi4py, yaml, scipy, pycocotools
+import torch, torchvision, timm, deepspeed, webdataset, mpi4py, yaml, scipy, pycocotools, matplotlib
 from torchvision.ops import nms
 nms(torch.zeros(1, 4), torch.zeros(1), 0.5)  # fails on a torch build without torchvision's ops
 print(f"install: ok: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
