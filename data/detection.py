@@ -4,10 +4,14 @@ Shards hold an image (``.jpg``/``.png``) and ``.json`` ``{"boxes": [[x0, y0, x1,
 "labels": [...], "image_id": int, "width": W, "height": H}`` (what ``data.write_shards synthetic``
 writes). Transforms are ``torchvision.transforms.v2``, which move the boxes with the image.
 
-Batches pad every image to the largest height and width of the batch (rounded up to
-``pad_multiple``, the patch size), top-left aligned. Target boxes are ``cx, cy, w, h``
-normalised by the *padded* canvas, the frame the network sees; ``orig_size`` and ``size`` let
-``postprocess`` map predictions back to absolute ``x, y, w, h`` in the original image.
+Resizing follows YOLOS (``datasets/transforms.py`` ``resize``): the shorter side goes to the
+scale unless the longer one would pass ``max_size``, and both sides are then floored to a
+multiple of ``pad_multiple`` (the patch size; YOLOS floors to 16). Batches pad every image to
+the largest height and width of the batch (rounded up to ``pad_multiple``): image at the top
+left, zeros below and to the right.
+Target boxes are ``cx, cy, w, h`` normalised by the *unpadded* image (``size``), as YOLOS
+(``Normalize``) does, so a box means the same whatever the rest of the batch pads it to;
+``postprocess`` multiplies them by ``orig_size``, as YOLOS's ``PostProcess``.
 """
 from __future__ import annotations
 
@@ -24,8 +28,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from .stream import ShardStream, SkipSample, decode_image
 
-__all__ = ["RandomSizeCrop", "build_detection_transform", "DetectionCodec", "postprocess", "coco_evaluate",
-           "build_detection_stream"]
+__all__ = ["RandomSizeCrop", "RandomResize", "resized_size", "build_detection_transform", "DetectionCodec",
+           "postprocess", "coco_evaluate", "build_detection_stream"]
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -49,19 +53,57 @@ class RandomSizeCrop(v2.Transform):
         return self._call_kernel(TF.crop, inpt, **params)
 
 
+def resized_size(height: int, width: int, size: int, max_size: Optional[int] = None,
+                 multiple: int = 1) -> tuple[int, int]:
+    """YOLOS's output size (``get_size_with_aspect_ratio``): shorter side ``size``, unless the longer
+    side would pass ``max_size``; then both sides floored to ``multiple`` (at least one multiple)."""
+    if max_size is not None:
+        short, long = float(min(height, width)), float(max(height, width))
+        if long / short * size > max_size:
+            size = int(round(max_size * short / long))
+    if (width <= height and width == size) or (height <= width and height == size):
+        out_h, out_w = height, width
+    elif width < height:
+        out_h, out_w = int(size * height / width), size
+    else:
+        out_h, out_w = size, int(size * width / height)
+    return max(multiple, out_h - out_h % multiple), max(multiple, out_w - out_w % multiple)
+
+
+class RandomResize(v2.Transform):
+    """Resize to ``resized_size`` at a scale drawn uniformly from ``sizes`` (YOLOS ``T.RandomResize``)."""
+
+    def __init__(self, sizes: Sequence[int], max_size: Optional[int] = None, multiple: int = 1) -> None:
+        super().__init__()
+        self.sizes, self.max_size, self.multiple = [int(s) for s in sizes], max_size, int(multiple)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        size = self.sizes[int(torch.randint(len(self.sizes), ()))]
+        return {"size": list(resized_size(height, width, size, self.max_size, self.multiple))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(TF.resize, inpt, size=params["size"], antialias=True)
+
+
 def build_detection_transform(train: bool, *, scales: Sequence[int], max_size: int,
-                              crop_scales: Sequence[int] = (400, 500, 600), crop_size: tuple[int, int] = (384, 600)):
-    """YOLOS's training transform (flip; multi-scale shortest-side resize capped at ``max_size``, or
-    resize + random crop + multi-scale resize) or its eval transform (shortest side ``scales[-1]``)."""
+                              crop_scales: Sequence[int] = (400, 500, 600), crop_size: tuple[int, int] = (384, 600),
+                              eval_size: Optional[int] = None, eval_max_size: Optional[int] = None,
+                              multiple: int = 1):
+    """YOLOS's training transform (``datasets/coco.py`` ``make_coco_transforms``: flip; multi-scale
+    resize capped at ``max_size``, or resize + random crop + multi-scale resize) or its eval transform
+    (``eval_size`` capped at ``eval_max_size``; default ``scales[-1]`` and ``max_size``)."""
     normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
     if not train:
-        return v2.Compose([v2.Resize(size=scales[-1], max_size=max_size), normalize])
+        size = scales[-1] if eval_size is None else eval_size
+        return v2.Compose([RandomResize([size], max_size if eval_max_size is None else eval_max_size, multiple),
+                           normalize])
     return v2.Compose([
         v2.RandomHorizontalFlip(),
         v2.RandomChoice([
-            v2.RandomShortestSize(min_size=list(scales), max_size=max_size),
-            v2.Compose([v2.RandomShortestSize(min_size=list(crop_scales)), RandomSizeCrop(*crop_size),
-                        v2.RandomShortestSize(min_size=list(scales), max_size=max_size)]),
+            RandomResize(scales, max_size, multiple),
+            v2.Compose([RandomResize(crop_scales, None, multiple), RandomSizeCrop(*crop_size),
+                        RandomResize(scales, max_size, multiple)]),
         ]),
         v2.SanitizeBoundingBoxes(labels_getter=lambda sample: sample["labels"]),
         normalize,
@@ -118,8 +160,9 @@ class DetectionCodec:
                 continue
             image, target = entry
             images[i, :, :image.shape[-2], :image.shape[-1]] = image
-            normalised = box_convert(target["boxes"], "xyxy", "cxcywh") / torch.tensor([width, height, width, height])
-            targets.append({**target, "boxes": normalised, "canvas": torch.tensor([height, width])})
+            size_h, size_w = target["size"].tolist()  # the unpadded image: the pad of the batch does not move a box
+            normalised = box_convert(target["boxes"], "xyxy", "cxcywh") / torch.tensor([size_w, size_h, size_w, size_h])
+            targets.append({**target, "boxes": normalised})
         return {"image": images, "targets": targets, "sample_id": torch.tensor(ids, dtype=torch.long),
                 "valid": torch.tensor(valid, dtype=torch.bool)}
 
@@ -127,17 +170,16 @@ class DetectionCodec:
 @torch.no_grad()
 def postprocess(outputs: dict[str, torch.Tensor], targets: list[dict]) -> list[dict]:
     """COCO result entries (``image_id, category_id, bbox [x, y, w, h] in original pixels, score``):
-    each query's best class that is not no-object."""
+    each query's best class that is not no-object. Boxes are relative to the unpadded image, so
+    they scale by ``orig_size`` alone (YOLOS ``PostProcess``)."""
     prob = outputs["pred_logits"].float().softmax(-1)[..., :-1]
     scores, labels = prob.max(-1)
     results = []
     for i, target in enumerate(targets):
         if int(target["image_id"]) < 0:
             continue
-        canvas_h, canvas_w = target["canvas"].tolist()
-        size_h, size_w = target["size"].tolist()
         orig_h, orig_w = target["orig_size"].tolist()
-        scale = torch.tensor([canvas_w * orig_w / size_w, canvas_h * orig_h / size_h] * 2)
+        scale = torch.tensor([orig_w, orig_h] * 2, dtype=torch.float32)
         boxes = box_convert(outputs["pred_boxes"][i].float().cpu() * scale, "cxcywh", "xywh")
         for box, score, label in zip(boxes.tolist(), scores[i].tolist(), labels[i].tolist()):
             results.append({"image_id": int(target["image_id"]), "category_id": int(label), "bbox": box,
@@ -165,15 +207,20 @@ def coco_evaluate(results: list[dict], ground_truth: str) -> dict[str, float]:
 def build_detection_stream(path: str, *, train: bool, batch_size: int, rank: int = 0, world_size: int = 1,
                            num_workers: int = 2, seed: int = 0, split: Optional[str] = None, scales: Sequence[int],
                            max_size: int, crop_scales: Sequence[int] = (400, 500, 600),
-                           crop_size: tuple[int, int] = (384, 600), pad_multiple: int = 16,
+                           crop_size: tuple[int, int] = (384, 600), eval_size: Optional[int] = None,
+                           eval_max_size: Optional[int] = None, pad_multiple: int = 16,
                            buffer_size: int = 1000, base: Optional[str] = None) -> ShardStream:
-    """The classification stream's guarantees (equal batches, exact resume, counted skips) for detection."""
+    """The classification stream's guarantees (equal batches, exact resume, counted skips) for detection.
+
+    ``pad_multiple`` (the patch size) is also the multiple YOLOS floors resized sides to.
+    """
     from .shards import ShardIndex
 
     index = ShardIndex.load(path, base)
-    codec = DetectionCodec(build_detection_transform(train, scales=scales, max_size=max_size, crop_scales=crop_scales,
-                                                     crop_size=crop_size),
-                           num_classes=len(index.classes()) or None, pad_multiple=pad_multiple)
+    transform = build_detection_transform(train, scales=scales, max_size=max_size, crop_scales=crop_scales,
+                                          crop_size=crop_size, eval_size=eval_size, eval_max_size=eval_max_size,
+                                          multiple=pad_multiple)
+    codec = DetectionCodec(transform, num_classes=len(index.classes()) or None, pad_multiple=pad_multiple)
     split = split or ("train" if train else "val")
     return ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
                        num_workers=num_workers, seed=seed, shuffle=train, pad=not train,

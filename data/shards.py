@@ -5,7 +5,11 @@ A shard directory holds ``{split}-{n:06d}.tar`` files in the WebDataset layout (
 
     {"format": "toe-shards/1",
      "splits": {"train": {"shards": [{"name": "train-000000.tar", "samples": 1000}, ...], "total": 9000}},
-     "classes": "classes.json"}
+     "classes": "classes.json", "shuffled": true, "shuffle_seed": 0}
+
+``shuffled`` says whether the writer put the samples in a seeded random order across all shards
+(``shuffle_seed``) or in folder order; an index without it was written before writers recorded it,
+when they always wrote folder order (``ShardIndex.shuffled`` is then None, treated as folder order).
 
 Readers learn the epoch length and every sample's global position from the index without
 scanning a tar. ``read_samples`` reads the samples at given positions of one shard: members of
@@ -34,6 +38,7 @@ FORMAT = "toe-shards/1"
 log = logging.getLogger(__name__)
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
+_ORDER_WARNED: set = set()  # (index root, split) already warned about in this process
 
 
 def check_key(key: str) -> str:
@@ -101,6 +106,8 @@ class ShardIndex:
             counts = [s.get("samples") for s in split.get("shards", [])]
             if not counts or any(not isinstance(c, int) or c < 0 for c in counts) or sum(counts) != split.get("total"):
                 raise ValueError(f"{index_path}: split {name!r} has bad shard sample counts or total")
+        if not isinstance(meta.get("shuffled", False), bool):
+            raise ValueError(f"{index_path}: 'shuffled' must be true or false, got {meta['shuffled']!r}")
         return cls(str(index_path.parent), meta, base)
 
     @property
@@ -114,6 +121,45 @@ class ShardIndex:
         counts = np.asarray([s["samples"] for s in shards], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         return SplitIndex(tuple(f"{self.base}/{s['name']}" for s in shards), counts, starts)
+
+    @property
+    def shuffled(self) -> Optional[bool]:
+        """True: written in a seeded random order across shards; False: folder order (``--no-shuffle``);
+        None: not recorded (an index from before the writers shuffled, so folder order)."""
+        return self.meta.get("shuffled")
+
+    def order_warning(self, split: str, *, buffer_size: int, readers: int) -> Optional[str]:
+        """Why ``split`` read by ``readers`` slots (ranks x DataLoader workers) through a shuffle buffer
+        of ``buffer_size`` may give batches far from i.i.d., or None.
+
+        The stream shuffles the shard order and then, inside each reader's contiguous run of
+        ``total / readers`` samples, a buffer: a batch comes from about ``buffer_size + batch``
+        neighbouring samples. Written in folder order (class after class), those are a few
+        classes. No warning when the writer shuffled, when the buffer covers a reader's whole run
+        (raising it would not help), or for the embedded synthetic data, whose class is drawn per
+        sample from ``(seed, index)`` and so is random in index order too.
+        """
+        if self.shuffled or "synthetic" in self.meta:
+            return None
+        run = self.split(split).total // max(1, readers)
+        if buffer_size >= run:
+            return None
+        how = ("says it was written unshuffled (--no-shuffle)" if self.shuffled is False else
+               "does not record its write order (written before the writers shuffled, so in folder order)")
+        return (f"{self.root}/{INDEX_NAME} {how}: the stream shuffles only the shard order and a "
+                f"{buffer_size}-sample buffer in each reader's run of {run} samples, so if the folders "
+                f"are class-sorted a batch holds only a few classes. Rewrite the shards with "
+                f"`python -m data.write_shards` (shuffled by default), or raise the shuffle buffer "
+                f"(data.buffer_size, raw samples held in memory per reader) to {run}.")
+
+    def warn_if_unshuffled(self, split: str, *, buffer_size: int, readers: int, rank: int = 0) -> Optional[str]:
+        """Log ``order_warning`` once per process and index split, on rank 0 only; returns it."""
+        message = self.order_warning(split, buffer_size=buffer_size, readers=readers)
+        key = (str(Path(self.root).resolve()), split)
+        if message and rank == 0 and key not in _ORDER_WARNED:
+            _ORDER_WARNED.add(key)
+            log.warning("%s", message)
+        return message
 
     def classes(self) -> list[str]:
         path = Path(self.root) / self.meta.get("classes", "classes.json")

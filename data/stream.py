@@ -437,6 +437,7 @@ def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size:
     from .transforms import build_transform
 
     index = ShardIndex.load(path, base)
+    index.warn_if_unshuffled(split, buffer_size=buffer_size, readers=world_size * max(1, num_workers), rank=rank)
     classes = index.classes()
     codec = ClassificationCodec(transform or build_transform(True, image_size, **transform_options),
                                 num_classes=len(classes) or None)

@@ -1,8 +1,10 @@
 """Write WebDataset shards plus the index readers need.
 
-    python -m data.write_shards imagefolder SRC OUT [--val-fraction 0.1] [--shard-size 1000] [--workers 4]
+    python -m data.write_shards imagefolder SRC OUT [--val-fraction 0.1] [--shard-size 1000] [--workers 4] [--seed 0]
     python -m data.write_shards synthetic OUT [--train 8192] [--val 1024] [--size 32] [--objects 1]
     python -m data.write_shards coco IMG_DIR instances_val2017.json OUT --split val
+
+Every writer takes ``--seed`` (the write order; synthetic: also the images) and ``--no-shuffle``.
 
 ``imagefolder``: an ImageNet-style tree (``SRC/class_name/*.jpg|jpeg|png``, or ``SRC/train/...``
 and ``SRC/val/...`` when those exist). Images are stored as they are (no re-encoding) with
@@ -12,9 +14,13 @@ kept, ``iscrowd`` kept; the annotation file is copied to ``{split}_coco.json`` f
 ``synthetic``: the embedded default data (``data.synthetic``): ``.png`` + ``.cls`` + ``.json``
 (boxes, for detection), and ``{split}_coco.json`` ground truth for COCO evaluation.
 
-Both write ``{split}-{n:06d}.tar``, ``classes.json`` and ``shards.json`` (shard names, sample
+All write ``{split}-{n:06d}.tar``, ``classes.json`` and ``shards.json`` (shard names, sample
 counts, totals) into OUT, and refuse an OUT that already holds shards unless ``--overwrite``.
-Shards are byte-for-byte reproducible (fixed member times and owners).
+Samples are written in a random order across all shards of a split, drawn from ``--seed`` and the
+split name (``--no-shuffle``: folder / id / index order); ``shards.json`` records it
+(``"shuffled"``, ``"shuffle_seed"``). The stream shuffles only the shard order and a bounded
+buffer, so a class-sorted folder written in folder order would give batches of a few classes.
+Shards are byte-for-byte reproducible for a given seed (fixed order, member times and owners).
 """
 from __future__ import annotations
 
@@ -26,10 +32,12 @@ import logging
 import os
 import re
 import sys
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
@@ -58,10 +66,21 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def write_order(items: Sequence, split: str, seed: Optional[int]) -> list:
+    """``items`` in the order they are written: a permutation drawn from ``(seed, split name)``, so
+    the same seed gives the same shards and splits get independent orders; ``seed=None``: as given."""
+    if seed is None:
+        return list(items)
+    permutation = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(len(items))
+    return [items[i] for i in permutation]
+
+
 def write_split(out: Path, split: str, items: Sequence, encode: Callable, shard_size: int, workers: int,
-                progress: bool) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Write ``items`` into shards of ``shard_size`` samples; ``encode(item) -> sample dict`` may raise
-    ``ValueError`` to skip an item. Returns the shard entries and the skipped (item, reason) pairs."""
+                progress: bool, seed: Optional[int] = None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Write ``items`` into shards of ``shard_size`` samples, in ``write_order(items, split, seed)``;
+    ``encode(item) -> sample dict`` may raise ``ValueError`` to skip an item. Returns the shard
+    entries and the skipped (item, reason) pairs."""
+    items = write_order(items, split, seed)
     chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
     jobs = [(str(out / f"{split}-{n:06d}.tar"), chunk, encode) for n, chunk in enumerate(chunks)]
     if workers > 1 and len(jobs) > 1:
@@ -95,9 +114,12 @@ def _write_shard(job) -> tuple[int, list[tuple[str, str]]]:
     return count, skipped
 
 
-def write_index(out: Path, splits: dict[str, list[dict]], classes: Sequence[str], extra: Optional[dict] = None) -> dict:
+def write_index(out: Path, splits: dict[str, list[dict]], classes: Sequence[str], extra: Optional[dict] = None, *,
+                shuffle_seed: Optional[int]) -> dict:
+    """``shuffle_seed``: the seed the samples were ordered with (``write_order``), None for as given."""
     (out / "classes.json").write_text(json.dumps({"names": list(classes)}, indent=1))
     meta = {"format": FORMAT, "classes": "classes.json",
+            "shuffled": shuffle_seed is not None, "shuffle_seed": shuffle_seed,
             "splits": {name: {"shards": shards, "total": sum(s["samples"] for s in shards)}
                        for name, shards in splits.items()}}
     meta.update(extra or {})
@@ -181,9 +203,10 @@ def imagefolder(args) -> dict:
     splits, skipped = {}, []
     for split, split_items in sorted(items.items()):
         splits[split], bad = write_split(out, split, split_items, _EncodeImageFile(), args.shard_size,
-                                         args.workers, not args.no_progress)
+                                         args.workers, not args.no_progress, _order_seed(args))
         skipped += bad
-    meta = write_index(out, splits, classes, {"skipped": [{"item": i, "reason": r} for i, r in skipped]})
+    meta = write_index(out, splits, classes, {"skipped": [{"item": i, "reason": r} for i, r in skipped]},
+                       shuffle_seed=_order_seed(args))
     _report(out, meta, skipped)
     return meta
 
@@ -234,11 +257,12 @@ def synthetic(args) -> dict:
     for split, indices in ranges.items():
         if len(indices):
             splits[split], _ = write_split(out, split, [(split, i) for i in indices], encode, args.shard_size,
-                                           args.workers, not args.no_progress)
+                                           args.workers, not args.no_progress, _order_seed(args))
             gt = coco_ground_truth(split, indices, args.seed, args.size, args.objects, CLASS_NAMES)
             (out / f"{split}_coco.json").write_text(json.dumps(gt))
     meta = write_index(out, splits, CLASS_NAMES, {"synthetic": {"seed": args.seed, "size": args.size,
-                                                               "objects": args.objects}})
+                                                               "objects": args.objects}},
+                       shuffle_seed=_order_seed(args))
     _report(out, meta, [])
     return meta
 
@@ -293,20 +317,26 @@ def coco(args) -> dict:
         by_image.setdefault(int(ann["image_id"]), []).append(ann)
     items = [(image, by_image.get(int(image["id"]), [])) for image in sorted(ground_truth["images"], key=lambda i: i["id"])]
     shards, skipped = write_split(out, args.split, items, _EncodeCocoImage(str(image_dir)), args.shard_size,
-                                  args.workers, not args.no_progress)
+                                  args.workers, not args.no_progress, _order_seed(args))
     names = [""] * (max(c["id"] for c in ground_truth["categories"]) + 1)  # class ids are kept as they are
     for category in ground_truth["categories"]:
         names[int(category["id"])] = category["name"]
     (out / f"{args.split}_coco.json").write_text(annotation_file.read_text())
     meta = write_index(out, {args.split: shards}, names,
-                       {"skipped": [{"item": i, "reason": r} for i, r in skipped]})
+                       {"skipped": [{"item": i, "reason": r} for i, r in skipped]}, shuffle_seed=_order_seed(args))
     _report(out, meta, skipped)
     return meta
+
+
+def _order_seed(args) -> Optional[int]:
+    return None if args.no_shuffle else args.seed
 
 
 def _report(out: Path, meta: dict, skipped) -> None:
     for split, info in meta["splits"].items():
         log.info("%s: %d samples in %d shards", split, info["total"], len(info["shards"]))
+    log.info("order: %s", f"shuffled across shards (seed {meta['shuffle_seed']})" if meta["shuffled"] else
+             "as listed (--no-shuffle): mind class-sorted folders, the stream only mixes within its buffer")
     if skipped:
         log.warning("skipped %d unreadable images:", len(skipped))
         for item, reason in skipped[:20]:
@@ -325,12 +355,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
     common.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
-    folder = sub.add_parser("imagefolder", parents=[common], help="SRC/class_name/*.jpg -> shards")
+    common.add_argument("--no-shuffle", action="store_true",
+                        help="write samples in folder / image-id / index order instead of a seeded random order")
+    order_seed = argparse.ArgumentParser(add_help=False)
+    order_seed.add_argument("--seed", type=int, default=0, help="seed of the random write order")
+    folder = sub.add_parser("imagefolder", parents=[common, order_seed], help="SRC/class_name/*.jpg -> shards")
     folder.add_argument("src")
     folder.add_argument("out")
     folder.add_argument("--val-fraction", type=float, default=0.0,
                         help="share of images put in a val split (by key hash); ignored when SRC has train/ and val/")
-    coco_parser = sub.add_parser("coco", parents=[common], help="COCO images + instances json -> detection shards")
+    coco_parser = sub.add_parser("coco", parents=[common, order_seed], help="COCO images + instances json -> detection shards")
     coco_parser.add_argument("images", help="the image folder (file_name in the json is relative to it)")
     coco_parser.add_argument("annotations", help="instances_*.json")
     coco_parser.add_argument("out")
@@ -341,7 +375,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     synth.add_argument("--val", type=int, default=1024)
     synth.add_argument("--size", type=int, default=32)
     synth.add_argument("--objects", type=int, default=1, help="objects per image (1 for classification)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=0, help="seed of the images and of the random write order")
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.workers < 1:
         parser.error("--shard-size and --workers must be >= 1")

@@ -45,11 +45,13 @@ class ToEConfig:
     block: int = 1
     boundaries: Optional[list] = None  # first step (int) or fraction of the run (float) of stages 2..Ng
     warmup_steps: int = 0
+    warmup_epochs: Optional[float] = None  # full-token warm-up in epochs (steps from the run's epoch length); excludes warmup_steps
     distance: str = "cosine"
     init: str = "spatial"
     expand: bool = True
     merge: bool = True
     sparse_eval: bool = False
+    seed_stride: Optional[int] = None  # null: the paper's floor(1 / r0); 4 at r1=0.4 reproduces the authors' code
 
 
 @dataclass
@@ -67,6 +69,16 @@ class DataConfig:
     re_prob: float = 0.25
     color_jitter: float = 0.3
     crop_pct: float = 0.875
+    # the train transform's random resized crop, flips and resampling, and the normalisation; the
+    # defaults are DeiT's (timm create_transform's, which DeiT's datasets.build_transform keeps).
+    # The eval transform uses the same interpolation, mean and std.
+    scale: list = field(default_factory=lambda: [0.08, 1.0])  # crop area, fraction of the image
+    ratio: list = field(default_factory=lambda: [0.75, 1.3333333333333333])  # crop aspect ratio range
+    hflip: float = 0.5
+    vflip: float = 0.0
+    interpolation: str = "bicubic"
+    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_prob: float = 1.0
@@ -111,13 +123,17 @@ class CheckpointConfig:
 
 
 @dataclass
-class DetectionConfig:
+class DetectionConfig:  # defaults: hustvl/YOLOS main.py and datasets/coco.py for YOLOS-S (recipes name sources)
     num_det_tokens: int = 100
+    init_pe_size: Optional[list] = None  # [h, w] px grid the ImageNet position table is resampled to once; null: model.img_size
     mid_pos_embed: bool = False
-    scales: list = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
+    mid_pe_size: Optional[list] = None  # [h, w] px grid of the mid position tables; null: init_pe_size
+    scales: list = field(default_factory=lambda: list(range(480, 801, 16)))
     max_size: int = 1333
     crop_scales: list = field(default_factory=lambda: [400, 500, 600])
     crop_size: list = field(default_factory=lambda: [384, 600])
+    eval_size: Optional[int] = None  # shorter side at evaluation; null: scales[-1]
+    eval_max_size: Optional[int] = None  # longer-side cap at evaluation; null: max_size
     eos_coef: float = 0.1
     weight_ce: float = 1.0
     weight_bbox: float = 5.0
@@ -226,6 +242,10 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _validate(cfg: RunConfig) -> None:
     t, o, d, c = cfg.train, cfg.optim, cfg.data, cfg.checkpoint
     positive = {"train.global_batch": t.global_batch, "train.grad_accum": t.grad_accum, "model.img_size": cfg.model.img_size,
@@ -250,11 +270,31 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
     if d.synthetic_objects < 1 or (cfg.task == "classification" and d.synthetic_objects != 1):
         raise ConfigError(f"data.synthetic_objects must be >= 1 (and 1 for classification), got {d.synthetic_objects}")
+    from data.transforms import check_transform_options  # light: no torch / timm import
+    try:  # timm would refuse some of these only inside a DataLoader worker, or not at all
+        check_transform_options("data.", scale=d.scale, ratio=d.ratio, hflip=d.hflip, vflip=d.vflip,
+                                interpolation=d.interpolation, mean=d.mean, std=d.std, re_prob=d.re_prob,
+                                color_jitter=d.color_jitter, crop_pct=d.crop_pct)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     det = cfg.detection
     if cfg.task == "detection":
         if det.num_det_tokens < 1 or not det.scales or len(det.crop_size) != 2 or det.max_size <= max(det.scales):
-            raise ConfigError("detection: num_det_tokens >= 1, non-empty scales all below max_size (torchvision "
-                              "resizes the shorter side to a scale and needs max_size > scale), crop_size [min, max]")
+            raise ConfigError("detection: num_det_tokens >= 1, non-empty scales all below max_size (the cap on the "
+                              "longer side), crop_size [min, max]")
+        patch = cfg.model.kwargs.get("patch_size", 16)  # what DetectionTask pads and floors sizes to
+        for key in ("init_pe_size", "mid_pe_size"):
+            size = getattr(det, key)
+            if size is not None and (len(size) != 2 or not all(_whole(v) and v >= patch for v in size)):
+                raise ConfigError(f"detection.{key} must be null or [height, width] in pixels, each an int >= the "
+                                  f"patch size {patch}, got {size!r}")
+        if det.mid_pe_size is not None and not det.mid_pos_embed:
+            raise ConfigError("detection.mid_pe_size is set but detection.mid_pos_embed is false")
+        eval_size = det.scales[-1] if det.eval_size is None else det.eval_size
+        eval_max = det.max_size if det.eval_max_size is None else det.eval_max_size
+        if not all(_whole(v) and v >= patch for v in [*det.scales, *det.crop_scales, eval_size]) or eval_max <= eval_size:
+            raise ConfigError(f"detection: scales, crop_scales and eval_size must be ints >= the patch size {patch}, and "
+                              f"eval_max_size ({eval_max}) above eval_size ({eval_size})")
         if d.mixup > 0 or d.cutmix > 0:
             raise ConfigError("data.mixup and data.cutmix must be 0 for task: detection")
     if t.ema and t.zero_stage == 3:
@@ -262,11 +302,16 @@ def _validate(cfg: RunConfig) -> None:
                           "EMA averages; use stage 0-2 or turn the EMA off")
     if t.ds_config is not None and not _ds_path(cfg).is_file():
         raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
+    warm = cfg.toe.warmup_epochs
+    if warm is not None and (not 0 <= warm < float("inf") or cfg.toe.warmup_steps):  # NaN fails the test too
+        raise ConfigError(f"toe.warmup_epochs must be a finite number >= 0, with toe.warmup_steps left at 0 (set one "
+                          f"of them), got {warm} and {cfg.toe.warmup_steps}")
     if cfg.toe.enabled:  # the schedule validates its own numbers; total steps are known later
         from toe import ToESchedule
         try:
             ToESchedule(r1=cfg.toe.r1, r0=cfg.toe.r0, num_stages=cfg.toe.num_stages, total_steps=max(
-                cfg.toe.warmup_steps + cfg.toe.num_stages, 10**9), k=cfg.toe.k, block=cfg.toe.block)
+                cfg.toe.warmup_steps + cfg.toe.num_stages, 10**9), k=cfg.toe.k, block=cfg.toe.block,
+                seed_stride=cfg.toe.seed_stride)
         except ValueError as err:
             raise ConfigError(f"toe: {err}") from err
 

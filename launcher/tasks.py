@@ -31,16 +31,19 @@ class ClassificationTask:
         from data.stream import build_eval_stream, build_train_stream
         from data.transforms import StepMixup
         cfg, d = self.cfg, self.cfg.data
-        options = dict(auto_augment=d.auto_augment, re_prob=d.re_prob, color_jitter=d.color_jitter)
+        common = dict(interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))  # train and eval alike
+        options = dict(auto_augment=d.auto_augment, re_prob=d.re_prob, color_jitter=d.color_jitter,
+                       scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip, vflip=d.vflip, **common)
         train = build_train_stream(d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
                                    seed=cfg.train.seed, image_size=cfg.model.img_size, split=d.train_split,
                                    buffer_size=d.buffer_size, repeats=d.repeats, pin_memory=pin_memory, **options)
         evaluation = build_eval_stream(d.eval_path or d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
                                        image_size=cfg.model.img_size, split=d.eval_split, crop_pct=d.crop_pct,
-                                       pin_memory=pin_memory)
-        if d.mixup > 0 or d.cutmix > 0:
+                                       pin_memory=pin_memory, **common)
+        if d.mixup > 0 or d.cutmix > 0:  # per rank: each rank draws its own lambda and box, as timm does
             self.mixup = StepMixup(cfg.model.num_classes, mixup_alpha=d.mixup, cutmix_alpha=d.cutmix,
-                                   prob=d.mixup_prob, label_smoothing=d.label_smoothing, seed=cfg.train.seed)
+                                   prob=d.mixup_prob, label_smoothing=d.label_smoothing, seed=cfg.train.seed,
+                                   rank=rank)
         return train, evaluation
 
     def loss(self, model, batch: dict, micro_step: int, device, dtype) -> torch.Tensor:
@@ -87,8 +90,8 @@ class DetectionTask:
         from models.yolos import create_yolos
         m, det = self.cfg.model, self.cfg.detection
         model = create_yolos(m.name, num_classes=m.num_classes, num_det_tokens=det.num_det_tokens,
-                             img_size=m.img_size, mid_pos_embed=det.mid_pos_embed, drop_path=m.drop_path,
-                             checkpoint=m.checkpoint, **m.kwargs)
+                             img_size=m.img_size, init_pe_size=det.init_pe_size, mid_pos_embed=det.mid_pos_embed,
+                             mid_pe_size=det.mid_pe_size, drop_path=m.drop_path, checkpoint=m.checkpoint, **m.kwargs)
         return model, det.num_det_tokens
 
     def build_streams(self, *, micro: int, rank: int, world: int, pin_memory: bool):
@@ -97,7 +100,7 @@ class DetectionTask:
         patch = self.cfg.model.kwargs.get("patch_size", 16)
         common = dict(batch_size=micro, rank=rank, world_size=world, num_workers=d.workers, scales=det.scales,
                       max_size=det.max_size, crop_scales=det.crop_scales, crop_size=tuple(det.crop_size),
-                      pad_multiple=patch)
+                      eval_size=det.eval_size, eval_max_size=det.eval_max_size, pad_multiple=patch)
         train = build_detection_stream(d.path, train=True, seed=cfg.train.seed, split=d.train_split,
                                        buffer_size=d.buffer_size, **common)
         evaluation = build_detection_stream(d.eval_path or d.path, train=False, split=d.eval_split, **common)

@@ -164,13 +164,17 @@ class Trainer:
         if cfg.toe.enabled:
             tc = cfg.toe
             self.schedule = ToESchedule(r1=tc.r1, r0=tc.r0, num_stages=tc.num_stages, total_steps=self.total_steps,
-                                        k=tc.k, boundaries=tc.boundaries, block=tc.block, warmup_steps=tc.warmup_steps)
+                                        k=tc.k, boundaries=tc.boundaries, block=tc.block, seed_stride=tc.seed_stride,
+                                        warmup_steps=tc.warmup_steps if tc.warmup_epochs is None  # epochs -> steps
+                                        else round(tc.warmup_epochs * self.steps_per_epoch))
             plugins.append(ToEPlugin(self.schedule, num_suffix=num_suffix, distance=tc.distance, init=tc.init,
                                      expand=tc.expand, merge=tc.merge, sparse_eval=tc.sparse_eval))
         self.plugins = PluginStack(plugins)
         self.plugins.attach(model, num_suffix=num_suffix)
         if cfg.toe.enabled and self.rank == 0:
-            log.info("ToE schedule:\n%s", self.schedule.describe(self.plugins.shape.num_patches, self.plugins.shape))
+            log.info("ToE schedule at the model's nominal grid (the log's toe/kept_tokens and cost/flops_share follow "
+                     "each step's actual input):\n%s", self.schedule.describe(self.plugins.shape.num_patches,
+                                                                             self.plugins.shape))
         o = cfg.optim
         self.peak_lr = o.lr if o.lr is not None else o.base_lr * cfg.train.global_batch / 512
         optimizer = torch.optim.AdamW(weight_decay_groups(model, o.weight_decay), lr=self.peak_lr,
@@ -235,6 +239,10 @@ class Trainer:
         metrics_file = open(cfg.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
         writer = self._tensorboard()
         dtype = self._input_dtype()
+        if metrics_file is not None:  # a run's wall-clock is the sum of its segments (launcher.report)
+            metrics_file.write(json.dumps({"event": "start", "step": step, "time": time.time(),
+                                           "world_size": self.world}) + "\n")
+            metrics_file.flush()
         if t.eval_on_start and step == 0:  # the starting point (e.g. a pretrained backbone), not on resume
             self._evaluate(0, metrics_file, writer)
         progress = self._progress(step)
@@ -257,7 +265,8 @@ class Trainer:
                 step += 1
                 if self.ema is not None:
                     self.ema.update(self.engine.module)
-                record = {"step": step - 1, "loss": loss.item(), "lr": lr, **metrics}
+                record = {"step": step - 1, "loss": loss.item(), "lr": lr, "time": time.time(), **metrics,
+                          **self.plugins.step_metrics(step - 1)}  # measured on this step's forwards (actual grids)
                 if step % t.log_every == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     record.update({"img_per_s": window_images / elapsed, "epoch": self.train_stream.epoch,
@@ -323,7 +332,8 @@ class Trainer:
         log.info("eval at step %d: %s", step, " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in results.items()))
         if metrics_file is not None:
-            metrics_file.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in results.items()}}) + "\n")
+            metrics_file.write(json.dumps({"step": step, "time": time.time(),
+                                           **{f"eval/{k}": v for k, v in results.items()}}) + "\n")
             metrics_file.flush()
             if writer is not None:
                 for key, value in results.items():

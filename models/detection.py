@@ -1,7 +1,8 @@
 """DETR/YOLOS set prediction: Hungarian matching and the set criterion.
 
 Boxes are normalised ``cx, cy, w, h``; box conversions and generalized IoU come from
-``torchvision.ops``, the assignment from ``scipy.optimize.linear_sum_assignment``.
+``torchvision.ops``, the assignment from ``scipy.optimize.linear_sum_assignment``. Matching and
+losses run in float32 (autocast off) whatever the model's precision.
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def hungarian_match(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets
     if len(labels) == 0:
         empty = torch.empty(0, dtype=torch.long)
         return [(empty, empty) for _ in targets]
-    cost = (cost_bbox * torch.cdist(boxes, target_boxes, p=1) - cost_class * prob[:, labels]
-            - cost_giou * generalized_box_iou(_xyxy(boxes), _xyxy(target_boxes)))
+    with torch.autocast(boxes.device.type, enabled=False):  # float32 costs under any autocast
+        cost = (cost_bbox * torch.cdist(boxes, target_boxes, p=1) - cost_class * prob[:, labels]
+                - cost_giou * generalized_box_iou(_xyxy(boxes), _xyxy(target_boxes)))
     cost = cost.view(batch, queries, -1).cpu()
     sizes = [len(t["labels"]) for t in targets]
     matches = []
@@ -70,7 +72,10 @@ class SetCriterion(nn.Module):
         return max(count.item(), 1.0)
 
     def forward(self, outputs: dict[str, torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
-        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+        with torch.autocast(outputs["pred_boxes"].device.type, enabled=False):  # float32 matching and losses
+            return self._losses(outputs["pred_logits"].float(), outputs["pred_boxes"].float(), targets)
+
+    def _losses(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
         matches = hungarian_match(logits, boxes, targets, **self.costs)
         batch_index = torch.cat([torch.full_like(rows, i) for i, (rows, _) in enumerate(matches)]).to(logits.device)
         query_index = torch.cat([rows for rows, _ in matches]).to(logits.device)

@@ -106,3 +106,9 @@ def test_a_json_that_clips_against_the_recipe_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="gradient_clipping=1.0 but the recipe gives 0.0"):
         deepspeed_config(cfg, world_size=8)
     assert deepspeed_config(load_config(str(ROOT / "configs/deit_small.yaml")), world_size=8)["gradient_clipping"] == 0.0
+
+
+def test_toe_seed_stride_is_validated_at_start_up():
+    assert load_config(str(ROOT / "configs/deit_tiny_toe_r04.yaml"), ["toe.seed_stride=4"]).toe.seed_stride == 4
+    with pytest.raises(ConfigError, match="seed_stride"):
+        load_config(str(ROOT / "configs/deit_tiny_toe_r04.yaml"), ["toe.seed_stride=0"])

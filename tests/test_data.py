@@ -226,29 +226,32 @@ def test_world_size_change_mid_epoch_sees_each_sample_once(shards, tmp_path):
     assert 77 - len(seen) < 2 * 4, "only the new split's remainder (< workers x batch) is left out"
 
 
-def corrupt_shards(tmp_path: Path) -> Path:
-    """Synthetic shards where one sample has a broken PNG, one has no .cls, and the last shard is truncated."""
+def corrupt_shards(tmp_path: Path) -> tuple[Path, str, str]:
+    """Synthetic shards where the sample at position 13 has a broken PNG, the one at 17 has no .cls,
+    and the last shard is truncated; returns the folder and those two samples' keys."""
     out = synthetic_shards(tmp_path / "bad", train=40, val=0, shard_size=10)
-    tar_path = out / "train-000001.tar"
+    tar_path = out / "train-000001.tar"  # positions 10..19
     members = []
     with tarfile.open(tar_path) as tar:
         for member in tar:
             members.append((member, tar.extractfile(member).read()))
+    keys = list(dict.fromkeys(member.name.split(".")[0] for member, _ in members))  # in shard order
+    broken, unlabelled = keys[13 - 10], keys[17 - 10]
     with tarfile.open(tar_path, "w") as tar:
         for member, data in members:
-            if member.name == "train_00000013.png":
+            if member.name == f"{broken}.png":
                 data = b"\x89PNG broken"
-            if member.name == "train_00000017.cls":
+            if member.name == f"{unlabelled}.cls":
                 continue
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
     last = out / "train-000003.tar"
     last.write_bytes(last.read_bytes()[:len(last.read_bytes()) // 2])  # truncated mid-shard
-    return out
+    return out, broken, unlabelled
 
 
 def test_bad_samples_are_skipped_counted_and_do_not_shorten_the_epoch(tmp_path, caplog):
-    out = corrupt_shards(tmp_path)
+    out, broken, unlabelled = corrupt_shards(tmp_path)
     streams = [build_train_stream(str(out), batch_size=4, rank=r, world_size=2, num_workers=2, seed=0,
                                   image_size=32, buffer_size=4) for r in range(2)]
     with caplog.at_level("WARNING"):
@@ -259,7 +262,7 @@ def test_bad_samples_are_skipped_counted_and_do_not_shorten_the_epoch(tmp_path, 
     assert 1 <= counters["unreadable_shard"] <= 4, "reported once per worker that reads it"
     assert counters["unreadable_sample"] >= 1
     assert counters["refilled"] >= 2, "skipped samples were replaced to keep batches full"
-    assert "train_00000013" in caplog.text and "train_00000017" in caplog.text
+    assert broken in caplog.text and unlabelled in caplog.text
     seen = [i for rank in per_rank for batch in rank for i in batch]
     assert 13 not in seen and 17 not in seen
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from data import write_shards
-from data.detection import build_detection_stream, coco_evaluate, postprocess
+from data.detection import (DetectionCodec, build_detection_stream, build_detection_transform, coco_evaluate,
+                            postprocess, resized_size)
 from data.shards import ShardIndex, read_samples
 
 SIZES = dict(scales=[48, 64, 80], max_size=120, crop_scales=[48, 64], crop_size=(32, 60), pad_multiple=8)
@@ -34,10 +35,10 @@ def test_eval_transform_scales_boxes_with_the_image(shards):
     meta = json.loads(raw["json"])
     target = batch["targets"][0]
     assert target["size"].tolist() == [80, 80] and target["orig_size"].tolist() == [64, 64]
-    height, width = target["canvas"].tolist()
-    assert height % 8 == 0 and width % 8 == 0 and batch["image"].shape[-2:] == (height, width)
+    height, width = batch["image"].shape[-2:]
+    assert height % 8 == 0 and width % 8 == 0 and height >= 80 and width >= 80
     expected = torch.tensor(meta["boxes"]) * 80 / 64
-    got = target["boxes"] * torch.tensor([width, height, width, height])
+    got = target["boxes"] * torch.tensor([80, 80, 80, 80])  # normalised by the unpadded image, as YOLOS
     got = torch.cat([got[:, :2] - got[:, 2:] / 2, got[:, :2] + got[:, 2:] / 2], dim=1)
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
     assert target["labels"].tolist() == meta["labels"]
@@ -53,6 +54,8 @@ def test_train_stream_equal_batches_padded_and_boxes_valid(shards):
         for batch in batches:
             assert batch["image"].shape[-1] % 8 == 0 and batch["image"].shape[-2] % 8 == 0
             for target in batch["targets"]:
+                size_h, size_w = target["size"].tolist()  # YOLOS floors resized sides to the patch multiple
+                assert size_h % 8 == 0 and size_w % 8 == 0 and max(size_h, size_w) <= SIZES["max_size"]
                 boxes = target["boxes"]
                 assert torch.all((boxes >= 0) & (boxes <= 1)) and torch.all(boxes[:, 2:] > 0)
                 assert torch.all((target["labels"] >= 0) & (target["labels"] < 32))
@@ -62,7 +65,7 @@ def test_train_stream_equal_batches_padded_and_boxes_valid(shards):
 def test_bad_boxes_are_skipped_and_counted(shards, tmp_path):
     out = tmp_path / "bad"
     assert write_shards.main(["synthetic", str(out), "--train", "16", "--val", "0", "--size", "64", "--objects", "2",
-                              "--shard-size", "16", "--no-progress"]) == 0
+                              "--shard-size", "16", "--no-progress", "--no-shuffle"]) == 0  # position = index
     tar_path = out / "train-000000.tar"
     with tarfile.open(tar_path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
@@ -81,6 +84,75 @@ def test_bad_boxes_are_skipped_and_counted(shards, tmp_path):
     assert len(batches) == 4
     assert stream.counters["bad_boxes"] == 1 and stream.counters["missing_boxes"] == 1
     assert {3, 5}.isdisjoint(i for b in batches for i in b["sample_id"].tolist())
+
+
+@pytest.mark.parametrize("height,width,size,max_size,expected", [
+    (480, 640, 800, 1333, (800, 1056)),   # int(800 * 640 / 480) = 1066, floored to 16
+    (427, 640, 608, 1013, (608, 896)),    # YOLOS-Ti's largest scale: int(608 * 640 / 427) = 911 -> 896
+    (640, 427, 256, 1013, (368, 256)),    # portrait: int(256 * 640 / 427) = 383 -> 368
+    (300, 1200, 800, 1333, (320, 1328)),  # the cap: size round(1333 * 300 / 1200) = 333 -> 333 x 1332 -> floored
+    (512, 512, 512, 853, (512, 512)),     # already at size
+])
+def test_resize_follows_yolos_rule(height, width, size, max_size, expected):
+    assert resized_size(height, width, size, max_size, 16) == expected
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_resized_sides_are_patch_multiples_within_the_cap(seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(50):
+        height, width, size = (int(torch.randint(17, 2000, (), generator=gen)) for _ in range(3))
+        max_size = size + int(torch.randint(1, 2000, (), generator=gen))
+        out_h, out_w = resized_size(height, width, size, max_size, 16)
+        # the cap holds up to YOLOS's rounding of the capped shorter side (half a pixel, times the aspect)
+        aspect = max(height, width) / min(height, width)
+        assert out_h % 16 == 0 and out_w % 16 == 0 and max(out_h, out_w) <= max_size + 0.5 * aspect + 1
+        assert min(out_h, out_w) <= max(size, 16)
+        # the aspect ratio survives up to the flooring
+        assert abs(out_w / out_h - width / height) <= (width / height) * 16 * (1 / out_h + 1 / out_w) + 1e-9
+
+
+def synthetic_sample(gen, height, width, boxes):
+    from PIL import Image
+    pixels = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    meta = {"boxes": boxes, "labels": list(range(len(boxes))), "image_id": 7, "width": width, "height": height}
+    return {"png": buffer.getvalue(), "json": json.dumps(meta).encode()}
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_box_survives_the_round_trip_at_any_pad(seed):
+    """Targets are normalised by the unpadded image, so the batch's padding does not move them, and
+    postprocess maps a perfect prediction back onto the original box whatever the pad."""
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda low, high: int(torch.randint(low, high + 1, (), generator=gen))
+    height, width = draw(24, 90), draw(24, 90)
+    boxes = []
+    for _ in range(draw(1, 3)):
+        x0, y0 = draw(0, width - 8), draw(0, height - 8)
+        boxes.append([x0, y0, draw(x0 + 4, width), draw(y0 + 4, height)])
+    eval_size = draw(24, 96)
+    transform = build_detection_transform(False, scales=[64], max_size=100, eval_size=eval_size,
+                                          eval_max_size=eval_size + draw(1, 80), multiple=8)
+    codec = DetectionCodec(transform, num_classes=8, pad_multiple=8)
+    decoded = codec.decode(synthetic_sample(gen, height, width, boxes))
+    size = decoded[1]["size"].tolist()
+    alone = codec.collate([decoded], [0], [True])
+    other = (torch.zeros(3, size[0] + draw(0, 6) * 8, size[1] + draw(1, 6) * 8), decoded[1])
+    padded = codec.collate([other, decoded, None], [1, 0, 2], [True, True, False])
+    assert padded["image"].shape[-1] > size[1], "the image is padded"
+    torch.testing.assert_close(padded["targets"][1]["boxes"], alone["targets"][0]["boxes"], rtol=0, atol=0)
+    boxes_out = padded["targets"][1]["boxes"]
+    outputs = {"pred_logits": torch.full((3, len(boxes), 9), -10.0), "pred_boxes": torch.full((3, len(boxes), 4), 0.5)}
+    outputs["pred_boxes"][1] = boxes_out
+    outputs["pred_logits"][1, torch.arange(len(boxes)), torch.arange(len(boxes))] = 10.0
+    results = postprocess(outputs, padded["targets"])
+    assert len(results) == 2 * len(boxes), "two real images; the eval padding gives no results"
+    got = torch.tensor([r["bbox"] for r in results[len(boxes):]])  # slot 1: the confident, exact predictions
+    want = torch.tensor(boxes, dtype=torch.float32)
+    want[:, 2:] -= want[:, :2]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
 
 
 def perfect_outputs(batch, classes=32, queries=5):

@@ -99,21 +99,143 @@ def test_criterion_is_invariant_to_query_order_and_weighs_no_object():
 
 # -- the model -----------------------------------------------------------------------------------
 
-def test_position_embeddings_keep_the_pretrained_grid_at_native_size_and_follow_other_sizes(tmp_path):
+def yolos_interpolate(table, old, new):
+    """YOLOS's InterpolateInitPosEmbed, written out: [1, h*w, C] on ``old`` -> ``new`` (bicubic, no antialias)."""
+    dim = table.shape[-1]
+    grid = table.reshape(1, old[0], old[1], dim).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=new, mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], dim)
+
+
+def test_position_table_is_resampled_once_to_init_pe_size_and_learned_there(tmp_path, monkeypatch):
+    """As YOLOS's finetune_det: the ImageNet table (8 x 8 here) goes to the init_pe_size grid once, at
+    build; the model learns that table, and each forward resamples it from there to the input's grid."""
+    import models.yolos as yolos_module
+
     teacher = timm.create_model("deit_tiny_patch16_224", num_classes=1000, **TINY)
     path = tmp_path / "deit.pth"
     torch.save(teacher.state_dict(), path)
-    model = create_yolos(num_classes=5, num_det_tokens=6, checkpoint=str(path), **TINY)
+    model = create_yolos(num_classes=5, num_det_tokens=6, checkpoint=str(path), init_pe_size=[48, 100],
+                         mid_pos_embed=True, mid_pe_size=[40, 56], **TINY)
     for name, value in teacher.state_dict().items():
-        if not name.startswith("head."):
+        if not name.startswith(("head.", "pos_embed")):
             assert torch.equal(model.backbone.state_dict()[name], value), name
-    native = model._grid_pos(model.backbone.pos_embed, (8, 8))
-    assert torch.equal(native, model.backbone.pos_embed), "no resampling at the pretrained grid"
-    assert model._grid_pos(model.backbone.pos_embed, (6, 10)).shape == (1, 1 + 60, 48)
-    for size in ((64, 64), (48, 80), (96, 56)):
+    table = model.backbone.pos_embed
+    assert isinstance(table, torch.nn.Parameter) and table.shape == (1, 1 + 6 * 12, 48)  # 100 // 8 = 12, as YOLOS floors
+    assert torch.equal(table[:, :1], teacher.pos_embed[:, :1])
+    torch.testing.assert_close(table[:, 1:], yolos_interpolate(teacher.pos_embed[:, 1:], (8, 8), (6, 12)),
+                               rtol=0, atol=1e-6)
+    assert model.patch_embed.num_patches == 72 and tuple(model.patch_embed.grid_size) == (6, 12)
+    assert model.mid_pos_embed.shape == (3, 1, 1 + 5 * 7, 48)
+    assert {n for n, _ in model.named_parameters() if "pos_embed" in n} == {
+        "backbone.pos_embed", "det_pos_embed", "mid_pos_embed", "mid_det_pos_embed"}, "no 8 x 8 table left over"
+
+    # at the init grid the learned table is used as it is; elsewhere it is resampled from that grid
+    assert torch.equal(model.position_embeddings((6, 12))[:, 1:73], table[:, 1:])
+    for grid in ((8, 8), (5, 13), (10, 4)):
+        got = model.position_embeddings(grid)
+        torch.testing.assert_close(got[:, 1:-6], yolos_interpolate(table[:, 1:], (6, 12), grid), rtol=0, atol=1e-6)
+        mid = model.mid_position_embeddings(grid)
+        assert mid.shape == (3, 1, 1 + grid[0] * grid[1] + 6, 48)
+        torch.testing.assert_close(mid[1, :, 1:-6], yolos_interpolate(model.mid_pos_embed[1, :, 1:], (5, 7), grid),
+                                   rtol=0, atol=1e-6)
+    calls = []
+    original = yolos_module.resample_grid
+    monkeypatch.setattr(yolos_module, "resample_grid", lambda t, old, new: calls.append((old, new)) or original(t, old, new))
+    for size in ((48, 96), (64, 64), (40, 104)):
         out = model(torch.randn(2, 3, *size))
         assert out["pred_logits"].shape == (2, 6, 6) and out["pred_boxes"].shape == (2, 6, 4)
         assert torch.all((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1))
+        grid = (size[0] // 8, size[1] // 8)
+        assert calls == [((6, 12), grid), ((5, 7), grid)], "every forward resamples from the learned grids"
+        calls.clear()
+    out["pred_boxes"].sum().backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0 and model.mid_pos_embed.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="init_pe_size"):
+        create_yolos(init_pe_size=[4, 64], **TINY)
+    with pytest.raises(ValueError, match="mid_pos_embed"):
+        create_yolos(mid_pe_size=[64, 64], **TINY)
+
+
+def test_without_init_pe_size_the_pretrained_grid_is_kept():
+    model = make()
+    assert model.pe_grid == (8, 8) and model.mid_grid == (8, 8)
+    assert torch.equal(model.position_embeddings((8, 8))[:, :65], model.backbone.pos_embed)
+
+
+def test_heads_sigmoid_and_losses_run_in_float32_in_a_bf16_model():
+    """A bf16 sigmoid output sits on a 1/256 grid above 0.5 (about 5 px at 1333 px): the box head, its
+    sigmoid and the loss stay in float32 while the backbone runs in bf16."""
+    model = make(mid_pos_embed=False).to(torch.bfloat16)
+    seen = {}
+    model.backbone.norm.register_forward_hook(lambda module, args, out: seen.setdefault("tokens", out))
+    out = model(torch.randn(2, 3, 64, 64).to(torch.bfloat16))
+    assert seen["tokens"].dtype == torch.bfloat16, "the backbone itself runs in bf16"
+    assert out["pred_boxes"].dtype == out["pred_logits"].dtype == torch.float32
+    tokens = seen["tokens"][:, -6:].float()
+    x = tokens
+    for i, layer in enumerate(model.bbox_embed.layers):  # the head written out in float32
+        x = torch.nn.functional.linear(x, layer.weight.float(), layer.bias.float())
+        x = x if i == 2 else torch.relu(x)
+    torch.testing.assert_close(out["pred_boxes"], x.sigmoid(), rtol=0, atol=1e-6)
+    assert (out["pred_boxes"] != out["pred_boxes"].bfloat16().float()).any(), "not quantised to bf16"
+    targets = random_targets(2, 5, torch.Generator().manual_seed(0), max_boxes=2)
+    losses = SetCriterion(5)(out, targets)
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    losses["loss"].backward()
+    weight = model.bbox_embed.layers[0].weight
+    assert weight.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16 and weight.grad.abs().sum() > 0
+
+
+def test_plugin_logs_kept_tokens_and_flops_share_of_the_actual_input_grid():
+    """Detection inputs change size every batch: the logged kept tokens are those of the forward, and
+    the FLOPs share is the cost model's on that forward's grid, not on the model's nominal one."""
+    from toe import PluginStack, ToEPlugin, ViTShape
+    from toe.cost import token_plan_flops
+
+    model = make(mid_pos_embed=True)
+    schedule = ToESchedule(r1=0.5, total_steps=30, warmup_steps=3)
+    stack = PluginStack([ToEPlugin(schedule, num_suffix=6)])
+    stack.attach(model, num_suffix=6)
+    entering = []
+    model.blocks[2].register_forward_pre_hook(lambda module, args: entering.append(args[0].shape[1] - 1 - 6))
+    model.train()
+
+    def expected_share(step, patches):
+        shape = ViTShape.from_model(model, num_suffix=6).with_patches(patches)
+        kept = schedule.kept_tokens(patches, schedule.stage(step))
+        return token_plan_flops(shape, (1, kept)) / token_plan_flops(shape, None)
+
+    shares = {}
+    for size, patches in (((48, 96), 72), ((96, 128), 192)):  # the nominal grid is 8 x 8 = 64
+        for step in (0, 5, 15):
+            stack.on_step(step)
+            entering.clear()
+            model(torch.randn(2, 3, *size))
+            metrics = stack.step_metrics(step)
+            assert entering == [schedule.kept_tokens(patches, schedule.stage(step))]
+            assert metrics["toe/kept_tokens"] == entering[0] and metrics["cost/patch_tokens"] == patches
+            assert metrics["cost/flops_share"] == pytest.approx(expected_share(step, patches), rel=1e-12)
+            shares[size, step] = metrics["cost/flops_share"]
+    assert shares[(48, 96), 0] == shares[(96, 128), 0] == 1.0, "warm-up: full tokens"
+    assert shares[(48, 96), 5] != pytest.approx(shares[(96, 128), 5], rel=1e-3), "the grid changes the share"
+    assert shares[(48, 96), 5] != pytest.approx(stack.flops_share(5), rel=1e-3), "not the nominal grid's"
+
+    # two micro-batches of different sizes in one step: sample- and FLOPs-weighted means
+    stack.on_step(5)
+    model(torch.randn(3, 3, 48, 96))
+    model(torch.randn(1, 3, 96, 128))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))  # evaluation forwards are no training cost
+    model.train()
+    metrics = stack.step_metrics(5)
+    dense = {n: token_plan_flops(ViTShape.from_model(model, num_suffix=6).with_patches(n), None) for n in (72, 192)}
+    mixed = (3 * dense[72] * expected_share(5, 72) + dense[192] * expected_share(5, 192)) / (3 * dense[72] + dense[192])
+    assert metrics["cost/flops_share"] == pytest.approx(mixed, rel=1e-12)
+    assert metrics["cost/patch_tokens"] == pytest.approx((3 * 72 + 192) / 4)
+    assert metrics["toe/kept_tokens"] == pytest.approx((3 * 36 + 96) / 4)
+    assert stack.step_metrics(6) == {}, "each call covers the forwards since the previous one"
 
 
 def test_toe_keeps_detection_tokens_and_works_per_sample_with_mid_position_embeddings():
@@ -243,3 +365,54 @@ def test_tiny_recipe_lifts_held_out_ap50_far_above_the_untrained_model(tmp_path)
           f"(AP {start['eval/AP']:.4f} -> {final['AP']:.4f})")
     assert start["eval/AP50"] < 0.01
     assert final["AP50"] >= 0.02 and final["AP50"] >= 10 * max(start["eval/AP50"], 1e-3)
+
+
+# -- the recipes ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe,epochs,expansion_steps", [
+    ("yolos_s_toe_r05.yaml", 150, [5, 50, 100]),   # ToE/YOLOS/run/coco_small_run1.sh --expansion-step
+    ("yolos_ti_toe_r05.yaml", 300, [5, 100, 200]),  # ToE/YOLOS/run/coco_tiny_run1.sh --expansion-step
+])
+def test_toe_recipes_stage_every_epoch_as_the_authors_runs(recipe, epochs, expansion_steps):
+    """The authors set the stage once per epoch, ``bisect_right(expansion_step, epoch)`` (stage 0: all
+    tokens); the recipe's warm-up epochs and fractional boundaries give the same stage at every step."""
+    import bisect
+    from pathlib import Path
+
+    from launcher.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / recipe))
+    assert cfg.train.epochs == epochs
+    for steps_per_epoch in (14786, 7393, 37):  # COCO train2017 at batch 8 and 16, and a small one
+        total = epochs * steps_per_epoch
+        tc = cfg.toe
+        schedule = ToESchedule(r1=tc.r1, r0=tc.r0, num_stages=tc.num_stages, total_steps=total, k=tc.k,
+                               boundaries=tc.boundaries, block=tc.block,
+                               warmup_steps=round(tc.warmup_epochs * steps_per_epoch))  # as launcher.train does
+        for epoch in range(epochs):
+            want = bisect.bisect_right(expansion_steps, epoch)
+            first, last = epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch - 1
+            assert schedule.stage(first) == schedule.stage(last) == want, (steps_per_epoch, epoch)
+        assert [float(schedule.rate(s)) for s in (1, 2, 3)] == [0.5, 0.75, 1.0]  # --keep-rate 0.5 0.75 1.0
+        assert schedule.r0 == 0.25 and schedule.k == 2 and schedule.block == 1
+
+
+@pytest.mark.parametrize("override,key", [
+    ("detection.init_pe_size=[800]", "detection.init_pe_size"),
+    ("detection.init_pe_size=[2, 64]", "detection.init_pe_size"),
+    ("detection.mid_pe_size=[32, 32]", "detection.mid_pe_size"),  # mid_pos_embed is off in yolos_ti
+    ("detection.eval_max_size=512", "eval_max_size"),
+    ("detection.scales=[256, 8]", "scales"),
+    ("toe.warmup_epochs=-1", "toe.warmup_epochs"),
+    ("toe.warmup_epochs=.nan", "toe.warmup_epochs"),
+])
+def test_bad_yolos_settings_are_refused_at_start_up(override, key):
+    from pathlib import Path
+
+    from launcher.config import ConfigError, load_config
+
+    recipe = "yolos_ti_toe_r05.yaml" if override.startswith("toe") else "yolos_ti.yaml"
+    with pytest.raises(ConfigError, match=key):
+        load_config(str(Path(__file__).resolve().parents[1] / "configs" / recipe), [override])
+    with pytest.raises(ConfigError, match="toe.warmup_epochs"):  # one of warmup_steps and warmup_epochs
+        load_config(str(Path(__file__).resolve().parents[1] / "configs/yolos_ti_toe_r05.yaml"), ["toe.warmup_steps=10"])

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch.nn as nn
 
-__all__ = ["BlockLoad", "ViTShape", "forward_flops", "keep_patches_after", "token_plan_flops"]
+__all__ = ["BlockLoad", "ViTShape", "forward_flops", "keep_patches_after", "patches_at", "token_plan_flops"]
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,18 @@ class ViTShape:
     def vit_small(cls, num_patches: int = 196) -> "ViTShape":
         return cls(num_patches=num_patches, embed_dim=384, depth=12)
 
+    def with_patches(self, num_patches: int) -> "ViTShape":
+        """The same ViT on another input grid (detection inputs vary per batch)."""
+        return self if num_patches == self.num_patches else replace(self, num_patches=int(num_patches))
+
     @classmethod
     def from_model(cls, model: nn.Module, num_suffix: int = 0) -> "ViTShape":
-        """Read the shape off a timm ``VisionTransformer`` (or anything with the same attributes)."""
+        """Read the shape off a timm ``VisionTransformer`` (or anything with the same attributes).
+
+        ``num_patches`` is the model's nominal grid (``patch_embed.num_patches``: the input size it
+        was built for; YOLOS: its position-embedding grid). For inputs of another size, use
+        ``with_patches``; ``PluginStack.step_metrics`` does so for every training forward.
+        """
         try:
             block = model.blocks[0]
             patch = model.patch_embed.patch_size
@@ -93,9 +102,18 @@ def forward_flops(shape: ViTShape, plan: Optional[Sequence[BlockLoad]] = None) -
     return flops + 2.0 * dim * shape.num_classes
 
 
+def patches_at(shape: ViTShape, plan: Sequence[BlockLoad], block: int) -> int:
+    """Patch tokens that enter block ``block`` (0-based) in ``plan``: its tokens less prefix and suffix."""
+    return plan[block].tokens - shape.num_prefix - shape.num_suffix
+
+
 def keep_patches_after(shape: ViTShape, plan: Sequence[BlockLoad], block: int, kept_patches: int) -> list[BlockLoad]:
-    """The plan with only ``kept_patches`` patch tokens entering blocks ``block`` .. depth-1 (0-based)."""
-    dropped = shape.num_patches - kept_patches
+    """The plan with only ``kept_patches`` of the patch tokens that reach block ``block`` entering blocks
+    ``block`` .. depth-1 (0-based). The patch count is the plan's own, so a plan for another grid
+    (``shape.with_patches(N).dense_plan()``) works the same."""
+    dropped = patches_at(shape, plan, block) - kept_patches
+    if dropped < 0:
+        raise ValueError(f"cannot keep {kept_patches} of {patches_at(shape, plan, block)} patch tokens")
     return [replace(load, tokens=load.tokens - dropped) if i >= block else load for i, load in enumerate(plan)]
 
 
