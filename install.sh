@@ -27,6 +27,16 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "install: SLURM/munge not installed (needs root): the SLURM tests will be skipped" >&2
   fi
 fi
+# Fashion-MNIST (MIT licence, 30 MB), the real image set of the README's comparison; optional: no test needs it
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null; then
+    echo "install: installed dataset-fashion-mnist ($FMNIST)"
+  else
+    echo "install: SKIPPED dataset-fashion-mnist (needs root and Debian's apt): for the README's Fashion-MNIST" >&2
+    echo "install: comparison, put the four IDX files of zalandoresearch/fashion-mnist in a folder yourself" >&2
+  fi
+fi
 
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "install: Python >= 3.10 required" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"

@@ -7,7 +7,7 @@ One process, one device. Every configuration runs the same batch through forward
 the optimizer step (torch AdamW in both loops; the engine uses ZeRO-1 with ``--precision``, the
 plain loop autocasts to it). Rounds interleave the configurations, so ratios come from one run
 under the same load; timings are medians. ToE rows give the measured speed-up over the engine's
-full-token step beside the theoretical one (``toe.cost``) and the one counted by
+full-token step beside the theoretical one (``models.cost``) and the one counted by
 ``torch.utils.flop_counter`` on forward + backward. Targets: engine >= 1.0x the plain loop;
 measured / theoretical ToE speed-up >= 0.98. Prints a table, writes JSON.
 """
@@ -27,7 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import interleaved_medians  # noqa: E402
 from models import create_classifier  # noqa: E402
-from toe import PluginStack, ToEPlugin, ToESchedule  # noqa: E402
+from methods import PluginStack  # noqa: E402
+from methods.toe import ToEPlugin  # noqa: E402
+from toe import ToESchedule  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -21,7 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import interleaved_medians  # noqa: E402
-from toe import PluginStack, ToEPlugin, ToESchedule, expand_tokens  # noqa: E402
+from methods import PluginStack  # noqa: E402
+from methods.toe import ToEPlugin  # noqa: E402
+from toe import ToESchedule, expand_tokens  # noqa: E402
 
 TARGETS = {"cpu": 0.05, "cuda": 0.02}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -3,6 +3,7 @@
     python -m data.write_shards imagefolder SRC OUT [--val-fraction 0.1] [--shard-size 1000] [--workers 4] [--seed 0]
     python -m data.write_shards synthetic OUT [--train 8192] [--val 1024] [--size 32] [--objects 1]
     python -m data.write_shards coco IMG_DIR instances_val2017.json OUT --split val
+    python -m data.write_shards idx /usr/share/datasets/fashion-mnist OUT [--classes fashion-mnist]
 
 Every writer takes ``--seed`` (the write order; synthetic: also the images) and ``--no-shuffle``.
 
@@ -11,6 +12,7 @@ and ``SRC/val/...`` when those exist). Images are stored as they are (no re-enco
 their class index in ``.cls``; unreadable images are counted, listed and skipped.
 ``coco``: COCO images (stored as they are) + ``.json`` boxes (x0, y0, x1, y1 pixels), COCO class ids
 kept, ``iscrowd`` kept; the annotation file is copied to ``{split}_coco.json`` for evaluation.
+``idx``: MNIST-style IDX files (``train-*`` -> split ``train``, ``t10k-*`` -> ``val``), grey PNGs + ``.cls``.
 ``synthetic``: the embedded default data (``data.synthetic``): ``.png`` + ``.cls`` + ``.json``
 (boxes, for detection), and ``{split}_coco.json`` ground truth for COCO evaluation.
 
@@ -267,6 +269,68 @@ def synthetic(args) -> dict:
     return meta
 
 
+# -- idx (MNIST, Fashion-MNIST) -----------------------------------------------------------------
+
+IDX_SPLITS = {"train": "train", "val": "t10k"}  # shard split -> file prefix (the test set is the eval split)
+IDX_CLASSES = {
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],  # zalandoresearch/fashion-mnist README, labels 0-9
+    "mnist": [str(d) for d in range(10)],
+}
+_IDX_CACHE: dict = {}
+
+
+def idx_files(src: Path, prefix: str) -> tuple[Path, Path]:
+    """``{prefix}-images-idx3-ubyte[.gz]`` and ``{prefix}-labels-idx1-ubyte[.gz]`` in ``src``."""
+    found = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        candidates = [src / f"{prefix}-{kind}{ext}" for ext in (".gz", "")]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"{src} has no {prefix}-{kind}[.gz]")
+        found.append(path)
+    return found[0], found[1]
+
+
+class _EncodeIdx:
+    """Picklable: (split, index) -> a PNG of the grey image and its label (the arrays load once per process)."""
+
+    def __init__(self, files: dict[str, tuple[str, str]]) -> None:
+        self.files = files
+
+    def __call__(self, item) -> dict:
+        from .idx import read_idx_pair
+
+        split, index = item
+        if split not in _IDX_CACHE:
+            _IDX_CACHE[split] = read_idx_pair(*self.files[split])
+        images, labels = _IDX_CACHE[split]
+        png = io.BytesIO()
+        Image.fromarray(images[index], mode="L").save(png, format="PNG")
+        return {"__key__": f"{split}_{index:06d}", "png": png.getvalue(), "cls": str(int(labels[index])).encode()}
+
+
+def idx(args) -> dict:
+    from .idx import read_idx_pair
+
+    src, out = Path(args.src), Path(args.out)
+    files = {split: tuple(str(p) for p in idx_files(src, prefix)) for split, prefix in IDX_SPLITS.items()}
+    sizes = {}
+    for split, (images, labels) in files.items():
+        _, y = read_idx_pair(images, labels)  # checked before anything is written
+        sizes[split] = len(y)
+        if args.classes in IDX_CLASSES and y.max() >= len(IDX_CLASSES[args.classes]):
+            raise ValueError(f"{labels} has label {y.max()}, but {args.classes} has {len(IDX_CLASSES[args.classes])} classes")
+    prepare_out(out, args.overwrite)
+    encode = _EncodeIdx(files)
+    splits = {split: write_split(out, split, [(split, i) for i in range(n)], encode, args.shard_size, args.workers,
+                                 not args.no_progress, _order_seed(args))[0] for split, n in sizes.items()}
+    names = IDX_CLASSES.get(args.classes) or args.classes.split(",")
+    meta = write_index(out, splits, names, {"source": {"idx": str(src)}}, shuffle_seed=_order_seed(args))
+    _report(out, meta, [])
+    return meta
+
+
 # -- coco ---------------------------------------------------------------------------------------
 
 class _EncodeCocoImage:
@@ -369,6 +433,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     coco_parser.add_argument("annotations", help="instances_*.json")
     coco_parser.add_argument("out")
     coco_parser.add_argument("--split", default="train", help="split name for the shards (train, val, ...)")
+    idx_parser = sub.add_parser("idx", parents=[common, order_seed],
+                                help="MNIST-style IDX files (train-* and t10k-*) -> train and val shards")
+    idx_parser.add_argument("src", help="the folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], e.g. "
+                                        "/usr/share/datasets/fashion-mnist (Debian: dataset-fashion-mnist)")
+    idx_parser.add_argument("out")
+    idx_parser.add_argument("--classes", default="fashion-mnist",
+                            help="fashion-mnist, mnist, or comma-separated class names in label order")
     synth = sub.add_parser("synthetic", parents=[common], help="the embedded default data set")
     synth.add_argument("out")
     synth.add_argument("--train", type=int, default=8192)
@@ -390,7 +461,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        {"imagefolder": imagefolder, "coco": coco, "synthetic": synthetic}[args.command](args)
+        {"imagefolder": imagefolder, "coco": coco, "synthetic": synthetic, "idx": idx}[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         log.error("%s", err)
         return 2

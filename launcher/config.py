@@ -1,7 +1,7 @@
 """Recipes: YAML -> typed dataclasses, validated once at start-up.
 
 A recipe may start from another (``base: deit_small.yaml``, relative to the recipe), then
-``key=value`` overrides from the command line apply (``train.steps=100 toe.r1=0.4``; values
+``key=value`` overrides from the command line apply (``train.steps=100 methods.toe.r1=0.4``; values
 are YAML). Unknown keys and bad values are errors that name the key, raised before any process
 group starts. ``resolved(cfg)`` is what gets written to the run folder.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 __all__ = ["RunConfig", "ConfigError", "load_config", "resolved", "deepspeed_config"]
 
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("launcher.config")
 
 
 class ConfigError(ValueError):
@@ -33,25 +35,6 @@ class ModelConfig:
     drop_path: float = 0.1
     checkpoint: Optional[str] = None  # local weights file; nothing is downloaded
     kwargs: dict = field(default_factory=dict)  # more timm.create_model arguments (patch_size, depth, ...)
-
-
-@dataclass
-class ToEConfig:
-    enabled: bool = False
-    r1: float = 0.5
-    r0: Optional[float] = None
-    num_stages: int = 3
-    k: int = 2
-    block: int = 1
-    boundaries: Optional[list] = None  # first step (int) or fraction of the run (float) of stages 2..Ng
-    warmup_steps: int = 0
-    warmup_epochs: Optional[float] = None  # full-token warm-up in epochs (steps from the run's epoch length); excludes warmup_steps
-    distance: str = "cosine"
-    init: str = "spatial"
-    expand: bool = True
-    merge: bool = True
-    sparse_eval: bool = False
-    seed_stride: Optional[int] = None  # null: the paper's floor(1 / r0); 4 at r1=0.4 reproduces the authors' code
 
 
 @dataclass
@@ -146,7 +129,9 @@ class RunConfig:
     out_dir: str = "runs"
     task: str = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
-    toe: ToEConfig = field(default_factory=ToEConfig)
+    # the speed-up methods, in the order their events fire: registered name -> options (methods/registry.py)
+    methods: dict = field(default_factory=dict)
+    method_modules: list = field(default_factory=list)  # extra modules that register methods (your own)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -162,8 +147,6 @@ CHOICES = {
     "task": ("classification", "detection"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2, 3),
-    "toe.distance": ("cosine", "euclidean", "manhattan"),
-    "toe.init": ("spatial", "random"),
 }
 
 
@@ -255,7 +238,7 @@ def _validate(cfg: RunConfig) -> None:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     for key, value in {"train.eval_every": t.eval_every, "checkpoint.every": c.every, "data.workers": d.workers,
-                       "data.buffer_size": d.buffer_size, "toe.warmup_steps": cfg.toe.warmup_steps}.items():
+                       "data.buffer_size": d.buffer_size}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if t.steps is None and t.epochs is None:
@@ -302,22 +285,60 @@ def _validate(cfg: RunConfig) -> None:
                           "EMA averages; use stage 0-2 or turn the EMA off")
     if t.ds_config is not None and not _ds_path(cfg).is_file():
         raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
-    warm = cfg.toe.warmup_epochs
-    if warm is not None and (not 0 <= warm < float("inf") or cfg.toe.warmup_steps):  # NaN fails the test too
-        raise ConfigError(f"toe.warmup_epochs must be a finite number >= 0, with toe.warmup_steps left at 0 (set one "
-                          f"of them), got {warm} and {cfg.toe.warmup_steps}")
-    if cfg.toe.enabled:  # the schedule validates its own numbers; total steps are known later
-        from toe import ToESchedule
+    cfg.methods = _methods(cfg.methods, cfg.method_modules)
+
+
+def _methods(sections: dict, modules: list) -> dict:
+    """``methods:`` -> ``{name: validated config}`` through the registry, in the recipe's order; a
+    ``null`` section drops a method a base recipe listed."""
+    import importlib
+
+    import methods as registry  # registers the built-in methods
+    for module in modules:
         try:
-            ToESchedule(r1=cfg.toe.r1, r0=cfg.toe.r0, num_stages=cfg.toe.num_stages, total_steps=max(
-                cfg.toe.warmup_steps + cfg.toe.num_stages, 10**9), k=cfg.toe.k, block=cfg.toe.block,
-                seed_stride=cfg.toe.seed_stride)
-        except ValueError as err:
-            raise ConfigError(f"toe: {err}") from err
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"method_modules: cannot import {module!r}: {err}") from err
+    built = {}
+    for name, options in sections.items():
+        if options is None:
+            continue
+        try:
+            method = registry.method(name)
+        except KeyError as err:
+            raise ConfigError(f"methods.{name}: {err.args[0]}") from None
+        try:
+            built[name] = _build(method.config, options, f"methods.{name}.")
+        except ConfigError:
+            raise
+        except ValueError as err:  # the method's own validation (its __post_init__): name the key
+            field_name = str(err).split(" ", 1)[0]
+            known = {f.name for f in dataclasses.fields(method.config)}
+            raise ConfigError(f"methods.{name}.{err}" if field_name in known else f"methods.{name}: {err}") from err
+    try:
+        registry.check_combination(built)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return built
+
+
+def _legacy_toe(data: dict) -> None:
+    """Recipes and run folders written before the method registry have a ``toe:`` section."""
+    if "toe" not in data:
+        return
+    section = data.pop("toe")
+    if not isinstance(section, dict):
+        raise ConfigError(f"toe must be a mapping, got {section!r}")
+    if section.pop("enabled", False):
+        log.warning("the recipe's 'toe:' section is read as 'methods: {toe: ...}'; write it that way")
+        data.setdefault("methods", {})
+        if isinstance(data["methods"], dict):
+            data["methods"] = {"toe": section, **data["methods"]}
 
 
 def load_config(path: str, overrides: typing.Sequence[str] = ()) -> RunConfig:
     data = _read_yaml(Path(path).resolve())
+    _legacy_toe(data)
     for override in overrides:
         _apply_override(data, override)
     cfg = _build(RunConfig, data, "")

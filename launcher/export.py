@@ -21,6 +21,16 @@ import yaml
 from .checkpoint import find_resume_point
 
 
+def plain_model(config_path: Path) -> torch.nn.Module:
+    """The run's model as its task builds it (no plug-ins, no pretrained file: the weights come next)."""
+    from .config import load_config
+    from .tasks import make_task
+
+    cfg = load_config(str(config_path))
+    cfg.model.checkpoint = None
+    return make_task(cfg).build_model()[0]
+
+
 def export(source: str, out: str) -> Path:
     point = find_resume_point(Path(source))
     if point is None:
@@ -34,23 +44,13 @@ def export(source: str, out: str) -> Path:
     else:
         state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
-    model_cfg = config["model"]
-    if config.get("task", "classification") == "detection":
-        from models.yolos import create_yolos
-        det = config["detection"]
-        plain = create_yolos(model_cfg["name"], num_classes=model_cfg["num_classes"], img_size=model_cfg["img_size"],
-                             num_det_tokens=det["num_det_tokens"], mid_pos_embed=det["mid_pos_embed"],
-                             **model_cfg.get("kwargs", {}))
-    else:
-        from models import create_classifier
-        plain = create_classifier(model_cfg["name"], num_classes=model_cfg["num_classes"],
-                                  img_size=model_cfg["img_size"], **model_cfg.get("kwargs", {}))
+    plain = plain_model(run_dir / "config.yaml")
     plain.load_state_dict(state, strict=True)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(plain.state_dict(), out_path)
     out_path.with_suffix(".json").write_text(json.dumps(
-        {"model": model_cfg, "step": point.step, "source": str(folder)}, indent=2))
+        {"model": config["model"], "step": point.step, "source": str(folder)}, indent=2))
     return out_path
 
 

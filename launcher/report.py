@@ -284,7 +284,9 @@ def methods_of(config: dict) -> str:
             if isinstance(options, dict):
                 if options.get("enabled", True) is False:
                     continue
-                shown = [f"{k}={v}" for k, v in options.items() if k != "enabled" and _scalar(v)]
+                defaults, always = _method_defaults(name)
+                shown = [f"{k}={v}" for k, v in options.items() if k != "enabled" and _scalar(v) and
+                         (k in always or k not in defaults or defaults[k] != v)]
                 parts.append(f"{name} ({', '.join(shown)})" if shown else str(name))
             elif options not in (False, None):
                 parts.append(str(name) if options is True else f"{name} ({options})")
@@ -294,6 +296,20 @@ def methods_of(config: dict) -> str:
     if toe.get("enabled") and "toe" not in methods:
         parts.append(f"toe (r1={toe.get('r1')})")
     return ", ".join(parts) if parts else "none"
+
+
+def _method_defaults(name: str) -> tuple[dict, tuple]:
+    """A registered method's default options and the options it is known by (``summary``): a run's
+    config.yaml lists every option, the table shows those and the ones that differ from the defaults."""
+    import dataclasses
+
+    import methods
+    try:
+        config = methods.method(name).config
+    except KeyError:  # a method of the user's own (method_modules) that this process has not imported
+        return {}, ()
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    return defaults, tuple(getattr(config, "summary", ()))
 
 
 def _scalar(value) -> bool:

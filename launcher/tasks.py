@@ -46,13 +46,19 @@ class ClassificationTask:
                                    rank=rank)
         return train, evaluation
 
-    def loss(self, model, batch: dict, micro_step: int, device, dtype) -> torch.Tensor:
-        images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
+    def to_device(self, batch: dict, device) -> dict:
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def loss(self, model, batch: dict, micro_step: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch's loss and the model's logits. With Mixup / CutMix the batch's images are
+        mixed in place and the logits are those of the mixed images."""
+        images, labels = batch["image"], batch["label"]
         if self.mixup is not None:
-            images, targets = self.mixup(images, labels, micro_step)
-            return torch.sum(-targets * F.log_softmax(model(images.to(dtype)).float(), dim=-1), dim=-1).mean()
-        return F.cross_entropy(model(images.to(dtype)).float(), labels, label_smoothing=self.cfg.data.label_smoothing)
+            images, targets = self.mixup(images, labels, micro_step)  # in place, as timm's: no copy per step
+            logits = model(images.to(dtype)).float()
+            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean(), logits
+        logits = model(images.to(dtype)).float()
+        return F.cross_entropy(logits, labels, label_smoothing=self.cfg.data.label_smoothing), logits
 
     @torch.no_grad()
     def evaluate(self, models: dict[str, tuple[Any, torch.dtype]], stream, device) -> dict[str, float]:
@@ -106,9 +112,15 @@ class DetectionTask:
         evaluation = build_detection_stream(d.eval_path or d.path, train=False, split=d.eval_split, **common)
         return train, evaluation
 
-    def loss(self, model, batch: dict, micro_step: int, device, dtype) -> torch.Tensor:
-        outputs = model(batch["image"].to(device, non_blocking=True).to(dtype))
-        return self.criterion(outputs, _to_device(batch["targets"], device))["loss"]
+    def to_device(self, batch: dict, device) -> dict:
+        moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        moved["targets"] = _to_device(batch["targets"], device)
+        return moved
+
+    def loss(self, model, batch: dict, micro_step: int, dtype) -> tuple[torch.Tensor, dict]:
+        """The micro-batch's loss and the model's outputs (``pred_logits``, ``pred_boxes``)."""
+        outputs = model(batch["image"].to(dtype))
+        return self.criterion(outputs, batch["targets"])["loss"], outputs
 
     @torch.no_grad()
     def evaluate(self, models: dict[str, tuple[Any, torch.dtype]], stream, device) -> dict[str, float]:

@@ -16,13 +16,13 @@ import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError, RunConfig, deepspeed_config, load_config, resolved
+from .run_log import RunLog, due
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal, run again to continue
 log = logging.getLogger("launcher.train")
@@ -147,6 +147,7 @@ class Trainer:
                 raise ValueError(f"{d.path} holds synthetic shards with {found}, but the recipe wants {wanted}: "
                                  f"point data.path elsewhere or delete the folder")
         micro = deepspeed_config(self.cfg, self.world)["train_micro_batch_size_per_gpu"]
+        self.images_per_step = micro * t.grad_accum  # this rank's; every batch is full (the stream drops the rest)
         self.train_stream, self.eval_stream = self.task.build_streams(
             micro=micro, rank=self.rank, world=self.world, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = len(self.train_stream) // t.grad_accum
@@ -154,27 +155,20 @@ class Trainer:
 
     def _build(self, point):
         import deepspeed
+        from methods import MethodContext, build_stack
         from models import weight_decay_groups
-        from toe import PluginStack, ToEPlugin, ToESchedule
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         model, num_suffix = self.task.build_model()
-        plugins = []
-        if cfg.toe.enabled:
-            tc = cfg.toe
-            self.schedule = ToESchedule(r1=tc.r1, r0=tc.r0, num_stages=tc.num_stages, total_steps=self.total_steps,
-                                        k=tc.k, boundaries=tc.boundaries, block=tc.block, seed_stride=tc.seed_stride,
-                                        warmup_steps=tc.warmup_steps if tc.warmup_epochs is None  # epochs -> steps
-                                        else round(tc.warmup_epochs * self.steps_per_epoch))
-            plugins.append(ToEPlugin(self.schedule, num_suffix=num_suffix, distance=tc.distance, init=tc.init,
-                                     expand=tc.expand, merge=tc.merge, sparse_eval=tc.sparse_eval))
-        self.plugins = PluginStack(plugins)
+        context = MethodContext(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                                num_suffix=num_suffix, task=cfg.task, rank=self.rank, world_size=self.world,
+                                seed=cfg.train.seed)
+        self.plugins = build_stack(cfg.methods, context)
         self.plugins.attach(model, num_suffix=num_suffix)
-        if cfg.toe.enabled and self.rank == 0:
-            log.info("ToE schedule at the model's nominal grid (the log's toe/kept_tokens and cost/flops_share follow "
-                     "each step's actual input):\n%s", self.schedule.describe(self.plugins.shape.num_patches,
-                                                                             self.plugins.shape))
+        if self.rank == 0:
+            for text in self.plugins.describe():
+                log.info("%s", text)
         o = cfg.optim
         self.peak_lr = o.lr if o.lr is not None else o.base_lr * cfg.train.global_batch / 512
         optimizer = torch.optim.AdamW(weight_decay_groups(model, o.weight_decay), lr=self.peak_lr,
@@ -184,6 +178,7 @@ class Trainer:
         if self.universal:
             ds_config["checkpoint"] = {"load_universal": True}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.plugins.on_engine(self.engine)
         self.ema = EMA(self.engine.module, cfg.train.ema_decay) if cfg.train.ema else None
 
     def _input_dtype(self) -> torch.dtype:
@@ -206,6 +201,9 @@ class Trainer:
         self._build(point)
         self.checkpointer = Checkpointer(run_dir, self.engine, rank=self.rank, world_size=self.world,
                                          zero_stage=cfg.train.zero_stage, keep=cfg.checkpoint.keep)
+        self.run_log = RunLog(run_dir, rank=self.rank, world=self.world, total_steps=self.total_steps,
+                              log_every=cfg.train.log_every, device=self.device,
+                              counters=lambda: self.train_stream.counters, epoch=lambda: self.train_stream.epoch)
         step = 0
         if point is not None:
             state = self.checkpointer.load(point, universal=self.universal)
@@ -219,7 +217,10 @@ class Trainer:
             if step >= self.total_steps:
                 log.info("the run is already complete")
                 return 0
-        return self._loop(step)
+        try:
+            return self._loop(step)
+        finally:
+            self.run_log.close()
 
     def _client_state(self, step: int) -> dict:
         state = {"step": step, "stream": self.train_stream.state_dict(), "plugins": self.plugins.state_dict(),
@@ -234,75 +235,66 @@ class Trainer:
                      total_steps=self.total_steps, warmup_lr=o.warmup_lr, min_lr=o.min_lr)
 
     def _loop(self, step: int) -> int:
-        cfg, t = self.cfg, self.cfg.train
-        stop = StopSignal(self.device)
-        metrics_file = open(cfg.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
-        writer = self._tensorboard()
-        dtype = self._input_dtype()
-        if metrics_file is not None:  # a run's wall-clock is the sum of its segments (launcher.report)
-            metrics_file.write(json.dumps({"event": "start", "step": step, "time": time.time(),
-                                           "world_size": self.world}) + "\n")
-            metrics_file.flush()
+        """The step loop: the plug-ins' events, the task's loss, the engine; logging, evaluation and
+        checkpoints are the run log's and the checkpointer's."""
+        cfg, t, plugins, run_log = self.cfg, self.cfg.train, self.plugins, self.run_log
+        stop, dtype, accum = StopSignal(self.device), self._input_dtype(), 0
+        run_log.start(step)
         if t.eval_on_start and step == 0:  # the starting point (e.g. a pretrained backbone), not on resume
-            self._evaluate(0, metrics_file, writer)
-        progress = self._progress(step)
+            self._evaluate(0)
         self.engine.train()
-        window_start, window_images, accum = time.perf_counter(), 0, 0
-        while step < self.total_steps:
-            for batch in self.train_stream:
-                if accum == 0:
-                    metrics = self.plugins.on_step(step)
-                    lr = self._lr(step)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                loss = self.task.loss(self.engine, batch, step * t.grad_accum + accum, self.device, dtype)
-                self.engine.backward(loss)
-                self.engine.step()
-                window_images += len(batch["image"]) * self.world
-                accum = (accum + 1) % t.grad_accum
-                if accum:
-                    continue
-                step += 1
-                if self.ema is not None:
-                    self.ema.update(self.engine.module)
-                record = {"step": step - 1, "loss": loss.item(), "lr": lr, "time": time.time(), **metrics,
-                          **self.plugins.step_metrics(step - 1)}  # measured on this step's forwards (actual grids)
-                if step % t.log_every == 0 or step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    record.update({"img_per_s": window_images / elapsed, "epoch": self.train_stream.epoch,
-                                   **{f"data/{k}": v for k, v in self._data_counters().items()}})
-                    window_start, window_images = time.perf_counter(), 0
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}",
-                                             img_s=f"{record['img_per_s']:.0f}", stage=record.get("toe/stage", "-"),
-                                             kept=record.get("toe/kept_tokens", "-"))
-                if progress is not None:
-                    progress.update(1)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    if writer is not None:
-                        for key, value in record.items():
-                            if key != "step":
-                                writer.add_scalar(key, value, step)
-                if t.eval_every and step % t.eval_every == 0 and step < self.total_steps:
-                    self._evaluate(step, metrics_file, writer)
-                signum = stop.requested()
-                if signum:
-                    self.checkpointer.save(step, self._client_state(step))
-                    log.warning("signal %d: checkpointed at step %d, exiting with %d", signum, step, EXIT_PREEMPTED)
-                    return self._announce_exit(EXIT_PREEMPTED)
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < self.total_steps:
-                    self.checkpointer.save(step, self._client_state(step))
-                if step >= self.total_steps:
-                    break
-        if progress is not None:
-            progress.close()
-        results = self._evaluate(step, metrics_file, writer)
+        batches = self._batches()
+        for batch in batches:
+            if accum == 0:
+                metrics, lr = plugins.on_step(step), self._set_lr(step)
+            batch = plugins.on_batch(step, self.task.to_device(batch, self.device))
+            loss, outputs = self.task.loss(self.engine, batch, step * t.grad_accum + accum, dtype)
+            plugins.after_forward(step, batch, outputs)
+            self.engine.backward(loss)
+            self.engine.step()
+            accum = (accum + 1) % t.grad_accum
+            if accum:
+                continue
+            plugins.after_step(step)
+            if self.ema is not None:
+                self.ema.update(self.engine.module)
+            run_log.step(step, loss, lr=lr, images=self.images_per_step, flops=plugins.take_flops(),
+                         metrics=lambda: {**metrics, **plugins.step_metrics()})
+            step += 1
+            if due(step, t.eval_every, self.total_steps):
+                self._evaluate(step)
+            signum = stop.requested()
+            if signum:
+                self.checkpointer.save(step, self._client_state(step))
+                log.warning("signal %d: checkpointed at step %d, exiting with %d", signum, step, EXIT_PREEMPTED)
+                return self._announce_exit(EXIT_PREEMPTED)
+            if due(step, cfg.checkpoint.every, self.total_steps):
+                self.checkpointer.save(step, self._client_state(step))
+            if step >= self.total_steps:
+                break
+        batches.close()  # ends the stream's DataLoader workers now
+        results = self._evaluate(step)
         self.checkpointer.save(step, self._client_state(step))
         if self.rank == 0:
             (cfg.run_dir / "final.json").write_text(json.dumps({"step": step, **results}, indent=2))
         return self._announce_exit(0)
+
+    def _batches(self):
+        """Training batches, epoch after epoch; the plug-ins hear of each pass (``on_epoch``) before
+        its first batch is used, with the epoch that batch belongs to."""
+        while True:
+            first = True
+            for batch in self.train_stream:
+                if first:
+                    self.plugins.on_epoch(self.train_stream.epoch, self.train_stream)
+                    first = False
+                yield batch
+
+    def _set_lr(self, step: int) -> float:
+        lr = self._lr(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def _announce_exit(self, code: int) -> int:
         """Rank 0 writes the job's exit code to ``TOE_EXIT_FILE`` (set by slurm/train.sbatch) before any
@@ -314,15 +306,8 @@ class Trainer:
         dist.barrier()
         return code
 
-    def _data_counters(self) -> dict[str, float]:
-        names = ["corrupt_image", "missing_label", "bad_label", "missing_image", "unreadable_sample",
-                 "unreadable_shard", "refilled", "missing_boxes", "bad_boxes"]
-        counts = torch.tensor([float(self.train_stream.counters.get(n, 0)) for n in names], device=self.device)
-        dist.all_reduce(counts)
-        return dict(zip(names, counts.tolist()))
-
     @torch.no_grad()
-    def _evaluate(self, step: int, metrics_file, writer) -> dict[str, float]:
+    def _evaluate(self, step: int) -> dict[str, float]:
         self.engine.eval()
         models = {"": (self.engine, self._input_dtype())}
         if self.ema is not None:
@@ -331,27 +316,8 @@ class Trainer:
         self.engine.train()
         log.info("eval at step %d: %s", step, " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in results.items()))
-        if metrics_file is not None:
-            metrics_file.write(json.dumps({"step": step, "time": time.time(),
-                                           **{f"eval/{k}": v for k, v in results.items()}}) + "\n")
-            metrics_file.flush()
-            if writer is not None:
-                for key, value in results.items():
-                    writer.add_scalar(f"eval/{key}", value, step)
+        self.run_log.evaluation(step, results)
         return results
-
-    def _tensorboard(self):
-        if self.rank != 0:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(str(self.cfg.run_dir / "tensorboard"))
-
-    def _progress(self, step: int):
-        if self.rank != 0:
-            return None
-        from tqdm import tqdm
-        return tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                    mininterval=2.0)
 
 
 if __name__ == "__main__":

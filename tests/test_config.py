@@ -16,9 +16,9 @@ def test_every_shipped_recipe_validates(recipe):
 
 
 def test_base_inheritance_and_overrides():
-    cfg = load_config(str(ROOT / "configs/deit_base_toe_r04.yaml"), ["optim.lr=1e-3", "train.steps=10", "toe.k=3"])
+    cfg = load_config(str(ROOT / "configs/deit_base_toe_r04.yaml"), ["optim.lr=1e-3", "train.steps=10", "methods.toe.k=3"])
     assert cfg.model.name == "deit_base_patch16_224" and cfg.train.global_batch == 1024  # from deit_tiny.yaml
-    assert cfg.toe.enabled and cfg.toe.r1 == 0.4 and cfg.toe.k == 3
+    assert cfg.methods["toe"].r1 == 0.4 and cfg.methods["toe"].k == 3
     assert cfg.optim.lr == 1e-3 and cfg.train.steps == 10
 
 
@@ -30,7 +30,7 @@ def test_base_inheritance_and_overrides():
     ("train.zero_stage=4", "train.zero_stage must be one of"),
     ("task=segmentation", "task must be one of"),
     ("train.global_batch=0", "train.global_batch must be >= 1"),
-    ("toe.enabled=yes please", "toe.enabled must be bool"),
+    ("methods.toe.expand=yes please", "methods.toe.expand must be bool"),
     ("novalue", "must look like key.sub=value"),
 ])
 def test_bad_overrides_name_the_key(override, message):
@@ -109,6 +109,19 @@ def test_a_json_that_clips_against_the_recipe_is_refused(tmp_path):
 
 
 def test_toe_seed_stride_is_validated_at_start_up():
-    assert load_config(str(ROOT / "configs/deit_tiny_toe_r04.yaml"), ["toe.seed_stride=4"]).toe.seed_stride == 4
-    with pytest.raises(ConfigError, match="seed_stride"):
-        load_config(str(ROOT / "configs/deit_tiny_toe_r04.yaml"), ["toe.seed_stride=0"])
+    cfg = load_config(str(ROOT / "configs/deit_tiny_toe_r04.yaml"), ["methods.toe.seed_stride=4"])
+    assert cfg.methods["toe"].seed_stride == 4
+    with pytest.raises(ConfigError, match="methods.toe.seed_stride must be an int >= 1"):
+        load_config(str(ROOT / "configs/deit_tiny_toe_r04.yaml"), ["methods.toe.seed_stride=0"])
+
+
+def test_a_recipe_of_the_earlier_toe_section_still_loads(tmp_path, caplog):
+    """Run folders and recipes written before the method registry say ``toe: {enabled: true, ...}``."""
+    old = tmp_path / "old.yaml"
+    old.write_text(f"base: {ROOT / 'configs/deit_tiny_cpu.yaml'}\ntoe:\n  enabled: true\n  r1: 0.4\n")
+    with caplog.at_level("WARNING", logger="launcher.config"):
+        cfg = load_config(str(old))
+    assert list(cfg.methods) == ["toe"] and cfg.methods["toe"].r1 == 0.4
+    assert "read as 'methods: {toe: ...}'" in caplog.text
+    old.write_text(f"base: {ROOT / 'configs/deit_tiny_cpu.yaml'}\ntoe:\n  enabled: false\n  r1: 0.4\n")
+    assert load_config(str(old)).methods == {}

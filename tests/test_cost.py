@@ -4,7 +4,10 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from toe import PluginStack, ToEPlugin, ToESchedule, ViTShape, expand_tokens, forward_flops
+from methods import PluginStack
+from methods.toe import ToEPlugin
+from models.cost import ViTShape, forward_flops
+from toe import ToESchedule, expand_tokens
 
 
 def counted_flops(fn, *args, **kwargs):

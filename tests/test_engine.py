@@ -112,7 +112,7 @@ def test_bad_recipe_fails_before_any_process_group(tmp_path, shards):
     out = train(tmp_path / "bad", shards, "train.batchsize=8", expect=2)
     assert "unknown key 'train.batchsize'" in out
     assert "init_distributed" not in out and "TorchBackend" not in out
-    out = train(tmp_path / "bad2", shards, "toe.r1=1.5", expect=2)
+    out = train(tmp_path / "bad2", shards, "methods.toe.r1=1.5", expect=2)
     assert "r1 must lie in (0, 1]" in out
     out = train(tmp_path / "bad3", shards, "train.ema=true", "train.zero_stage=3", expect=2)
     assert "train.ema with train.zero_stage=3 is not supported" in out
@@ -253,11 +253,11 @@ def test_detection_trains_on_two_ranks_with_toe_and_resumes_exactly(tmp_path):
                               "--shard-size", "32", "--no-progress"]) == 0
     common = [f"data.path={shards}", "model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}",
               "data.workers=1", "train.global_batch=8", "train.log_every=1", "checkpoint.keep=5", "train.steps=8",
-              "checkpoint.every=4", "toe.warmup_steps=2", "model.drop_path=0.1",
+              "checkpoint.every=4", "methods.toe.warmup_steps=2", "model.drop_path=0.1",
               # three-object scenes with the full YOLOS augmentation (multi-scale, crop branch)
               "model.img_size=64", "data.synthetic_objects=3", "detection.num_det_tokens=10",
               "detection.scales=[56, 64, 72]", "detection.max_size=96", "detection.crop_scales=[48, 64]",
-              "detection.crop_size=[40, 64]"]
+              "detection.crop_size=[40, 64]", "detection.init_pe_size=[48, 64]"]  # a learned 6 x 8 table
 
     def run(name, *extra):
         args = [*command(2, free_port()), "--config", str(ROOT / "configs/yolos_ti_toe_cpu.yaml"),
@@ -278,8 +278,8 @@ def test_detection_trains_on_two_ranks_with_toe_and_resumes_exactly(tmp_path):
     assert {"AP", "AP50", "AP75"} <= set(final) and final["eval_samples"] == 16
     from models.yolos import create_yolos
     state = module_state(tmp_path / "straight", 8)
-    plain = create_yolos(num_classes=32, num_det_tokens=10, img_size=64, mid_pos_embed=True, patch_size=8, depth=3,
-                         embed_dim=48, num_heads=2)
+    plain = create_yolos(num_classes=32, num_det_tokens=10, img_size=64, init_pe_size=[48, 64], mid_pos_embed=True,
+                         patch_size=8, depth=3, embed_dim=48, num_heads=2)
     plain.load_state_dict(state, strict=True)
 
 

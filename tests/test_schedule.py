@@ -4,7 +4,8 @@ from fractions import Fraction
 
 import pytest
 
-from toe import ToESchedule, ViTShape
+from models.cost import ViTShape
+from toe import ToESchedule
 
 
 @pytest.mark.parametrize("total_steps", [1, 2, 3, 7, 10, 100, 300, 1001, 12_345])

@@ -5,7 +5,9 @@ import pytest
 import timm
 import torch
 
-from toe import (PluginStack, ToEPlugin, ToESchedule, TokenExpansion, apply_token_expansion, gather_kept,
+from methods import PluginStack
+from methods.toe import ToEPlugin
+from toe import (ToESchedule, TokenExpansion, apply_token_expansion, gather_kept,
                  remove_token_expansion, restore_tokens)
 
 
@@ -202,7 +204,7 @@ def test_plugin_stack_steps_logs_and_costs(caplog):
     schedule = ToESchedule(r1=0.5, total_steps=30)
     stack = PluginStack([ToEPlugin(schedule)])
     stack.attach(model)
-    with caplog.at_level("INFO", logger="toe.plugin"):
+    with caplog.at_level("INFO", logger="methods.toe"):
         metrics = [stack.on_step(step) for step in range(30)]
     assert [m["toe/stage"] for m in metrics] == [schedule.stage(t) for t in range(30)]
     assert [m["toe/kept_tokens"] for m in metrics[::10]] == [98, 147, 196]

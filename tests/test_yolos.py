@@ -190,8 +190,9 @@ def test_heads_sigmoid_and_losses_run_in_float32_in_a_bf16_model():
 def test_plugin_logs_kept_tokens_and_flops_share_of_the_actual_input_grid():
     """Detection inputs change size every batch: the logged kept tokens are those of the forward, and
     the FLOPs share is the cost model's on that forward's grid, not on the model's nominal one."""
-    from toe import PluginStack, ToEPlugin, ViTShape
-    from toe.cost import token_plan_flops
+    from methods import PluginStack
+    from methods.toe import ToEPlugin
+    from models.cost import ViTShape, token_plan_flops
 
     model = make(mid_pos_embed=True)
     schedule = ToESchedule(r1=0.5, total_steps=30, warmup_steps=3)
@@ -212,7 +213,7 @@ def test_plugin_logs_kept_tokens_and_flops_share_of_the_actual_input_grid():
             stack.on_step(step)
             entering.clear()
             model(torch.randn(2, 3, *size))
-            metrics = stack.step_metrics(step)
+            metrics = stack.step_metrics()
             assert entering == [schedule.kept_tokens(patches, schedule.stage(step))]
             assert metrics["toe/kept_tokens"] == entering[0] and metrics["cost/patch_tokens"] == patches
             assert metrics["cost/flops_share"] == pytest.approx(expected_share(step, patches), rel=1e-12)
@@ -229,13 +230,13 @@ def test_plugin_logs_kept_tokens_and_flops_share_of_the_actual_input_grid():
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64))  # evaluation forwards are no training cost
     model.train()
-    metrics = stack.step_metrics(5)
+    metrics = stack.step_metrics()
     dense = {n: token_plan_flops(ViTShape.from_model(model, num_suffix=6).with_patches(n), None) for n in (72, 192)}
     mixed = (3 * dense[72] * expected_share(5, 72) + dense[192] * expected_share(5, 192)) / (3 * dense[72] + dense[192])
     assert metrics["cost/flops_share"] == pytest.approx(mixed, rel=1e-12)
     assert metrics["cost/patch_tokens"] == pytest.approx((3 * 72 + 192) / 4)
     assert metrics["toe/kept_tokens"] == pytest.approx((3 * 36 + 96) / 4)
-    assert stack.step_metrics(6) == {}, "each call covers the forwards since the previous one"
+    assert stack.step_metrics() == {}, "each call covers the forwards since the previous one"
 
 
 def test_toe_keeps_detection_tokens_and_works_per_sample_with_mid_position_embeddings():
@@ -385,10 +386,7 @@ def test_toe_recipes_stage_every_epoch_as_the_authors_runs(recipe, epochs, expan
     assert cfg.train.epochs == epochs
     for steps_per_epoch in (14786, 7393, 37):  # COCO train2017 at batch 8 and 16, and a small one
         total = epochs * steps_per_epoch
-        tc = cfg.toe
-        schedule = ToESchedule(r1=tc.r1, r0=tc.r0, num_stages=tc.num_stages, total_steps=total, k=tc.k,
-                               boundaries=tc.boundaries, block=tc.block,
-                               warmup_steps=round(tc.warmup_epochs * steps_per_epoch))  # as launcher.train does
+        schedule = cfg.methods["toe"].schedule(total, steps_per_epoch)  # as the engine builds it
         for epoch in range(epochs):
             want = bisect.bisect_right(expansion_steps, epoch)
             first, last = epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch - 1
@@ -403,16 +401,17 @@ def test_toe_recipes_stage_every_epoch_as_the_authors_runs(recipe, epochs, expan
     ("detection.mid_pe_size=[32, 32]", "detection.mid_pe_size"),  # mid_pos_embed is off in yolos_ti
     ("detection.eval_max_size=512", "eval_max_size"),
     ("detection.scales=[256, 8]", "scales"),
-    ("toe.warmup_epochs=-1", "toe.warmup_epochs"),
-    ("toe.warmup_epochs=.nan", "toe.warmup_epochs"),
+    ("methods.toe.warmup_epochs=-1", "methods.toe.warmup_epochs"),
+    ("methods.toe.warmup_epochs=.nan", "methods.toe.warmup_epochs"),
 ])
 def test_bad_yolos_settings_are_refused_at_start_up(override, key):
     from pathlib import Path
 
     from launcher.config import ConfigError, load_config
 
-    recipe = "yolos_ti_toe_r05.yaml" if override.startswith("toe") else "yolos_ti.yaml"
+    recipe = "yolos_ti_toe_r05.yaml" if override.startswith("methods") else "yolos_ti.yaml"
     with pytest.raises(ConfigError, match=key):
         load_config(str(Path(__file__).resolve().parents[1] / "configs" / recipe), [override])
-    with pytest.raises(ConfigError, match="toe.warmup_epochs"):  # one of warmup_steps and warmup_epochs
-        load_config(str(Path(__file__).resolve().parents[1] / "configs/yolos_ti_toe_r05.yaml"), ["toe.warmup_steps=10"])
+    with pytest.raises(ConfigError, match="methods.toe.warmup_epochs"):  # one of warmup_steps and warmup_epochs
+        load_config(str(Path(__file__).resolve().parents[1] / "configs/yolos_ti_toe_r05.yaml"),
+                    ["methods.toe.warmup_steps=10"])

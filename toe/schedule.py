@@ -16,7 +16,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cost import ViTShape
+    from models.cost import ViTShape
 
 __all__ = ["ToESchedule", "exact_rate"]
 
@@ -176,7 +176,7 @@ class ToESchedule:
 
     def mean_flops_share(self, shape: "ViTShape") -> float:
         """Training FLOPs of the whole run relative to full-token training (1 / theoretical speed-up)."""
-        from .cost import token_plan_flops
+        from models.cost import token_plan_flops
 
         dense = token_plan_flops(shape, None)
         total = 0.0
@@ -189,10 +189,10 @@ class ToESchedule:
     def describe(self, num_patches: int, shape: Optional["ViTShape"] = None) -> str:
         """A table: stage, step range, kept rate, kept tokens, theoretical training-FLOPs share.
 
-        FLOPs shares use ``shape`` (see ``toe.cost.ViTShape.from_model``); without one, a ViT-S/16
+        FLOPs shares use ``shape`` (see ``models.cost.ViTShape.from_model``); without one, a ViT-S/16
         (depth 12, width 384) with ``num_patches`` patches.
         """
-        from .cost import ViTShape, token_plan_flops
+        from models.cost import ViTShape, token_plan_flops
 
         shape = shape or ViTShape.vit_small(num_patches)
         if shape.num_patches != num_patches:

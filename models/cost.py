@@ -1,4 +1,4 @@
-"""Analytic cost model of a ViT training step, shared by every plug-in.
+"""Analytic cost model of a ViT training step, shared by every method and by ``toe.ToESchedule``.
 
 A step's work is described as a *plan*: one ``BlockLoad`` per transformer block (tokens it sees,
 fraction of attention heads and MLP channels that are active). Plug-ins edit the plan for a step
@@ -61,7 +61,7 @@ class ViTShape:
 
         ``num_patches`` is the model's nominal grid (``patch_embed.num_patches``: the input size it
         was built for; YOLOS: its position-embedding grid). For inputs of another size, use
-        ``with_patches``; ``PluginStack.step_metrics`` does so for every training forward.
+        ``with_patches``; ``methods.PluginStack`` does so for every training forward.
         """
         try:
             block = model.blocks[0]

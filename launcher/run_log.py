@@ -1,0 +1,116 @@
+"""What a run writes while it trains: ``metrics.jsonl``, TensorBoard and the progress bar.
+
+The step loop hands every optimizer step's loss (a device tensor), learning rate and images to
+``RunLog.step``; the log keeps them on the device and reads them only at log steps (every
+``train.log_every`` steps and the last one), so nothing here syncs the host with the device in
+between. ``metrics.jsonl`` gets, on rank 0, one JSON object per line:
+
+- ``{"event": "start", "step": S, "time": T, "world_size": W}`` when a segment starts (a fresh
+  run or a resume at step S): a run's wall-clock is the sum of its segments;
+- one record per log window: ``step`` (the window's last 0-based step), ``steps`` (how many
+  steps it covers), ``loss`` (their mean on rank 0), ``lr`` (at the last step), ``time``,
+  ``img_per_s``, ``epoch``, ``flops`` (theoretical training FLOPs of the window, all ranks, from
+  the plug-in stack's cost model), the plug-ins' metrics and ``data/...`` counters;
+- ``{"step": s, "time": T, "eval/...": ...}`` per evaluation.
+
+Every rank calls ``step`` (the window's counters and FLOPs are all-reduced at log steps).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["RunLog", "due"]
+
+DATA_COUNTERS = ("corrupt_image", "missing_label", "bad_label", "missing_image", "unreadable_sample",
+                 "unreadable_shard", "refilled", "missing_boxes", "bad_boxes")
+
+
+def due(step: int, every: int, total: int) -> bool:
+    """Whether a periodic action (eval, checkpoint) falls after ``step`` steps: every ``every``
+    steps, never at the end (the run's end does it anyway), never when ``every`` is 0."""
+    return bool(every) and step % every == 0 and step < total
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, *, rank: int, world: int, total_steps: int, log_every: int,
+                 device: torch.device, counters: Callable[[], dict], epoch: Callable[[], int]) -> None:
+        self.rank, self.world, self.total_steps, self.log_every = rank, world, total_steps, log_every
+        self.device, self._counters, self._epoch = device, counters, epoch
+        self.file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+        self.writer = self._tensorboard(run_dir) if rank == 0 else None
+        self.progress = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._loss = torch.zeros((), device=self.device)
+        self._steps = self._images = 0
+        self._flops = 0.0
+        self._window_start = time.perf_counter()
+
+    def start(self, step: int) -> None:
+        self._write({"event": "start", "step": step, "time": time.time(), "world_size": self.world})
+        if self.rank == 0:
+            from tqdm import tqdm
+            self.progress = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True,
+                                 file=sys.stderr, mininterval=2.0)
+        self._reset()
+
+    def step(self, step: int, loss: torch.Tensor, *, lr: float, images: int, flops: float,
+             metrics: Callable[[], dict[str, float]]) -> None:
+        """Step ``step`` (0-based) is done. ``metrics`` is called at log steps only (the plug-ins'
+        window metrics); ``flops`` is this rank's theoretical training FLOPs of the step."""
+        self._loss += loss.detach().float()
+        self._steps += 1
+        self._images += images
+        self._flops += flops
+        if self.progress is not None:
+            self.progress.update(1)
+        if (step + 1) % self.log_every and step + 1 != self.total_steps:
+            return
+        totals = torch.tensor([float(self._images), self._flops] +
+                              [float(self._counters().get(n, 0)) for n in DATA_COUNTERS], device=self.device)
+        dist.all_reduce(totals)  # every rank is here: the window's images, FLOPs and data counters of all ranks
+        images_all, flops_all, *counts = totals.tolist()
+        elapsed = time.perf_counter() - self._window_start
+        record = {"step": step, "steps": self._steps, "loss": self._loss.item() / self._steps, "lr": lr,
+                  "time": time.time(), "img_per_s": images_all / elapsed, "epoch": self._epoch(),
+                  "flops": flops_all, **metrics(), **{f"data/{n}": c for n, c in zip(DATA_COUNTERS, counts)}}
+        self._write(record, tensorboard_step=step + 1)
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}",
+                                      stage=record.get("toe/stage", "-"), kept=record.get("toe/kept_tokens", "-"))
+        self._reset()
+
+    def evaluation(self, step: int, results: dict[str, Any]) -> None:
+        self._write({"step": step, "time": time.time(), **{f"eval/{k}": v for k, v in results.items()}},
+                    tensorboard_step=step)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.file is not None:
+            self.file.close()
+
+    def _write(self, record: dict, tensorboard_step: Optional[int] = None) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None and tensorboard_step is not None:
+            for key, value in record.items():
+                if key not in ("step", "steps", "time") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, tensorboard_step)
+
+    @staticmethod
+    def _tensorboard(run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(run_dir / "tensorboard"))

@@ -1,0 +1,244 @@
+"""The method seam: the events a training speed-up method sees, and the stack that runs several.
+
+Every method (ToE, PatchDropout, and the ones to come: Budgeted Training, Tri-Level E-ViT,
+EfficientTrain, token labelling) is a ``TrainingPlugin``. The engine calls the events below, in
+this order, on every rank; every default does nothing, so a method implements only what it needs.
+
+Set-up, once per process:
+
+1. ``attach(model)`` before ``deepspeed.initialize``: surgery that adds no parameters and
+   changes no parameter shape (ZeRO partitions parameters at initialize; a method that grows
+   heads or MLP width keeps full tensors and slices them in the forward).
+2. ``on_engine(engine)`` right after ``deepspeed.initialize``: the engine and, through it, the
+   optimizer (``engine.optimizer``), e.g. to reset the moments of newly grown slices later.
+3. ``load_state_dict(state)`` when the run resumes, after the engine has loaded its checkpoint.
+
+The run, in the step loop:
+
+4. ``on_epoch(epoch, stream)`` before the first batch of every pass over the training stream
+   (also the resumed one): e.g. ``stream.set_subset(mask)`` for an example subset.
+5. ``on_step(step)`` once per optimizer step, before its first forward: everything a method
+   changes per step (tokens after a block, active heads / channels, a mask) is set here from
+   the 0-based global step, so it is a pure function of that step. Returns scalars to log.
+6. ``on_batch(step, batch) -> batch`` for every micro-batch, on the device, before the task's
+   loss (and so before Mixup / CutMix, which the loss applies): a batch transform.
+7. ``after_forward(step, batch, outputs)`` for every micro-batch, after the forward: the model's
+   outputs and the batch (``sample_id``, ``label``): per-sample statistics.
+8. ``after_step(step)`` once the optimizer step ``step`` is taken.
+
+At any time:
+
+- ``plan(step, plan) -> plan``: the cost model. It edits the per-block loads of the step
+  (``models.cost.BlockLoad``) for whatever input grid the plan is for (read token counts off
+  the plan), so any combination of methods has one theoretical FLOPs figure.
+- ``step_metrics()``: scalars measured on the training forwards since the last call (the log
+  window), read at log steps only.
+- ``state_dict()``: saved in the checkpoint's client state under the plug-in's ``name``; ``{}``
+  for stateless methods (ToE's stage is a function of the step).
+- ``token_sites``: the blocks before which the method sets the token count; two methods that
+  claim the same block are refused (``methods.registry.check_combination``).
+
+``PluginStack`` runs the plug-ins in the recipe's order and prices every training forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch.nn as nn
+
+from models.cost import BlockLoad, ViTShape, forward_flops
+
+__all__ = ["MethodContext", "TrainingPlugin", "PluginStack"]
+
+TRAIN_FLOPS_PER_FORWARD = 3.0  # a training step costs forward + backward ~ 3 forwards (every matmul twice more)
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method's factory may know about the run."""
+
+    total_steps: int
+    steps_per_epoch: int
+    num_suffix: int = 0  # tokens after the patches that no method may drop (YOLOS detection tokens)
+    task: str = "classification"
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+
+
+class TrainingPlugin:
+    """Base of every training speed-up method; the defaults do nothing."""
+
+    name: str = "plugin"
+    token_sites: frozenset = frozenset()
+
+    def attach(self, model: nn.Module) -> None:
+        """Model surgery, once, before the engine wraps the model."""
+
+    def on_engine(self, engine: Any) -> None:
+        """The DeepSpeed engine, once, right after ``deepspeed.initialize``."""
+
+    def on_epoch(self, epoch: int, stream: Any) -> None:
+        """Before the first batch of a pass over the training stream."""
+
+    def on_step(self, step: int) -> dict[str, float]:
+        """Set per-step behaviour from the 0-based global optimizer step; returns metrics to log."""
+        return {}
+
+    def on_batch(self, step: int, batch: dict) -> dict:
+        """A micro-batch on the device, before the loss (and Mixup / CutMix)."""
+        return batch
+
+    def after_forward(self, step: int, batch: dict, outputs: Any) -> None:
+        """A micro-batch's model outputs, after the forward."""
+
+    def after_step(self, step: int) -> None:
+        """The optimizer step ``step`` is taken."""
+
+    def plan(self, step: int, plan: list[BlockLoad]) -> list[BlockLoad]:
+        """The step's per-block loads with this method applied (cost model)."""
+        return plan
+
+    def step_metrics(self) -> dict[str, float]:
+        """Scalars measured on the training forwards since the last call; at log steps, they
+        replace ``on_step``'s of the same name."""
+        return {}
+
+    def describe(self) -> Optional[str]:
+        """A few lines for the start of the run's log (e.g. ToE's stage table)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"plug-in {self.name!r} holds no state, but the checkpoint has {sorted(state)}")
+
+
+class PluginStack:
+    """Plug-ins run in order, with one cost model over all of them.
+
+    ``attach`` also hooks the model's patch embedding, so every training forward is priced on
+    its actual input grid (detection inputs change size every batch) at the current step's plan.
+    """
+
+    def __init__(self, plugins: Sequence[TrainingPlugin]) -> None:
+        names = [p.name for p in plugins]
+        if len(set(names)) != len(names):
+            raise ValueError(f"plug-in names must be unique (they key checkpoint state), got {names}")
+        owner: dict[int, str] = {}
+        for plugin in plugins:
+            for site in sorted(plugin.token_sites):
+                if site in owner:
+                    raise ValueError(f"methods {owner[site]!r} and {plugin.name!r} both set the token count "
+                                     f"before block {site}")
+                owner[site] = plugin.name
+        self.plugins = list(plugins)
+        self.shape: Optional[ViTShape] = None
+        self._step = 0
+        self._window = [0.0, 0.0, 0.0, 0]  # training FLOPs, dense FLOPs, patch tokens x samples, samples
+        self._unread_flops = 0.0
+
+    @property
+    def names(self) -> list[str]:
+        return [plugin.name for plugin in self.plugins]
+
+    # -- events --------------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module, num_suffix: int = 0) -> None:
+        self.shape = ViTShape.from_model(model, num_suffix=num_suffix)
+        model.patch_embed.register_forward_hook(self._price)  # before any method changes the tokens
+        for plugin in self.plugins:
+            plugin.attach(model)
+
+    def on_engine(self, engine: Any) -> None:
+        for plugin in self.plugins:
+            plugin.on_engine(engine)
+
+    def on_epoch(self, epoch: int, stream: Any) -> None:
+        for plugin in self.plugins:
+            plugin.on_epoch(epoch, stream)
+
+    def on_step(self, step: int) -> dict[str, float]:
+        self._step = step
+        metrics: dict[str, float] = {}
+        for plugin in self.plugins:
+            metrics.update(plugin.on_step(step))
+        return metrics
+
+    def on_batch(self, step: int, batch: dict) -> dict:
+        for plugin in self.plugins:
+            batch = plugin.on_batch(step, batch)
+        return batch
+
+    def after_forward(self, step: int, batch: dict, outputs: Any) -> None:
+        for plugin in self.plugins:
+            plugin.after_forward(step, batch, outputs)
+
+    def after_step(self, step: int) -> None:
+        for plugin in self.plugins:
+            plugin.after_step(step)
+
+    def describe(self) -> list[str]:
+        return [text for plugin in self.plugins if (text := plugin.describe())]
+
+    # -- cost ----------------------------------------------------------------------------------
+
+    def forward_flops(self, step: int, num_patches: Optional[int] = None) -> float:
+        """Forward FLOPs of one sample at ``step`` with every plug-in applied, on an input of
+        ``num_patches`` patch tokens (default: the model's nominal grid)."""
+        if self.shape is None:
+            raise RuntimeError("PluginStack.attach(model) must run first")
+        shape = self.shape if num_patches is None else self.shape.with_patches(num_patches)
+        plan = shape.dense_plan()
+        for plugin in self.plugins:
+            plan = plugin.plan(step, plan)
+        return forward_flops(shape, plan)
+
+    def flops_share(self, step: int, num_patches: Optional[int] = None) -> float:
+        """Theoretical training FLOPs of ``step`` relative to the dense model on the same grid."""
+        shape = self.shape if num_patches is None else self.shape.with_patches(num_patches)
+        return self.forward_flops(step, num_patches) / forward_flops(shape)
+
+    def _price(self, module: nn.Module, args: tuple, out) -> None:
+        if not module.training:
+            return
+        patches = out.shape[1:-1].numel()  # [B, N, C], or [B, H, W, C] with dynamic image sizes
+        samples = out.shape[0]
+        flops = TRAIN_FLOPS_PER_FORWARD * samples * self.forward_flops(self._step, patches)
+        self._window[0] += flops
+        self._window[1] += TRAIN_FLOPS_PER_FORWARD * samples * forward_flops(self.shape.with_patches(patches))
+        self._window[2] += patches * samples
+        self._window[3] += samples
+        self._unread_flops += flops
+
+    def take_flops(self) -> float:
+        """This rank's theoretical training FLOPs of the forwards since the last call."""
+        flops, self._unread_flops = self._unread_flops, 0.0
+        return flops
+
+    def step_metrics(self) -> dict[str, float]:
+        """What the training forwards since the last call saw: ``cost/patch_tokens``, the mean patch
+        tokens of their input grids; ``cost/flops_share``, their theoretical FLOPs against the dense
+        model's on the same grids; and every plug-in's ``step_metrics``."""
+        (flops, dense, tokens, samples), self._window = self._window, [0.0, 0.0, 0.0, 0]
+        measured: dict[str, float] = {}
+        for plugin in self.plugins:  # every plug-in's window ends here, forwards or not
+            measured.update(plugin.step_metrics())
+        if not samples:
+            return measured
+        return {"cost/patch_tokens": tokens / samples, "cost/flops_share": flops / dense, **measured}
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {plugin.name: plugin.state_dict() for plugin in self.plugins}
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
+        unknown = set(state) - set(self.names)
+        if unknown:
+            raise ValueError(f"checkpoint has state for plug-ins {sorted(unknown)} that this run does not use")
+        for plugin in self.plugins:
+            plugin.load_state_dict(state.get(plugin.name, {}))

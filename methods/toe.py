@@ -1,0 +1,135 @@
+"""Token Expansion (ToE, CVPR 2024) as a plug-in: the thin adapter over ``toe/``.
+
+Surgery at ``attach`` (a forward pre-hook on ``model.blocks[block]``, no parameters), the stage
+from the global step at ``on_step``, the kept tokens after ``block`` in the cost model. The op,
+its schedule and the surgery are in ``toe/`` (``toe.expand_tokens``, ``toe.ToESchedule``).
+
+    methods: {toe: {r1: 0.5}}          # 3 stages over the run, k = 2, after block 1
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch.nn as nn
+
+from models.cost import BlockLoad, ViTShape, keep_patches_after, patches_at
+from toe import ToESchedule, TokenExpansion, apply_token_expansion
+from toe.token_expansion import DISTANCES, INITS
+
+from .base import MethodContext, TrainingPlugin
+from .registry import register
+
+__all__ = ["ToEConfig", "ToEPlugin", "build"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ToEConfig:
+    summary = ("r1",)  # the options a report names the method by (not a recipe key: no annotation)
+    r1: float = 0.5
+    r0: Optional[float] = None  # null: r1 / 2
+    num_stages: int = 3
+    k: int = 2
+    block: int = 1
+    boundaries: Optional[list] = None  # first step (int) or fraction of the run (float) of stages 2..Ng
+    warmup_steps: int = 0
+    warmup_epochs: Optional[float] = None  # full-token warm-up in epochs (steps from the run's epoch length)
+    distance: str = "cosine"
+    init: str = "spatial"
+    expand: bool = True
+    merge: bool = True
+    sparse_eval: bool = False
+    seed_stride: Optional[int] = None  # null: the paper's floor(1 / r0); 4 at r1=0.4 reproduces the authors' code
+
+    def __post_init__(self) -> None:
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        warm = self.warmup_epochs
+        if warm is not None and (not 0 <= warm < math.inf or self.warmup_steps):  # NaN fails the test too
+            raise ValueError(f"warmup_epochs must be a finite number >= 0, with warmup_steps left at 0 (set one of "
+                             f"them), got {warm} and {self.warmup_steps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        self.schedule(max(self.warmup_steps + self.num_stages, 10**9), steps_per_epoch=1)  # validates the numbers
+
+    def token_sites(self) -> set[int]:
+        return {self.block}
+
+    def schedule(self, total_steps: int, steps_per_epoch: int) -> ToESchedule:
+        warmup = self.warmup_steps if self.warmup_epochs is None else round(self.warmup_epochs * steps_per_epoch)
+        return ToESchedule(r1=self.r1, r0=self.r0, num_stages=self.num_stages, total_steps=total_steps, k=self.k,
+                           boundaries=self.boundaries, block=self.block, warmup_steps=warmup,
+                           seed_stride=self.seed_stride)
+
+
+class ToEPlugin(TrainingPlugin):
+    """Token Expansion as a plug-in: surgery at ``attach``, the stage from the global step at ``on_step``."""
+
+    name = "toe"
+
+    def __init__(self, schedule: ToESchedule, **options: Any) -> None:
+        self.schedule = schedule
+        self.options = options  # apply_token_expansion's: num_suffix, distance, init, expand, merge, sparse_eval
+        self.module: Optional[TokenExpansion] = None
+        self.shape: Optional[ViTShape] = None
+        self._kept = [0, 0]  # kept patch tokens summed over samples, samples: training forwards since the last log
+
+    @property
+    def token_sites(self) -> frozenset:
+        return frozenset({self.schedule.block})
+
+    def attach(self, model: nn.Module) -> None:
+        self.module = apply_token_expansion(model, self.schedule, **self.options)
+        self.shape = ViTShape.from_model(model, num_suffix=self.options.get("num_suffix", 0))
+        self.module.register_forward_hook(self._observe)
+
+    def _observe(self, module: TokenExpansion, args: tuple, out) -> None:
+        if module.training:  # training forwards only (sparse_eval forwards are not training cost)
+            self._kept[0] += (out.shape[1] - module.num_prefix - module.num_suffix) * out.shape[0]
+            self._kept[1] += out.shape[0]
+
+    def on_step(self, step: int) -> dict[str, float]:
+        """``toe/stage``, and ``toe/kept_tokens`` at the model's nominal grid (``step_metrics``
+        replaces it in the log with what the window's forwards kept)."""
+        if self.module is None:
+            raise RuntimeError("ToEPlugin.attach(model) must run before on_step()")
+        stage = self.module.stage
+        if self.module.set_step(step):
+            log.info("ToE stage %s -> %d at step %d: kept rate %.4g of the patch tokens after block %d "
+                     "(%d of %d at the model's nominal grid)", stage, self.module.stage, step,
+                     float(self.schedule.rate(self.module.stage)), self.schedule.block, self.kept_tokens(step),
+                     self.shape.num_patches)
+        return {"toe/stage": float(self.module.stage), "toe/kept_tokens": float(self.kept_tokens(step))}
+
+    def step_metrics(self) -> dict[str, float]:
+        """``toe/kept_tokens``: mean patch tokens the training forwards since the last call kept after ToE."""
+        (total, samples), self._kept = self._kept, [0, 0]
+        return {"toe/kept_tokens": total / samples} if samples else {}
+
+    def kept_tokens(self, step: int, num_patches: Optional[int] = None) -> int:
+        """Patch tokens kept at ``step`` of ``num_patches`` (default: the model's nominal grid)."""
+        n = self.shape.num_patches if num_patches is None else num_patches
+        return self.schedule.kept_tokens(n, self.schedule.stage(step))
+
+    def plan(self, step: int, plan: list[BlockLoad]) -> list[BlockLoad]:
+        patches = patches_at(self.shape, plan, self.schedule.block)  # the plan's grid, not the nominal one
+        return keep_patches_after(self.shape, plan, self.schedule.block, self.kept_tokens(step, patches))
+
+    def describe(self) -> str:
+        return ("ToE schedule at the model's nominal grid (the log's toe/kept_tokens and cost/flops_share follow "
+                "each step's actual input):\n" + self.schedule.describe(self.shape.num_patches, self.shape))
+
+
+def build(config: ToEConfig, context: MethodContext) -> ToEPlugin:
+    return ToEPlugin(config.schedule(context.total_steps, context.steps_per_epoch), num_suffix=context.num_suffix,
+                     distance=config.distance, init=config.init, expand=config.expand, merge=config.merge,
+                     sparse_eval=config.sparse_eval)
+
+
+register("toe", ToEConfig, build)
