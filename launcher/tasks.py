@@ -47,7 +47,7 @@ class ClassificationTask:
         return train, evaluation
 
     def to_device(self, batch: dict, device) -> dict:
-        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return _tensors_to(batch, device)
 
     def loss(self, model, batch: dict, micro_step: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The micro-batch's loss and the model's logits. With Mixup / CutMix the batch's images are
@@ -78,8 +78,9 @@ class ClassificationTask:
         return results
 
 
-def _to_device(targets: list[dict], device) -> list[dict]:
-    return [{k: v.to(device) for k, v in t.items()} for t in targets]
+def _tensors_to(batch: dict, device) -> dict:
+    """The batch with its tensors on ``device`` (other entries as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class DetectionTask:
@@ -113,9 +114,7 @@ class DetectionTask:
         return train, evaluation
 
     def to_device(self, batch: dict, device) -> dict:
-        moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        moved["targets"] = _to_device(batch["targets"], device)
-        return moved
+        return {**_tensors_to(batch, device), "targets": [_tensors_to(t, device) for t in batch["targets"]]}
 
     def loss(self, model, batch: dict, micro_step: int, dtype) -> tuple[torch.Tensor, dict]:
         """The micro-batch's loss and the model's outputs (``pred_logits``, ``pred_boxes``)."""

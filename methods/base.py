@@ -36,20 +36,20 @@ At any time:
 - ``state_dict()``: saved in the checkpoint's client state under the plug-in's ``name``; ``{}``
   for stateless methods (ToE's stage is a function of the step).
 - ``token_sites``: the blocks before which the method sets the token count; two methods that
-  claim the same block are refused (``methods.registry.check_combination``).
+  claim the same block are refused (``check_token_sites``).
 
 ``PluginStack`` runs the plug-ins in the recipe's order and prices every training forward.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch.nn as nn
 
 from models.cost import BlockLoad, ViTShape, forward_flops
 
-__all__ = ["MethodContext", "TrainingPlugin", "PluginStack"]
+__all__ = ["MethodContext", "TrainingPlugin", "PluginStack", "check_token_sites"]
 
 TRAIN_FLOPS_PER_FORWARD = 3.0  # a training step costs forward + backward ~ 3 forwards (every matmul twice more)
 
@@ -117,6 +117,17 @@ class TrainingPlugin:
             raise ValueError(f"plug-in {self.name!r} holds no state, but the checkpoint has {sorted(state)}")
 
 
+def check_token_sites(claims: Iterable[tuple[str, Iterable[int]]]) -> None:
+    """Refuse two methods that set the token count before the same block (``ValueError`` naming both)."""
+    owner: dict[int, str] = {}
+    for name, sites in claims:
+        for site in sorted(sites):
+            if site in owner:
+                raise ValueError(f"methods {owner[site]!r} and {name!r} both set the token count before block "
+                                 f"{site}: use one of them there, or move one to another block")
+            owner[site] = name
+
+
 class PluginStack:
     """Plug-ins run in order, with one cost model over all of them.
 
@@ -128,13 +139,7 @@ class PluginStack:
         names = [p.name for p in plugins]
         if len(set(names)) != len(names):
             raise ValueError(f"plug-in names must be unique (they key checkpoint state), got {names}")
-        owner: dict[int, str] = {}
-        for plugin in plugins:
-            for site in sorted(plugin.token_sites):
-                if site in owner:
-                    raise ValueError(f"methods {owner[site]!r} and {plugin.name!r} both set the token count "
-                                     f"before block {site}")
-                owner[site] = plugin.name
+        check_token_sites((plugin.name, plugin.token_sites) for plugin in plugins)
         self.plugins = list(plugins)
         self.shape: Optional[ViTShape] = None
         self._step = 0

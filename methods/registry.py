@@ -48,13 +48,8 @@ def method(name: str) -> Method:
 
 def check_combination(configs: Mapping[str, Any]) -> None:
     """Refuse two methods that set the token count before the same block (``ValueError`` naming both)."""
-    owner: dict[int, str] = {}
-    for name, config in configs.items():
-        for site in sorted(config.token_sites()):
-            if site in owner:
-                raise ValueError(f"methods {owner[site]!r} and {name!r} both set the token count before block "
-                                 f"{site}: use one of them there, or move one to another block")
-            owner[site] = name
+    from .base import check_token_sites
+    check_token_sites((name, config.token_sites()) for name, config in configs.items())
 
 
 def build_stack(configs: Mapping[str, Any], context: Any):
