@@ -5,7 +5,7 @@ The step loop in ``launcher.train`` is the same for both; it asks its task for t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -61,11 +61,14 @@ class ClassificationTask:
         return F.cross_entropy(logits, labels, label_smoothing=self.cfg.data.label_smoothing), logits
 
     @torch.no_grad()
-    def evaluate(self, models: dict[str, tuple[Any, torch.dtype]], stream, device) -> dict[str, float]:
+    def evaluate(self, models: dict[str, tuple[Any, torch.dtype]], stream, device,
+                 transform: Callable[[dict], dict] = lambda batch: batch) -> dict[str, float]:
+        """Top-1 / top-5 of every model over the eval stream; ``transform`` edits each batch on the
+        device first (the plug-ins' ``on_eval_batch``)."""
         totals = torch.zeros(len(models), 3, device=device)  # correct top-1, correct top-5, count
         for batch in stream:
-            images = batch["image"].to(device)
-            labels, valid = batch["label"].to(device), batch["valid"].to(device)
+            batch = transform(_tensors_to(batch, device))
+            images, labels, valid = batch["image"], batch["label"], batch["valid"]
             for i, (model, dtype) in enumerate(models.values()):
                 logits = model(images.to(dtype)).float()
                 hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
@@ -122,13 +125,16 @@ class DetectionTask:
         return self.criterion(outputs, batch["targets"])["loss"], outputs
 
     @torch.no_grad()
-    def evaluate(self, models: dict[str, tuple[Any, torch.dtype]], stream, device) -> dict[str, float]:
+    def evaluate(self, models: dict[str, tuple[Any, torch.dtype]], stream, device,
+                 transform: Callable[[dict], dict] = lambda batch: batch) -> dict[str, float]:
+        """COCO AP of every model over the eval stream; ``transform`` edits each batch's images on the
+        device first (the plug-ins' ``on_eval_batch``; boxes are normalised, so a resize keeps them)."""
         from data.detection import coco_evaluate, postprocess
         predictions: dict[str, list] = {prefix: [] for prefix in models}
         samples = 0
         for batch in stream:
             samples += int(batch["valid"].sum())
-            images = batch["image"].to(device)
+            images = transform({"image": batch["image"].to(device), "valid": batch["valid"]})["image"]
             for prefix, (model, dtype) in models.items():
                 predictions[prefix] += postprocess(model(images.to(dtype)), batch["targets"])
         results: dict[str, float] = {}

@@ -178,8 +178,8 @@ class Trainer:
         if self.universal:
             ds_config["checkpoint"] = {"load_universal": True}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        self.plugins.on_engine(self.engine)
         self.ema = EMA(self.engine.module, cfg.train.ema_decay) if cfg.train.ema else None
+        self.plugins.on_engine(self.engine, self.ema)
 
     def _input_dtype(self) -> torch.dtype:
         if self.engine.bfloat16_enabled():
@@ -312,7 +312,8 @@ class Trainer:
         models = {"": (self.engine, self._input_dtype())}
         if self.ema is not None:
             models["ema_"] = (self.ema.module, torch.float32)
-        results = self.task.evaluate(models, self.eval_stream, self.device)
+        results = self.task.evaluate(models, self.eval_stream, self.device,
+                                     transform=lambda batch: self.plugins.on_eval_batch(step, batch))
         self.engine.train()
         log.info("eval at step %d: %s", step, " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in results.items()))

@@ -9,8 +9,9 @@ Set-up, once per process:
 1. ``attach(model)`` before ``deepspeed.initialize``: surgery that adds no parameters and
    changes no parameter shape (ZeRO partitions parameters at initialize; a method that grows
    heads or MLP width keeps full tensors and slices them in the forward).
-2. ``on_engine(engine)`` right after ``deepspeed.initialize``: the engine and, through it, the
-   optimizer (``engine.optimizer``), e.g. to reset the moments of newly grown slices later.
+2. ``on_engine(engine, ema)`` right after ``deepspeed.initialize``: the engine and, through it, the
+   optimizer (``engine.optimizer``), e.g. to reset the moments of newly grown slices later, and
+   the run's EMA copy (``launcher.train.EMA``, or ``None``), whose weights must follow such edits.
 3. ``load_state_dict(state)`` when the run resumes, after the engine has loaded its checkpoint.
 
 The run, in the step loop:
@@ -25,6 +26,12 @@ The run, in the step loop:
 7. ``after_forward(step, batch, outputs)`` for every micro-batch, after the forward: the model's
    outputs and the batch (``sample_id``, ``label``): per-sample statistics.
 8. ``after_step(step)`` once the optimizer step ``step`` is taken.
+
+Evaluation (mid-run and final, on every rank):
+
+9. ``on_eval_batch(step, batch) -> batch`` for every evaluation batch, on the device, before the
+   evaluated models see it; ``step`` is the number of optimizer steps taken (the final evaluation
+   has ``step == total_steps``): e.g. an input size that follows the training schedule.
 
 At any time:
 
@@ -76,8 +83,8 @@ class TrainingPlugin:
     def attach(self, model: nn.Module) -> None:
         """Model surgery, once, before the engine wraps the model."""
 
-    def on_engine(self, engine: Any) -> None:
-        """The DeepSpeed engine, once, right after ``deepspeed.initialize``."""
+    def on_engine(self, engine: Any, ema: Any = None) -> None:
+        """The DeepSpeed engine and the run's EMA copy (or ``None``), once, right after ``deepspeed.initialize``."""
 
     def on_epoch(self, epoch: int, stream: Any) -> None:
         """Before the first batch of a pass over the training stream."""
@@ -95,6 +102,10 @@ class TrainingPlugin:
 
     def after_step(self, step: int) -> None:
         """The optimizer step ``step`` is taken."""
+
+    def on_eval_batch(self, step: int, batch: dict) -> dict:
+        """An evaluation batch on the device, after ``step`` optimizer steps, before the models see it."""
+        return batch
 
     def plan(self, step: int, plan: list[BlockLoad]) -> list[BlockLoad]:
         """The step's per-block loads with this method applied (cost model)."""
@@ -158,9 +169,9 @@ class PluginStack:
         for plugin in self.plugins:
             plugin.attach(model)
 
-    def on_engine(self, engine: Any) -> None:
+    def on_engine(self, engine: Any, ema: Any = None) -> None:
         for plugin in self.plugins:
-            plugin.on_engine(engine)
+            plugin.on_engine(engine, ema)
 
     def on_epoch(self, epoch: int, stream: Any) -> None:
         for plugin in self.plugins:
@@ -185,6 +196,11 @@ class PluginStack:
     def after_step(self, step: int) -> None:
         for plugin in self.plugins:
             plugin.after_step(step)
+
+    def on_eval_batch(self, step: int, batch: dict) -> dict:
+        for plugin in self.plugins:
+            batch = plugin.on_eval_batch(step, batch)
+        return batch
 
     def describe(self) -> list[str]:
         return [text for plugin in self.plugins if (text := plugin.describe())]

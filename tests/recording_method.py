@@ -33,8 +33,8 @@ class RecordingPlugin(TrainingPlugin):
     def attach(self, model):
         self._write("attach", training=model.training)
 
-    def on_engine(self, engine):
-        self._write("on_engine", zero_stage=engine.zero_optimization_stage())
+    def on_engine(self, engine, ema):
+        self._write("on_engine", zero_stage=engine.zero_optimization_stage(), ema=ema is not None)
 
     def on_epoch(self, epoch, stream):
         self._write("on_epoch", epoch=epoch, stream_epoch=stream.epoch)
@@ -53,6 +53,10 @@ class RecordingPlugin(TrainingPlugin):
     def after_step(self, step):
         self.steps_seen += 1
         self._write("after_step", step=step, steps_seen=self.steps_seen)
+
+    def on_eval_batch(self, step, batch):
+        self._write("on_eval_batch", step=step, device=str(batch["image"].device))
+        return batch
 
     def state_dict(self):
         return {"steps_seen": self.steps_seen}

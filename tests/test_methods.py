@@ -190,6 +190,10 @@ def test_every_event_fires_in_order_across_a_kill_and_resume(tmp_path, tiny_shar
     steps_per_epoch = 256 // 16  # 256 samples, global batch 16
     for rank in (0, 1):
         first, second = read_events(run / f"events-rank{rank}.jsonl")
+        final_eval = [event for event in second if event[0] == "on_eval_batch"]
+        assert final_eval and set(final_eval) == {("on_eval_batch", 20)}  # the final evaluation, after step 20
+        assert second[-len(final_eval):] == final_eval
+        second = second[:-len(final_eval)]
         resume = second[2][1]  # the state came back: the steps it saw before the checkpoint it resumes from
         assert resume in (8, 12, 16) and second == expected_events(resume, 20, steps_per_epoch, 2, resumed=True)
         assert first == expected_events(0, 20, steps_per_epoch, 2, resumed=False)[:len(first)]
