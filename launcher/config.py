@@ -79,6 +79,7 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     clip_grad: Optional[float] = None  # max gradient norm; null: none (written as 0.0, not DeepSpeed's default 1.0)
+    fused: Optional[bool] = None  # torch AdamW(fused=True), one kernel for all parameters; null: on CUDA only
 
 
 @dataclass
@@ -97,6 +98,13 @@ class TrainConfig:
     eval_on_start: bool = False  # also evaluate before the first step of a fresh run
     log_every: int = 50
     collective_timeout_minutes: float = 30.0
+    # torch.compile of the model: one static graph per method stage and one for evaluation (dynamic=False,
+    # fullgraph=True: a graph break is an error, not a silent fall-back to eager); null: on CUDA only
+    compile: Optional[bool] = None
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: Dynamo + autograd, no code generation)
+    # steps between the ranks' agreement on a pending SIGTERM / SIGUSR1 (an all-reduce and a host read): a
+    # signal is acted on within this many steps; 1 checks every step (a host sync per step)
+    signal_check_every: int = 10
 
 
 @dataclass
@@ -283,6 +291,12 @@ def _validate(cfg: RunConfig) -> None:
     if t.ema and t.zero_stage == 3:
         raise ConfigError("train.ema with train.zero_stage=3 is not supported: ZeRO-3 partitions the weights the "
                           "EMA averages; use stage 0-2 or turn the EMA off")
+    if t.compile and t.zero_stage == 3:
+        raise ConfigError("train.compile with train.zero_stage=3 is not supported: ZeRO-3's parameter fetch hooks "
+                          "are excluded from tracing, so the model cannot compile to one graph (launcher/perf.py); "
+                          "use stage 0-2 or train.compile=false")
+    if t.signal_check_every < 1:
+        raise ConfigError(f"train.signal_check_every must be >= 1, got {t.signal_check_every}")
     if t.ds_config is not None and not _ds_path(cfg).is_file():
         raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
     cfg.methods = _methods(cfg.methods, cfg.method_modules)

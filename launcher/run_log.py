@@ -10,7 +10,10 @@ between. ``metrics.jsonl`` gets, on rank 0, one JSON object per line:
 - one record per log window: ``step`` (the window's last 0-based step), ``steps`` (how many
   steps it covers), ``loss`` (their mean on rank 0), ``lr`` (at the last step), ``time``,
   ``img_per_s``, ``epoch``, ``flops`` (theoretical training FLOPs of the window, all ranks, from
-  the plug-in stack's cost model), the plug-ins' metrics and ``data/...`` counters;
+  the plug-in stack's cost model), ``tflops_per_device`` (those FLOPs per second and rank), ``mfu``
+  (that against the device's dense peak, ``launcher.perf.PEAK_TFLOPS``; known GPUs only),
+  ``compile/graphs`` and ``compile/seconds`` (cumulative, when the model is compiled), the
+  plug-ins' metrics and ``data/...`` counters;
 - ``{"step": s, "time": T, "eval/...": ...}`` per evaluation.
 
 Every rank calls ``step`` (the window's counters and FLOPs are all-reduced at log steps).
@@ -18,6 +21,7 @@ Every rank calls ``step`` (the window's counters and FLOPs are all-reduced at lo
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -27,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["RunLog", "due"]
+
+log = logging.getLogger(__name__)
 
 DATA_COUNTERS = ("corrupt_image", "missing_label", "bad_label", "missing_image", "unreadable_sample",
                  "unreadable_shard", "refilled", "missing_boxes", "bad_boxes")
@@ -40,8 +46,11 @@ def due(step: int, every: int, total: int) -> bool:
 
 class RunLog:
     def __init__(self, run_dir: Path, *, rank: int, world: int, total_steps: int, log_every: int,
-                 device: torch.device, counters: Callable[[], dict], epoch: Callable[[], int]) -> None:
+                 device: torch.device, counters: Callable[[], dict], epoch: Callable[[], int],
+                 peak_tflops: Optional[float] = None) -> None:
         self.rank, self.world, self.total_steps, self.log_every = rank, world, total_steps, log_every
+        self.peak_tflops = peak_tflops
+        self._graphs = 0
         self.device, self._counters, self._epoch = device, counters, epoch
         self.file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
         self.writer = self._tensorboard(run_dir) if rank == 0 else None
@@ -79,14 +88,29 @@ class RunLog:
         dist.all_reduce(totals)  # every rank is here: the window's images, FLOPs and data counters of all ranks
         images_all, flops_all, *counts = totals.tolist()
         elapsed = time.perf_counter() - self._window_start
+        tflops = flops_all / elapsed / self.world / 1e12
         record = {"step": step, "steps": self._steps, "loss": self._loss.item() / self._steps, "lr": lr,
                   "time": time.time(), "img_per_s": images_all / elapsed, "epoch": self._epoch(),
-                  "flops": flops_all, **metrics(), **{f"data/{n}": c for n, c in zip(DATA_COUNTERS, counts)}}
+                  "flops": flops_all, "tflops_per_device": tflops, **self._perf(step, tflops), **metrics(),
+                  **{f"data/{n}": c for n, c in zip(DATA_COUNTERS, counts)}}
         self._write(record, tensorboard_step=step + 1)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}",
                                       stage=record.get("toe/stage", "-"), kept=record.get("toe/kept_tokens", "-"))
         self._reset()
+
+    def _perf(self, step: int, tflops: float) -> dict[str, float]:
+        """MFU where the peak is known; the compiled graphs so far (a log line when there are new ones)."""
+        from .perf import compile_stats
+        perf = {} if self.peak_tflops is None else {"mfu": tflops / self.peak_tflops}
+        graphs, seconds = compile_stats()
+        if graphs:
+            perf.update({"compile/graphs": graphs, "compile/seconds": seconds})
+            if graphs != self._graphs and self.rank == 0:
+                log.info("compiled %d new graph(s) by step %d (%d in all, %.1f s compiling so far)",
+                         graphs - self._graphs, step, graphs, seconds)
+            self._graphs = graphs
+        return perf
 
     def evaluation(self, step: int, results: dict[str, Any]) -> None:
         self._write({"step": step, "time": time.time(), **{f"eval/{k}": v for k, v in results.items()}},

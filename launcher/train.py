@@ -63,18 +63,24 @@ class EMA:
 
 
 class StopSignal:
-    """Remembers SIGTERM / SIGUSR1; ``requested()`` agrees across ranks (all-reduce MAX)."""
+    """Remembers SIGTERM / SIGUSR1; ``requested(step)`` agrees across ranks (all-reduce MAX) every
+    ``every`` steps only: the agreement is a collective and a host read, so checking every step
+    would sync the host with the device every step. Every rank checks at the same steps."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, every: int = 1) -> None:
         self.signum = 0
         self.device = device
+        self.every = every
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
-    def requested(self) -> int:
+    def requested(self, step: int) -> int:
+        """After ``step`` steps: the signal any rank got (0: none, or not a check step)."""
+        if step % self.every:
+            return 0
         flag = torch.tensor([self.signum], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
@@ -158,6 +164,8 @@ class Trainer:
         from methods import MethodContext, build_stack
         from models import weight_decay_groups
 
+        from .perf import compile_engine, compile_model
+
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         model, num_suffix = self.task.build_model()
@@ -171,8 +179,9 @@ class Trainer:
                 log.info("%s", text)
         o = cfg.optim
         self.peak_lr = o.lr if o.lr is not None else o.base_lr * cfg.train.global_batch / 512
+        fused = self.device.type == "cuda" if o.fused is None else o.fused
         optimizer = torch.optim.AdamW(weight_decay_groups(model, o.weight_decay), lr=self.peak_lr,
-                                      betas=tuple(o.betas), eps=o.eps)
+                                      betas=tuple(o.betas), eps=o.eps, fused=fused)
         ds_config = deepspeed_config(cfg, self.world)
         self.universal = bool(point and point.needs_universal(self.world, cfg.train.zero_stage))
         if self.universal:
@@ -180,6 +189,8 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.ema = EMA(self.engine.module, cfg.train.ema_decay) if cfg.train.ema else None
         self.plugins.on_engine(self.engine, self.ema)
+        if compile_model(cfg.train, self.device):
+            compile_engine(self.engine, cfg.train.compile_backend)
 
     def _input_dtype(self) -> torch.dtype:
         if self.engine.bfloat16_enabled():
@@ -201,8 +212,10 @@ class Trainer:
         self._build(point)
         self.checkpointer = Checkpointer(run_dir, self.engine, rank=self.rank, world_size=self.world,
                                          zero_stage=cfg.train.zero_stage, keep=cfg.checkpoint.keep)
+        from .perf import peak_tflops
         self.run_log = RunLog(run_dir, rank=self.rank, world=self.world, total_steps=self.total_steps,
                               log_every=cfg.train.log_every, device=self.device,
+                              peak_tflops=peak_tflops(self.device, cfg.train.precision),
                               counters=lambda: self.train_stream.counters, epoch=lambda: self.train_stream.epoch)
         step = 0
         if point is not None:
@@ -238,7 +251,7 @@ class Trainer:
         """The step loop: the plug-ins' events, the task's loss, the engine; logging, evaluation and
         checkpoints are the run log's and the checkpointer's."""
         cfg, t, plugins, run_log = self.cfg, self.cfg.train, self.plugins, self.run_log
-        stop, dtype, accum = StopSignal(self.device), self._input_dtype(), 0
+        stop, dtype, accum = StopSignal(self.device, t.signal_check_every), self._input_dtype(), 0
         run_log.start(step)
         if t.eval_on_start and step == 0:  # the starting point (e.g. a pretrained backbone), not on resume
             self._evaluate(0)
@@ -263,7 +276,7 @@ class Trainer:
             step += 1
             if due(step, t.eval_every, self.total_steps):
                 self._evaluate(step)
-            signum = stop.requested()
+            signum = stop.requested(step)
             if signum:
                 self.checkpointer.save(step, self._client_state(step))
                 log.warning("signal %d: checkpointed at step %d, exiting with %d", signum, step, EXIT_PREEMPTED)

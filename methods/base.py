@@ -12,6 +12,9 @@ Set-up, once per process:
 2. ``on_engine(engine, ema)`` right after ``deepspeed.initialize``: the engine and, through it, the
    optimizer (``engine.optimizer``), e.g. to reset the moments of newly grown slices later, and
    the run's EMA copy (``launcher.train.EMA``, or ``None``), whose weights must follow such edits.
+   Then ``on_stream(stream)``: the training stream (``data.stream.ShardStream``) before its first
+   pass and before a resumed run restores its position: e.g. ``stream.set_augmentation_schedule``
+   for an augmentation that follows the step in the DataLoader workers (EfficientTrain's magnitude).
 3. ``load_state_dict(state)`` when the run resumes, after the engine has loaded its checkpoint.
 
 The run, in the step loop:
@@ -45,7 +48,18 @@ At any time:
 - ``token_sites``: the blocks before which the method sets the token count; two methods that
   claim the same block are refused (``check_token_sites``).
 
-``PluginStack`` runs the plug-ins in the recipe's order and prices every training forward.
+- ``observe(samples, plan)``: the plan each training micro-batch was priced at (window metrics).
+
+Before the plug-ins exist, the engine asks the methods' configs for the run's length
+(``methods.registry.run_length``: an optional ``run_steps`` hook; Budgeted Training sets it from its
+budget), and the registry refuses a method that sets the input grid next to another that sets a
+token count (``sets_input_grid``).
+
+``PluginStack`` runs the plug-ins in the recipe's order and prices every training micro-batch
+after the plug-ins' ``on_batch``, on the grid the model gets. Nothing the stack or a method runs
+per step may sit in the model's forward as Python bookkeeping (hooks that count, host reads):
+the forward is compiled (``train.compile``), and ``tests/compile_check.py`` asserts 0 graph
+breaks for every method.
 """
 from __future__ import annotations
 
@@ -72,6 +86,7 @@ class MethodContext:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step (a stream's batch index // grad_accum is the step)
 
 
 class TrainingPlugin:
@@ -85,6 +100,10 @@ class TrainingPlugin:
 
     def on_engine(self, engine: Any, ema: Any = None) -> None:
         """The DeepSpeed engine and the run's EMA copy (or ``None``), once, right after ``deepspeed.initialize``."""
+
+    def on_stream(self, stream: Any) -> None:
+        """The training stream, once, after ``on_engine``, before its first pass (and before a resumed run
+        restores its position)."""
 
     def on_epoch(self, epoch: int, stream: Any) -> None:
         """Before the first batch of a pass over the training stream."""
@@ -110,6 +129,11 @@ class TrainingPlugin:
     def plan(self, step: int, plan: list[BlockLoad]) -> list[BlockLoad]:
         """The step's per-block loads with this method applied (cost model)."""
         return plan
+
+    def observe(self, samples: int, plan: list[BlockLoad]) -> None:
+        """A training micro-batch of ``samples`` samples was priced at ``plan`` (its grid, every
+        plug-in applied): for window metrics such as the tokens a method kept, without a hook in
+        the model's forward."""
 
     def step_metrics(self) -> dict[str, float]:
         """Scalars measured on the training forwards since the last call; at log steps, they
@@ -142,8 +166,8 @@ def check_token_sites(claims: Iterable[tuple[str, Iterable[int]]]) -> None:
 class PluginStack:
     """Plug-ins run in order, with one cost model over all of them.
 
-    ``attach`` also hooks the model's patch embedding, so every training forward is priced on
-    its actual input grid (detection inputs change size every batch) at the current step's plan.
+    ``on_batch`` prices every training micro-batch on its actual input grid (detection inputs change
+    size every batch; a method may resize them) at the step's plan.
     """
 
     def __init__(self, plugins: Sequence[TrainingPlugin]) -> None:
@@ -153,9 +177,10 @@ class PluginStack:
         check_token_sites((plugin.name, plugin.token_sites) for plugin in plugins)
         self.plugins = list(plugins)
         self.shape: Optional[ViTShape] = None
-        self._step = 0
         self._window = [0.0, 0.0, 0.0, 0]  # training FLOPs, dense FLOPs, patch tokens x samples, samples
         self._unread_flops = 0.0
+        self._priced_key: Optional[tuple[int, int]] = None
+        self._priced: tuple = ()
 
     @property
     def names(self) -> list[str]:
@@ -165,7 +190,6 @@ class PluginStack:
 
     def attach(self, model: nn.Module, num_suffix: int = 0) -> None:
         self.shape = ViTShape.from_model(model, num_suffix=num_suffix)
-        model.patch_embed.register_forward_hook(self._price)  # before any method changes the tokens
         for plugin in self.plugins:
             plugin.attach(model)
 
@@ -173,20 +197,26 @@ class PluginStack:
         for plugin in self.plugins:
             plugin.on_engine(engine, ema)
 
+    def on_stream(self, stream: Any) -> None:
+        for plugin in self.plugins:
+            plugin.on_stream(stream)
+
     def on_epoch(self, epoch: int, stream: Any) -> None:
         for plugin in self.plugins:
             plugin.on_epoch(epoch, stream)
 
     def on_step(self, step: int) -> dict[str, float]:
-        self._step = step
         metrics: dict[str, float] = {}
         for plugin in self.plugins:
             metrics.update(plugin.on_step(step))
         return metrics
 
     def on_batch(self, step: int, batch: dict) -> dict:
+        """The plug-ins' batch transforms in order, then the batch is priced on the grid it enters
+        the model with (outside the model, so a compiled forward holds no Python cost code)."""
         for plugin in self.plugins:
             batch = plugin.on_batch(step, batch)
+        self._price(step, batch["image"])
         return batch
 
     def after_forward(self, step: int, batch: dict, outputs: Any) -> None:
@@ -223,14 +253,26 @@ class PluginStack:
         shape = self.shape if num_patches is None else self.shape.with_patches(num_patches)
         return self.forward_flops(step, num_patches) / forward_flops(shape)
 
-    def _price(self, module: nn.Module, args: tuple, out) -> None:
-        if not module.training:
-            return
-        patches = out.shape[1:-1].numel()  # [B, N, C], or [B, H, W, C] with dynamic image sizes
-        samples = out.shape[0]
-        flops = TRAIN_FLOPS_PER_FORWARD * samples * self.forward_flops(self._step, patches)
+    def _price(self, step: int, images) -> None:
+        """Price a training micro-batch ``[B, C, H, W]`` at ``step``'s plan on its ``H/p x W/p`` grid; the
+        plan is memoised per (step, grid), so a step's micro-batches cost one plan."""
+        if self.shape is None:
+            raise RuntimeError("PluginStack.attach(model) must run first")
+        samples, (height, width) = int(images.shape[0]), tuple(images.shape[-2:])
+        patches = (height // self.shape.patch_size) * (width // self.shape.patch_size)
+        key = (step, patches)
+        if self._priced_key != key:
+            shape = self.shape.with_patches(patches)
+            plan = shape.dense_plan()
+            for plugin in self.plugins:
+                plan = plugin.plan(step, plan)
+            self._priced_key, self._priced = key, (plan, forward_flops(shape, plan), forward_flops(shape))
+        plan, sample_flops, dense = self._priced
+        for plugin in self.plugins:
+            plugin.observe(samples, plan)
+        flops = TRAIN_FLOPS_PER_FORWARD * samples * sample_flops
         self._window[0] += flops
-        self._window[1] += TRAIN_FLOPS_PER_FORWARD * samples * forward_flops(self.shape.with_patches(patches))
+        self._window[1] += TRAIN_FLOPS_PER_FORWARD * samples * dense
         self._window[2] += patches * samples
         self._window[3] += samples
         self._unread_flops += flops

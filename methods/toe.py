@@ -87,12 +87,12 @@ class ToEPlugin(TrainingPlugin):
     def attach(self, model: nn.Module) -> None:
         self.module = apply_token_expansion(model, self.schedule, **self.options)
         self.shape = ViTShape.from_model(model, num_suffix=self.options.get("num_suffix", 0))
-        self.module.register_forward_hook(self._observe)
 
-    def _observe(self, module: TokenExpansion, args: tuple, out) -> None:
-        if module.training:  # training forwards only (sparse_eval forwards are not training cost)
-            self._kept[0] += (out.shape[1] - module.num_prefix - module.num_suffix) * out.shape[0]
-            self._kept[1] += out.shape[0]
+    def observe(self, samples: int, plan: list[BlockLoad]) -> None:
+        """The patch tokens the blocks after ToE's see in a priced training micro-batch (the op keeps
+        exactly the schedule's count of the grid it gets, which ``tests`` check against the model)."""
+        self._kept[0] += patches_at(self.shape, plan, self.schedule.block) * samples
+        self._kept[1] += samples
 
     def on_step(self, step: int) -> dict[str, float]:
         """``toe/stage``, and ``toe/kept_tokens`` at the model's nominal grid (``step_metrics``

@@ -91,16 +91,35 @@ class TokenExpansion(nn.Module):
         self.sparse_eval = bool(sparse_eval)
         self.step: Optional[int] = None
         self.stage: Optional[int] = None
+        self._rates: tuple[tuple[int, int], ...] = ()  # (numerator, denominator) of r0, r1 .. r_stage
+        self._seed_stride = 0
         # original patch index of each kept token in the last forward; None when all were kept
         self.keep_index: Optional[torch.Tensor] = None
         self.num_patches: Optional[int] = None
 
     def set_step(self, step: int) -> bool:
-        """Set the global step; returns True when this moves ToE into a different stage."""
+        """Set the global step; returns True when this moves ToE into a different stage.
+
+        A stage change also sets the stage's constants as plain ints (each kept rate as a numerator
+        and a denominator, the seed stride), so the forward does integer arithmetic only: nothing
+        traced by ``torch.compile`` reaches ``Fraction``, and the exact floors stay exact.
+        """
         stage = self.schedule.stage(step)
         changed = stage != self.stage
         self.step, self.stage = int(step), stage
+        if changed and stage:
+            rates = [self.schedule.r0] + [self.schedule.rate(d) for d in range(1, stage + 1)]
+            self._rates = tuple((int(r.numerator), int(r.denominator)) for r in rates)
+            self._seed_stride = int(self.schedule.seed_stride)
         return changed
+
+    def kept_counts(self, num_patches: int) -> list[int]:
+        """``ToESchedule.kept_counts(num_patches, stage)`` from the stage's int constants."""
+        counts = [num * num_patches // den for num, den in self._rates]  # floor(r * N), exact for rationals
+        if counts[0] < 1:
+            raise ValueError(f"r0={float(self.schedule.r0)} keeps no seed token of {num_patches} patches "
+                             f"(floor(r0 * N) = 0); raise r1/r0 or use more patches")
+        return counts
 
     @property
     def active(self) -> bool:
@@ -115,12 +134,12 @@ class TokenExpansion(nn.Module):
             raise RuntimeError("TokenExpansion.set_step(global_step) must be called before a training forward pass")
         if self.stage == 0:  # full-token warm-up
             return x
-        counts = self.schedule.kept_counts(self.num_patches, self.stage)
+        counts = self.kept_counts(self.num_patches)
         if counts[-1] == self.num_patches:
             return x
         out, keep_index = expand_tokens(
             x, counts, num_prefix=self.num_prefix, num_suffix=self.num_suffix, k=self.schedule.k,
-            seed_stride=self.schedule.seed_stride, **self.options)
+            seed_stride=self._seed_stride, **self.options)
         self.keep_index = keep_index
         return out
 
