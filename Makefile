@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: install demo test bench
 install: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt requirements-dev.txt install.sh
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-dali.txt install.sh
 	bash install.sh $(VENV)
 
 demo: install  ## install, then run the main job (DeiT-Ti + ToE, DeepSpeed, CPU) on the embedded synthetic data

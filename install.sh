@@ -43,6 +43,17 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # requirements.txt excludes torch's local CPU-only build, which breaks torchvision (see the file)
 "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
+# NVIDIA DALI for data.backend=dali (optional at run time; installed so that the tests run its CPU
+# pipeline). Its wheels are Linux x86_64 / aarch64 only: elsewhere, or with INSTALL_DALI=0, it is skipped
+# and tests/test_dali.py says so.
+if [ "${INSTALL_DALI:-1}" = 0 ]; then
+  echo "install: SKIPPED NVIDIA DALI (INSTALL_DALI=0): data.backend=dali and tests/test_dali.py unavailable" >&2
+elif [ "$(uname -s)" != Linux ] || { [ "$(uname -m)" != x86_64 ] && [ "$(uname -m)" != aarch64 ]; }; then
+  echo "install: SKIPPED NVIDIA DALI (no wheel for $(uname -s) $(uname -m)): data.backend=dali unavailable" >&2
+else
+  "$VENV/bin/python" -m pip install -q -r requirements-dali.txt
+  "$VENV/bin/python" -c 'import nvidia.dali as d; print(f"install: ok: NVIDIA DALI {d.__version__} (data.backend=dali)")'
+fi
 
 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, timm, deepspeed, webdataset, mpi4py, yaml, scipy, pycocotools, matplotlib

@@ -1,16 +1,28 @@
-"""Decoded + augmented samples/s of the shard stream vs torchvision ImageFolder, same images, same transform.
+"""Decoded + augmented images/s: the shard stream with timm's transform (PIL), torchvision ImageFolder with
+the same transform, and the same shard stream through DALI (``data.backend: dali``), same JPEGs.
 
-    python bench/data_throughput.py [--images 768] [--workers 1 2] [--size 224]
+    python bench/data_throughput.py [--images 384] [--workers 1] [--rounds 2] [--device cpu|gpu]
+                                    [--dali-threads 1] [--size 224] [--batch 32]
 
-Makes an ImageNet-like folder of JPEGs (about 400 x 350 px, drawn from the synthetic shapes),
-writes it to shards with ``data.write_shards imagefolder``, then times one epoch of each
-loader with the DeiT training transform (timm, RandAugment, 224 px) per worker count. Prints a
-table and writes JSON (default ``bench/results/data_throughput.json``).
+Makes an ImageNet-like folder of JPEGs (450-550 x 340-410 px, mean ~500 x 375, quality 90, textured so
+that a file is ~90 KB, near ImageNet's ~110 KB; drawn from the synthetic shapes), writes it to
+shards with ``data.write_shards imagefolder``, then times one epoch of each loader with the full
+DeiT training transform (random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1, normalise,
+random erasing 0.25; 224 px), the loaders interleaved round by round (``bench/timing.py``'s
+reasoning: a slow phase of the machine touches all alike), the median round kept. Each row gives
+wall-clock img/s and img per CPU-second (CPU time of this process, all its threads, and of its
+DataLoader workers: "per core" whatever the thread count). ``--device gpu`` runs the DALI pipeline
+with GPU decoding (``mixed``) and GPU operators; its figure is then GPU img/s (CPU per image also
+shown). Prints a table and writes JSON (default ``bench/results/data_throughput.json``).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -28,62 +40,128 @@ from data.stream import build_train_stream  # noqa: E402
 from data.synthetic import draw_sample  # noqa: E402
 from data.transforms import build_transform  # noqa: E402
 
+# what a DeiT-S needs at 40% MFU on one H100 (issue 14's estimate: ~4.6 GFLOPs forward x 3 per image)
+DEIT_S_NEEDS = 14_000
 
-def make_folder(root: Path, count: int, classes: int = 8) -> None:
+
+def make_folder(root: Path, count: int, classes: int = 8) -> float:
+    """``count`` JPEGs in ``classes`` folders; returns their mean size in KB."""
     rng = np.random.default_rng(0)
+    sizes = []
     for i in range(count):
         sample = draw_sample(i, seed=0, size=64)
-        width, height = int(rng.integers(320, 480)), int(rng.integers(280, 420))
-        image = Image.fromarray(sample.image).resize((width, height), Image.BICUBIC)
+        width, height = int(rng.integers(450, 551)), int(rng.integers(340, 411))
+        image = np.asarray(Image.fromarray(sample.image).resize((width, height), Image.BICUBIC), np.float32)
+        coarse = rng.normal(0, 40, (height // 4, width // 4, 3)) + 128  # photo-like texture at two scales
+        texture = np.asarray(Image.fromarray(coarse.clip(0, 255).astype(np.uint8)).resize((width, height),
+                                                                                          Image.BICUBIC), np.float32)
+        pixels = (image + texture - 128 + rng.normal(0, 10, image.shape)).clip(0, 255).astype(np.uint8)
         folder = root / f"class_{sample.label % classes:02d}"
         folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / f"img_{i:05d}.jpg", quality=90)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        (folder / f"img_{i:05d}.jpg").write_bytes(buffer.getvalue())
+        sizes.append(len(buffer.getvalue()))
+    return float(np.mean(sizes)) / 1024
 
 
-def time_epoch(batches) -> tuple[int, float]:
-    start, count = time.perf_counter(), 0
+def cpu_seconds() -> float:
+    """CPU time of this process (every thread) and of its finished children (the DataLoader workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def time_epoch(make_batches, sync=None) -> dict:
+    start, cpu, count = time.perf_counter(), cpu_seconds(), 0
+    batches = make_batches()
     for batch in batches:
         count += len(batch["image"] if isinstance(batch, dict) else batch[0])
-    return count, time.perf_counter() - start
+    if sync is not None:
+        sync()
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+    wall, used = time.perf_counter() - start, cpu_seconds() - cpu
+    return {"images": count, "wall_s": wall, "cpu_s": used, "per_s": count / wall, "per_cpu_s": count / used}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=768)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--images", type=int, default=384)
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of every loader")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where the DALI pipeline runs")
+    parser.add_argument("--dali-threads", type=int, default=None, help="DALI CPU threads (default: 1 cpu, 4 gpu)")
+    parser.add_argument("--no-imagefolder", action="store_true", help="skip the torchvision ImageFolder baseline")
     parser.add_argument("--out", default="bench/results/data_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    threads = args.dali_threads or (4 if args.device == "gpu" else 1)
 
-    rows = []
+    samples: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder, shards = Path(tmp) / "folder", Path(tmp) / "shards"
-        make_folder(folder, args.images)
+        mean_kb = make_folder(folder, args.images)
         write_shards.main(["imagefolder", str(folder), str(shards), "--shard-size", "128", "--no-progress"])
-        transform = build_transform(True, args.size)
-        for workers in args.workers:
-            stream = build_train_stream(str(shards), batch_size=args.batch, num_workers=workers, image_size=args.size,
-                                        buffer_size=256)
-            ours, ours_s = time_epoch(stream)
-            loader = DataLoader(ImageFolder(str(folder), transform=transform), batch_size=args.batch, shuffle=True,
-                                num_workers=workers, drop_last=True)
-            base, base_s = time_epoch(loader)
-            rows.append(dict(workers=workers, stream_samples=ours, stream_per_s=ours / ours_s,
-                             stream_per_worker_s=ours / ours_s / workers, imagefolder_samples=base,
-                             imagefolder_per_s=base / base_s, imagefolder_per_worker_s=base / base_s / workers,
-                             ratio=(ours / ours_s) / (base / base_s)))
+        transform = build_transform(True, args.size)  # DeiT's: rand-m9-mstd0.5-inc1, re_prob 0.25, bicubic
+        common = dict(batch_size=args.batch, num_workers=args.workers, image_size=args.size, buffer_size=256)
+        cases = {"PIL stream": (lambda: build_train_stream(str(shards), **common), None)}
+        if not args.no_imagefolder:
+            cases["ImageFolder"] = (lambda: DataLoader(ImageFolder(str(folder), transform=transform),
+                                                       batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                                                       drop_last=True), None)
+        try:
+            from data import dali
+            available = dali.dali_available()
+        except ImportError:
+            available = False
+        if available:
+            stream = dali.build_train_stream(str(shards), device=args.device, num_threads=threads, **common)
+            build = time.perf_counter()
+            stream.pipeline.build()  # once, outside the timing (a training run pays it once at start-up)
+            build_s = time.perf_counter() - build
+            sync = torch.cuda.synchronize if args.device == "gpu" else None
+            cases[f"DALI {args.device.upper()}"] = (lambda: stream, sync)
+        else:
+            build_s = None
+            print("DALI is not installed (pip install -r requirements-dali.txt): its row is left out")
+        for name, (make, sync) in cases.items():  # warm-up round: first-epoch costs (page cache, worker start)
+            time_epoch(make, sync)
+        for _ in range(args.rounds):
+            for name, (make, sync) in cases.items():
+                samples.setdefault(name, []).append(time_epoch(make, sync))
 
-    print(f"DeiT train transform at {args.size} px, {args.images} JPEGs (~400x350), batch {args.batch}, "
-          f"one epoch each (first epoch: cold workers included)")
-    print(f"{'workers':>7} {'stream/s':>9} {'per worker':>10} {'ImageFolder/s':>13} {'per worker':>10} {'ratio':>6}")
+    rows = []
+    for name, runs in samples.items():
+        rows.append({"loader": name, "per_s": statistics.median(r["per_s"] for r in runs),
+                     "per_cpu_s": statistics.median(r["per_cpu_s"] for r in runs),
+                     "images_per_epoch": runs[0]["images"], "rounds": runs})
+    pil = next(r for r in rows if r["loader"] == "PIL stream")
     for row in rows:
-        print(f"{row['workers']:>7} {row['stream_per_s']:>9.1f} {row['stream_per_worker_s']:>10.1f} "
-              f"{row['imagefolder_per_s']:>13.1f} {row['imagefolder_per_worker_s']:>10.1f} {row['ratio']:>6.2f}")
+        row["per_cpu_s_vs_pil"] = row["per_cpu_s"] / pil["per_cpu_s"]
+        row["per_s_vs_pil"] = row["per_s"] / pil["per_s"]
+
+    print(f"DeiT train transform (RandAugment m9, random erasing) at {args.size} px; {args.images} JPEGs "
+          f"(~500x375, q90, mean {mean_kb:.0f} KB), batch {args.batch}, {args.workers} DataLoader worker(s), "
+          f"DALI {threads} thread(s) on {args.device}; median of {args.rounds} interleaved epochs; "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'loader':>12} {'img/s':>8} {'img/CPU-s':>10} {'vs PIL (per CPU-s)':>19}")
+    for row in rows:
+        print(f"{row['loader']:>12} {row['per_s']:>8.1f} {row['per_cpu_s']:>10.1f} {row['per_cpu_s_vs_pil']:>19.2f}")
+    dali_row = next((r for r in rows if r["loader"].startswith("DALI")), None)
+    if dali_row is not None:
+        print(f"DALI pipeline build: {build_s:.1f} s (once per run); DeiT-S on one H100 needs ~{DEIT_S_NEEDS} img/s: "
+              f"{dali_row['per_s'] / DEIT_S_NEEDS:.2f} of it here"
+              + ("" if args.device == "gpu" else f", i.e. ~{DEIT_S_NEEDS / dali_row['per_cpu_s']:.0f} such CPU cores"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"images": args.images, "size": args.size, "batch": args.batch, "rows": rows,
+    out.write_text(json.dumps({"images": args.images, "mean_jpeg_kb": mean_kb, "size": args.size, "batch": args.batch,
+                               "workers": args.workers, "dali_device": args.device, "dali_threads": threads,
+                               "dali_build_s": build_s, "deit_s_needs_per_s": DEIT_S_NEEDS, "rows": rows,
+                               "cpus": os.cpu_count(), "machine": platform.machine(),
+                               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                                "torch": torch.__version__}, indent=2))
     print(f"wrote {out}")
 

@@ -31,7 +31,7 @@ import numpy as np
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-__all__ = ["INDEX_NAME", "ShardIndex", "SplitIndex", "check_key", "read_samples", "ShardReadError"]
+__all__ = ["INDEX_NAME", "ShardIndex", "ShardIndexError", "SplitIndex", "check_key", "read_samples", "ShardReadError"]
 
 INDEX_NAME = "shards.json"
 FORMAT = "toe-shards/1"
@@ -79,6 +79,10 @@ class SplitIndex:
         return shard, positions - self.starts[shard]
 
 
+class ShardIndexError(ValueError):
+    """A ``shards.json`` that cannot be used; the message names the file (and the line, for JSON errors)."""
+
+
 class ShardIndex:
     """``shards.json`` of a shard directory (or of any URL prefix the shards are served from)."""
 
@@ -99,15 +103,17 @@ class ShardIndex:
         try:
             meta = json.loads(index_path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{index_path} is not valid JSON: {err}") from err
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{index_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+            raise ShardIndexError(f"{index_path} is not valid JSON: line {err.lineno}, column {err.colno}: "
+                                  f"{err.msg}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            meta = meta if isinstance(meta, dict) else {}
+            raise ShardIndexError(f"{index_path}: format {meta.get('format')!r} is not {FORMAT!r}")
         for name, split in meta.get("splits", {}).items():
             counts = [s.get("samples") for s in split.get("shards", [])]
             if not counts or any(not isinstance(c, int) or c < 0 for c in counts) or sum(counts) != split.get("total"):
-                raise ValueError(f"{index_path}: split {name!r} has bad shard sample counts or total")
+                raise ShardIndexError(f"{index_path}: split {name!r} has bad shard sample counts or total")
         if not isinstance(meta.get("shuffled", False), bool):
-            raise ValueError(f"{index_path}: 'shuffled' must be true or false, got {meta['shuffled']!r}")
+            raise ShardIndexError(f"{index_path}: 'shuffled' must be true or false, got {meta['shuffled']!r}")
         return cls(str(index_path.parent), meta, base)
 
     @property

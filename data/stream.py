@@ -193,10 +193,11 @@ class _PhaseDataset(IterableDataset):
 
     def __init__(self, stream: "ShardStream", items: np.ndarray, slots: list[np.ndarray], slot_starts: list[int],
                  orders: list[np.ndarray], cursors: list[int], batches: list[int], rotation: int,
-                 per_worker_batches: int) -> None:
+                 per_worker_batches: int, first_batch: int = 0) -> None:
         self.stream, self.items, self.slots, self.slot_starts = stream, items, slots, slot_starts
         self.orders, self.cursors, self.batches = orders, cursors, batches
         self.rotation, self.per_worker_batches = rotation, per_worker_batches
+        self.first_batch = first_batch  # the rank's run-wide index of the phase's first batch
 
     def __iter__(self):
         info = get_worker_info()
@@ -212,6 +213,12 @@ class _PhaseDataset(IterableDataset):
         emitted = self._emission(worker, cursor, counters)
         failures, give_up = 0, len(self.slots[worker]) + len(self.items)
         while produced < self.per_worker_batches:
+            augment_step = None
+            if s.step_transform is not None:
+                # slot w's j-th batch of the phase is the phase's (j * W + w)-th: the DataLoader takes its
+                # workers round-robin, and the resume rotation keeps that, so no worker needs to be told
+                augment_step = (self.first_batch + produced * len(self.slots) + worker) // s.batches_per_step
+                s.step_transform.set_step(augment_step)
             entries: list[tuple[Any, int, bool]] = []  # (decoded sample or None, position, valid)
             skips: list[tuple[str, int, str]] = []  # logged by the rank's main process, once per sample
             while len(entries) < s.batch_size:
@@ -228,9 +235,9 @@ class _PhaseDataset(IterableDataset):
                     counters["refilled"] += item_pass > 0
                     failures = 0
                 except SkipSample as skip:
-                    counters[str(skip)] += 1
                     failures += 1
-                    if item_pass == 0:
+                    if self._first_meeting(position, repeat, item_pass):  # each bad sample once per epoch
+                        counters[str(skip)] += 1
                         skips.append((raw.get("__key__", "?") if raw else "?", position, str(skip)))
                     if s.pad:  # evaluation: keep the slot aligned, mark the hole
                         entries.append((None, position, False))
@@ -241,7 +248,27 @@ class _PhaseDataset(IterableDataset):
             decoded, ids, valid = (list(column) for column in zip(*entries))
             batch = s.codec.collate(decoded, ids, valid)
             batch.update(_worker=worker, _cursor=cursor, _counters=dict(counters), _skips=skips)
+            if augment_step is not None:
+                batch["augment_step"] = augment_step  # the step the worker augmented for (a consumer may check it)
             yield batch
+
+    def _first_meeting(self, position: int, repeat: int, item_pass: int) -> bool:
+        """Whether a bad sample met now goes to the counters (and the log): each bad sample once per
+        epoch over all ranks and workers. The slot that holds its first copy (``repeat == 0``) counts it
+        in its main pass; the refill passes, which re-read other slots' items, count only the items no
+        slot holds (the epoch's dropped remainder, the last ``dropped`` items), once per worker."""
+        if repeat != 0:
+            return False
+        if item_pass == 0:
+            return True
+        if not hasattr(self, "_spare"):
+            s = self.stream
+            tail = self.items[len(self.items) - s.dropped:] if s.dropped and not s.pad else self.items[:0]
+            self._spare, self._counted = {int(p) for p, r in tail if r == 0}, set()
+        if position in self._spare and position not in self._counted:
+            self._counted.add(position)
+            return True
+        return False
 
     def _emission(self, worker: int, cursor: int, counters: Counter):
         """``(pass, (position, repeat), raw)`` from ``cursor`` on: the slot in its shuffled order,
@@ -287,6 +314,10 @@ class ShardStream:
         self.phases: list[Phase] = []
         self.counters: Counter = Counter()
         self.dropped = 0
+        self.batches_yielded = 0  # by this rank over the whole run (equal on every rank); saved in the state
+        self.transform_options: Optional[dict[str, Any]] = None  # build_train_stream's, for step-aware transforms
+        self.step_transform = None  # data.transforms.ScheduledTransform, or None
+        self.batches_per_step = 1
         self._check_enough_samples()
 
     # -- planning ----------------------------------------------------------------------------
@@ -301,6 +332,27 @@ class ShardStream:
     def set_subset(self, mask: Optional[np.ndarray]) -> None:
         """Restrict later epochs to a subset of sample positions (e.g. a Tri-Level example subset)."""
         self.subset = None if mask is None else np.asarray(mask, bool)
+
+    def set_augmentation_schedule(self, schedule: Callable[[int, dict], dict], batches_per_step: int = 1) -> None:
+        """Training augmentation that follows the global optimizer step: ``schedule(step, options)``
+        gives the ``data.transforms.build_transform`` options of the batches of step ``step`` from the
+        stream's own (a picklable pure function; ``data.transforms.ScheduledTransform``). The step of a
+        batch is this rank's run-wide batch index (kept in the stream state) ``// batches_per_step``
+        (gradient accumulation): each DataLoader worker computes it for the batch it is producing, so
+        nothing is communicated and a resumed run augments every batch as the uninterrupted run did.
+        Set it before the first pass (the workers take a copy when a pass starts)."""
+        from .transforms import ScheduledTransform
+
+        if self.pad or self.transform_options is None:
+            raise ValueError(f"the {self.split_name} stream has no step-aware augmentation: it needs a training "
+                             f"stream built by build_train_stream with its own timm transform (no custom transform)")
+        if not isinstance(batches_per_step, int) or batches_per_step < 1:
+            raise ValueError(f"batches_per_step must be an int >= 1 (gradient accumulation), got {batches_per_step!r}")
+        options = dict(self.transform_options)
+        self.step_transform = ScheduledTransform(options.pop("image_size"), options, schedule)
+        self.step_transform.transform_at(0)  # a bad option fails here, at start-up, not in a worker
+        self.codec.transform = self.step_transform
+        self.batches_per_step = batches_per_step
 
     def _current_phase(self) -> Phase:
         geometry = (self.world_size, self.slots_per_rank, self.batch_size)
@@ -359,7 +411,7 @@ class ShardStream:
                      "workers (%s)", self.epoch, self.split_name, self.dropped, self.batch_size, phase.world,
                      phase.workers, "padded" if self.pad else "dropped this epoch")
         dataset = _PhaseDataset(self, items, slots, starts, orders, list(cursors), list(batches),
-                                done % phase.workers, per_worker)
+                                done % phase.workers, per_worker, first_batch=self.batches_yielded - done)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             persistent_workers=False, worker_init_fn=_ignore_stop_signals,
@@ -387,6 +439,7 @@ class ShardStream:
             worker = batch.pop("_worker")
             cursors[worker] = batch.pop("_cursor")
             batches[worker] += 1
+            self.batches_yielded += 1
             worker_counters[worker] = batch.pop("_counters")
             for key, position, reason in batch.pop("_skips"):
                 log.warning("%s epoch %d: skipped sample %s (position %d): %s", self.split_name, self.epoch, key,
@@ -411,7 +464,7 @@ class ShardStream:
                 phases[-1]["cursors"][rank], phases[-1]["batches"][rank] = cursors, batches
         return {"epoch": self.epoch, "phases": phases, "seed": self.seed, "split": self.split_name,
                 "total": self.split.total, "repeats": self.repeats, "buffer_size": self.buffer_size,
-                "shuffle": self.shuffle, "repeat_layout": REPEAT_LAYOUT}
+                "shuffle": self.shuffle, "repeat_layout": REPEAT_LAYOUT, "batches_yielded": self.batches_yielded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = {"seed": self.seed, "split": self.split_name, "total": self.split.total, "repeats": self.repeats,
@@ -426,6 +479,9 @@ class ShardStream:
                              "the version that started it, or start the epoch afresh")
         self.epoch = int(state["epoch"])
         self.phases = [Phase(**p) for p in state["phases"]]
+        # states saved before the count existed: whole epochs of this geometry, then the current phase's
+        consumed = sum(self.phases[-1].batches[self.rank]) if self.phases else 0
+        self.batches_yielded = int(state.get("batches_yielded", self.epoch * len(self) + consumed))
         self.counters = Counter()
 
 
@@ -441,9 +497,12 @@ def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size:
     classes = index.classes()
     codec = ClassificationCodec(transform or build_transform(True, image_size, **transform_options),
                                 num_classes=len(classes) or None)
-    return ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
-                       num_workers=num_workers, seed=seed, shuffle=True, pad=False, buffer_size=buffer_size,
-                       repeats=repeats, pin_memory=pin_memory, split_name=split)
+    stream = ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
+                         num_workers=num_workers, seed=seed, shuffle=True, pad=False, buffer_size=buffer_size,
+                         repeats=repeats, pin_memory=pin_memory, split_name=split)
+    if transform is None:  # the stream's own transform: a step-aware schedule may rebuild it per step
+        stream.transform_options = {"image_size": image_size, **transform_options}
+    return stream
 
 
 def build_eval_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,

@@ -6,11 +6,13 @@ start-up (``check_transform_options``) without loading them.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import re
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["build_transform", "check_transform_options", "StepMixup", "INTERPOLATIONS", "DEIT_MEAN", "DEIT_STD"]
+__all__ = ["build_transform", "check_transform_options", "StepMixup", "ScheduledTransform", "with_rand_magnitude",
+           "INTERPOLATIONS", "DEIT_MEAN", "DEIT_STD"]
 
 # what timm's str_to_interp_mode knows, minus 'random' (the eval transform needs one fixed mode)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "hamming", "box")
@@ -71,6 +73,57 @@ def build_transform(train: bool, image_size: int, *, auto_augment: Optional[str]
                                 color_jitter=color_jitter, interpolation=interpolation, mean=mean, std=std)
     return create_transform(image_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct,
                             mean=mean, std=std)
+
+
+def with_rand_magnitude(auto_augment: str, magnitude: float) -> str:
+    """The timm RandAugment string with its magnitude set: ``("rand-m9-mstd0.5-inc1", 3)`` ->
+    ``"rand-m3-mstd0.5-inc1"`` (the other sections kept; ``m`` added when the string has none).
+    ``ValueError`` for a policy that is not RandAugment (``v0``, ``augmix``, ...): it has no magnitude."""
+    sections = auto_augment.split("-") if isinstance(auto_augment, str) else []
+    if not sections or sections[0] != "rand":
+        raise ValueError(f"auto_augment {auto_augment!r} is not a RandAugment string ('rand-m9-mstd0.5-inc1'): "
+                         f"it has no magnitude to follow a schedule")
+    if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float)) or not 0 <= magnitude <= 10:
+        raise ValueError(f"RandAugment magnitude must be a number in [0, 10] (timm's level range), got {magnitude!r}")
+    kept = [part for part in sections[1:] if re.split(r"(\d.*)", part)[0] != "m"]  # timm's own key split
+    return "-".join(["rand", f"m{magnitude:g}", *kept])
+
+
+class ScheduledTransform:
+    """A training transform whose ``build_transform`` options follow the global optimizer step.
+
+    ``schedule(step, options) -> options``: the options of the batches of step ``step``, given the
+    stream's own (e.g. another RandAugment magnitude). It runs in the DataLoader workers, so it must
+    be picklable and a pure function of its arguments. ``set_step(step)`` before each batch picks
+    the transform; one timm transform per distinct options is built on first use and kept.
+    """
+
+    def __init__(self, image_size: int, options: dict[str, Any], schedule: Callable[[int, dict], dict]) -> None:
+        self.image_size, self.options, self.schedule = int(image_size), dict(options), schedule
+        self.step: Optional[int] = None
+        self._built: dict[str, Callable] = {}
+        self._current: Optional[Callable] = None
+
+    def options_at(self, step: int) -> dict[str, Any]:
+        return self.schedule(step, dict(self.options))
+
+    def transform_at(self, step: int) -> Callable:
+        options = self.options_at(step)
+        key = repr(sorted(options.items()))
+        if key not in self._built:
+            self._built[key] = build_transform(True, self.image_size, **options)
+        return self._built[key]
+
+    def set_step(self, step: int) -> None:
+        self.step, self._current = int(step), self.transform_at(step)
+
+    def __call__(self, image):
+        if self._current is None:
+            raise RuntimeError("ScheduledTransform.set_step(step) must be called before it transforms an image")
+        return self._current(image)
+
+    def __getstate__(self) -> dict:  # workers rebuild their own transforms; only the recipe travels
+        return {**self.__dict__, "_built": {}, "_current": None, "step": None}
 
 
 class StepMixup:

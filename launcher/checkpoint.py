@@ -1,9 +1,16 @@
-"""Sharded DeepSpeed checkpoints in ``RUN/checkpoints/step-N``, valid only when complete.
+"""Sharded DeepSpeed checkpoints in ``RUN/checkpoints/step-N``, valid only when complete and intact.
 
 Every rank calls ``save``; DeepSpeed writes its shards; each rank adds its RNG states; after a
-barrier rank 0 writes ``meta.json`` (step, world size, ZeRO stage) into the folder and only then
-moves the ``latest`` pointer (atomic rename). Folders without ``meta.json`` are incomplete and
-never resumed from. The last ``keep`` complete checkpoints are kept.
+barrier each rank records the size and CRC-32 of every file it wrote, rank 0 gathers them into
+``manifest.json``, then writes ``meta.json`` (step, world size, ZeRO stage) and only then moves the
+``latest`` pointer (atomic rename). Folders without ``meta.json`` are incomplete and never resumed
+from. The last ``keep`` complete checkpoints are kept.
+
+Before anything is loaded, every file of the chosen checkpoint is checked against its manifest
+(size, then CRC-32; the ranks share the reading). A resume from a run folder takes the newest
+checkpoint that verifies and logs, for each newer one it passes over, which file failed and why;
+``--resume step-N`` (one checkpoint) is that checkpoint or a ``CheckpointError`` naming it and the
+file. Checkpoints written before manifests existed are loaded unverified, with a warning.
 
 Resuming with another world size goes through DeepSpeed's universal checkpoint: rank 0 converts
 ``step-N`` to ``step-N_universal`` (``python -m deepspeed.checkpoint.ds_to_universal
@@ -19,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,16 +34,107 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Checkpointer", "ResumePoint", "find_resume_point"]
+__all__ = ["Checkpointer", "CheckpointError", "ResumePoint", "find_resume_point", "select_resume_point",
+           "verify_checkpoint", "file_record", "MANIFEST"]
 
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step-(\d+)$")
+_WRITER = re.compile(r"(?:zero_pp_rank_|rng-rank)(\d+)")  # who wrote a file: its rank is in its name
+MANIFEST = "manifest.json"
+_CHUNK = 16 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the checkpoint and the file.
+
+    ``collective``: every rank reached the same verdict (verification is agreed through an
+    all-gather), so rank 0 alone reports it."""
+
+    def __init__(self, message: str, *, collective: bool = False) -> None:
+        super().__init__(message)
+        self.collective = collective
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """Size and CRC-32 of a file, read in chunks (``zlib.crc32`` releases the GIL on large buffers)."""
+    crc, size = 0, 0
+    with open(path, "rb", buffering=0) as f:
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        while n := f.readinto(buffer):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def _writer(name: str) -> int:
+    """The rank that wrote a checkpoint file: the rank in its name, else rank 0 (DeepSpeed's shared
+    model states are written by data-parallel rank 0)."""
+    match = _WRITER.search(name)
+    return int(match.group(1)) if match else 0
+
+
+def _gather(problems: list[str]) -> list[str]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, problems)
+        problems = [p for part in gathered for p in part]
+    return sorted(problems)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or ``CheckpointError`` saying what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read: {err}") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
+
+
+def verify_checkpoint(folder: Path, *, rank: int = 0, world: int = 1) -> tuple[list[str], bool]:
+    """``(problems, verified)`` for a checkpoint folder: one line per bad file (missing, wrong size,
+    wrong checksum, unreadable), empty if it is intact; ``verified`` is False for a checkpoint
+    without a manifest (written before manifests existed), which is then only checked for
+    ``meta.json``. Collective when a process group is up: rank ``r`` reads every ``world``-th file and
+    all ranks get the same answer."""
+    folder = Path(folder)
+    problems: list[str] = []
+    verified = False
+    try:
+        _read_json(folder / "meta.json")
+        if (folder / MANIFEST).is_file():
+            verified = True
+            files = _read_json(folder / MANIFEST).get("files", {})
+            for name in sorted(files)[rank::world]:
+                path, want = folder / name, files[name]
+                if not path.is_file():
+                    problems.append(f"{path} is missing")
+                    continue
+                size = path.stat().st_size
+                if size != want["size"]:
+                    problems.append(f"{path} has {size} bytes, the manifest says {want['size']} (truncated or "
+                                    f"overwritten)")
+                    continue
+                got = file_record(path)["crc32"]
+                if got != want["crc32"]:
+                    problems.append(f"{path} has CRC-32 {got}, the manifest says {want['crc32']} (corrupted)")
+    except CheckpointError as err:
+        problems.append(str(err) if rank == 0 else "")  # every rank reads meta / manifest: report it once
+    except OSError as err:
+        problems.append(f"{folder}: {err}")
+    return [p for p in _gather(problems) if p], verified
 
 
 class ResumePoint:
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.meta = json.loads((folder / "meta.json").read_text())
+        self.folder = Path(folder)
+        self.meta = _read_json(self.folder / "meta.json")
 
     @property
     def step(self) -> int:
@@ -46,21 +145,62 @@ class ResumePoint:
         return self.meta["world_size"] != world_size and max(zero_stage, self.meta["zero_stage"]) > 0
 
 
-def find_resume_point(path: Path) -> Optional[ResumePoint]:
-    """``path``: a run folder (its latest complete checkpoint), a checkpoints folder, or one ``step-N``."""
+def _complete(folder: Path) -> list[Path]:
+    """The complete ``step-N`` folders of a checkpoints folder, newest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP.match(p.name)) and (p / "meta.json").is_file()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def select_resume_point(path: Path, *, rank: int = 0, world: int = 1,
+                        required: bool = False) -> Optional[ResumePoint]:
+    """The checkpoint to resume from, verified; collective when a process group is up.
+
+    ``path``: one checkpoint (``step-N``: that one, intact, or ``CheckpointError``), or a run folder
+    / checkpoints folder (the newest complete checkpoint that verifies; damaged newer ones are
+    logged and passed over; ``None`` if there is none at all, or ``CheckpointError`` when
+    ``required``, or when every one of them is damaged)."""
     path = Path(path)
-    if (path / "meta.json").is_file():
-        return ResumePoint(path)
-    if _STEP.match(path.name):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    latest = folder / "latest"
-    if not latest.is_file():
-        return None
-    target = folder / latest.read_text().strip()
-    if not (target / "meta.json").is_file():
-        raise FileNotFoundError(f"{latest} points at {target}, which is not a complete checkpoint")
-    return ResumePoint(target)
+    if not path.exists():
+        raise CheckpointError(f"--resume {path}: no such file or directory", collective=True)
+    single = (path / "meta.json").is_file() or _STEP.match(path.name) is not None
+    if single:
+        if not (path / "meta.json").is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json: its save did not finish)",
+                                  collective=True)
+        candidates = [path]
+    else:
+        candidates = _complete(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+    damaged = []
+    for folder in candidates:
+        problems, verified = verify_checkpoint(folder, rank=rank, world=world)
+        if not problems:
+            if not verified and rank == 0:
+                log.warning("%s has no %s (written before checkpoints recorded checksums): loading it unverified",
+                            folder, MANIFEST)
+            if damaged and rank == 0:
+                log.warning("resuming from %s, the newest checkpoint that verifies", folder)
+            return ResumePoint(folder)
+        more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
+        if single:
+            raise CheckpointError(f"checkpoint {folder} fails verification: {problems[0]}{more}", collective=True)
+        damaged.append(folder)
+        if rank == 0:
+            for problem in problems:
+                log.error("checkpoint %s is damaged: %s", folder, problem)
+            log.warning("passing over %s; trying the previous checkpoint", folder)
+    if damaged:
+        raise CheckpointError(f"no checkpoint under {path} verifies (damaged: {', '.join(p.name for p in damaged)}); "
+                              f"repair or remove them, or start afresh with --no-resume", collective=True)
+    if required:
+        raise CheckpointError(f"--resume {path} holds no complete checkpoint", collective=True)
+    return None
+
+
+def find_resume_point(path: Path) -> Optional[ResumePoint]:
+    """``select_resume_point`` in one process (no process group): export and tools."""
+    return select_resume_point(path, required=True)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -78,6 +218,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, engine, *, rank: int, world_size: int, zero_stage: int, keep: int) -> None:
         self.folder = Path(run_dir) / "checkpoints"
@@ -93,22 +239,24 @@ class Checkpointer:
         dist.barrier()
         self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
         torch.save(_rng_state(), target / f"rng-rank{self.rank}.pt")
-        dist.barrier()
+        dist.barrier()  # every file is written and closed
+        mine = {p.name: file_record(p) for p in sorted(target.iterdir())
+                if p.is_file() and _writer(p.name) == self.rank}
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
         if self.rank == 0:
+            files = {name: record for part in gathered for name, record in part.items()}
+            _write_atomic(target / MANIFEST, json.dumps({"checksum": "crc32", "files": files}, indent=1, sort_keys=True))
             meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage}
-            (target / "meta.json").write_text(json.dumps(meta))
-            pointer = self.folder / "latest.tmp"
-            pointer.write_text(tag)
-            os.replace(pointer, self.folder / "latest")
+            _write_atomic(target / "meta.json", json.dumps(meta))
+            _write_atomic(self.folder / "latest", tag)
             self._prune()
         dist.barrier()
         log.info("saved checkpoint %s", target)
         return target
 
     def _prune(self) -> None:
-        complete = sorted((int(m.group(1)), p) for p in self.folder.iterdir()
-                          if (m := _STEP.match(p.name)) and (p / "meta.json").is_file())
-        for _, path in complete[:-self.keep]:
+        for path in _complete(self.folder)[self.keep:]:
             shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(path.with_name(path.name + "_universal"), ignore_errors=True)
 
@@ -124,21 +272,45 @@ class Checkpointer:
                        str(point.folder), "--output_folder", str(universal), "--inject_missing_state"]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
-                raise RuntimeError(f"universal conversion failed:\n{result.stderr[-3000:]}")
+                raise RuntimeError(f"universal conversion of {point.folder} failed:\n{result.stderr[-3000:]}")
             shutil.copy(point.folder / "meta.json", universal / "meta.json")
             (universal / "done").write_text("")
         dist.barrier()
         return universal.name
 
+    def _needed_files(self, point: ResumePoint) -> list[Path]:
+        """What DeepSpeed reads on this rank from a checkpoint of the same world size (DeepSpeed's own
+        names: ``deepspeed/runtime/engine.py`` ``_get_ckpt_name`` / ``_get_zero_ckpt_name``), so a
+        missing one is named here instead of failing an assertion inside DeepSpeed."""
+        folder, stage = point.folder, point.meta["zero_stage"]
+        if stage == 3:
+            needed = [folder / f"zero_pp_rank_{self.rank}_mp_rank_00_model_states.pt"]
+        else:
+            needed = [folder / "mp_rank_00_model_states.pt"]
+        if stage > 0:
+            optim = sorted(folder.glob(f"*zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt"))
+            needed.append(optim[0] if optim else folder / f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt")
+        return needed
+
     def load(self, point: ResumePoint, *, universal: bool) -> dict[str, Any]:
         """Load engine state (all ranks) and this rank's RNG states when the world size is unchanged."""
-        tag = self.prepare_universal(point, self.rank) if universal else point.folder.name
-        path, client_state = self.engine.load_checkpoint(str(point.folder.parent), tag=tag,
-                                                         load_module_strict=True)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {point.folder.parent / tag}")
+        same_world = point.meta["world_size"] == self.world_size
         rng_file = point.folder / f"rng-rank{self.rank}.pt"
-        if point.meta["world_size"] == self.world_size and rng_file.is_file():
+        needed = ([] if universal else self._needed_files(point)) + ([rng_file] if same_world else [])
+        for path in needed:
+            if not path.is_file():
+                raise CheckpointError(f"cannot resume from {point.folder}: rank {self.rank} needs {path}, which is "
+                                      f"missing")
+        tag = self.prepare_universal(point, self.rank) if universal else point.folder.name
+        try:
+            path, client_state = self.engine.load_checkpoint(str(point.folder.parent), tag=tag,
+                                                             load_module_strict=True)
+        except (AssertionError, FileNotFoundError, RuntimeError, EOFError, OSError) as err:
+            raise CheckpointError(f"rank {self.rank}: DeepSpeed could not load {point.folder.parent / tag}: "
+                                  f"{type(err).__name__}: {err}") from err
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {point.folder.parent / tag}")
+        if same_world:
             _set_rng_state(torch.load(rng_file, weights_only=False))
         else:  # a new world: derive each rank's RNG from the step so the run stays reproducible
             seed = hash((client_state.get("seed", 0), point.step, self.rank)) % 2**31

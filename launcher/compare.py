@@ -89,6 +89,25 @@ def _diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def _lookup(tree, key: str):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+_MISSING = object()
+
+
+def _added_later(key: str, found: dict, planned: dict) -> bool:
+    """An option the run folder's config predates (absent there) that the plan leaves at its default:
+    the folder was trained as the recipe says, by an older version of the engine."""
+    from .config import RunConfig
+
+    return _lookup(found, key) is _MISSING and _lookup(planned, key) == _lookup(yaml.safe_load(resolved(RunConfig())), key)
+
+
 def check_folder(run: PlannedRun) -> None:
     """A run folder written under another config is refused: resuming or skipping it would report a
     run that was not trained as the recipe says (launcher.train rewrites config.yaml on every start)."""
@@ -99,7 +118,7 @@ def check_folder(run: PlannedRun) -> None:
         found = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML ({err}): delete the run folder or use another --out") from err
-    changed = _diff(found, run.config)
+    changed = [key for key in _diff(found, run.config) if not _added_later(key, found, run.config)]
     if changed:
         raise ConfigError(f"{run.run_dir} was trained with another config ({', '.join(changed[:5])} differ): "
                           f"use another --out, the same overrides, or delete that run folder")

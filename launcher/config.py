@@ -46,6 +46,7 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "val"
     workers: int = 2
+    backend: str = "pil"  # pil: timm's transform in the DataLoader workers; dali: NVIDIA DALI (data/dali.py)
     buffer_size: int = 1000
     repeats: int = 1
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
@@ -155,7 +156,90 @@ CHOICES = {
     "task": ("classification", "detection"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2, 3),
+    "data.backend": ("pil", "dali"),
 }
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric option: ``low``/``high`` bounds, each inclusive unless ``*_open``;
+    ``each``: the option is a list and every element must lie in the range."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    each: bool = False
+
+    def __contains__(self, value) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        def number(v) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+        if self.low is not None and self.high is not None:
+            text = (f"in {'(' if self.low_open else '['}{number(self.low)}, {number(self.high)}"
+                    f"{')' if self.high_open else ']'}")
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {number(self.low)}"
+        else:
+            text = f"{'<' if self.high_open else '<='} {number(self.high)}"
+        return ("a list of numbers, each " if self.each else "") + text
+
+
+def _at_least(low, *, open_=False) -> Range:
+    return Range(low=low, low_open=open_)
+
+
+POSITIVE, COUNT, NONNEGATIVE = _at_least(0, open_=True), _at_least(1), _at_least(0)
+PROBABILITY, FRACTION = Range(0, 1), Range(0, 1, high_open=True)
+
+# Every numeric option of the recipe and its allowed values, checked before any process group starts
+# (tests/test_reliability.py checks that every int / float field of the config dataclasses is listed:
+# a new numeric option gets its line here). A null Optional value is always allowed. Lists of
+# numbers with a structure of their own (data.scale, data.mean, detection.scales, ...) are checked
+# in ``_validate`` / ``check_transform_options``.
+RANGES: dict[str, Range] = {
+    "model.num_classes": COUNT, "model.img_size": COUNT, "model.drop_path": FRACTION,
+    "data.synthetic_objects": COUNT, "data.workers": NONNEGATIVE, "data.buffer_size": NONNEGATIVE,
+    "data.repeats": COUNT, "data.re_prob": PROBABILITY, "data.color_jitter": NONNEGATIVE,
+    "data.crop_pct": Range(0, 1, low_open=True), "data.hflip": PROBABILITY, "data.vflip": PROBABILITY,
+    "data.mixup": NONNEGATIVE, "data.cutmix": NONNEGATIVE, "data.mixup_prob": PROBABILITY,
+    "data.label_smoothing": FRACTION,
+    "optim.base_lr": POSITIVE, "optim.lr": POSITIVE, "optim.min_lr": NONNEGATIVE, "optim.warmup_lr": NONNEGATIVE,
+    "optim.warmup_epochs": NONNEGATIVE, "optim.weight_decay": NONNEGATIVE,
+    "optim.betas": Range(0, 1, high_open=True, each=True), "optim.eps": POSITIVE, "optim.clip_grad": POSITIVE,
+    "train.epochs": POSITIVE, "train.steps": COUNT, "train.global_batch": COUNT, "train.grad_accum": COUNT,
+    "train.seed": Range(0, 2**32 - 1), "train.ema_decay": FRACTION, "train.eval_every": NONNEGATIVE,
+    "train.log_every": COUNT, "train.collective_timeout_minutes": POSITIVE, "train.signal_check_every": COUNT,
+    "checkpoint.every": NONNEGATIVE, "checkpoint.keep": COUNT,
+    "detection.num_det_tokens": COUNT, "detection.max_size": COUNT, "detection.eval_size": COUNT,
+    "detection.eval_max_size": COUNT, "detection.eos_coef": Range(0, 1, low_open=True),
+    "detection.weight_ce": NONNEGATIVE, "detection.weight_bbox": NONNEGATIVE, "detection.weight_giou": NONNEGATIVE,
+}
+
+
+def _check_ranges(cfg: "RunConfig", sections: typing.Container[str]) -> None:
+    """Every option of ``RANGES`` in ``sections`` inside its range; the error names the key, the range
+    and the value."""
+    for key, allowed in RANGES.items():
+        section, name = key.split(".")
+        if section not in sections:
+            continue
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        values = value if allowed.each else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v in allowed for v in values):
+            raise ConfigError(f"{key} must be {allowed.describe()}, got {value!r}")
+
+
+def _yaml_error(source: str, err: yaml.YAMLError) -> ConfigError:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return ConfigError(f"{source}: YAML syntax error{where}: {problem}")
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
@@ -163,7 +247,10 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"recipe {path} includes itself through 'base'")
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise _yaml_error(f"recipe {path}", err) from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -189,7 +276,10 @@ def _apply_override(data: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise _yaml_error(f"override {override!r}", err) from None
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
@@ -238,6 +328,7 @@ def _whole(value: Any) -> bool:
 
 
 def _validate(cfg: RunConfig) -> None:
+    _check_ranges(cfg, {"model", "data", "optim", "train", "checkpoint"})  # detection.*: for task: detection
     t, o, d, c = cfg.train, cfg.optim, cfg.data, cfg.checkpoint
     positive = {"train.global_batch": t.global_batch, "train.grad_accum": t.grad_accum, "model.img_size": cfg.model.img_size,
                 "model.num_classes": cfg.model.num_classes, "checkpoint.keep": c.keep, "data.repeats": d.repeats,
@@ -268,11 +359,24 @@ def _validate(cfg: RunConfig) -> None:
                                 color_jitter=d.color_jitter, crop_pct=d.crop_pct)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    if d.backend == "dali":  # data/dali.py: what of the transform the DALI path implements
+        from data.dali import check_dali_options, dali_available  # light: no DALI / torch import
+        if cfg.task != "classification":
+            raise ConfigError("data.backend=dali is for task: classification (detection reads through PIL)")
+        if not dali_available():
+            raise ConfigError("data.backend=dali needs NVIDIA DALI: pip install -r requirements-dali.txt "
+                              "(or set data.backend=pil)")
+        try:
+            check_dali_options("data.", auto_augment=d.auto_augment, interpolation=d.interpolation,
+                               color_jitter=d.color_jitter)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     det = cfg.detection
     if cfg.task == "detection":
         if det.num_det_tokens < 1 or not det.scales or len(det.crop_size) != 2 or det.max_size <= max(det.scales):
             raise ConfigError("detection: num_det_tokens >= 1, non-empty scales all below max_size (the cap on the "
                               "longer side), crop_size [min, max]")
+        _check_ranges(cfg, {"detection"})
         patch = cfg.model.kwargs.get("patch_size", 16)  # what DetectionTask pads and floors sizes to
         for key in ("init_pe_size", "mid_pe_size"):
             size = getattr(det, key)
@@ -295,8 +399,6 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("train.compile with train.zero_stage=3 is not supported: ZeRO-3's parameter fetch hooks "
                           "are excluded from tracing, so the model cannot compile to one graph (launcher/perf.py); "
                           "use stage 0-2 or train.compile=false")
-    if t.signal_check_every < 1:
-        raise ConfigError(f"train.signal_check_every must be >= 1, got {t.signal_check_every}")
     if t.ds_config is not None and not _ds_path(cfg).is_file():
         raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
     cfg.methods = _methods(cfg.methods, cfg.method_modules)
@@ -384,7 +486,11 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by world size {world_size} x "
                           f"train.grad_accum={t.grad_accum}")
     path = _ds_path(cfg)
-    ds = json.loads(path.read_text())
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} (train.ds_config) is not valid JSON: line {err.lineno}, column {err.colno}: "
+                          f"{err.msg}") from None
     # gradient_clipping is always written: DeepSpeed's own default is 1.0 (GRADIENT_CLIPPING_DEFAULT in
     # deepspeed/runtime/constants.py), which would clip every recipe that, like DeiT, trains unclipped
     owned = {"train_batch_size": t.global_batch, "train_micro_batch_size_per_gpu": micro,
@@ -402,4 +508,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         raise ConfigError(f"{path} trains in {got}, the recipe says train.precision={t.precision}")
     ds.update(owned)
     ds.setdefault("steps_per_print", 10**9)
+    if stage in (1, 2) and not owned["gradient_clipping"] and t.precision != "fp16":
+        # ZeRO-1/2 compute the global gradient norm every step (an all-reduce and a host read, only for
+        # clipping and DeepSpeed's inf/NaN check) unless told not to; unclipped bf16 / fp32 recipes have no use
+        # for it, as a plain torch loop has none (fp16 keeps it: its loss scaler needs the overflow check)
+        ds["zero_optimization"].setdefault("compute_grad_norm", False)
     return ds

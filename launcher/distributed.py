@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DistEnv", "discover", "init_distributed"]
+__all__ = ["DistEnv", "discover", "init_distributed", "abort_and_exit"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,35 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist_env
+
+
+def abort_and_exit(code: int) -> None:
+    """Leave the process now with ``code``, after the logs are out, waiting in no collective.
+
+    NCCL: the process group is aborted first, so this rank's pending collectives end and the peers'
+    next ones fail instead of waiting for the collective timeout. Gloo needs nothing: the peers'
+    sockets close with the process. ``os._exit`` skips interpreter clean-up on purpose: atexit
+    handlers and ``finally`` blocks of other frames may run collectives or join processes (the
+    DataLoader's workers notice their parent is gone and end by themselves; ours are killed here)."""
+    import logging
+
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            from torch.distributed.distributed_c10d import _abort_process_group  # torch >= 2.3
+            _abort_process_group()
+    except Exception:  # noqa: BLE001 -- best effort: exiting matters more
+        pass
+    try:
+        from data.stream import _end_live_workers  # the stream's own clean-up of suspended workers
+        _end_live_workers()
+    except Exception:  # noqa: BLE001
+        pass
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)

@@ -7,6 +7,10 @@ The result loads with ``timm.create_model(name, num_classes=..., img_size=...).l
 strict=True)`` (detection runs: ``models.yolos.create_yolos(...)``), checked before writing: ToE adds
 nothing to the state_dict. ZeRO 1-3 shards are
 merged to fp32 with DeepSpeed's ``zero_to_fp32``; ZeRO-0 reads the module from the model states.
+
+The checkpoint is verified first, as training verifies it (``launcher.checkpoint``): a ``step-N``
+folder whose files do not match its manifest is an error naming the file (exit 2); a run folder
+exports its newest checkpoint that verifies, and the ``.json`` written beside the weights names it.
 """
 from __future__ import annotations
 

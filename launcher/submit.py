@@ -6,7 +6,8 @@
 One task per GPU (``--gpus-per-node``; ``--tasks-per-node`` for CPU partitions). The recipe and
 its overrides are validated first, the global batch must split over the tasks, the job is named
 after the run, and its log goes into the run folder (put ``out_dir`` on shared storage: every
-node writes checkpoints there, and the requeued job resumes from it).
+node writes checkpoints there, and the requeued job resumes from it). A run folder that a live job
+holds (its ``.lock``) is refused here already.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, deepspeed_config, load_config
+from .runlock import RunLock, RunLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +70,12 @@ def main(argv=None) -> int:
     print(shlex.join(command))
     if args.dry_run:
         return 0
-    Path(load_config(args.config, args.overrides).run_dir).mkdir(parents=True, exist_ok=True)
+    run_dir = Path(load_config(args.config, args.overrides).run_dir)
+    try:  # a job of this run that is alive still holds its folder (launcher/runlock.py): refuse now, not at start-up
+        RunLock(run_dir).acquire().release()
+    except RunLockedError as err:
+        print(f"submit: {err}", file=sys.stderr)
+        return 2
     return subprocess.run(command, cwd=ROOT).returncode
 
 

@@ -31,6 +31,8 @@ class ClassificationTask:
         from data.stream import build_eval_stream, build_train_stream
         from data.transforms import StepMixup
         cfg, d = self.cfg, self.cfg.data
+        if d.backend == "dali":  # the same stream; images made by DALI (GPU when there is one), data/dali.py
+            from data.dali import build_eval_stream, build_train_stream  # noqa: F811
         common = dict(interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))  # train and eval alike
         options = dict(auto_augment=d.auto_augment, re_prob=d.re_prob, color_jitter=d.color_jitter,
                        scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip, vflip=d.vflip, **common)

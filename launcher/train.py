@@ -3,9 +3,12 @@
     python -m launcher.train --config configs/deit_tiny_toe_cpu.yaml [key=value ...]
     deepspeed --num_accelerators 2 -m launcher.train --config ...   # or torchrun / srun / mpirun
 
-Resumes from the run folder's latest complete checkpoint unless --no-resume (or --resume PATH).
-SIGTERM / SIGUSR1: checkpoint at the next step boundary on every rank, exit with code 75 (also
-written to $TOE_EXIT_FILE by rank 0 when set, before any rank exits).
+Resumes from the run folder's newest checkpoint that verifies unless --no-resume (or --resume PATH:
+a checkpoint folder, which must verify, or a run folder). One job per run folder (RUN/.lock).
+SIGTERM / SIGUSR1: checkpoint at the next step boundary on every rank, exit with code 75.
+Exit codes: 0 done, 75 checkpointed on a signal, 2 refused (bad recipe or checkpoint, run folder in
+use), 1 failed (a rank's error, logged with its rank; the job ends without waiting in a collective).
+Rank 0 also writes the code to $TOE_EXIT_FILE when set (torchrun turns any worker's non-zero code into 1).
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ log = logging.getLogger("launcher.train")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe YAML (configs/)")
-    parser.add_argument("--resume", help="a run folder or checkpoint folder to resume from")
+    parser.add_argument("--resume", help="a checkpoint folder (it must verify) or a run folder (its newest "
+                                         "checkpoint that verifies) to resume from")
     parser.add_argument("--no-resume", action="store_true", help="start fresh even if the run folder has checkpoints")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.steps=100")
@@ -91,17 +95,84 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)  # before any process group: a bad recipe fails here
+        _check_resume_args(args)
     except ConfigError as err:
         log.error("bad recipe: %s", err)
+        if _launcher_rank() == 0:
+            _write_exit_file(2)
         return 2
     from .distributed import init_distributed
     env = init_distributed(cfg.train.collective_timeout_minutes)
     try:
-        return Trainer(cfg, env, args).run()
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        trainer = Trainer(cfg, env, args)
+        code = trainer.run()
+    except BaseException as err:  # noqa: BLE001 -- every failure ends the job here, without a collective
+        _fail(err, env)
+    dist.barrier()  # the success path only: a failed rank never waits here (``_fail``)
+    dist.destroy_process_group()
+    trainer.release()
+    return code
+
+
+def _check_resume_args(args) -> None:
+    if args.resume and args.no_resume:
+        raise ConfigError("--resume and --no-resume exclude each other")
+    if args.resume and not Path(args.resume).exists():
+        raise ConfigError(f"--resume {args.resume}: no such file or directory")
+
+
+# failures every rank meets alike (recipe, data index, run folder lock, agreed checkpoint verdicts): exit 2
+# with one line from rank 0; anything else is logged with its traceback by every rank that meets it
+def _startup_refusal(err: BaseException) -> bool:
+    from data.shards import ShardIndexError
+    from .checkpoint import CheckpointError
+    from .runlock import RunLockedError
+    return isinstance(err, (ConfigError, ShardIndexError, RunLockedError)) or (
+        isinstance(err, CheckpointError) and err.collective)
+
+
+def _fail(err: BaseException, env) -> None:
+    """End this rank now: log the error with the rank, record the exit code, and leave without any
+    collective (a barrier here would wait for ranks that wait in a training all-reduce: the job hung
+    for ``train.collective_timeout_minutes``). The other ranks' next collective then fails within
+    seconds (gloo: the peer's sockets close; NCCL: the process group is aborted here, and the
+    launchers (torchrun, deepspeed, srun --kill-on-bad-exit, mpirun) end the remaining ranks)."""
+    from .checkpoint import CheckpointError
+    if _startup_refusal(err):
+        code = 2
+        if env.rank == 0:
+            what = "bad recipe" if isinstance(err, ConfigError) else "bad checkpoint" if isinstance(
+                err, CheckpointError) else "refused"
+            log.error("%s: %s", what, err)
+    elif isinstance(err, KeyboardInterrupt):
+        code = 130
+        log.error("rank %d of %d: interrupted (SIGINT)", env.rank, env.world_size)
+    elif isinstance(err, SystemExit) and isinstance(err.code, int):
+        code = err.code
+    else:
+        code = 1
+        log.error("rank %d of %d failed: %s: %s", env.rank, env.world_size, type(err).__name__, err, exc_info=err)
+    if env.rank == 0:
+        _write_exit_file(code)
+    from .distributed import abort_and_exit
+    abort_and_exit(code)
+
+
+def _launcher_rank() -> int:
+    """This process's rank as the launcher set it, before any process group exists."""
+    for name in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def _write_exit_file(code: int) -> None:
+    exit_file = os.environ.get("TOE_EXIT_FILE")
+    if exit_file:
+        try:
+            Path(exit_file).write_text(f"{code}\n")
+        except OSError as err:
+            log.error("cannot write the exit code to TOE_EXIT_FILE=%s: %s", exit_file, err)
 
 
 def write_synthetic_shards(path: str, size: int, objects: int) -> None:
@@ -139,6 +210,7 @@ class Trainer:
 
     def _prepare_data(self):
         from data.shards import INDEX_NAME
+        from methods.registry import run_length
 
         d, t = self.cfg.data, self.cfg.train
         if d.synthetic:
@@ -157,7 +229,19 @@ class Trainer:
         self.train_stream, self.eval_stream = self.task.build_streams(
             micro=micro, rank=self.rank, world=self.world, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = len(self.train_stream) // t.grad_accum
-        self.total_steps = t.steps or math.ceil(t.epochs * self.steps_per_epoch)
+        recipe_steps = math.ceil(t.epochs * self.steps_per_epoch) if t.epochs is not None else t.steps
+        # a method may set the run's length (Budgeted Training: the stages that meet its budget); train.steps wins
+        try:
+            run_steps, self.cfg.methods = run_length(self.cfg.methods, self.steps_per_epoch, recipe_steps,
+                                                     self._meta_model)
+        except ValueError as err:  # a budget the data cannot meet: the same on every rank
+            raise ConfigError(str(err)) from err
+        self.total_steps = t.steps or run_steps
+
+    def _meta_model(self):
+        """The recipe's model on the meta device: shapes for the methods' run length, no weights."""
+        with torch.device("meta"):
+            return self.task.build_model()[0]
 
     def _build(self, point):
         import deepspeed
@@ -171,7 +255,7 @@ class Trainer:
         model, num_suffix = self.task.build_model()
         context = MethodContext(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                                 num_suffix=num_suffix, task=cfg.task, rank=self.rank, world_size=self.world,
-                                seed=cfg.train.seed)
+                                seed=cfg.train.seed, grad_accum=cfg.train.grad_accum)
         self.plugins = build_stack(cfg.methods, context)
         self.plugins.attach(model, num_suffix=num_suffix)
         if self.rank == 0:
@@ -189,6 +273,7 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.ema = EMA(self.engine.module, cfg.train.ema_decay) if cfg.train.ema else None
         self.plugins.on_engine(self.engine, self.ema)
+        self.plugins.on_stream(self.train_stream)
         if compile_model(cfg.train, self.device):
             compile_engine(self.engine, cfg.train.compile_backend)
 
@@ -200,15 +285,17 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------
 
     def run(self) -> int:
-        from .checkpoint import Checkpointer, find_resume_point
+        from .checkpoint import Checkpointer, select_resume_point
+        from .runlock import RunLock
 
         cfg, run_dir = self.cfg, self.cfg.run_dir
-        if self.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:  # one job per run folder: refused before it writes anything there
+            self.lock = RunLock(run_dir).acquire()
             (run_dir / "config.yaml").write_text(resolved(cfg))
         dist.barrier()
         self._prepare_data()
-        point = None if self.args.no_resume else find_resume_point(Path(self.args.resume or run_dir))
+        point = None if self.args.no_resume else select_resume_point(
+            Path(self.args.resume or run_dir), rank=self.rank, world=self.world, required=bool(self.args.resume))
         self._build(point)
         self.checkpointer = Checkpointer(run_dir, self.engine, rank=self.rank, world_size=self.world,
                                          zero_stage=cfg.train.zero_stage, keep=cfg.checkpoint.keep)
@@ -229,7 +316,7 @@ class Trainer:
                      os.environ.get("SLURM_RESTART_COUNT", "-"))
             if step >= self.total_steps:
                 log.info("the run is already complete")
-                return 0
+                return self._announce_exit(0)
         try:
             return self._loop(step)
         finally:
@@ -313,11 +400,16 @@ class Trainer:
         """Rank 0 writes the job's exit code to ``TOE_EXIT_FILE`` (set by slurm/train.sbatch) before any
         rank may exit: under ``srun --kill-on-bad-exit`` the first rank out with 75 gets the others
         killed, and srun's own exit code then no longer says that the run checkpointed on a signal."""
-        exit_file = os.environ.get("TOE_EXIT_FILE")
-        if exit_file and self.rank == 0:
-            Path(exit_file).write_text(f"{code}\n")
+        if self.rank == 0:
+            _write_exit_file(code)
         dist.barrier()
         return code
+
+    def release(self) -> None:
+        """Let go of the run folder (the OS does it anyway when the process ends)."""
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
 
     @torch.no_grad()
     def _evaluate(self, step: int) -> dict[str, float]:

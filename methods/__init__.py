@@ -3,8 +3,11 @@ registry (``methods.registry``); each module registers itself on import.
 
 - ``toe``: Token Expansion (the adapter over ``toe/``)
 - ``patch_dropout``: timm's PatchDropout, the simplest rival
+- ``budgeted``: Budgeted Training (heads, MLP width and input grid grow to a training budget)
+- ``efficienttrain``: EfficientTrain (ICCV 2023): low-frequency crop and RandAugment magnitude by stage
 """
-from . import patch_dropout, toe  # noqa: F401  (registration)
+from . import efficienttrain, patch_dropout, toe  # noqa: F401  (registration)
+from . import budgeted  # noqa: F401  (registration)
 from .base import MethodContext, PluginStack, TrainingPlugin
 from .registry import build_stack, check_combination, method, register, registered
 

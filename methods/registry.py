@@ -11,13 +11,24 @@ A method registers once, at import of its module (``methods/__init__.py`` import
 
 The engine never names a method: it asks ``build_stack`` for whatever the recipe lists, in the
 recipe's order (the order the plug-ins' events fire in).
+
+Optional config hooks:
+
+- ``run_steps(steps_per_epoch, default_total, model) -> (steps, resolved config)``: a method that
+  sets the run's length (Budgeted Training: the stage lengths that meet its budget). ``default_total``
+  is the recipe's own run (``train.epochs`` x steps per epoch), ``model`` the recipe's model on the
+  meta device (shapes only); the resolved config is what the factory gets. ``run_length`` asks every
+  method at start-up and refuses two that both set it; an explicit ``train.steps`` still wins.
+- ``sets_input_grid() -> bool`` (with a class attribute ``input_grid_switch``, the option that turns
+  it off): the method sets the input grid, so the token count of every block; no other method may
+  set a token count then (``check_combination``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["Method", "register", "registered", "method", "check_combination", "build_stack"]
+__all__ = ["Method", "register", "registered", "method", "check_combination", "build_stack", "run_length"]
 
 
 @dataclass(frozen=True)
@@ -47,9 +58,41 @@ def method(name: str) -> Method:
 
 
 def check_combination(configs: Mapping[str, Any]) -> None:
-    """Refuse two methods that set the token count before the same block (``ValueError`` naming both)."""
+    """Refuse two methods that set the token count before the same block, or one that sets the input
+    grid next to any other that sets a token count (``ValueError`` naming both)."""
     from .base import check_token_sites
+    for name, config in configs.items():
+        if getattr(config, "sets_input_grid", lambda: False)():
+            for other, other_config in configs.items():
+                if other != name and other_config.token_sites():
+                    raise ValueError(f"methods {name!r} and {other!r} both set the token count: {name!r} sets the "
+                                     f"input grid (so every block's tokens); turn its token part off with "
+                                     f"methods.{name}.{config.input_grid_switch}: false, or drop {other!r}")
     check_token_sites((name, config.token_sites()) for name, config in configs.items())
+
+
+def run_length(configs: Mapping[str, Any], steps_per_epoch: int, default_total: int,
+               model: Callable[[], Any]) -> tuple[int, dict[str, Any]]:
+    """The run's optimizer steps and the configs resolved against it: ``default_total`` unless a
+    method's config has ``run_steps`` (see the module docstring); ``model()`` builds the recipe's model
+    for its shapes, once, only when some method asks. Two methods that both set it are refused."""
+    resolved: dict[str, Any] = {}
+    setters: list[tuple[str, int]] = []
+    built: list = []
+    for name, config in configs.items():
+        hook = getattr(config, "run_steps", None)
+        if hook is None:
+            resolved[name] = config
+            continue
+        if not built:
+            built.append(model())
+        steps, resolved[name] = hook(steps_per_epoch, default_total, built[0])
+        if steps is not None:
+            setters.append((name, int(steps)))
+    if len(setters) > 1:
+        raise ValueError(f"methods {setters[0][0]!r} and {setters[1][0]!r} both set the run's length "
+                         f"({setters[0][1]} and {setters[1][1]} steps): use one of them")
+    return (setters[0][1] if setters else default_total), resolved
 
 
 def build_stack(configs: Mapping[str, Any], context: Any):

@@ -60,7 +60,7 @@ def count(kind: str) -> None:
     try:
         who = owner()
         events[(kind, who, state["context"], state["step"])] += 1
-        if os.environ.get("SYNC_PROBE_TRACE") and who == "project" and state["context"] == "step":
+        if os.environ.get("SYNC_PROBE_TRACE") == who and state["context"] == "step":  # e.g. project, deepspeed
             print(f"sync probe: {kind} at step {state['step']}:\n" + "".join(traceback.format_stack()[-8:-2]),
                   file=sys.stderr)
     finally:

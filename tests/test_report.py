@@ -245,6 +245,30 @@ def test_compare_refuses_a_run_folder_of_another_config(tmp_path, capsys):
     assert code == 2 and "was trained with another config" in capsys.readouterr().err
 
 
+def test_compare_accepts_a_run_folder_that_predates_an_option_left_at_its_default(tmp_path):
+    from launcher.config import load_config, resolved
+
+    out = tmp_path / "cmp"
+    planned = compare.plan([str(ROOT / "configs/deit_tiny_cpu.yaml")], 1, out, ["train.steps=4"])[0]
+    old = yaml.safe_load(resolved(load_config(str(ROOT / "configs/deit_tiny_cpu.yaml"), planned.overrides)))
+    del old["train"]["signal_check_every"], old["optim"]["fused"]  # options added after the folder was written
+    planned.run_dir.mkdir(parents=True)
+    (planned.run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    compare.check_folder(planned)  # accepted: trained as the recipe says, by an older engine
+    old["train"]["steps"] = 5
+    (planned.run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(compare.ConfigError, match="train.steps"):
+        compare.check_folder(planned)
+    planned = compare.plan([str(ROOT / "configs/deit_tiny_cpu.yaml")], 1, tmp_path / "b", ["train.steps=4",
+                                                                                          "train.signal_check_every=3"])[0]
+    del old["train"]["steps"]
+    old["train"].update(steps=4)
+    planned.run_dir.mkdir(parents=True)
+    (planned.run_dir / "config.yaml").write_text(yaml.safe_dump({**old, "out_dir": str(tmp_path / "b" / "runs")}))
+    with pytest.raises(compare.ConfigError, match="signal_check_every"):  # absent there, but not the default here
+        compare.check_folder(planned)
+
+
 def test_compare_submits_one_slurm_job_per_run(tmp_path, monkeypatch, capsys):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

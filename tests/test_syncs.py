@@ -52,9 +52,23 @@ def test_the_step_code_has_no_host_sync_between_log_steps(tmp_path, tiny_shards)
     log_steps = len({*range(log_every, steps + 1, log_every), steps})
     assert totals(events, owner="project", context="log") == {"all_reduce": log_steps, "item": log_steps,
                                                               "tolist": log_steps}
-    # DeepSpeed's own, every step (ZeRO-1, fp32, one rank), for the README's list; they exist
+    # DeepSpeed's own, every step (ZeRO-1, fp32, one rank, unclipped: compute_grad_norm off): the gradient
+    # all-reduce (one bucket at this size) and torch AdamW's reads of its CPU step counters (two parameter
+    # groups; host memory, no device sync); no norm all-reduce, no bool() of a device flag
     deepspeed = totals(events, owner="deepspeed", context="step")
-    assert deepspeed["all_reduce"] >= steps and sum(deepspeed.values()) >= 2 * steps
+    assert deepspeed == {"all_reduce": steps, "item": 2 * steps}
+
+
+def test_unclipped_zero_1_2_recipes_skip_deepspeeds_per_step_gradient_norm():
+    from launcher.config import deepspeed_config, load_config
+
+    recipe = str(ROOT / "configs/deit_tiny_toe_cpu.yaml")
+    for stage in (1, 2):
+        ds = deepspeed_config(load_config(recipe, [f"train.zero_stage={stage}"]), 1)
+        assert ds["zero_optimization"]["compute_grad_norm"] is False
+    clipped = deepspeed_config(load_config(recipe, ["optim.clip_grad=1.0"]), 1)
+    assert "compute_grad_norm" not in clipped["zero_optimization"]  # clipping needs the norm
+    assert "compute_grad_norm" not in deepspeed_config(load_config(recipe, ["train.zero_stage=3"]), 1)["zero_optimization"]
 
 
 def test_the_stop_signal_is_agreed_every_n_steps_only(monkeypatch):

@@ -212,7 +212,7 @@ def test_plugin_logs_kept_tokens_and_flops_share_of_the_actual_input_grid():
         for step in (0, 5, 15):
             stack.on_step(step)
             entering.clear()
-            model(torch.randn(2, 3, *size))
+            model(stack.on_batch(step, {"image": torch.randn(2, 3, *size)})["image"])  # priced as handed on
             metrics = stack.step_metrics()
             assert entering == [schedule.kept_tokens(patches, schedule.stage(step))]
             assert metrics["toe/kept_tokens"] == entering[0] and metrics["cost/patch_tokens"] == patches
@@ -224,11 +224,11 @@ def test_plugin_logs_kept_tokens_and_flops_share_of_the_actual_input_grid():
 
     # two micro-batches of different sizes in one step: sample- and FLOPs-weighted means
     stack.on_step(5)
-    model(torch.randn(3, 3, 48, 96))
-    model(torch.randn(1, 3, 96, 128))
+    model(stack.on_batch(5, {"image": torch.randn(3, 3, 48, 96)})["image"])
+    model(stack.on_batch(5, {"image": torch.randn(1, 3, 96, 128)})["image"])
     model.eval()
     with torch.no_grad():
-        model(torch.randn(2, 3, 64, 64))  # evaluation forwards are no training cost
+        model(stack.on_eval_batch(5, {"image": torch.randn(2, 3, 64, 64)})["image"])  # no training cost
     model.train()
     metrics = stack.step_metrics()
     dense = {n: token_plan_flops(ViTShape.from_model(model, num_suffix=6).with_patches(n), None) for n in (72, 192)}
