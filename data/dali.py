@@ -295,16 +295,9 @@ class DaliCodec:
     def decode(self, sample: dict[str, bytes]):
         import torch
 
-        from .stream import IMAGE_EXTS, SkipSample
+        from .stream import IMAGE_EXTS, SkipSample, read_label
 
-        if "cls" not in sample:
-            raise SkipSample("missing_label")
-        try:
-            label = int(sample["cls"])
-        except ValueError:
-            raise SkipSample("bad_label") from None
-        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
-            raise SkipSample("bad_label")
+        label = read_label(sample, self.num_classes)
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise SkipSample("missing_image")

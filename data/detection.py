@@ -209,10 +209,13 @@ def build_detection_stream(path: str, *, train: bool, batch_size: int, rank: int
                            max_size: int, crop_scales: Sequence[int] = (400, 500, 600),
                            crop_size: tuple[int, int] = (384, 600), eval_size: Optional[int] = None,
                            eval_max_size: Optional[int] = None, pad_multiple: int = 16,
-                           buffer_size: int = 1000, base: Optional[str] = None) -> ShardStream:
+                           buffer_size: int = 1000, base: Optional[str] = None,
+                           pin_memory: bool = False) -> ShardStream:
     """The classification stream's guarantees (equal batches, exact resume, counted skips) for detection.
 
-    ``pad_multiple`` (the patch size) is also the multiple YOLOS floors resized sides to.
+    ``pad_multiple`` (the patch size) is also the multiple YOLOS floors resized sides to. With
+    ``pin_memory`` the DataLoader pins the images and every target tensor (it pins nested lists and
+    dicts), so their ``non_blocking`` copies to the GPU do not block the host.
     """
     from .shards import ShardIndex
 
@@ -224,4 +227,4 @@ def build_detection_stream(path: str, *, train: bool, batch_size: int, rank: int
     split = split or ("train" if train else "val")
     return ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
                        num_workers=num_workers, seed=seed, shuffle=train, pad=not train,
-                       buffer_size=buffer_size if train else 0, split_name=split)
+                       buffer_size=buffer_size if train else 0, split_name=split, pin_memory=pin_memory)

@@ -66,6 +66,19 @@ def decode_image(sample: dict[str, bytes]) -> Image.Image:
         raise SkipSample("corrupt_image") from None
 
 
+def read_label(sample: dict[str, bytes], num_classes: Optional[int] = None) -> int:
+    """The sample's class id; ``SkipSample`` (counted) when it is missing, not an int, or out of range."""
+    if "cls" not in sample:
+        raise SkipSample("missing_label")
+    try:
+        label = int(sample["cls"])
+    except ValueError:
+        raise SkipSample("bad_label") from None
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise SkipSample("bad_label")
+    return label
+
+
 class ClassificationCodec:
     """Raw sample -> (image tensor, label); a batch of those -> dict of tensors."""
 
@@ -74,14 +87,7 @@ class ClassificationCodec:
         self.num_classes = num_classes
 
     def decode(self, sample: dict[str, bytes]) -> tuple[torch.Tensor, int]:
-        if "cls" not in sample:
-            raise SkipSample("missing_label")
-        try:
-            label = int(sample["cls"])
-        except ValueError:
-            raise SkipSample("bad_label") from None
-        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
-            raise SkipSample("bad_label")
+        label = read_label(sample, self.num_classes)  # before the decode: a bad label costs no decode
         return self.transform(decode_image(sample)), label
 
     def collate(self, decoded: list, ids: list[int], valid: list[bool]) -> dict[str, torch.Tensor]:

@@ -112,7 +112,8 @@ class DetectionTask:
         patch = self.cfg.model.kwargs.get("patch_size", 16)
         common = dict(batch_size=micro, rank=rank, world_size=world, num_workers=d.workers, scales=det.scales,
                       max_size=det.max_size, crop_scales=det.crop_scales, crop_size=tuple(det.crop_size),
-                      eval_size=det.eval_size, eval_max_size=det.eval_max_size, pad_multiple=patch)
+                      eval_size=det.eval_size, eval_max_size=det.eval_max_size, pad_multiple=patch,
+                      pin_memory=pin_memory)
         train = build_detection_stream(d.path, train=True, seed=cfg.train.seed, split=d.train_split,
                                        buffer_size=d.buffer_size, **common)
         evaluation = build_detection_stream(d.eval_path or d.path, train=False, split=d.eval_split, **common)
