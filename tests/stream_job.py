@@ -44,10 +44,12 @@ def main() -> None:
     if args.state:
         stream.load_state_dict(torch.load(args.state, weights_only=False))
     batches = []
-    for batch in stream:
+    iterator = iter(stream)
+    for batch in iterator:
         batches.append(batch)
         if args.take is not None and len(batches) == args.take:
             break
+    iterator.close()  # end the DataLoader workers now, not during the interpreter's exit next to gloo's threads
     state = stream.state_dict()
     if args.save_state and args.rank == 0:
         torch.save(state, args.save_state)
