@@ -100,12 +100,11 @@ def _lookup(tree, key: str):
 _MISSING = object()
 
 
-def _added_later(key: str, found: dict, planned: dict) -> bool:
-    """An option the run folder's config predates (absent there) that the plan leaves at its default:
-    the folder was trained as the recipe says, by an older version of the engine."""
-    from .config import RunConfig
-
-    return _lookup(found, key) is _MISSING and _lookup(planned, key) == _lookup(yaml.safe_load(resolved(RunConfig())), key)
+def _added_later(key: str, found: dict, planned: dict, defaults: dict) -> bool:
+    """An option the run folder's config predates (absent there) that the plan leaves at its default
+    (``defaults``: a resolved default ``RunConfig``): the folder was trained as the recipe says, by an
+    older version of the engine."""
+    return _lookup(found, key) is _MISSING and _lookup(planned, key) == _lookup(defaults, key)
 
 
 def check_folder(run: PlannedRun) -> None:
@@ -118,7 +117,10 @@ def check_folder(run: PlannedRun) -> None:
         found = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML ({err}): delete the run folder or use another --out") from err
-    changed = [key for key in _diff(found, run.config) if not _added_later(key, found, run.config)]
+    from .config import RunConfig
+
+    defaults = yaml.safe_load(resolved(RunConfig()))  # once per folder, not once per differing key
+    changed = [key for key in _diff(found, run.config) if not _added_later(key, found, run.config, defaults)]
     if changed:
         raise ConfigError(f"{run.run_dir} was trained with another config ({', '.join(changed[:5])} differ): "
                           f"use another --out, the same overrides, or delete that run folder")

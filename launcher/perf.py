@@ -64,12 +64,12 @@ def compile_engine(engine: Any, backend: str) -> None:
     """Compile the engine's model in place: static shapes, whole graphs (ZeRO 0-2), a fatal recompile limit."""
     import torch._dynamo
 
+    if engine.zero_optimization_stage() == 3:  # refused before Dynamo's process-wide settings change
+        raise ValueError("train.compile with ZeRO-3: see launcher.perf (the config refuses it earlier)")
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            RECOMPILE_LIMIT)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    if engine.zero_optimization_stage() == 3:
-        raise ValueError("train.compile with ZeRO-3: see launcher.perf (the config refuses it earlier)")
     log.info("torch.compile of the model's forward (backend %s, dynamic=False, fullgraph=True): one graph per "
              "method stage and input size, compiled the first time the run gets there", backend)
     module = engine.module
