@@ -321,6 +321,7 @@ class ShardStream:
         self.counters: Counter = Counter()
         self.dropped = 0
         self.batches_yielded = 0  # by this rank over the whole run (equal on every rank); saved in the state
+        self._pass_total: Optional[int] = None  # batches of the pass being read (this rank), once planned
         self.transform_options: Optional[dict[str, Any]] = None  # build_train_stream's, for step-aware transforms
         self.step_transform = None  # data.transforms.ScheduledTransform, or None
         self.batches_per_step = 1
@@ -336,8 +337,21 @@ class ShardStream:
                 f"= {self.world_size} x {self.slots_per_rank} x {self.batch_size}; lower one of them")
 
     def set_subset(self, mask: Optional[np.ndarray]) -> None:
-        """Restrict later epochs to a subset of sample positions (e.g. a Tri-Level example subset)."""
-        self.subset = None if mask is None else np.asarray(mask, bool)
+        """Restrict the stream to a subset of sample positions (``sample_id``, the split's index space; e.g. a
+        Tri-Level example subset) from the next pass it plans: the next epoch, or a resumed one, whose plan
+        must then get the subset it was first planned with. Refused while a pass is being read (its workers
+        hold its plan) and for a mask of the wrong shape or an empty one."""
+        if mask is not None:
+            mask = np.asarray(mask, bool)
+            if mask.shape != (self.split.total,):
+                raise ValueError(f"subset mask has shape {mask.shape}, the {self.split_name} split has "
+                                 f"{self.split.total} samples")
+            if not mask.any():
+                raise ValueError(f"an empty subset of the {self.split_name} split")
+        if self._pass_total is not None and not self._pass_done():
+            raise RuntimeError(f"set_subset during epoch {self.epoch} of {self.split_name}: a subset changes only "
+                               f"between passes (call it from on_epoch, before the pass is planned)")
+        self.subset = mask
 
     def set_augmentation_schedule(self, schedule: Callable[[int, dict], dict], batches_per_step: int = 1) -> None:
         """Training augmentation that follows the global optimizer step: ``schedule(step, options)``
@@ -416,6 +430,7 @@ class ShardStream:
             log.info("epoch %d of %s: %d samples left over after equal %s-sample batches on %d ranks x %d "
                      "workers (%s)", self.epoch, self.split_name, self.dropped, self.batch_size, phase.world,
                      phase.workers, "padded" if self.pad else "dropped this epoch")
+        self._pass_total = total
         dataset = _PhaseDataset(self, items, slots, starts, orders, list(cursors), list(batches),
                                 done % phase.workers, per_worker, first_batch=self.batches_yielded - done)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
@@ -456,19 +471,32 @@ class ShardStream:
     def _next_epoch(self) -> None:
         self.epoch += 1
         self.phases = []
+        self._pass_total = None
+
+    def _pass_done(self) -> bool:
+        """Every batch of the pass being read was yielded (the consumer holds the last one; the pass's
+        generator has not yet moved to the next epoch)."""
+        return (self._pass_total is not None and bool(self.phases)
+                and sum(self.phases[-1].batches[self.rank]) >= self._pass_total)
 
     # -- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Position of every rank in the epoch (gathered from all ranks when distributed)."""
-        phases = [p.to_dict() for p in self.phases]
+        """Position of every rank in the epoch (gathered from all ranks when distributed).
+
+        A pass whose last batch has been yielded is saved as the start of the next epoch (the same on
+        every rank: ranks yield equal batches), so ``epoch`` is always the epoch of the next pass and a
+        resumed run hears ``on_epoch`` once for it, before it is planned."""
+        epoch, phases = self.epoch, [p.to_dict() for p in self.phases]
+        if self._pass_done():
+            epoch, phases = epoch + 1, []
         if phases and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, (self.rank, phases[-1]["cursors"][self.rank],
                                               phases[-1]["batches"][self.rank]))
             for rank, cursors, batches in gathered:
                 phases[-1]["cursors"][rank], phases[-1]["batches"][rank] = cursors, batches
-        return {"epoch": self.epoch, "phases": phases, "seed": self.seed, "split": self.split_name,
+        return {"epoch": epoch, "phases": phases, "seed": self.seed, "split": self.split_name,
                 "total": self.split.total, "repeats": self.repeats, "buffer_size": self.buffer_size,
                 "shuffle": self.shuffle, "repeat_layout": REPEAT_LAYOUT, "batches_yielded": self.batches_yielded}
 
@@ -485,6 +513,7 @@ class ShardStream:
                              "the version that started it, or start the epoch afresh")
         self.epoch = int(state["epoch"])
         self.phases = [Phase(**p) for p in state["phases"]]
+        self._pass_total = None
         # states saved before the count existed: whole epochs of this geometry, then the current phase's
         consumed = sum(self.phases[-1].batches[self.rank]) if self.phases else 0
         self.batches_yielded = int(state.get("batches_yielded", self.epoch * len(self) + consumed))

@@ -60,15 +60,22 @@ def compile_model(train: Any, device: torch.device) -> bool:
     return bool(train.compile)
 
 
-def compile_engine(engine: Any, backend: str) -> None:
-    """Compile the engine's model in place: static shapes, whole graphs (ZeRO 0-2), a fatal recompile limit."""
+def compile_engine(engine: Any, backend: str, graphs: Optional[int] = None) -> None:
+    """Compile the engine's model in place: static shapes, whole graphs (ZeRO 0-2), a fatal recompile limit.
+
+    ``graphs``: the distinct shapes the methods' forward visits over the run, when a method knows it
+    (``PluginStack.shape_variants``: Tri-Level's kept counts follow a cosine, one graph per distinct
+    tuple); the limit is then that plus a margin for evaluation and input sizes, never below
+    ``RECOMPILE_LIMIT``."""
     import torch._dynamo
 
     if engine.zero_optimization_stage() == 3:  # refused before Dynamo's process-wide settings change
         raise ValueError("train.compile with ZeRO-3: see launcher.perf (the config refuses it earlier)")
-    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
-                                                           RECOMPILE_LIMIT)
+    limit = RECOMPILE_LIMIT if graphs is None else max(RECOMPILE_LIMIT, int(graphs) + 8)
+    if limit > RECOMPILE_LIMIT:
+        log.info("the methods' forward visits %d shapes over the run: recompile limit %d", graphs, limit)
+    torch._dynamo.config.recompile_limit = limit
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, limit)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     log.info("torch.compile of the model's forward (backend %s, dynamic=False, fullgraph=True): one graph per "
              "method stage and input size, compiled the first time the run gets there", backend)

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -210,7 +211,7 @@ class Trainer:
 
     def _prepare_data(self):
         from data.shards import INDEX_NAME
-        from methods.registry import run_length
+        from methods.registry import initial_subset, run_length
 
         d, t = self.cfg.data, self.cfg.train
         if d.synthetic:
@@ -228,6 +229,10 @@ class Trainer:
         self.images_per_step = micro * t.grad_accum  # this rank's; every batch is full (the stream drops the rest)
         self.train_stream, self.eval_stream = self.task.build_streams(
             micro=micro, rank=self.rank, world=self.world, pin_memory=self.device.type == "cuda")
+        # a method may train on a subset of the examples (Tri-Level E-ViT): epochs are passes over it
+        subset = initial_subset(self.cfg.methods, self.train_stream.split.total, t.seed)
+        if subset is not None:
+            self.train_stream.set_subset(subset)
         self.steps_per_epoch = len(self.train_stream) // t.grad_accum
         recipe_steps = math.ceil(t.epochs * self.steps_per_epoch) if t.epochs is not None else t.steps
         # a method may set the run's length (Budgeted Training: the stages that meet its budget); train.steps wins
@@ -275,7 +280,7 @@ class Trainer:
         self.plugins.on_engine(self.engine, self.ema)
         self.plugins.on_stream(self.train_stream)
         if compile_model(cfg.train, self.device):
-            compile_engine(self.engine, cfg.train.compile_backend)
+            compile_engine(self.engine, cfg.train.compile_backend, graphs=self.plugins.shape_variants())
 
     def _input_dtype(self) -> torch.dtype:
         if self.engine.bfloat16_enabled():
@@ -380,15 +385,13 @@ class Trainer:
         return self._announce_exit(0)
 
     def _batches(self):
-        """Training batches, epoch after epoch; the plug-ins hear of each pass (``on_epoch``) before
-        its first batch is used, with the epoch that batch belongs to."""
+        """Training batches, epoch after epoch; the plug-ins hear of each pass (``on_epoch``, with its
+        epoch) before the stream plans it, so a subset set there is the pass's own (the stream plans a
+        pass, and its workers copy the plan, at the pass's first batch; a saved state is always at the
+        start or inside the epoch of the next pass)."""
         while True:
-            first = True
-            for batch in self.train_stream:
-                if first:
-                    self.plugins.on_epoch(self.train_stream.epoch, self.train_stream)
-                    first = False
-                yield batch
+            self.plugins.on_epoch(self.train_stream.epoch, self.train_stream)
+            yield from self.train_stream
 
     def _set_lr(self, step: int) -> float:
         lr = self._lr(step)
@@ -417,8 +420,13 @@ class Trainer:
         models = {"": (self.engine, self._input_dtype())}
         if self.ema is not None:
             models["ema_"] = (self.ema.module, torch.float32)
-        results = self.task.evaluate(models, self.eval_stream, self.device,
-                                     transform=lambda batch: self.plugins.on_eval_batch(step, batch))
+        results: dict[str, Any] = {}
+        # a method may evaluate the models in several ways (Tri-Level: sparse, the primary "", and dense)
+        for prefix, setting in self.plugins.eval_variants().items():
+            with setting():
+                found = self.task.evaluate(models, self.eval_stream, self.device,
+                                           transform=lambda batch: self.plugins.on_eval_batch(step, batch))
+            results.update({prefix + key: value for key, value in found.items()})
         self.engine.train()
         log.info("eval at step %d: %s", step, " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in results.items()))

@@ -19,8 +19,10 @@ Set-up, once per process:
 
 The run, in the step loop:
 
-4. ``on_epoch(epoch, stream)`` before the first batch of every pass over the training stream
-   (also the resumed one): e.g. ``stream.set_subset(mask)`` for an example subset.
+4. ``on_epoch(epoch, stream)`` before every pass over the training stream (also the resumed one) is
+   planned: e.g. ``stream.set_subset(mask)`` for an example subset, which that pass then reads. It
+   may come again for an epoch already begun (a resumed run): a change it makes must be applied once
+   (Tri-Level keeps in its state which swaps it made).
 5. ``on_step(step)`` once per optimizer step, before its first forward: everything a method
    changes per step (tokens after a block, active heads / channels, a mask) is set here from
    the 0-based global step, so it is a pure function of that step. Returns scalars to log.
@@ -49,6 +51,16 @@ At any time:
   claim the same block are refused (``check_token_sites``).
 
 - ``observe(samples, plan)``: the plan each training micro-batch was priced at (window metrics).
+- ``eval_variants()``: ways to evaluate, ``{result prefix: context-manager factory}``; the engine
+  evaluates once inside each (Tri-Level: ``""`` sparse, the primary figure, and ``"dense_"``). At
+  most one plug-in may have them; none: one plain evaluation.
+- ``shape_variants()``: how many distinct shapes the method's forward visits over the run (one
+  compiled graph each), when it is more than a few (Tri-Level's kept counts follow a cosine); the
+  compiled engine raises Dynamo's recompile limit to fit. ``None``: no claim.
+
+Before the step count, a method's config may restrict the run to a subset of the examples
+(``methods.registry.initial_subset``: an optional ``initial_subset(num_samples, seed)`` hook): epochs
+are then passes over the subset (Tri-Level E-ViT trains on 80%).
 
 Before the plug-ins exist, the engine asks the methods' configs for the run's length
 (``methods.registry.run_length``: an optional ``run_steps`` hook; Budgeted Training sets it from its
@@ -63,8 +75,10 @@ breaks for every method.
 """
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch.nn as nn
 
@@ -142,6 +156,14 @@ class TrainingPlugin:
 
     def describe(self) -> Optional[str]:
         """A few lines for the start of the run's log (e.g. ToE's stage table)."""
+        return None
+
+    def eval_variants(self) -> dict[str, Callable[[], ContextManager]]:
+        """``{result prefix: context-manager factory}``: evaluate once inside each (``{}``: plainly)."""
+        return {}
+
+    def shape_variants(self) -> Optional[int]:
+        """Distinct shapes the forward visits over the run (compiled graphs), or ``None``."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -234,6 +256,18 @@ class PluginStack:
 
     def describe(self) -> list[str]:
         return [text for plugin in self.plugins if (text := plugin.describe())]
+
+    def eval_variants(self) -> dict[str, Callable[[], ContextManager]]:
+        """The one plug-in's evaluation variants, or a single plain evaluation (``{"": nullcontext}``)."""
+        owners = [(plugin.name, variants) for plugin in self.plugins if (variants := plugin.eval_variants())]
+        if len(owners) > 1:
+            raise ValueError(f"plug-ins {owners[0][0]!r} and {owners[1][0]!r} both set how the model is evaluated")
+        return owners[0][1] if owners else {"": nullcontext}
+
+    def shape_variants(self) -> Optional[int]:
+        """The distinct shapes of the forward over the run, if a plug-in claims them (their product)."""
+        claims = [count for plugin in self.plugins if (count := plugin.shape_variants()) is not None]
+        return math.prod(claims) if claims else None
 
     # -- cost ----------------------------------------------------------------------------------
 

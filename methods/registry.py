@@ -19,6 +19,10 @@ Optional config hooks:
   is the recipe's own run (``train.epochs`` x steps per epoch), ``model`` the recipe's model on the
   meta device (shapes only); the resolved config is what the factory gets. ``run_length`` asks every
   method at start-up and refuses two that both set it; an explicit ``train.steps`` still wins.
+- ``initial_subset(num_samples, seed) -> Optional[np.ndarray]``: a method that trains on a subset of the
+  training examples (Tri-Level E-ViT: a random 80%); a boolean mask over the split's sample positions,
+  applied to the stream before the step count, so an epoch is a pass over the subset. Two methods that
+  both set one are refused. Later changes of the subset are the plug-in's (``on_epoch``).
 - ``sets_input_grid() -> bool`` (with a class attribute ``input_grid_switch``, the option that turns
   it off): the method sets the input grid, so the token count of every block; no other method may
   set a token count then (``check_combination``).
@@ -28,7 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["Method", "register", "registered", "method", "check_combination", "build_stack", "run_length"]
+__all__ = ["Method", "register", "registered", "method", "check_combination", "build_stack", "run_length",
+           "initial_subset"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,17 @@ def run_length(configs: Mapping[str, Any], steps_per_epoch: int, default_total: 
         raise ValueError(f"methods {setters[0][0]!r} and {setters[1][0]!r} both set the run's length "
                          f"({setters[0][1]} and {setters[1][1]} steps): use one of them")
     return (setters[0][1] if setters else default_total), resolved
+
+
+def initial_subset(configs: Mapping[str, Any], num_samples: int, seed: int):
+    """The training examples the run starts on: the one method's ``initial_subset`` mask, or ``None``
+    (all of them). Two methods that both set one are refused."""
+    masks = [(name, mask) for name, config in configs.items()
+             if (hook := getattr(config, "initial_subset", None)) is not None
+             and (mask := hook(num_samples, seed)) is not None]
+    if len(masks) > 1:
+        raise ValueError(f"methods {masks[0][0]!r} and {masks[1][0]!r} both choose the training examples: use one")
+    return masks[0][1] if masks else None
 
 
 def build_stack(configs: Mapping[str, Any], context: Any):
