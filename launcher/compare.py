@@ -61,6 +61,10 @@ def estimate_total(cfg) -> tuple[Optional[int], bool]:
         total = json.loads(index.read_text())["splits"][cfg.data.train_split]["total"]
     except (OSError, KeyError, ValueError):
         return None, False
+    from methods.registry import initial_subset
+    subset = initial_subset(cfg.methods, total, cfg.train.seed)  # epochs over a method's subset (Tri-Level)
+    if subset is not None:
+        total = int(subset.sum())
     return math.ceil(cfg.train.epochs * max(1, total // cfg.train.global_batch)), False
 
 
