@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -244,6 +245,7 @@ class TriLevelExamples(TrainingPlugin):
                                         swap=index, restore=self.config.restore)
         self.swaps_done = index
         self.stats.reset()
+        self._check_agreement(index)
         self._last_swap = {"trilevel/swap_candidates": float(info["candidates"]),
                            "trilevel/swap_zero_score": float(info["zero_score"]),
                            "trilevel/swap_removed": float(len(info["removed"])),
@@ -251,6 +253,21 @@ class TriLevelExamples(TrainingPlugin):
         log.info("trilevel examples: swap %d at epoch %d: %d candidates (%d with score 0), %d removed, %d "
                  "restored, subset %d", index, epoch, info["candidates"], info["zero_score"], len(info["removed"]),
                  len(info["restored"]), int(self.subset.sum()))
+
+    def _check_agreement(self, index: int) -> None:
+        """Every rank must have made the same swap (same statistics, same seed): a CRC-32 of the new subset,
+        compared across ranks once per swap (an all-reduce of two integers and a host read)."""
+        if self.world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        crc = zlib.crc32(np.packbits(self.subset).tobytes())
+        device = self.stats.device
+        low, high = torch.tensor([crc], dtype=torch.int64, device=device), torch.tensor([crc], dtype=torch.int64,
+                                                                                      device=device)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if int(low.item()) != int(high.item()):
+            raise RuntimeError(f"trilevel_examples: the ranks made different subsets at swap {index} (their "
+                               f"statistics differ): a bug, not a data problem")
 
     def on_step(self, step: int) -> dict[str, float]:
         metrics = {"trilevel/subset_size": float(self.subset.sum()), "trilevel/swaps": float(self.swaps_done)}
