@@ -26,6 +26,9 @@ Optional config hooks:
 - ``sets_input_grid() -> bool`` (with a class attribute ``input_grid_switch``, the option that turns
   it off): the method sets the input grid, so the token count of every block; no other method may
   set a token count then (``check_combination``).
+- ``refuses(other_name, other_config) -> Optional[str]``: the method does not compose with another one
+  the recipe lists; the reason (a sentence) is the error ``check_combination`` raises, naming both
+  (Tri-Level's tokens / connections refuse ToE, whose pre-hook cannot take their attention mask).
 """
 from __future__ import annotations
 
@@ -67,6 +70,10 @@ def check_combination(configs: Mapping[str, Any]) -> None:
     grid next to any other that sets a token count (``ValueError`` naming both)."""
     from .base import check_token_sites
     for name, config in configs.items():
+        refuses = getattr(config, "refuses", None)
+        for other, other_config in configs.items():
+            if refuses is not None and other != name and (reason := refuses(other, other_config)):
+                raise ValueError(f"methods {name!r} and {other!r} do not compose: {reason}")
         if getattr(config, "sets_input_grid", lambda: False)():
             for other, other_config in configs.items():
                 if other != name and other_config.token_sites():

@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 
 import torch.nn as nn
 
-__all__ = ["BlockLoad", "ViTShape", "forward_flops", "keep_patches_after", "patches_at", "token_plan_flops"]
+__all__ = ["BlockLoad", "ViTShape", "forward_flops", "keep_patches_after", "patches_at", "stem_flops",
+           "token_plan_flops"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class BlockLoad:
     tokens: int
     head_frac: float = 1.0
     mlp_frac: float = 1.0
+    mlp_tokens: Optional[int] = None  # tokens of the MLP when a block drops tokens mid-block (Tri-Level); None: tokens
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class ViTShape:
     patch_size: int = 16
     in_chans: int = 3
     num_classes: int = 1000
+    stem_width: int = 0  # LV-ViT's conv stem (models/lvvit.py ConvStem) of this width; 0: a linear patch embedding
+    aux_head: bool = False  # a dense head on every patch position (LV-ViT; at the full grid, also under ToE)
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +70,7 @@ class ViTShape:
         try:
             block = model.blocks[0]
             patch = model.patch_embed.patch_size
+            stem_width = int(getattr(model.patch_embed, "stem_width", 0))
             return cls(
                 num_patches=int(model.patch_embed.num_patches),
                 embed_dim=int(model.embed_dim),
@@ -74,8 +79,10 @@ class ViTShape:
                 num_prefix=int(model.num_prefix_tokens),
                 num_suffix=num_suffix,
                 patch_size=int(patch[0] if isinstance(patch, (tuple, list)) else patch),
-                in_chans=int(model.patch_embed.proj.in_channels),
+                in_chans=int(model.patch_embed.in_chans if stem_width else model.patch_embed.proj.in_channels),
                 num_classes=int(getattr(model, "num_classes", 0)),
+                stem_width=stem_width,
+                aux_head=isinstance(getattr(model, "aux_head", None), nn.Linear),
             )
         except AttributeError as err:
             raise TypeError(f"{type(model).__name__} does not look like a timm VisionTransformer: {err}") from err
@@ -91,15 +98,27 @@ def forward_flops(shape: ViTShape, plan: Optional[Sequence[BlockLoad]] = None) -
     if len(plan) != shape.depth:
         raise ValueError(f"plan has {len(plan)} blocks, the model has {shape.depth}")
     dim = shape.embed_dim
-    flops = 2.0 * shape.num_patches * dim * shape.in_chans * shape.patch_size ** 2
+    flops = stem_flops(shape)
     for load in plan:
         t, attn_dim = load.tokens, dim * load.head_frac
         hidden = dim * shape.mlp_ratio * load.mlp_frac
         flops += 2.0 * t * dim * 3 * attn_dim  # qkv
         flops += 4.0 * t * t * attn_dim  # q @ k^T and attn @ v
         flops += 2.0 * t * attn_dim * dim  # proj
-        flops += 4.0 * t * dim * hidden  # fc1 + fc2
-    return flops + 2.0 * dim * shape.num_classes
+        flops += 4.0 * (t if load.mlp_tokens is None else load.mlp_tokens) * dim * hidden  # fc1 + fc2
+    heads = 1 + (shape.num_patches if shape.aux_head else 0)  # the aux head runs on the restored length
+    return flops + 2.0 * dim * shape.num_classes * heads
+
+
+def stem_flops(shape: ViTShape) -> float:
+    """Forward FLOPs of the patch embedding of one sample: a linear ``p x p`` projection, or LV-ViT's
+    conv stem (7x7 s2, two 3x3 s1 at half resolution, a ``p/2`` projection; BN and ReLU left out),
+    whose cost no token method reduces."""
+    dim, n = shape.embed_dim, shape.num_patches
+    if not shape.stem_width:
+        return 2.0 * n * dim * shape.in_chans * shape.patch_size ** 2
+    width, pixels = shape.stem_width, n * (shape.patch_size // 2) ** 2  # positions at half resolution
+    return 2.0 * (pixels * (shape.in_chans * width * 49 + 2 * width * width * 9) + pixels * width * dim)
 
 
 def patches_at(shape: ViTShape, plan: Sequence[BlockLoad], block: int) -> int:
@@ -114,7 +133,9 @@ def keep_patches_after(shape: ViTShape, plan: Sequence[BlockLoad], block: int, k
     dropped = patches_at(shape, plan, block) - kept_patches
     if dropped < 0:
         raise ValueError(f"cannot keep {kept_patches} of {patches_at(shape, plan, block)} patch tokens")
-    return [replace(load, tokens=load.tokens - dropped) if i >= block else load for i, load in enumerate(plan)]
+    return [replace(load, tokens=load.tokens - dropped,
+                    mlp_tokens=None if load.mlp_tokens is None else load.mlp_tokens - dropped)
+            if i >= block else load for i, load in enumerate(plan)]
 
 
 def token_plan_flops(shape: ViTShape, toe: Optional[tuple[int, int]]) -> float:

@@ -224,3 +224,22 @@ def test_statistics_survive_sigkill_and_resume_exactly_and_a_two_to_one_resume(t
     assert first["swaps_done"] == 2 and client_state(one, 40)["swaps_done"] == 3
     assert subset_of(client_state(one, 40)).sum() == 205
     assert json.loads((one / "final.json").read_text())["step"] == 48
+
+
+@pytest.mark.slow
+def test_all_three_levels_train_on_a_subset_and_evaluate_sparse_and_dense(tmp_path, tiny_shards):
+    """The whole method (configs/deit_tiny_trilevel_cpu.yaml's levels) in the real engine, with the EMA."""
+    from test_engine import records, train
+
+    run = tmp_path / "trilevel"
+    train(run, tiny_shards, "methods.toe=null", "methods.trilevel_examples={period: 1, swaps: 1}",
+          "methods.trilevel_tokens={keep_ratio: 0.7, attn_ratio: 0.3, locations: [1, 3, 4]}",
+          "model.kwargs={patch_size: 8, depth: 6, embed_dim: 48, num_heads: 2}", "train.epochs=2",
+          "train.ema=true", "train.eval_every=12", "train.precision=fp32")
+    steps = records(run)
+    assert sorted(steps) == list(range(24)), "2 epochs of the 80% subset: 12 steps each"
+    assert steps[23]["trilevel/swaps"] == 1 and steps[0]["trilevel/keep_ratio"] == 1.0
+    assert steps[23]["trilevel/keep_ratio"] == pytest.approx(0.7) and steps[23]["cost/flops_share"] < 1
+    final = json.loads((run / "final.json").read_text())
+    for key in ("top1", "dense_top1", "ema_top1", "dense_ema_top1"):
+        assert key in final, f"{key} missing from {sorted(final)}"
