@@ -13,7 +13,9 @@ demo: install  ## install, then run the main job (DeiT-Ti + ToE, DeepSpeed, CPU)
 test: install  ## the whole test suite, CPU only
 	$(PY) -m pytest tests/ -q
 
-bench: install  ## the three benchmarks (tables + JSON in bench/results/)
+bench: install  ## the benchmarks (tables + JSON in bench/results/)
 	$(PY) bench/toe_overhead.py
 	$(PY) bench/step_throughput.py
 	$(PY) bench/data_throughput.py
+	$(PY) bench/trilevel_attention.py
+	$(PY) bench/trilevel_examples.py
