@@ -31,13 +31,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import interleaved_medians  # noqa: E402
+from bench.timing import DTYPES, interleaved_medians  # noqa: E402
 from models import create_classifier  # noqa: E402
 from methods import PluginStack  # noqa: E402
 from methods.toe import ToEPlugin  # noqa: E402
 from toe import ToESchedule  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args():

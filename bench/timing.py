@@ -1,12 +1,35 @@
 """Interleaved timing shared by the benchmarks: every case runs once per round, in turn, so a slow
-phase of the machine touches all cases alike; each case's figure is its median over the rounds."""
+phase of the machine touches all cases alike; each case's figure is its median over the rounds. Also the
+benchmarks' common options: device, autocast dtype and rounds, defaulting by device."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
 
 import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype``, ``--rounds``, ``--warmup`` (read back with ``device_options``)."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="autocast dtype; default fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5 on CPU, 30 on GPU)")
+    parser.add_argument("--warmup", type=int, default=2)
+
+
+def device_options(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, int]:
+    """The device (``auto``: CUDA when there is one), the autocast dtype and the rounds, by device."""
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    return device, DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")], args.rounds or (30 if on_gpu else 5)
 
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], *, device: torch.device, rounds: int,

@@ -20,13 +20,12 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import interleaved_medians  # noqa: E402
+from bench.timing import add_device_options, device_options, interleaved_medians  # noqa: E402
 from methods import PluginStack  # noqa: E402
 from methods.toe import ToEPlugin  # noqa: E402
 from toe import ToESchedule, expand_tokens  # noqa: E402
 
 TARGETS = {"cpu": 0.05, "cuda": 0.02}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,22 +33,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--batch", type=int, default=None, help="default: 16 on CPU, 128 on GPU")
     parser.add_argument("--r1", type=float, default=0.5)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="autocast dtype; default fp32 on CPU, bf16 on GPU")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5 on CPU, 30 on GPU)")
-    parser.add_argument("--warmup", type=int, default=2)
+    add_device_options(parser)
     parser.add_argument("--out", default="bench/results/toe_overhead.json")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device, dtype, rounds = device_options(args)
     on_gpu = device.type == "cuda"
     batch = args.batch or (128 if on_gpu else 16)
-    rounds = args.rounds or (30 if on_gpu else 5)
-    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     torch.manual_seed(0)
 
     model = timm.create_model(args.model).to(device).train()

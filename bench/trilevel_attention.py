@@ -35,12 +35,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import interleaved_medians  # noqa: E402
+from bench.timing import add_device_options, device_options, interleaved_medians  # noqa: E402
 from methods import MethodContext, build_stack  # noqa: E402
 from methods.trilevel_tokens import (TriLevelTokensConfig, attention_scores, connection_mask,  # noqa: E402
                                      keep_index)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOTAL = 300  # a nominal run: warm-up below step 10, the targets from step 110
 BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")  # torch.nn.attention.SDPBackend
 SCORING_TARGET = 0.02  # spec "Test plan" 12: statistics and scoring overhead < 2% of the step
@@ -52,24 +51,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 128 on GPU")
     parser.add_argument("--keep-ratio", type=float, default=0.9)
     parser.add_argument("--attn-ratio", type=float, default=0.1)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
-                        help="autocast dtype; default fp32 on CPU, bf16 on GPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models' forwards (as train.compile)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5 on CPU, 30 on GPU)")
-    parser.add_argument("--warmup", type=int, default=2)
+    add_device_options(parser)
     parser.add_argument("--out", default="bench/results/trilevel_attention.json")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device, dtype, rounds = device_options(args)
     on_gpu = device.type == "cuda"
     batch = args.batch or (128 if on_gpu else 8)
-    rounds = args.rounds or (30 if on_gpu else 5)
-    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     torch.manual_seed(0)
 
