@@ -523,19 +523,28 @@ class ShardStream:
 def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                        seed: int = 0, image_size: int = 224, split: str = "train", transform: Optional[Callable] = None,
                        buffer_size: int = 1000, repeats: int = 1, base: Optional[str] = None,
-                       pin_memory: bool = False, **transform_options) -> ShardStream:
-    """Training stream: shuffled, augmented (DeiT recipe through timm unless ``transform`` is given)."""
+                       pin_memory: bool = False, token_labels: bool = False, **transform_options) -> ShardStream:
+    """Training stream: shuffled, augmented (DeiT recipe through timm unless ``transform`` is given).
+    ``token_labels``: the samples' dense token labels too, flipped and cropped with the image
+    (``data.token_labels.TokenLabelCodec``; the index's ``token_labels`` block is checked here)."""
     from .transforms import build_transform
 
     index = ShardIndex.load(path, base)
     index.warn_if_unshuffled(split, buffer_size=buffer_size, readers=world_size * max(1, num_workers), rank=rank)
     classes = index.classes()
-    codec = ClassificationCodec(transform or build_transform(True, image_size, **transform_options),
-                                num_classes=len(classes) or None)
+    if token_labels:
+        from .token_labels import TokenLabelCodec, check_index
+        if transform is not None:
+            raise ValueError("token_labels=True builds its own paired image / map transform: pass no transform")
+        block = check_index(index.meta, f"{index.root}/shards.json", len(classes) or None)
+        codec = TokenLabelCodec(image_size, block, num_classes=len(classes) or None, **transform_options)
+    else:
+        codec = ClassificationCodec(transform or build_transform(True, image_size, **transform_options),
+                                    num_classes=len(classes) or None)
     stream = ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
                          num_workers=num_workers, seed=seed, shuffle=True, pad=False, buffer_size=buffer_size,
                          repeats=repeats, pin_memory=pin_memory, split_name=split)
-    if transform is None:  # the stream's own transform: a step-aware schedule may rebuild it per step
+    if transform is None and not token_labels:  # the stream's own transform: a step-aware schedule may rebuild it
         stream.transform_options = {"image_size": image_size, **transform_options}
     return stream
 

@@ -10,10 +10,11 @@ Pure numpy, no files: a 32 px image takes ~0.1 ms, so thousands are made in seco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-__all__ = ["CLASS_NAMES", "NUM_CLASSES", "SyntheticSample", "draw_sample", "draw_batch"]
+__all__ = ["CLASS_NAMES", "NUM_CLASSES", "SyntheticSample", "draw_sample", "draw_batch", "oracle_token_maps"]
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
@@ -28,6 +29,7 @@ class SyntheticSample:
     label: int  # class of the first (for classification: the only) object
     boxes: np.ndarray  # [K, 4] float32 x0, y0, x1, y1 in pixels
     box_labels: np.ndarray  # [K] int64
+    regions: Optional[np.ndarray] = None  # [K, H, W] bool: each object's outline (its shape before the stripes)
 
 
 def _class_parts(label: int) -> tuple[str, tuple[int, int, int], str]:
@@ -61,12 +63,13 @@ def draw_sample(index: int, seed: int = 0, size: int = 32, num_objects: int = 1)
     ramp = (xs * np.cos(rng.uniform(0, np.pi)) + ys * np.sin(rng.uniform(0, np.pi))) / size
     image = start + (end - start) * ramp[..., None] + rng.normal(0, 12, (size, size, 3))
     labels = rng.integers(0, NUM_CLASSES, num_objects)
-    boxes = []
+    boxes, regions = [], []
     for label in labels:
         shape, colour, texture = _class_parts(int(label))
         r = rng.uniform(0.18, 0.35) * size / (1 if num_objects == 1 else 1.5)
         cx, cy = rng.uniform(r, size - r, 2)
         mask = _shape_mask(shape, xs, ys, cx, cy, r)
+        regions.append(mask.copy())  # the object's outline, for exact token-label maps (data.token_labels)
         if texture == "striped":
             period = max(2, size // 10)
             mask &= ((xs + ys) // period) % 2 == 0
@@ -78,6 +81,7 @@ def draw_sample(index: int, seed: int = 0, size: int = 32, num_objects: int = 1)
         label=int(labels[0]),
         boxes=np.asarray(boxes, np.float32),
         box_labels=labels.astype(np.int64),
+        regions=np.stack(regions),
     )
 
 
@@ -85,3 +89,13 @@ def draw_batch(indices, seed: int = 0, size: int = 32) -> tuple[np.ndarray, np.n
     """Classification images ``[B, H, W, 3]`` uint8 and labels ``[B]`` for the given indices."""
     samples = [draw_sample(int(i), seed, size) for i in indices]
     return np.stack([s.image for s in samples]), np.asarray([s.label for s in samples], np.int64)
+
+
+def oracle_token_maps(index: int, seed: int = 0, size: int = 32, grid: int = 16, k: int = 5):
+    """Exact top-k token-label maps ``(logits [k, grid, grid], ids)`` of classification image ``index``:
+    its object's class, scaled by the fraction of each cell the object's outline covers
+    (``data.token_labels.oracle_maps``)."""
+    from .token_labels import oracle_maps
+
+    sample = draw_sample(index, seed, size, 1)
+    return oracle_maps(sample.regions[0], sample.label, NUM_CLASSES, grid, k)

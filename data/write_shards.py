@@ -1,7 +1,7 @@
 """Write WebDataset shards plus the index readers need.
 
     python -m data.write_shards imagefolder SRC OUT [--val-fraction 0.1] [--shard-size 1000] [--workers 4] [--seed 0]
-    python -m data.write_shards synthetic OUT [--train 8192] [--val 1024] [--size 32] [--objects 1]
+    python -m data.write_shards synthetic OUT [--train 8192] [--val 1024] [--size 32] [--objects 1] [--token-labels 16]
     python -m data.write_shards coco IMG_DIR instances_val2017.json OUT --split val
     python -m data.write_shards idx /usr/share/datasets/fashion-mnist OUT [--classes fashion-mnist]
 
@@ -216,8 +216,9 @@ def imagefolder(args) -> dict:
 # -- synthetic ----------------------------------------------------------------------------------
 
 class _EncodeSynthetic:
-    def __init__(self, seed: int, size: int, objects: int) -> None:
+    def __init__(self, seed: int, size: int, objects: int, token_grid: int = 0, token_k: int = 5) -> None:
         self.seed, self.size, self.objects = seed, size, objects
+        self.token_grid, self.token_k = token_grid, token_k  # oracle token-label maps when token_grid > 0
 
     def __call__(self, item) -> dict:
         from .synthetic import draw_sample
@@ -228,8 +229,13 @@ class _EncodeSynthetic:
         Image.fromarray(sample.image).save(png, format="PNG")
         boxes = {"boxes": sample.boxes.round(2).tolist(), "labels": sample.box_labels.tolist(),
                  "width": self.size, "height": self.size, "image_id": index}
-        return {"__key__": f"{split}_{index:08d}", "png": png.getvalue(), "cls": str(sample.label).encode(),
-                "json": json.dumps(boxes).encode()}
+        out = {"__key__": f"{split}_{index:08d}", "png": png.getvalue(), "cls": str(sample.label).encode(),
+               "json": json.dumps(boxes).encode()}
+        if self.token_grid:
+            from .synthetic import oracle_token_maps
+            from .token_labels import encode_maps
+            out.update(encode_maps(*oracle_token_maps(index, self.seed, self.size, self.token_grid, self.token_k)))
+        return out
 
 
 def coco_ground_truth(split: str, indices: Iterable[int], seed: int, size: int, objects: int, classes) -> dict:
@@ -254,7 +260,7 @@ def synthetic(args) -> dict:
     out = Path(args.out)
     prepare_out(out, args.overwrite)
     ranges = {"train": range(args.train), "val": range(10**7, 10**7 + args.val)}
-    encode = _EncodeSynthetic(args.seed, args.size, args.objects)
+    encode = _EncodeSynthetic(args.seed, args.size, args.objects, args.token_labels, args.token_k)
     splits = {}
     for split, indices in ranges.items():
         if len(indices):
@@ -262,9 +268,11 @@ def synthetic(args) -> dict:
                                            args.workers, not args.no_progress, _order_seed(args))
             gt = coco_ground_truth(split, indices, args.seed, args.size, args.objects, CLASS_NAMES)
             (out / f"{split}_coco.json").write_text(json.dumps(gt))
-    meta = write_index(out, splits, CLASS_NAMES, {"synthetic": {"seed": args.seed, "size": args.size,
-                                                               "objects": args.objects}},
-                       shuffle_seed=_order_seed(args))
+    extra = {"synthetic": {"seed": args.seed, "size": args.size, "objects": args.objects}}
+    if args.token_labels:
+        from .token_labels import index_block
+        extra["token_labels"] = index_block("oracle", args.size, args.token_k, args.token_labels, args.token_labels)
+    meta = write_index(out, splits, CLASS_NAMES, extra, shuffle_seed=_order_seed(args))
     _report(out, meta, [])
     return meta
 
@@ -447,6 +455,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     synth.add_argument("--size", type=int, default=32)
     synth.add_argument("--objects", type=int, default=1, help="objects per image (1 for classification)")
     synth.add_argument("--seed", type=int, default=0, help="seed of the images and of the random write order")
+    synth.add_argument("--token-labels", type=int, default=0, metavar="GRID",
+                       help="also write exact (oracle) dense token labels on a GRID x GRID map (KEY.tlv.npy / "
+                            "KEY.tli.npy, LV-ViT token labelling); 0: none")
+    synth.add_argument("--token-k", type=int, default=5, help="classes kept per map cell (top-k) with --token-labels")
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.workers < 1:
         parser.error("--shard-size and --workers must be >= 1")
@@ -454,6 +466,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--val-fraction must be in [0, 1)")
     if args.command == "synthetic" and (args.train < 0 or args.val < 0 or args.train + args.val == 0 or args.objects < 1):
         parser.error("--train/--val must be >= 0 (not both 0) and --objects >= 1")
+    if args.command == "synthetic" and args.token_labels and (
+            args.objects != 1 or args.size % args.token_labels or not 1 <= args.token_k <= 32):
+        parser.error("--token-labels GRID needs --objects 1, a GRID that divides --size, and 1 <= --token-k <= 32")
     return args
 
 

@@ -35,7 +35,7 @@ __all__ = ["RunLog", "due"]
 log = logging.getLogger(__name__)
 
 DATA_COUNTERS = ("corrupt_image", "missing_label", "bad_label", "missing_image", "unreadable_sample",
-                 "unreadable_shard", "refilled", "missing_boxes", "bad_boxes")
+                 "unreadable_shard", "refilled", "missing_boxes", "bad_boxes", "missing_token_label", "bad_token_label")
 
 
 def due(step: int, every: int, total: int) -> bool:

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 
 from .config import RunConfig
 
-__all__ = ["ClassificationTask", "DetectionTask", "make_task"]
+__all__ = ["ClassificationTask", "DetectionTask", "TokenLabellingTask", "make_task"]
 
 
 class ClassificationTask:
+    token_labels = False  # the training stream also reads dense token labels (TokenLabellingTask)
+
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.mixup = None
@@ -38,7 +40,8 @@ class ClassificationTask:
                        scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip, vflip=d.vflip, **common)
         train = build_train_stream(d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
                                    seed=cfg.train.seed, image_size=cfg.model.img_size, split=d.train_split,
-                                   buffer_size=d.buffer_size, repeats=d.repeats, pin_memory=pin_memory, **options)
+                                   buffer_size=d.buffer_size, repeats=d.repeats, pin_memory=pin_memory,
+                                   **({"token_labels": True} if self.token_labels else {}), **options)
         evaluation = build_eval_stream(d.eval_path or d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
                                        image_size=cfg.model.img_size, split=d.eval_split, crop_pct=d.crop_pct,
                                        pin_memory=pin_memory, **common)
@@ -81,6 +84,43 @@ class ClassificationTask:
             results[f"{prefix}top1"], results[f"{prefix}top5"] = top1 / count, top5 / count
         results["eval_samples"] = int(totals[0, 2].item())
         return results
+
+
+class TokenLabellingTask(ClassificationTask):
+    """Classification with LV-ViT's token labelling objective (``methods.token_labelling``, chosen when a
+    recipe lists that method): the training stream reads the shards' dense labels, the method builds
+    the targets and MixToken in ``on_batch``, the loss here is ``token_label_loss``. Evaluation is the
+    plain classifier's (the model's eval output already holds the aux term)."""
+
+    token_labels = True
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from .config import ConfigError
+        super().__init__(cfg)
+        self.options = cfg.methods["token_labelling"]
+        d = cfg.data
+        if d.mixup > 0 or d.cutmix > 0:
+            raise ConfigError("methods.token_labelling replaces Mixup / CutMix with MixToken (LVVIT_SPEC: both 0 in "
+                              "the recipe): set data.mixup and data.cutmix to 0")
+        if d.backend != "pil":
+            raise ConfigError("methods.token_labelling reads its maps through the PIL path: set data.backend=pil")
+        if not cfg.model.name.startswith("lvvit_"):
+            raise ConfigError(f"methods.token_labelling needs a model with a dense aux head (model.name lvvit_t, "
+                              f"lvvit_s or lvvit_m), got {cfg.model.name!r}")
+        if d.vflip:
+            raise ConfigError("methods.token_labelling has no vertical flip of the label maps: set data.vflip to 0")
+
+    def loss(self, model, batch: dict, micro_step: int, dtype) -> tuple[torch.Tensor, tuple]:
+        """``w_cls SoftCE(cls, t_cls) + w_dense mean SoftCE(aux, t_tok)`` on the targets the method put in the
+        batch; the outputs are ``(cls_logits, aux_logits)``."""
+        from methods.token_labelling import token_label_loss
+        if "cls_target" not in batch:
+            raise KeyError("TokenLabellingTask: the batch has no 'cls_target' (methods.token_labelling builds it)")
+        cls_logits, aux_logits = model(batch["image"].to(dtype))
+        cls_logits, aux_logits = cls_logits.float(), aux_logits.float()
+        loss, _, _ = token_label_loss(cls_logits, aux_logits, batch["cls_target"], batch["token_target"],
+                                      self.options.w_cls, self.options.w_dense)
+        return loss, (cls_logits, aux_logits)
 
 
 def _tensors_to(batch: dict, device) -> dict:
@@ -155,4 +195,6 @@ class DetectionTask:
 
 
 def make_task(cfg: RunConfig):
+    if cfg.task == "classification" and "token_labelling" in cfg.methods:
+        return TokenLabellingTask(cfg)
     return {"classification": ClassificationTask, "detection": DetectionTask}[cfg.task](cfg)

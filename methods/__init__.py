@@ -5,11 +5,13 @@ registry (``methods.registry``); each module registers itself on import.
 - ``patch_dropout``: timm's PatchDropout, the simplest rival
 - ``budgeted``: Budgeted Training (heads, MLP width and input grid grow to a training budget)
 - ``efficienttrain``: EfficientTrain (ICCV 2023): low-frequency crop and RandAugment magnitude by stage
+- ``token_labelling``: LV-ViT's token labelling with MixToken (dense teacher labels; launcher.tasks.TokenLabellingTask)
 - ``trilevel_examples``: Tri-Level E-ViT's example level (a forgetting-scored subset of the data)
 - ``trilevel_tokens``: Tri-Level E-ViT's token and attention-connection levels (class-attention pruning, top-k mask)
 """
 from . import efficienttrain, patch_dropout, toe  # noqa: F401  (registration)
 from . import budgeted  # noqa: F401  (registration)
+from . import token_labelling  # noqa: F401  (registration)
 from . import trilevel_tokens  # noqa: F401  (registration)
 from . import trilevel_examples  # noqa: F401  (registration)
 from .base import MethodContext, PluginStack, TrainingPlugin

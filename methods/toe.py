@@ -85,7 +85,10 @@ class ToEPlugin(TrainingPlugin):
         return frozenset({self.schedule.block})
 
     def attach(self, model: nn.Module) -> None:
-        self.module = apply_token_expansion(model, self.schedule, **self.options)
+        # a model with a dense head (LV-ViT's aux head) gets every patch position back after its final
+        # norm: kept tokens where they came from, zeros elsewhere (LVVIT_SPEC "ToE on LV-ViT")
+        restore = bool(getattr(model, "dense_head", False))
+        self.module = apply_token_expansion(model, self.schedule, restore=restore, **self.options)
         self.shape = ViTShape.from_model(model, num_suffix=self.options.get("num_suffix", 0))
 
     def observe(self, samples: int, plan: list[BlockLoad]) -> None:

@@ -155,6 +155,11 @@ class TokenExpansion(nn.Module):
             return x
         return restore_tokens(x, self.keep_index, self.num_patches, self.num_prefix, self.num_suffix)
 
+    def _restore_hook(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the final norm (``restore=True``): its output zero-padded back to every
+        patch position when this forward dropped tokens (LV-ViT, appendix Fig. 1); else unchanged."""
+        return self.restore(output)
+
     def _pre_hook(self, block: nn.Module, args: tuple, kwargs: dict[str, Any]):
         x, *rest = args
         if self.active and kwargs.get("attn_mask") is not None:
@@ -167,14 +172,15 @@ class TokenExpansion(nn.Module):
                 f"{options}, sparse_eval={self.sparse_eval}, stage={self.stage}")
 
 
-def apply_token_expansion(model: nn.Module, schedule: ToESchedule, *, num_suffix: int = 0,
+def apply_token_expansion(model: nn.Module, schedule: ToESchedule, *, num_suffix: int = 0, restore: bool = False,
                           **options: Any) -> TokenExpansion:
     """Insert ToE before ``model.blocks[schedule.block]`` (i.e. after block ``schedule.block``, 1-based).
 
     Works on any timm ``VisionTransformer`` (DeiT, distilled DeiT with two prefix tokens, any
     patch or image size): the prefix count is read from ``model.num_prefix_tokens``. ``options``
-    are ``TokenExpansion``'s (distance, init, expand, merge, sparse_eval). Returns the module,
-    also reachable as ``model.token_expansion``.
+    are ``TokenExpansion``'s (distance, init, expand, merge, sparse_eval). ``restore``: a forward
+    hook on ``model.norm`` gives the kept tokens back their original positions, zeros elsewhere, after
+    the last block (LV-ViT's dense head). Returns the module, also reachable as ``model.token_expansion``.
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not hasattr(model, "num_prefix_tokens"):
@@ -188,6 +194,10 @@ def apply_token_expansion(model: nn.Module, schedule: ToESchedule, *, num_suffix
     module.train(model.training)
     model.token_expansion = module
     blocks[schedule.block].register_forward_pre_hook(module._pre_hook, with_kwargs=True)
+    if restore:
+        if not isinstance(getattr(model, "norm", None), nn.Module):
+            raise TypeError(f"{type(model).__name__} has no final norm to restore the tokens after")
+        model.norm.register_forward_hook(module._restore_hook)
     log.info("Token Expansion inserted before blocks[%d]: %r", schedule.block, schedule)
     return module
 
@@ -204,4 +214,7 @@ def remove_token_expansion(model: nn.Module) -> None:
         if getattr(hook, "__self__", None) is module:
             del block._forward_pre_hooks[key]
             block._forward_pre_hooks_with_kwargs.pop(key, None)
+    for key, hook in list(getattr(model, "norm", nn.Identity())._forward_hooks.items()):
+        if getattr(hook, "__self__", None) is module:
+            del model.norm._forward_hooks[key]
     del model.token_expansion
