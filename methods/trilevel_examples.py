@@ -256,16 +256,14 @@ class TriLevelExamples(TrainingPlugin):
 
     def _check_agreement(self, index: int) -> None:
         """Every rank must have made the same swap (same statistics, same seed): a CRC-32 of the new subset,
-        compared across ranks once per swap (an all-reduce of two integers and a host read)."""
+        compared across ranks once per swap (one all-reduce of two integers and a host read)."""
         if self.world == 1 or not (dist.is_available() and dist.is_initialized()):
             return
         crc = zlib.crc32(np.packbits(self.subset).tobytes())
-        device = self.stats.device
-        low, high = torch.tensor([crc], dtype=torch.int64, device=device), torch.tensor([crc], dtype=torch.int64,
-                                                                                      device=device)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        if int(low.item()) != int(high.item()):
+        bounds = torch.tensor([crc, -crc], dtype=torch.int64, device=self.stats.device)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX)  # [max crc, -min crc]: one collective
+        high, low = bounds.tolist()
+        if high != -low:
             raise RuntimeError(f"trilevel_examples: the ranks made different subsets at swap {index} (their "
                                f"statistics differ): a bug, not a data problem")
 
