@@ -255,7 +255,7 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
 
     def _prepare_data(self):
-        from data.shards import INDEX_NAME
+        from data.shards import INDEX_NAME, ShardIndex
         from methods.registry import initial_subset, run_length
 
         d, t = self.cfg.data, self.cfg.train
@@ -265,7 +265,7 @@ class Trainer:
             if self.rank == 0 and not index.is_file():
                 write_synthetic_shards(d.path, wanted["size"], wanted["objects"])
             dist.barrier()  # on every rank, whatever it sees: a rank-local condition here would hang the job
-            found = json.loads(index.read_text()).get("synthetic", {})
+            found = ShardIndex.load(d.path).meta.get("synthetic", {})  # a broken index is named
             if any(found.get(key) != value for key, value in wanted.items()):
                 raise ConfigError(f"{d.path} holds synthetic shards with {found}, but the recipe wants {wanted}: "
                                  f"point data.path elsewhere or delete the folder")
