@@ -319,7 +319,7 @@ class Checkpointer:
             with _naming_write_errors(target):
                 _write_atomic(target / MANIFEST, json.dumps({"checksum": "crc32", "files": files}, indent=1,
                                                             sort_keys=True))
-                meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage, "finite": True}
+                meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage}
                 _write_atomic(target / "meta.json", json.dumps(meta))
                 _write_atomic(self.folder / "latest", tag)
             self._prune()
