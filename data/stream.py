@@ -173,16 +173,19 @@ class _SlotReader:
             pending = iter(group)  # offsets ascend inside a group; repeats share an offset
             g = next(pending, None)
             if shard not in self.failed_shards:
+                unique, given = sorted({int(offsets[i]) for i in group}), 0
                 try:
-                    unique = sorted({int(offsets[i]) for i in group})
                     for offset, sample in read_samples(self.split.urls[shard], unique):
+                        given += 1
                         while g is not None and offsets[g] == offset:
                             yield int(indices[g]), sample
                             g = next(pending, None)
                 except ShardReadError as err:
                     self.failed_shards.add(shard)
                     counters["unreadable_shard"] += 1
-                    log.warning("skipping the rest of a shard: %s", err)
+                    # one line per shard: its samples are counted (unreadable_sample), not logged one by one
+                    log.warning("skipping the rest of a shard: %d of the %d samples wanted from it here are "
+                                "unreadable (counted as unreadable_sample): %s", len(unique) - given, len(unique), err)
             while g is not None:  # what the shard could not give
                 yield int(indices[g]), None
                 g = next(pending, None)
@@ -244,7 +247,8 @@ class _PhaseDataset(IterableDataset):
                     failures += 1
                     if self._first_meeting(position, repeat, item_pass):  # each bad sample once per epoch
                         counters[str(skip)] += 1
-                        skips.append((raw.get("__key__", "?") if raw else "?", position, str(skip)))
+                        if raw is not None:  # an unreadable shard's samples: one line for the shard (_SlotReader)
+                            skips.append((raw.get("__key__", "?"), position, str(skip)))
                     if s.pad:  # evaluation: keep the slot aligned, mark the hole
                         entries.append((None, position, False))
                     elif failures > give_up:
