@@ -66,6 +66,21 @@ def decode_image(sample: dict[str, bytes]) -> Image.Image:
         raise SkipSample("corrupt_image") from None
 
 
+def check_decodable(data: bytes) -> None:
+    """``SkipSample("corrupt_image")`` for the image bytes ``decode_image`` skips, without making the full-size
+    RGB image: the corrupt-image policy of decoders that do not skip what PIL skips (DALI's libjpeg-turbo and
+    nvJPEG conceal damaged scan data and train on the result). A JPEG is decoded at 1/8 scale (libjpeg's DCT
+    scaling still entropy-decodes every scan, where damaged or truncated data fails: the same verdict as the
+    full decode, ``tests/test_reliability_small.py``; ~0.7 ms for a 500 x 375 JPEG on one core, against 1.1 ms
+    in full), other formats in full."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft(None, (1, 1))  # JPEG: the smallest DCT scale; a no-op for the other formats
+            image.load()
+    except Exception:  # PIL raises many types for broken data, as in decode_image
+        raise SkipSample("corrupt_image") from None
+
+
 def read_label(sample: dict[str, bytes], num_classes: Optional[int] = None) -> int:
     """The sample's class id; ``SkipSample`` (counted) when it is missing, not an int, or out of range."""
     if "cls" not in sample:
