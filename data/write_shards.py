@@ -9,7 +9,8 @@ Every writer takes ``--seed`` (the write order; synthetic: also the images) and 
 
 ``imagefolder``: an ImageNet-style tree (``SRC/class_name/*.jpg|jpeg|png``, or ``SRC/train/...``
 and ``SRC/val/...`` when those exist). Images are stored as they are (no re-encoding) with
-their class index in ``.cls``; unreadable images are counted, listed and skipped.
+their class index in ``.cls``; unreadable images are counted, listed and skipped. Sample keys
+(``class/stem``) are unique within a split: ``train/`` and ``val/`` may reuse file names.
 ``coco``: COCO images (stored as they are) + ``.json`` boxes (x0, y0, x1, y1 pixels), COCO class ids
 kept, ``iscrowd`` kept; the annotation file is copied to ``{split}_coco.json`` for evaluation.
 ``idx``: MNIST-style IDX files (``train-*`` -> split ``train``, ``t10k-*`` -> ``val``), grey PNGs + ``.cls``.

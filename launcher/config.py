@@ -203,7 +203,8 @@ PROBABILITY, FRACTION = Range(0, 1), Range(0, 1, high_open=True)
 # in ``_validate`` / ``check_transform_options``.
 RANGES: dict[str, Range] = {
     "model.num_classes": COUNT, "model.img_size": COUNT, "model.drop_path": FRACTION,
-    "data.synthetic_objects": COUNT, "data.synthetic_token_labels": NONNEGATIVE, "data.workers": NONNEGATIVE, "data.buffer_size": NONNEGATIVE,
+    "data.synthetic_objects": COUNT, "data.workers": NONNEGATIVE, "data.buffer_size": NONNEGATIVE,
+    "data.synthetic_token_labels": NONNEGATIVE,
     "data.repeats": COUNT, "data.re_prob": PROBABILITY, "data.color_jitter": NONNEGATIVE,
     "data.crop_pct": Range(0, 1, low_open=True), "data.hflip": PROBABILITY, "data.vflip": PROBABILITY,
     "data.mixup": NONNEGATIVE, "data.cutmix": NONNEGATIVE, "data.mixup_prob": PROBABILITY,

@@ -13,13 +13,11 @@ import os
 import random
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from data import write_shards
@@ -390,8 +388,8 @@ def _split_samples(out: Path, split: str) -> list[dict]:
 # -- 9. the tiny LV-ViT recipes write their token-labelled shards ----------------------------------------
 
 def test_synthetic_token_labels_are_checked_against_the_folder(tmp_path, tiny_shards):
-    from launcher.config import ConfigError, load_config
     from data.write_shards import synthetic_holds
+    from launcher.config import ConfigError, load_config
 
     with pytest.raises(ShardIndexError, match="without token labels, but the recipe wants them"):
         synthetic_holds(str(tiny_shards), size=32, objects=1, token_labels=16)
