@@ -37,10 +37,12 @@ PIL's) and these deliberate deviations:
   ignored, as PIL's ``Image.open(...).convert("RGB")`` does.
 
 Bad samples: a missing / bad label or missing image is counted as in the PIL path; the image
-bytes are checked in the worker without decoding (the header parses, the format is one DALI
-decodes, a JPEG ends with its end-of-image marker after its last scan, a PNG has its IEND chunk):
-what fails is skipped, counted (``corrupt_image`` / ``unsupported_image``) and refilled by the
-stream as the PIL path's undecodable images are. A sample that passes the check and still fails
+bytes are checked in the worker (the header parses, the format is one DALI decodes, a JPEG ends
+with its end-of-image marker after its last scan, a PNG has its IEND chunk, and PIL decodes it:
+``data.stream.check_decodable``, a JPEG at 1/8 scale, so that an image whose scan data is damaged
+is skipped here exactly when the PIL path skips it; DALI's decoders conceal such damage and would
+train on it): what fails is skipped, counted (``corrupt_image`` / ``unsupported_image``) and
+refilled by the stream as the PIL path's undecodable images are. A sample that passes the check and still fails
 in DALI fails the whole DALI batch: ``DaliStream`` then rebuilds the pipeline, runs the batch's
 samples one by one, counts each that fails (``dali_failed``, logged with its sample position) and gives its
 slot a copy of a good sample of the batch, marked ``valid = False`` (label -1 in evaluation), so
@@ -205,11 +207,11 @@ def check_dali_options(prefix: str = "", *, auto_augment: Optional[str] = "rand-
 
 
 def check_encoded(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` of encoded image bytes that DALI should decode, without decoding them;
+    """``(width, height)`` of encoded image bytes that DALI should decode, checked as the PIL path decides;
     ``SkipSample`` (``corrupt_image`` / ``unsupported_image``) otherwise."""
     from PIL import Image
 
-    from .stream import SkipSample
+    from .stream import SkipSample, check_decodable
     try:
         with Image.open(io.BytesIO(data)) as image:
             size, fmt = image.size, image.format
@@ -225,6 +227,7 @@ def check_encoded(data: bytes) -> tuple[int, int]:
         raise SkipSample("corrupt_image")
     if size[0] < 1 or size[1] < 1:
         raise SkipSample("corrupt_image")
+    check_decodable(data)  # the PIL path's verdict: DALI's decoders would train on damaged scan data
     return size
 
 

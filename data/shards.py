@@ -31,7 +31,8 @@ import numpy as np
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-__all__ = ["INDEX_NAME", "ShardIndex", "ShardIndexError", "SplitIndex", "check_key", "read_samples", "ShardReadError"]
+__all__ = ["INDEX_NAME", "ShardIndex", "ShardIndexError", "SplitIndex", "check_key", "check_num_classes", "read_samples",
+           "ShardReadError"]
 
 INDEX_NAME = "shards.json"
 FORMAT = "toe-shards/1"
@@ -168,8 +169,35 @@ class ShardIndex:
         return message
 
     def classes(self) -> list[str]:
+        """The class names of ``classes.json`` (label ``i`` is ``names[i]``); [] when the folder has none."""
         path = Path(self.root) / self.meta.get("classes", "classes.json")
-        return json.loads(path.read_text())["names"] if path.is_file() else []
+        if not path.is_file():
+            return []
+        try:
+            names = json.loads(path.read_text())["names"]
+        except json.JSONDecodeError as err:
+            raise ShardIndexError(f"{path} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}") from None
+        except (KeyError, TypeError):
+            raise ShardIndexError(f"{path} does not hold {{\"names\": [...]}}") from None
+        if not isinstance(names, list):
+            raise ShardIndexError(f"{path}: 'names' must be a list of class names")
+        return names
+
+
+def check_num_classes(path: str, num_classes: int, *, key: str = "model.num_classes",
+                      base: Optional[str] = None) -> int:
+    """Refuse (``ShardIndexError``, a start-up refusal) a model with fewer outputs than the shard folder's
+    ``classes.json`` has classes: the stream passes every label below the number of classes, so the first
+    label >= ``num_classes`` would otherwise fail deep in the loss (``IndexError: Target 17 is out of
+    bounds``). More outputs than classes are allowed (a head kept from another data set). Returns the
+    number of classes (0 when the folder has no ``classes.json``: nothing to check against)."""
+    index = ShardIndex.load(path, base)
+    count = len(index.classes())
+    if count and num_classes < count:
+        where = Path(index.root) / index.meta.get("classes", "classes.json")
+        raise ShardIndexError(f"{key}={num_classes}, but {where} lists {count} classes (labels 0..{count - 1}): "
+                              f"set {key} to {count} or more, or point the data path at other shards")
+    return count
 
 
 class ShardReadError(RuntimeError):

@@ -9,7 +9,8 @@ Every writer takes ``--seed`` (the write order; synthetic: also the images) and 
 
 ``imagefolder``: an ImageNet-style tree (``SRC/class_name/*.jpg|jpeg|png``, or ``SRC/train/...``
 and ``SRC/val/...`` when those exist). Images are stored as they are (no re-encoding) with
-their class index in ``.cls``; unreadable images are counted, listed and skipped.
+their class index in ``.cls``; unreadable images are counted, listed and skipped. Sample keys
+(``class/stem``) are unique within a split: ``train/`` and ``val/`` may reuse file names.
 ``coco``: COCO images (stored as they are) + ``.json`` boxes (x0, y0, x1, y1 pixels), COCO class ids
 kept, ``iscrowd`` kept; the annotation file is copied to ``{split}_coco.json`` for evaluation.
 ``idx``: MNIST-style IDX files (``train-*`` -> split ``train``, ``t10k-*`` -> ``val``), grey PNGs + ``.cls``.
@@ -158,6 +159,19 @@ def sample_key(root: Path, path: Path) -> str:
     return key
 
 
+def check_unique_keys(items: dict[str, list]) -> None:
+    """Sample keys are unique where they are used, within a split's shards (a pre-split tree's ``train/`` and
+    ``val/`` may reuse file names, as CIFAR or MNIST exported to PNG do); a collision inside a split (e.g.
+    ``3/a.jpg`` and ``3/a.png``) is a ``ValueError`` naming both files."""
+    for split, split_items in items.items():
+        seen: dict[str, str] = {}
+        for path, _, key in split_items:
+            if key in seen:
+                raise ValueError(f"{seen[key]} and {path} map to the same sample key {key!r} in split {split!r}; "
+                                 f"rename one of them")
+            seen[key] = path
+
+
 class _EncodeImageFile:
     """Picklable encoder for worker processes: (path, class index, key) -> sample."""
 
@@ -199,9 +213,7 @@ def imagefolder(args) -> dict:
             key = sample_key(tree, path)
             split = name if presplit else split_of(key, args.val_fraction)
             items.setdefault(split, []).append((str(path), label, key))
-    keys = [item[2] for split_items in items.values() for item in split_items]
-    if len(set(keys)) != len(keys):
-        raise ValueError("two images map to the same sample key; rename one of them")
+    check_unique_keys(items)
     splits, skipped = {}, []
     for split, split_items in sorted(items.items()):
         splits[split], bad = write_split(out, split, split_items, _EncodeImageFile(), args.shard_size,
@@ -275,6 +287,56 @@ def synthetic(args) -> dict:
     meta = write_index(out, splits, CLASS_NAMES, extra, shuffle_seed=_order_seed(args))
     _report(out, meta, [])
     return meta
+
+
+def synthetic_holds(path: str, *, size: int, objects: int, token_labels: int = 0) -> None:
+    """Refuse (``ShardIndexError``, a start-up refusal) a folder whose shards are not the embedded synthetic
+    data of this geometry (another image size or object count), or that carry no dense token labels when
+    ``token_labels`` > 0 asks for them. Token labels of another grid or source are used as they are (the
+    stream reads the grid from the index; ``token_labels`` is what gets written when the folder is
+    missing) and said in the log. The index is read through ``ShardIndex.load``, so a broken
+    ``shards.json`` is named with its line and column."""
+    from .shards import ShardIndex, ShardIndexError
+
+    index = ShardIndex.load(path)
+    found = index.meta.get("synthetic") or {}
+    wanted = {"size": size, "objects": objects}
+    if any(found.get(key) != value for key, value in wanted.items()):
+        raise ShardIndexError(f"{path} holds synthetic shards with {found}, but the recipe wants {wanted}: "
+                              f"point data.path elsewhere or delete the folder")
+    block = index.meta.get("token_labels")
+    if token_labels and not isinstance(block, dict):
+        raise ShardIndexError(f"{path} holds synthetic shards without token labels, but the recipe wants them "
+                              f"(data.synthetic_token_labels={token_labels}): delete the folder to have them "
+                              f"written, or point data.path elsewhere")
+    if token_labels and (block.get("teacher"), block.get("h"), block.get("w")) != ("oracle", token_labels, token_labels):
+        log.info("%s carries token labels from %s on a %sx%s grid (the recipe would write oracle maps on %dx%d): "
+                 "using them as they are", path, block.get("teacher"), block.get("h"), block.get("w"), token_labels,
+                 token_labels)
+
+
+def write_synthetic_once(path: str, *, size: int, objects: int, token_labels: int = 0) -> None:
+    """Write the embedded synthetic shards (with oracle token labels on a ``token_labels`` grid, if > 0) to
+    ``path`` through a private folder renamed into place, so two jobs that start on the same empty path at
+    once both end up reading one complete copy."""
+    import shutil
+
+    log.info("writing the embedded synthetic shards to %s", path)
+    target = Path(path)
+    private = target.with_name(f".{target.name}.{os.getpid()}")
+    shutil.rmtree(private, ignore_errors=True)
+    extra = ["--token-labels", str(token_labels)] if token_labels else []
+    code = main(["synthetic", str(private), "--size", str(size), "--objects", str(objects), "--no-progress", *extra])
+    if code != 0:
+        shutil.rmtree(private, ignore_errors=True)
+        raise ValueError(f"writing the embedded synthetic shards to {path} failed (see the log above)")
+    try:
+        private.rename(target)  # atomic; replaces an empty folder, fails on a filled one
+    except OSError:
+        if not target.is_dir() or not any(target.iterdir()):
+            raise
+        log.info("%s was written meanwhile by another job: using that copy", path)
+        shutil.rmtree(private)
 
 
 # -- idx (MNIST, Fashion-MNIST) -----------------------------------------------------------------

@@ -51,6 +51,7 @@ class DataConfig:
     eval_path: Optional[str] = None  # shards of the eval split, if not in ``path``
     synthetic: bool = False  # write the embedded synthetic shards to ``path`` if they are not there
     synthetic_objects: int = 1  # objects per synthetic image (classification: 1)
+    synthetic_token_labels: int = 0  # with synthetic: also exact (oracle) token-label maps on this grid; 0: none
     train_split: str = "train"
     eval_split: str = "val"
     workers: int = 2
@@ -211,6 +212,7 @@ PROBABILITY, FRACTION = Range(0, 1), Range(0, 1, high_open=True)
 RANGES: dict[str, Range] = {
     "model.num_classes": COUNT, "model.img_size": COUNT, "model.drop_path": FRACTION,
     "data.synthetic_objects": COUNT, "data.workers": NONNEGATIVE, "data.buffer_size": NONNEGATIVE,
+    "data.synthetic_token_labels": NONNEGATIVE,
     "data.repeats": COUNT, "data.re_prob": PROBABILITY, "data.color_jitter": NONNEGATIVE,
     "data.crop_pct": Range(0, 1, low_open=True), "data.hflip": PROBABILITY, "data.vflip": PROBABILITY,
     "data.mixup": NONNEGATIVE, "data.cutmix": NONNEGATIVE, "data.mixup_prob": PROBABILITY,
@@ -360,6 +362,11 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
     if d.synthetic_objects < 1 or (cfg.task == "classification" and d.synthetic_objects != 1):
         raise ConfigError(f"data.synthetic_objects must be >= 1 (and 1 for classification), got {d.synthetic_objects}")
+    from data.synthetic import check_synthetic_options  # light: numpy only
+    try:
+        check_synthetic_options(cfg.model.img_size, d.synthetic_objects, d.synthetic_token_labels)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     from data.transforms import check_transform_options  # light: no torch / timm import
     try:  # timm would refuse some of these only inside a DataLoader worker, or not at all
         check_transform_options("data.", scale=d.scale, ratio=d.ratio, hflip=d.hflip, vflip=d.vflip,

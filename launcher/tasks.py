@@ -33,6 +33,7 @@ class ClassificationTask:
         from data.stream import build_eval_stream, build_train_stream
         from data.transforms import StepMixup
         cfg, d = self.cfg, self.cfg.data
+        _check_num_classes(cfg)
         if d.backend == "dali":  # the same stream; images made by DALI (GPU when there is one), data/dali.py
             from data.dali import build_eval_stream, build_train_stream  # noqa: F811
         common = dict(interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))  # train and eval alike
@@ -123,6 +124,15 @@ class TokenLabellingTask(ClassificationTask):
         return loss, (cls_logits, aux_logits)
 
 
+def _check_num_classes(cfg: RunConfig) -> None:
+    """``model.num_classes`` covers the classes of the training and eval shards (``classes.json``): a
+    start-up refusal naming both numbers instead of an ``IndexError`` in the loss at the first label
+    it cannot hold."""
+    from data.shards import check_num_classes
+    for path in dict.fromkeys(filter(None, (cfg.data.path, cfg.data.eval_path))):
+        check_num_classes(path, cfg.model.num_classes)
+
+
 def _tensors_to(batch: dict, device) -> dict:
     """The batch with its tensors on ``device`` (other entries as they are)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -149,6 +159,7 @@ class DetectionTask:
     def build_streams(self, *, micro: int, rank: int, world: int, pin_memory: bool):
         from data.detection import build_detection_stream
         cfg, d, det = self.cfg, self.cfg.data, self.cfg.detection
+        _check_num_classes(cfg)
         patch = self.cfg.model.kwargs.get("patch_size", 16)
         common = dict(batch_size=micro, rank=rank, world_size=world, num_workers=d.workers, scales=det.scales,
                       max_size=det.max_size, crop_scales=det.crop_scales, crop_size=tuple(det.crop_size),

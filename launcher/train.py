@@ -221,25 +221,10 @@ def _fail(err: BaseException, env) -> None:
     abort_and_exit(code)
 
 
-def write_synthetic_shards(path: str, size: int, objects: int) -> None:
-    """Write the embedded synthetic shards to ``path`` through a private folder renamed into place, so
-    two jobs that start on the same empty path at once both end up reading one complete copy."""
-    import shutil
-
-    from data import write_shards
-
-    log.info("writing the embedded synthetic shards to %s", path)
-    target = Path(path)
-    private = target.with_name(f".{target.name}.{os.getpid()}")
-    shutil.rmtree(private, ignore_errors=True)
-    write_shards.main(["synthetic", str(private), "--size", str(size), "--objects", str(objects), "--no-progress"])
-    try:
-        private.rename(target)  # atomic; replaces an empty folder, fails on a filled one
-    except OSError:
-        if not target.is_dir() or not any(target.iterdir()):
-            raise
-        log.info("%s was written meanwhile by another job: using that copy", path)
-        shutil.rmtree(private)
+def write_synthetic_shards(path: str, size: int, objects: int, token_labels: int = 0) -> None:
+    """``data.write_shards.write_synthetic_once``: one complete copy even when two jobs start on ``path`` at once."""
+    from data.write_shards import write_synthetic_once
+    write_synthetic_once(path, size=size, objects=objects, token_labels=token_labels)
 
 
 class Trainer:
@@ -255,20 +240,18 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
 
     def _prepare_data(self):
-        from data.shards import INDEX_NAME, ShardIndex
+        from data.shards import INDEX_NAME
         from methods.registry import initial_subset, run_length
 
         d, t = self.cfg.data, self.cfg.train
         if d.synthetic:
-            wanted = {"size": self.cfg.model.img_size, "objects": d.synthetic_objects}
-            index = Path(d.path) / INDEX_NAME
-            if self.rank == 0 and not index.is_file():
-                write_synthetic_shards(d.path, wanted["size"], wanted["objects"])
+            from data.write_shards import synthetic_holds
+            wanted = {"size": self.cfg.model.img_size, "objects": d.synthetic_objects,
+                      "token_labels": d.synthetic_token_labels}
+            if self.rank == 0 and not (Path(d.path) / INDEX_NAME).is_file():
+                write_synthetic_shards(d.path, **wanted)
             dist.barrier()  # on every rank, whatever it sees: a rank-local condition here would hang the job
-            found = ShardIndex.load(d.path).meta.get("synthetic", {})  # a broken index is named
-            if any(found.get(key) != value for key, value in wanted.items()):
-                raise ConfigError(f"{d.path} holds synthetic shards with {found}, but the recipe wants {wanted}: "
-                                 f"point data.path elsewhere or delete the folder")
+            synthetic_holds(d.path, **wanted)  # a refusal naming the file (bad JSON) or what differs
         micro = deepspeed_config(self.cfg, self.world)["train_micro_batch_size_per_gpu"]
         self.images_per_step = micro * t.grad_accum  # this rank's; every batch is full (the stream drops the rest)
         self.train_stream, self.eval_stream = self.task.build_streams(
