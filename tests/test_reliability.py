@@ -275,7 +275,7 @@ def test_a_rank_failing_alone_ends_the_job_promptly_with_its_error(base_run, tmp
     step6 = run / "checkpoints/step-6"
     (step6 / MANIFEST).unlink()
     (step6 / "rng-rank1.pt").unlink()
-    processes = start_ranks(run, tiny_shards, "train.steps=8", *ZERO1)
+    processes = start_ranks(run, tiny_shards, "train.steps=8", *ZERO1, extra=["--allow-recipe-change"])
     started = time.time()
     outputs = finish_all(processes, timeout=240)
     elapsed = time.time() - started
