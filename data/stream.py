@@ -41,7 +41,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .plan import Phase, epoch_items, remaining_items, split_slots, train_layout
-from .shards import ShardIndex, ShardReadError, SplitIndex, read_samples
+from .remote import RemoteOptions, check_lost_share
+from .shards import ShardIndex, ShardLostError, ShardReadError, SplitIndex
 
 __all__ = ["ShardStream", "ClassificationCodec", "SkipSample", "build_train_stream", "build_eval_stream"]
 
@@ -146,6 +147,8 @@ class _SlotReader:
     def __init__(self, split: SplitIndex, slot: np.ndarray, order: np.ndarray, failed_shards: set[int]) -> None:
         self.split, self.slot, self.order = split, slot, order
         self.failed_shards = failed_shards  # shared by a worker's readers: each bad shard is read and reported once
+        real = slot[slot[:, 0] >= 0, 0]
+        self.shard_count = max(1, len(np.unique(split.locate(real)[0]))) if len(real) else 1
 
     def emit(self, start: int, counters: Counter) -> Iterator[Optional[dict]]:
         """Yield one raw sample (``None`` if unreadable) per emitted item from ``start`` on."""
@@ -175,13 +178,16 @@ class _SlotReader:
             if shard not in self.failed_shards:
                 try:
                     unique = sorted({int(offsets[i]) for i in group})
-                    for offset, sample in read_samples(self.split.urls[shard], unique):
+                    for offset, sample in self.split.read(shard, unique, counters):
                         while g is not None and offsets[g] == offset:
                             yield int(indices[g]), sample
                             g = next(pending, None)
                 except ShardReadError as err:
                     self.failed_shards.add(shard)
                     counters["unreadable_shard"] += 1
+                    if isinstance(err, ShardLostError):
+                        counters["lost_shard"] += 1
+                        check_lost_share(err, counters["lost_shard"], self.shard_count, self.split.max_lost_share)
                     log.warning("skipping the rest of a shard: %s", err)
             while g is not None:  # what the shard could not give
                 yield int(indices[g]), None
@@ -523,13 +529,15 @@ class ShardStream:
 def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                        seed: int = 0, image_size: int = 224, split: str = "train", transform: Optional[Callable] = None,
                        buffer_size: int = 1000, repeats: int = 1, base: Optional[str] = None,
-                       pin_memory: bool = False, token_labels: bool = False, **transform_options) -> ShardStream:
+                       pin_memory: bool = False, token_labels: bool = False, remote: Optional[RemoteOptions] = None,
+                       **transform_options) -> ShardStream:
     """Training stream: shuffled, augmented (DeiT recipe through timm unless ``transform`` is given).
     ``token_labels``: the samples' dense token labels too, flipped and cropped with the image
-    (``data.token_labels.TokenLabelCodec``; the index's ``token_labels`` block is checked here)."""
+    (``data.token_labels.TokenLabelCodec``; the index's ``token_labels`` block is checked here).
+    ``remote``: retries, cache and endpoint for shards on object storage / HTTP (``data.remote``)."""
     from .transforms import build_transform
 
-    index = ShardIndex.load(path, base)
+    index = ShardIndex.load(path, base, remote)
     index.warn_if_unshuffled(split, buffer_size=buffer_size, readers=world_size * max(1, num_workers), rank=rank)
     classes = index.classes()
     if token_labels:
@@ -551,11 +559,12 @@ def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size:
 
 def build_eval_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                       image_size: int = 224, split: str = "val", transform: Optional[Callable] = None,
-                      base: Optional[str] = None, pin_memory: bool = False, **transform_options) -> ShardStream:
+                      base: Optional[str] = None, pin_memory: bool = False, remote: Optional[RemoteOptions] = None,
+                      **transform_options) -> ShardStream:
     """Evaluation stream: every sample exactly once across ranks, padding marked ``valid = False``."""
     from .transforms import build_transform
 
-    index = ShardIndex.load(path, base)
+    index = ShardIndex.load(path, base, remote)
     classes = index.classes()
     codec = ClassificationCodec(transform or build_transform(False, image_size, **transform_options),
                                 num_classes=len(classes) or None)

@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import sys
+import tarfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -94,10 +95,28 @@ def write_split(out: Path, split: str, items: Sequence, encode: Callable, shard_
     for (path, _, _), (count, bad) in zip(jobs, results):
         skipped += bad
         if count:
-            shards.append({"name": Path(path).name, "samples": count})
+            offsets, size = sample_offsets(path)
+            if len(offsets) != count:
+                raise RuntimeError(f"{path}: wrote {count} samples but finds {len(offsets)} sample keys in it")
+            shards.append({"name": Path(path).name, "samples": count, "bytes": size, "offsets": offsets})
         else:
             os.unlink(path)
     return shards, skipped
+
+
+def sample_offsets(path: str) -> tuple[list[int], int]:
+    """The byte offset of each sample's first member header in a written shard, and the shard's size:
+    a reader of a remote shard starts a ranged request there instead of downloading the head."""
+    from webdataset.tariterators import base_plus_ext
+
+    offsets, last = [], None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key = base_plus_ext(member.name)[0] if member.isfile() else None
+            if key is not None and key != last:
+                offsets.append(member.offset)
+                last = key
+    return offsets, os.path.getsize(path)
 
 
 def _write_shard(job) -> tuple[int, list[tuple[str, str]]]:
