@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import BinaryIO, Optional
 
 __all__ = ["RemoteOptions", "RemoteReader", "ShardCache", "RemoteError", "RemoteNotFound", "RemoteDenied",
-           "RetriesExhausted", "DataLostError", "check_lost_share", "is_remote", "join", "read_bytes", "check_location", "SCHEMES"]
+           "RetriesExhausted", "DataLostError", "check_lost_share", "is_remote", "join", "upload_folder", "read_bytes", "check_location", "SCHEMES"]
 
 log = logging.getLogger(__name__)
 SCHEMES = ("s3://", "http://", "https://", "pipe:")
@@ -394,6 +394,34 @@ def read_bytes(url: str, options: RemoteOptions, counters: Optional[Counter] = N
     """A whole (small) remote object, e.g. ``shards.json``, with the same retries."""
     with RemoteReader(url, options, counters=counters) as reader:
         return reader.read()
+
+
+def upload_folder(folder: str, url: str, options: Optional[RemoteOptions] = None) -> list[str]:
+    """Every file of a written shard folder to ``s3://bucket/prefix/``: the tars first and
+    ``shards.json`` last, so that a reader never finds an index whose shards are not all there.
+    boto3's managed transfer (multipart for large files, its own retries). Returns the keys."""
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+    if not url.startswith("s3://"):
+        raise ValueError(f"--upload takes s3://BUCKET/PREFIX, got {url!r} (for HTTP, copy the folder to the server)")
+    check_location(url)
+    options = options or RemoteOptions()
+    bucket, prefix = _split_s3(url.rstrip("/"))
+    import boto3
+    from botocore.config import Config
+    client = boto3.session.Session().client("s3", endpoint_url=options.s3_endpoint or None,
+                                            config=Config(retries={"max_attempts": 8, "mode": "standard"}))
+    files = sorted((p for p in Path(folder).iterdir() if p.is_file()), key=lambda p: (p.name == "shards.json", p.name))
+    keys = []
+    for path in files:
+        key = f"{prefix}/{path.name}" if prefix else path.name
+        try:
+            client.upload_file(str(path), bucket, key, Config=TransferConfig(multipart_threshold=64 * 2**20))
+        except (BotoCoreError, ClientError) as err:
+            raise RemoteError(f"s3://{bucket}/{key}", f"upload failed: {err}") from None
+        keys.append(key)
+        log.info("uploaded %s to s3://%s/%s", path.name, bucket, key)
+    return keys
 
 
 # -- the node-local cache ----------------------------------------------------------------------------

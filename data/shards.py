@@ -149,7 +149,8 @@ class ShardIndex:
             try:
                 text = read_bytes(index_url, remote).decode()
             except RemoteError as err:
-                what = "no shard index at" if isinstance(err, RemoteNotFound) else "cannot read the shard index"
+                missing = isinstance(err, RemoteNotFound) and "NoSuchBucket" not in err.cause
+                what = "no shard index at" if missing else "cannot read the shard index"
                 raise ShardIndexError(f"{what} {index_url}: {err.cause}") from None
             return cls(root, cls._parse(text, index_url), base, remote)
         index_path = Path(path)

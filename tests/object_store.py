@@ -40,7 +40,7 @@ def _log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _stop(process: Optional[subprocess.Popen], timeout: float = 10.0) -> None:
+def _stop(process: Optional[subprocess.Popen], timeout: float = 5.0) -> None:
     if process is None or process.poll() is not None:
         return
     process.send_signal(signal.SIGTERM)
