@@ -69,7 +69,7 @@ def check_location(url: str) -> None:
     if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", url) and not is_remote(url) and not url.startswith("file://"):
         raise ValueError(f"{url!r}: unsupported scheme; shards are read from a local path, "
                          f"{', '.join(s + '...' for s in SCHEMES)}")
-    if url.startswith("s3://") and not _S3_URL.match(url.rstrip("/") if url.count("/") > 2 else url):
+    if url.startswith("s3://") and not _S3_URL.match(url.rstrip("/")):
         raise ValueError(f"{url!r} is not s3://BUCKET[/PREFIX] with a valid bucket name (3-63 characters: "
                          f"lower-case letters, digits, '.', '-')")
     if url.startswith("pipe:") and not url[5:].strip():
@@ -194,7 +194,8 @@ def _split_s3(url: str) -> tuple[str, str]:
 
 def _credential_hint(options: RemoteOptions) -> str:
     try:
-        credentials = _s3_client(options)._request_signer._credentials
+        import boto3
+        credentials = boto3.session.Session().get_credentials()  # the chain the client resolved
         if credentials is None:
             return "no credentials found"
         return f"access key {credentials.access_key[:4]}... from {getattr(credentials, 'method', '?')}"
@@ -350,10 +351,7 @@ class RemoteReader(io.RawIOBase):
                 self._retry(f"{type(err).__name__}: {err}")
 
     def _connect(self) -> None:
-        try:
-            body, length, served_from = self._open_at(self.url, self.position, self.end, self.options)
-        except _Transient:
-            raise
+        body, length, served_from = self._open_at(self.url, self.position, self.end, self.options)
         skip = self.position - served_from  # a server that ignored the range, or a pipe: read the head away
         self._body = body
         self._remaining = (length - skip) if length else None

@@ -58,6 +58,10 @@ def weed_binary() -> str:
     return found
 
 
+class _PortTaken(RuntimeError):
+    pass
+
+
 class SeaweedS3:
     """``weed server -s3`` (master, volume, filer and S3 gateway in one process) on free loopback
     ports, with one identity (``ACCESS_KEY`` / ``SECRET_KEY``); ``start()`` waits until the S3 API
@@ -87,7 +91,18 @@ class SeaweedS3:
             "s3", endpoint_url=self.endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
             region_name="us-east-1", config=Config(connect_timeout=5, read_timeout=30, retries={"total_max_attempts": 1}))
 
-    def start(self, timeout: float = 90.0) -> "SeaweedS3":
+    def start(self, timeout: float = 90.0, tries: int = 3) -> "SeaweedS3":
+        """Start and wait; a start that fails at once (a port taken meanwhile by another process) is
+        tried again on fresh ports."""
+        for attempt in range(tries):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                self.stop()
+                self.ports = {name: free_port() for name in self.ports}
+        raise RuntimeError(f"weed server failed to start {tries} times:\n{_log_tail(self.log)}")
+
+    def _start(self, timeout: float) -> "SeaweedS3":
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         config = self.workdir / "s3.json"
         config.write_text(json.dumps({"identities": [{"name": "tester", "credentials": [
@@ -107,7 +122,10 @@ class SeaweedS3:
         client = self.client()
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"weed server exited with {self.process.returncode}:\n{_log_tail(self.log)}")
+                tail = _log_tail(self.log)
+                if "address already in use" in tail:
+                    raise _PortTaken(tail)
+                raise RuntimeError(f"weed server exited with {self.process.returncode}:\n{tail}")
             try:
                 client.list_buckets()
                 probe = "toe-ready-probe"  # the S3 gateway answers before the volume takes writes
@@ -138,6 +156,10 @@ class SeaweedS3:
 
     def stop(self) -> None:
         _stop(self.process)
+        # weed also listens on Unix sockets named by port in /tmp (/tmp/seaweedfs-s3-PORT.sock, ...): ours go too
+        for port in self.ports.values():
+            for socket_file in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                socket_file.unlink(missing_ok=True)
 
 
 class HttpServer:

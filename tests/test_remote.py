@@ -2,8 +2,10 @@
 SeaweedFS S3 store (``weed server -s3``) and an HTTP server with ranges and a request log
 (tests/object_store.py). Same batches as local disk, exact resume with ranged reads, retries through
 a server restart, a bounded stop when the server is gone, the node cache, start-up errors."""
+import dataclasses
 import json
 import os
+import tarfile
 import signal
 import subprocess
 import sys
@@ -11,17 +13,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from data import write_shards
 from data.remote import RemoteOptions, ShardCache
 from data.shards import ShardIndex, ShardIndexError
-from data.stream import build_eval_stream, build_train_stream
+from data.stream import ClassificationCodec, ShardStream, build_eval_stream, build_train_stream
+from data.transforms import build_transform
 from launcher.config import ConfigError, load_config
 from object_store import ACCESS_KEY, HttpServer, SeaweedS3
-from test_engine import TINY, finish, kill_tree, module_state, records, start, wait_for_step
+from test_engine import finish, kill_tree, module_state, records, start, wait_for_step
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests/stream_job.py"
@@ -89,7 +91,6 @@ def ids(batches) -> list[int]:
 
 def test_writer_records_each_samples_byte_offset(shards):
     index = json.loads((shards / "shards.json").read_text())
-    import tarfile
     for shard in index["splits"]["train"]["shards"][:3]:
         path = shards / shard["name"]
         assert shard["bytes"] == path.stat().st_size and len(shard["offsets"]) == shard["samples"]
@@ -233,9 +234,6 @@ def test_lost_shards_within_the_allowed_share_are_skipped_and_counted(shards, tm
     dead = HttpServer(shards, tmp_path / "requests.log")  # never started: connection refused
     index = ShardIndex.load(str(shards))
     index.base = dead.url  # shards.json here, the tars on a server that is down
-    from data.stream import ClassificationCodec, ShardStream
-    from data.transforms import build_transform
-    import dataclasses
     split = dataclasses.replace(index.split("train"), remote=dataclasses.replace(FAST, max_lost_share=1.0))
     stream = ShardStream(split, ClassificationCodec(build_transform(False, 32)), batch_size=4, rank=0,
                          world_size=1, num_workers=0, seed=0, shuffle=True, pad=False, buffer_size=4)
