@@ -247,7 +247,7 @@ def _open_http(url: str, start: int, end: Optional[int], options: RemoteOptions)
         length = int(response.headers.get("Content-Length", 0) or 0)
         # 200 to a ranged request: the server ignores ranges; the caller skips the head
         return response, length, start if status == 206 else 0
-    response.release_conn()
+    response.drain_conn()  # read the (error) body so that the pooled connection can carry the next request
     cause = f"HTTP {status} {response.reason or ''}".strip()
     if status >= 500 or status in (408, 429):
         raise _Transient(cause)

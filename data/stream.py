@@ -17,7 +17,8 @@ Guarantees (``data/plan.py`` has the arithmetic):
 - Bad samples (undecodable image, missing or bad ``.cls``, unreadable or truncated shard) are
   skipped, counted (``stream.counters``) and logged once with their key; a training worker that
   runs short refills from the start of its own slot (counted as ``refilled``), so no rank ever
-  yields fewer batches than the others.
+  yields fewer batches than the others. Remote shards (``data/remote.py``) retry transient failures
+  first; a shard lost after every retry is skipped the same way, up to ``max_lost_share``.
 - Exact resume with the same world size and worker count; with another world size or worker
   count, the epoch continues over exactly the samples not yet consumed (re-split equally; the
   new split's remainder is dropped as above). Skipped samples are never decoded: their bytes

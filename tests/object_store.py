@@ -6,7 +6,7 @@ Each server runs in a process of its own, is waited for with a bounded wait that
 server and the tail of its log, and is stopped by its PID; its files live in a temporary folder the
 caller owns. Not a test module.
 
-    python tests/object_store.py http ROOT PORT LOG [--rate BYTES_PER_S] [--no-range]
+    python tests/object_store.py http ROOT PORT LOG [--rate BYTES_PER_S] [--no-range] [--fail-first N]
 """
 from __future__ import annotations
 
@@ -167,8 +167,9 @@ class HttpServer:
     every request is a line of ``log``: ``METHOD PATH RANGE STATUS BYTES``."""
 
     def __init__(self, root: Path, log: Path, *, port: Optional[int] = None, rate: Optional[int] = None,
-                 ranges: bool = True) -> None:
+                 ranges: bool = True, fail_first: int = 0) -> None:
         self.root, self.log, self.port, self.rate, self.ranges = Path(root), Path(log), port or free_port(), rate, ranges
+        self.fail_first = fail_first  # answer the first N requests for a .tar with 503 (a server having a bad moment)
         self.process: Optional[subprocess.Popen] = None
 
     @property
@@ -179,6 +180,7 @@ class HttpServer:
         args = [sys.executable, str(Path(__file__).resolve()), "http", str(self.root), str(self.port), str(self.log)]
         args += ["--rate", str(self.rate)] if self.rate else []
         args += [] if self.ranges else ["--no-range"]
+        args += ["--fail-first", str(self.fail_first)] if self.fail_first else []
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -211,12 +213,13 @@ class HttpServer:
 
 # -- the HTTP server itself (run as a script) ----------------------------------------------------
 
-def _serve(root: Path, port: int, log_path: Path, rate: Optional[int], ranges: bool) -> None:
+def _serve(root: Path, port: int, log_path: Path, rate: Optional[int], ranges: bool, fail_first: int = 0) -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     log_lock = threading.Lock()
     log_file = open(log_path, "a", buffering=1)
+    failures = [fail_first]
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -236,6 +239,14 @@ def _serve(root: Path, port: int, log_path: Path, rate: Optional[int], ranges: b
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 self._record(range_header, 404, 0)
+                return
+            with log_lock:
+                fail, failures[0] = failures[0] > 0 and path.suffix == ".tar", failures[0] - (path.suffix == ".tar")
+            if fail:
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                self._record(range_header, 503, 0)
                 return
             data = path.read_bytes()
             start, end, status = 0, len(data), 200
@@ -292,5 +303,6 @@ if __name__ == "__main__":
     http.add_argument("log")
     http.add_argument("--rate", type=int, help="bytes per second per response (a slow link)")
     http.add_argument("--no-range", action="store_true", help="ignore Range headers (answer 200 with everything)")
+    http.add_argument("--fail-first", type=int, default=0, help="answer the first N requests for a .tar with 503")
     options = parser.parse_args()
-    _serve(Path(options.root), options.port, Path(options.log), options.rate, not options.no_range)
+    _serve(Path(options.root), options.port, Path(options.log), options.rate, not options.no_range, options.fail_first)

@@ -5,10 +5,11 @@ a server restart, a bounded stop when the server is gone, the node cache, start-
 import dataclasses
 import json
 import os
-import tarfile
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -228,6 +229,35 @@ def test_server_gone_for_good_ends_the_job_within_the_retry_bound_naming_the_url
     assert elapsed < sum(bound.wait(a) for a in range(3)) + 20, f"took {elapsed:.1f} s"
 
 
+def test_http_503_is_retried_and_counted_a_missing_shard_is_skipped_without_retries(shards, tmp_path):
+    local = epoch(shards, world=1)
+    busy = HttpServer(shards, tmp_path / "busy.log", fail_first=3).start()
+    try:
+        stream = build_train_stream(busy.url, batch_size=4, num_workers=2, seed=3, image_size=32, buffer_size=6,
+                                    remote=RemoteOptions(retries=4, backoff=0.05, backoff_max=0.1))
+        assert same([list(stream)], local), "the 503s cost nothing but time"
+    finally:
+        busy.stop()
+    assert [row[3] for row in busy.requests(r"\.tar$")].count("503") == 3
+    assert stream.counters["remote_retry"] == 3 and stream.counters["unreadable_shard"] == 0
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for path in shards.iterdir():
+        if path.name != "train-000004.tar":
+            shutil.copy(path, partial / path.name)
+    server = HttpServer(partial, tmp_path / "partial.log").start()
+    try:
+        stream = build_train_stream(server.url, batch_size=4, num_workers=2, seed=3, image_size=32, buffer_size=6,
+                                    remote=RemoteOptions(retries=4, backoff=0.05, backoff_max=0.1))
+        assert len(list(stream)) == len(stream), "the epoch keeps its length (refills)"
+    finally:
+        server.stop()
+    assert stream.counters["unreadable_shard"] >= 1 and stream.counters["lost_shard"] == 0
+    assert stream.counters["remote_retry"] == 0, "a 404 is not retried"
+    assert [row[3] for row in server.requests(r"train-000004\.tar$")] and \
+        set(row[3] for row in server.requests(r"train-000004\.tar$")) == {"404"}
+
+
 def test_lost_shards_within_the_allowed_share_are_skipped_and_counted(shards, tmp_path):
     """``max_lost_share`` 1.0: every lost shard is skipped and counted (``lost_shard``) and the epoch
     keeps its length with refills, as for a corrupt local shard."""
@@ -262,8 +292,8 @@ def test_cache_two_ranks_fetch_each_shard_once_and_the_next_epoch_reads_nothing(
     counters = sum((Counter(torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["counters"]) for r in range(2)),
                    Counter())
     assert counters["cache_fetch"] == len(fetched) and counters["cache_hit"] >= 1, counters
-    local = [torch.load(run_job(shards, tmp_path / f"local{r}.pt", "--rank", str(r), "--world", "2"),
-                        weights_only=False)["batches"] for r in range(2)]
+    local = [list(build_train_stream(str(shards), batch_size=4, rank=r, world_size=2, num_workers=2, seed=7,
+                                     image_size=32, buffer_size=16)) for r in range(2)]  # stream_job's defaults
     cached = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["batches"] for r in range(2)]
     assert same(cached, local)
     # the next epochs of a stream on that node: every shard from the cache, no request for a tar
