@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -67,8 +68,10 @@ def decoded_epoch(url: str, remote: RemoteOptions, args) -> dict:
     return {"images": count, "wall_s": wall, "per_s": count / wall}
 
 
-def resume_cost(url: str, args, take: int) -> dict:
-    """Time to the first batch of a fresh stream, and of one resumed after ``take`` batches."""
+def resume_cost(url: str, args, take: int, resume_url: str = None) -> dict:
+    """Time to the first batch of a fresh stream, and of one resumed after ``take`` batches (from
+    ``resume_url``, default ``url``: another server, so that its log holds the resumed reads only),
+    and the resumed stream's whole rest of the epoch."""
     common = dict(batch_size=args.batch, num_workers=1, image_size=args.size, buffer_size=64)
     fresh = build_train_stream(url, **common)
     start = time.perf_counter()
@@ -79,14 +82,18 @@ def resume_cost(url: str, args, take: int) -> dict:
         next(iterator)
     iterator.close()
     state = fresh.state_dict()
-    resumed = build_train_stream(url, **common)
+    resumed = build_train_stream(resume_url or url, **common)
     resumed.load_state_dict(state)
     start = time.perf_counter()
     iterator = iter(resumed)
     next(iterator)
     resumed_s = time.perf_counter() - start
-    iterator.close()
-    return {"first_batch_s": fresh_s, "resumed_first_batch_s": resumed_s}
+    rest = sum(1 for _ in iterator)
+    return {"first_batch_s": fresh_s, "resumed_first_batch_s": resumed_s, "resumed_batches": 1 + rest}
+
+
+def sent_bytes(server) -> int:
+    return sum(int(row[4]) for row in server.requests(r"\.tar$"))
 
 
 def main() -> None:
@@ -98,6 +105,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/remote_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    logging.getLogger("botocore").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         mean_kb = make_folder(tmp / "folder", args.images)
@@ -130,13 +138,17 @@ def main() -> None:
                     samples[name].setdefault("decoded", []).append(decoded_epoch(url, options(), args))
             take = max(1, args.images // args.batch // 2)
             resume = {"local disk": resume_cost(str(shards), args, take)}
-            http.log.write_text("")
-            resume["HTTP, ranged reads"] = resume_cost(http.url, args, take)
-            ranged_bytes = sum(int(r.split()[4]) for r in http.log.read_text().splitlines() if ".tar" in r)
-            plain.log.write_text("")
-            resume["HTTP, no ranges (sequential skip)"] = resume_cost(plain.url, args, take)
-            plain_bytes = sum(int(r.split()[4]) for r in plain.log.read_text().splitlines() if ".tar" in r)
+            ranged = HttpServer(shards, tmp / "ranged-resume.log").start()
+            sequential = HttpServer(shards, tmp / "plain-resume.log", ranges=False).start()
+            try:
+                resume["HTTP, ranged reads"] = resume_cost(http.url, args, take, ranged.url)
+                resume["HTTP, no ranges (sequential skip)"] = resume_cost(plain.url, args, take, sequential.url)
+                ranged_bytes, plain_bytes = sent_bytes(ranged), sent_bytes(sequential)
+            finally:
+                ranged.stop()
+                sequential.stop()
             resume["S3, ranged reads"] = resume_cost("s3://bench-shards/jpeg", args, take)
+            shard_bytes = sum(p.stat().st_size for p in shards.glob("train-*.tar"))
         finally:
             for server in (http, plain):
                 if server is not None:
@@ -164,13 +176,14 @@ def main() -> None:
         cost["ratio"] = cost["resumed_first_batch_s"] / cost["first_batch_s"]
         print(f"{name:>36}: {cost['first_batch_s']:.2f} s -> {cost['resumed_first_batch_s']:.2f} s "
               f"({cost['ratio']:.2f}x)")
-    print(f"shard bytes the servers sent to the resumed stream (until it was closed after a batch): ranged {ranged_bytes / 1e6:.1f} MB, "
-          f"no ranges {plain_bytes / 1e6:.1f} MB ({ranged_bytes / max(1, plain_bytes):.2f}x)")
+    print(f"shard bytes sent for the resumed rest of the epoch: ranged {ranged_bytes / 1e6:.1f} MB, no ranges "
+          f"{plain_bytes / 1e6:.1f} MB ({ranged_bytes / max(1, plain_bytes):.2f}x); the whole split is "
+          f"{shard_bytes / 1e6:.1f} MB")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"images": args.images, "mean_jpeg_kb": mean_kb, "size": args.size, "batch": args.batch,
                                "rows": rows, "resume": resume, "resume_take_batches": take,
-                               "resume_bytes": {"ranged": ranged_bytes, "no_ranges": plain_bytes},
+                               "resume_bytes": {"ranged": ranged_bytes, "no_ranges": plain_bytes, "split": shard_bytes},
                                "cpus": os.cpu_count(), "machine": platform.machine(),
                                "torch": torch.__version__}, indent=2))
     print(f"wrote {out}")

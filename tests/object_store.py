@@ -129,7 +129,8 @@ class SeaweedS3:
             try:
                 client.list_buckets()
                 probe = "toe-ready-probe"  # the S3 gateway answers before the volume takes writes
-                client.create_bucket(Bucket=probe)
+                if probe not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+                    client.create_bucket(Bucket=probe)
                 client.put_object(Bucket=probe, Key="probe", Body=b"ok")
                 return self
             except Exception as err:  # noqa: BLE001 -- any failure means "not ready yet"

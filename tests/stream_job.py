@@ -2,7 +2,7 @@
 
     python tests/stream_job.py SHARDS OUT.pt --rank R --world W --workers N --batch B
         [--repeats R] [--state STATE.pt] [--take K] [--save-state STATE.pt] [--dist-port P]
-        [--remote-retries N --remote-backoff S --max-lost-share F --cache-dir DIR --progress FILE]
+        [--remote-retries N --remote-backoff S --max-lost-share F --cache-dir DIR --progress FILE --delay S]
 
 Loads STATE if given, takes K batches (all that are left in the epoch if K is omitted), saves
 them (and the state after them) with torch.save. With --dist-port, joins a gloo process group on
@@ -11,6 +11,7 @@ them (and the state after them) with torch.save. With --dist-port, joins a gloo 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--max-lost-share", type=float, default=0.0)
     parser.add_argument("--cache-dir")
     parser.add_argument("--progress", help="a file that gets a line per batch taken")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds per batch taken (a slow consumer)")
     args = parser.parse_args()
     remote = RemoteOptions(retries=args.remote_retries, backoff=args.remote_backoff,
                            backoff_max=max(args.remote_backoff, 30.0), max_lost_share=args.max_lost_share,
@@ -57,6 +59,7 @@ def main() -> None:
     iterator = iter(stream)
     for batch in iterator:
         batches.append(batch)
+        time.sleep(args.delay)
         if args.progress:
             with open(args.progress, "a") as progress:
                 progress.write(f"{len(batches)}\n")

@@ -189,6 +189,29 @@ def test_server_restarted_within_the_retry_window_loses_and_repeats_no_sample(sh
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(result["batches"], expected))
 
 
+def test_s3_store_restarted_mid_epoch_within_the_retry_window_loses_and_repeats_no_sample(store, shards, tmp_path):
+    expected = epoch(shards, world=1)[0]  # stream_job's geometry below: 1 rank, 2 workers, batch 4
+    progress = tmp_path / "progress"
+    job = subprocess.Popen([sys.executable, str(JOB), "s3://toe-shards/synthetic", str(tmp_path / "s3.pt"),
+                            "--workers", "2", "--batch", "4", "--seed", "3", "--buffer", "6", "--remote-retries", "8",
+                            "--remote-backoff", "1.0", "--delay", "0.3", "--progress", str(progress)],
+                           env={**ENV, **store.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: progress.exists() and len(progress.read_text().split()) >= 3, job, "3 batches")
+        store.stop()
+        time.sleep(1.0)
+        store.start()  # the same ports and folder: the shards are still there
+        out, _ = job.communicate(timeout=240)
+    finally:
+        kill_tree(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, out[-3000:]
+    result = torch.load(tmp_path / "s3.pt", weights_only=False)
+    assert result["counters"].get("remote_retry", 0) >= 1, "the outage was met and retried"
+    assert "unreadable_shard" not in result["counters"], result["counters"]
+    assert ids(result["batches"]) == ids(expected)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(result["batches"], expected))
+
+
 def run_job(url, out: Path, *args) -> Path:
     done = subprocess.run([sys.executable, str(JOB), str(url), str(out), "--workers", "2", "--batch", "4", *args],
                           env=ENV, capture_output=True, text=True, timeout=240)
