@@ -463,7 +463,8 @@ class ShardCache:
 
     def open(self, url: str, options: RemoteOptions, counters: Counter, size: Optional[int] = None) -> BinaryIO:
         """The shard at ``url`` as an open local file: from the cache, or fetched into it (once per
-        node). A shard larger than the whole cache is streamed past it (``cache_bypass``)."""
+        node). A shard larger than the whole cache (``size`` when known, else once fetched) is not
+        kept: streamed, or read from its deleted temporary file (``cache_bypass``)."""
         target = self.path_for(url)
         handle = self._hit(target, counters)
         if handle is not None:
