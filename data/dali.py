@@ -616,7 +616,8 @@ def _require_dali() -> None:
 def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                        seed: int = 0, image_size: int = 224, split: str = "train", buffer_size: int = 1000,
                        repeats: int = 1, base: Optional[str] = None, pin_memory: bool = False,
-                       device: Optional[str] = None, num_threads: int = 2, **transform_options) -> DaliStream:
+                       device: Optional[str] = None, num_threads: int = 2, remote=None,
+                       **transform_options) -> DaliStream:
     """``data.stream.build_train_stream`` with the DeiT train transform in DALI (``device``: "gpu"
     when torch sees CUDA, else "cpu"); the same transform options (``check_dali_options`` says which
     values are not implemented)."""
@@ -626,7 +627,7 @@ def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size:
     _require_dali()
     check_transform_options(**{k: v for k, v in transform_options.items() if k != "auto_augment"})
     check_dali_options(**transform_options)
-    index = ShardIndex.load(path, base)
+    index = ShardIndex.load(path, base, remote)
     index.warn_if_unshuffled(split, buffer_size=buffer_size, readers=world_size * max(1, num_workers), rank=rank)
     classes = index.classes()
     codec = DaliCodec(True, image_size, num_classes=len(classes) or None, **transform_options)
@@ -643,7 +644,7 @@ def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size:
 def build_eval_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                       image_size: int = 224, split: str = "val", base: Optional[str] = None,
                       pin_memory: bool = False, device: Optional[str] = None, num_threads: int = 2,
-                      **transform_options) -> DaliStream:
+                      remote=None, **transform_options) -> DaliStream:
     """``data.stream.build_eval_stream`` with timm's eval transform in DALI."""
     from .shards import ShardIndex
     from .stream import ShardStream
@@ -651,7 +652,7 @@ def build_eval_stream(path: str, *, batch_size: int, rank: int = 0, world_size: 
     _require_dali()
     check_transform_options(**{k: v for k, v in transform_options.items() if k != "auto_augment"})
     check_dali_options(**{**transform_options, "auto_augment": None, "color_jitter": 0})
-    index = ShardIndex.load(path, base)
+    index = ShardIndex.load(path, base, remote)
     classes = index.classes()
     codec = DaliCodec(False, image_size, num_classes=len(classes) or None)
     stream = ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,

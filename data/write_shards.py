@@ -5,7 +5,8 @@
     python -m data.write_shards coco IMG_DIR instances_val2017.json OUT --split val
     python -m data.write_shards idx /usr/share/datasets/fashion-mnist OUT [--classes fashion-mnist]
 
-Every writer takes ``--seed`` (the write order; synthetic: also the images) and ``--no-shuffle``.
+Every writer takes ``--seed`` (the write order; synthetic: also the images) and ``--no-shuffle``,
+and ``--upload s3://BUCKET/PREFIX`` to copy the written folder to object storage afterwards.
 
 ``imagefolder``: an ImageNet-style tree (``SRC/class_name/*.jpg|jpeg|png``, or ``SRC/train/...``
 and ``SRC/val/...`` when those exist). Images are stored as they are (no re-encoding) with
@@ -18,7 +19,8 @@ kept, ``iscrowd`` kept; the annotation file is copied to ``{split}_coco.json`` f
 (boxes, for detection), and ``{split}_coco.json`` ground truth for COCO evaluation.
 
 All write ``{split}-{n:06d}.tar``, ``classes.json`` and ``shards.json`` (shard names, sample
-counts, totals) into OUT, and refuse an OUT that already holds shards unless ``--overwrite``.
+counts, totals, each shard's size and the byte offset of each of its samples: a reader of a remote
+shard starts a ranged request there) into OUT, and refuse an OUT that already holds shards unless ``--overwrite``.
 Samples are written in a random order across all shards of a split, drawn from ``--seed`` and the
 split name (``--no-shuffle``: folder / id / index order); ``shards.json`` records it
 (``"shuffled"``, ``"shuffle_seed"``). The stream shuffles only the shard order and a bounded
@@ -35,6 +37,7 @@ import logging
 import os
 import re
 import sys
+import tarfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -95,10 +98,28 @@ def write_split(out: Path, split: str, items: Sequence, encode: Callable, shard_
     for (path, _, _), (count, bad) in zip(jobs, results):
         skipped += bad
         if count:
-            shards.append({"name": Path(path).name, "samples": count})
+            offsets, size = sample_offsets(path)
+            if len(offsets) != count:
+                raise RuntimeError(f"{path}: wrote {count} samples but finds {len(offsets)} sample keys in it")
+            shards.append({"name": Path(path).name, "samples": count, "bytes": size, "offsets": offsets})
         else:
             os.unlink(path)
     return shards, skipped
+
+
+def sample_offsets(path: str) -> tuple[list[int], int]:
+    """The byte offset of each sample's first member header in a written shard, and the shard's size:
+    a reader of a remote shard starts a ranged request there instead of downloading the head."""
+    from webdataset.tariterators import base_plus_ext
+
+    offsets, last = [], None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key = base_plus_ext(member.name)[0] if member.isfile() else None
+            if key is not None and key != last:
+                offsets.append(member.offset)
+                last = key
+    return offsets, os.path.getsize(path)
 
 
 def _write_shard(job) -> tuple[int, list[tuple[str, str]]]:
@@ -491,6 +512,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
     common.add_argument("--no-shuffle", action="store_true",
                         help="write samples in folder / image-id / index order instead of a seeded random order")
+    common.add_argument("--upload", metavar="s3://BUCKET/PREFIX",
+                        help="then copy OUT to object storage (boto3: credentials and AWS_ENDPOINT_URL as the aws CLI "
+                             "takes them); shards.json goes last")
+    common.add_argument("--s3-endpoint", help="S3 endpoint URL for --upload (default: AWS_ENDPOINT_URL, then AWS)")
     order_seed = argparse.ArgumentParser(add_help=False)
     order_seed.add_argument("--seed", type=int, default=0, help="seed of the random write order")
     folder = sub.add_parser("imagefolder", parents=[common, order_seed], help="SRC/class_name/*.jpg -> shards")
@@ -537,11 +562,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
+    if args.upload:
+        from .remote import check_location
+        try:
+            check_location(args.upload)
+        except ValueError as err:
+            log.error("--upload: %s", err)
+            return 2
     try:
         {"imagefolder": imagefolder, "coco": coco, "synthetic": synthetic, "idx": idx}[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         log.error("%s", err)
         return 2
+    if args.upload:
+        from .remote import RemoteError, RemoteOptions, upload_folder
+        try:
+            keys = upload_folder(args.out, args.upload, RemoteOptions(s3_endpoint=args.s3_endpoint))
+        except (RemoteError, ValueError) as err:
+            log.error("%s", err)
+            return 1
+        log.info("uploaded %d files to %s", len(keys), args.upload)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Optional
 import yaml
 
 __all__ = ["RunConfig", "ConfigError", "load_config", "resolved", "deepspeed_config", "recipe_changes",
-           "RESUMABLE"]
+           "RESUMABLE", "remote_options"]
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("launcher.config")
@@ -76,6 +77,15 @@ class DataConfig:
     cutmix: float = 1.0
     mixup_prob: float = 1.0
     label_smoothing: float = 0.1
+    # shards on object storage / HTTP (data.path = s3://bucket/prefix, http(s)://host/prefix, pipe:CMD; data/remote.py)
+    s3_endpoint: Optional[str] = None  # S3 endpoint URL; null: AWS_ENDPOINT_URL[_S3] / the profile's / AWS
+    remote_retries: int = 6  # retries of a failing read (consecutive; progress resets the count)
+    remote_backoff: float = 1.0  # seconds before the first retry, doubled each retry ...
+    remote_backoff_max: float = 30.0  # ... up to this
+    remote_timeout: float = 60.0  # seconds to connect and between bytes
+    max_lost_share: float = 0.0  # share of a reader's shards an epoch may lose to outages; more stops the job
+    cache_dir: Optional[str] = None  # node-local cache of remote shards (fetched once per node); null: none
+    cache_size_gb: float = 100.0  # the cache's bound (least recently used shards evicted)
 
 
 @dataclass
@@ -216,7 +226,9 @@ RANGES: dict[str, Range] = {
     "data.repeats": COUNT, "data.re_prob": PROBABILITY, "data.color_jitter": NONNEGATIVE,
     "data.crop_pct": Range(0, 1, low_open=True), "data.hflip": PROBABILITY, "data.vflip": PROBABILITY,
     "data.mixup": NONNEGATIVE, "data.cutmix": NONNEGATIVE, "data.mixup_prob": PROBABILITY,
-    "data.label_smoothing": FRACTION,
+    "data.label_smoothing": FRACTION, "data.remote_retries": NONNEGATIVE, "data.remote_backoff": NONNEGATIVE,
+    "data.remote_backoff_max": NONNEGATIVE, "data.remote_timeout": POSITIVE, "data.max_lost_share": PROBABILITY,
+    "data.cache_size_gb": POSITIVE,
     "optim.base_lr": POSITIVE, "optim.lr": POSITIVE, "optim.min_lr": NONNEGATIVE, "optim.warmup_lr": NONNEGATIVE,
     "optim.warmup_epochs": NONNEGATIVE, "optim.weight_decay": NONNEGATIVE,
     "optim.betas": Range(0, 1, high_open=True, each=True), "optim.eps": POSITIVE, "optim.clip_grad": POSITIVE,
@@ -367,6 +379,7 @@ def _validate(cfg: RunConfig) -> None:
         check_synthetic_options(cfg.model.img_size, d.synthetic_objects, d.synthetic_token_labels)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    _validate_remote(cfg)
     from data.transforms import check_transform_options  # light: no torch / timm import
     try:  # timm would refuse some of these only inside a DataLoader worker, or not at all
         check_transform_options("data.", scale=d.scale, ratio=d.ratio, hflip=d.hflip, vflip=d.vflip,
@@ -417,6 +430,50 @@ def _validate(cfg: RunConfig) -> None:
     if t.ds_config is not None and not _ds_path(cfg).is_file():
         raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
     cfg.methods = _methods(cfg.methods, cfg.method_modules)
+
+
+def _validate_remote(cfg: RunConfig) -> None:
+    """data.path / data.eval_path locations and the remote options (data/remote.py)."""
+    from data.remote import check_location, is_remote  # light: no boto3 import
+    d = cfg.data
+    if not _whole(d.remote_retries):
+        raise ConfigError(f"data.remote_retries must be an int >= 0, got {d.remote_retries!r}")
+    if d.remote_backoff_max < d.remote_backoff:
+        raise ConfigError(f"data.remote_backoff_max ({d.remote_backoff_max}) must be >= data.remote_backoff "
+                          f"({d.remote_backoff})")
+    if d.s3_endpoint is not None and not re.match(r"^https?://[^/\s]+", d.s3_endpoint):
+        raise ConfigError(f"data.s3_endpoint must be an http(s):// URL, got {d.s3_endpoint!r}")
+    if d.cache_dir is not None and not d.cache_dir.strip():
+        raise ConfigError("data.cache_dir must be a folder path or null")
+    locations = {"data.path": d.path, "data.eval_path": d.eval_path}
+    for key, location in locations.items():
+        if location is None:
+            continue
+        try:
+            check_location(location)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    remote = [key for key, location in locations.items() if location is not None and is_remote(location)]
+    if not remote:
+        return
+    if d.synthetic:
+        raise ConfigError(f"data.synthetic writes the embedded shards to a local folder; {remote[0]} is remote: "
+                          f"write them with `python -m data.write_shards synthetic DIR --upload URL` instead")
+    if cfg.task != "classification":
+        raise ConfigError(f"{remote[0]} is remote, but task: {cfg.task} reads its COCO ground truth from a local "
+                          f"folder: remote shards are for task: classification")
+    if any(str(location).startswith("s3://") for location in locations.values() if location):
+        import importlib.util
+        if importlib.util.find_spec("boto3") is None:
+            raise ConfigError(f"{remote[0]} is on S3, which needs boto3: pip install -r requirements.txt")
+
+
+def remote_options(d: DataConfig):
+    """The recipe's ``data.*`` remote keys as ``data.remote.RemoteOptions``."""
+    from data.remote import RemoteOptions
+    return RemoteOptions(s3_endpoint=d.s3_endpoint, retries=d.remote_retries, backoff=d.remote_backoff,
+                         backoff_max=d.remote_backoff_max, timeout=d.remote_timeout, max_lost_share=d.max_lost_share,
+                         cache_dir=d.cache_dir, cache_bytes=int(d.cache_size_gb * 2**30))
 
 
 def _methods(sections: dict, modules: list) -> dict:
@@ -487,7 +544,10 @@ def resolved(cfg: RunConfig) -> str:
 # universal checkpoint. Any other change on resume is refused unless --allow-recipe-change.
 RESUMABLE = ("name", "out_dir", "model.checkpoint", "data.workers", "train.log_every", "train.eval_every",
              "train.eval_on_start", "train.collective_timeout_minutes", "train.signal_check_every", "train.compile",
-             "train.compile_backend", "checkpoint.every", "checkpoint.keep")
+             "train.compile_backend", "checkpoint.every", "checkpoint.keep",
+             # how remote shards are reached, retried and cached (data/remote.py), not which data is read
+             "data.s3_endpoint", "data.remote_retries", "data.remote_backoff", "data.remote_backoff_max",
+             "data.remote_timeout", "data.max_lost_share", "data.cache_dir", "data.cache_size_gb")
 
 _MISSING = object()
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import RunConfig
+from .config import RunConfig, remote_options
 
 __all__ = ["ClassificationTask", "DetectionTask", "TokenLabellingTask", "make_task"]
 
@@ -39,13 +39,14 @@ class ClassificationTask:
         common = dict(interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))  # train and eval alike
         options = dict(auto_augment=d.auto_augment, re_prob=d.re_prob, color_jitter=d.color_jitter,
                        scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip, vflip=d.vflip, **common)
+        remote = {"remote": remote_options(d)}  # data/remote.py: s3://, http(s)://, retries, the node cache
         train = build_train_stream(d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
                                    seed=cfg.train.seed, image_size=cfg.model.img_size, split=d.train_split,
                                    buffer_size=d.buffer_size, repeats=d.repeats, pin_memory=pin_memory,
-                                   **({"token_labels": True} if self.token_labels else {}), **options)
+                                   **({"token_labels": True} if self.token_labels else {}), **remote, **options)
         evaluation = build_eval_stream(d.eval_path or d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
                                        image_size=cfg.model.img_size, split=d.eval_split, crop_pct=d.crop_pct,
-                                       pin_memory=pin_memory, **common)
+                                       pin_memory=pin_memory, **remote, **common)
         if d.mixup > 0 or d.cutmix > 0:  # per rank: each rank draws its own lambda and box, as timm does
             self.mixup = StepMixup(cfg.model.num_classes, mixup_alpha=d.mixup, cutmix_alpha=d.cutmix,
                                    prob=d.mixup_prob, label_smoothing=d.label_smoothing, seed=cfg.train.seed,
@@ -130,7 +131,7 @@ def _check_num_classes(cfg: RunConfig) -> None:
     it cannot hold."""
     from data.shards import check_num_classes
     for path in dict.fromkeys(filter(None, (cfg.data.path, cfg.data.eval_path))):
-        check_num_classes(path, cfg.model.num_classes)
+        check_num_classes(path, cfg.model.num_classes, remote=remote_options(cfg.data))
 
 
 def _tensors_to(batch: dict, device) -> dict:
