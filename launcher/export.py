@@ -31,23 +31,29 @@ def plain_model(config_path: Path) -> torch.nn.Module:
     from .tasks import make_task
 
     cfg = load_config(str(config_path))
-    cfg.model.checkpoint = None
-    return make_task(cfg).build_model()[0]
+    return make_task(cfg).build_model(pretrained=False)[0]
 
 
-def export(source: str, out: str) -> Path:
+def checkpoint_state_dict(source: str):
+    """``(state_dict, point)``: the fp32 module weights of a run folder's newest checkpoint that verifies (or
+    of one ``step-N`` folder, which must verify); also what ``model.checkpoint`` reads from a run folder."""
     point = find_resume_point(Path(source))
     if point is None:
         raise FileNotFoundError(f"no complete checkpoint under {source}")
     folder = point.folder
-    run_dir = folder.parent.parent
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     if point.meta["zero_stage"] > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:
         state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+    return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}, point
+
+
+def export(source: str, out: str) -> Path:
+    state, point = checkpoint_state_dict(source)
+    folder = point.folder
+    run_dir = folder.parent.parent
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     plain = plain_model(run_dir / "config.yaml")
     plain.load_state_dict(state, strict=True)
     out_path = Path(out)
