@@ -33,7 +33,11 @@ class ModelConfig:
     num_classes: int = 1000
     img_size: int = 224
     drop_path: float = 0.1
-    checkpoint: Optional[str] = None  # local weights file; nothing is downloaded
+    # pretrained weights to fine-tune from (docs/finetuning.md), nothing is downloaded: a .pth (bare / under model /
+    # state_dict), a .safetensors, launcher.export output, or a run folder of this engine (its newest verified
+    # checkpoint). A run that resumes from its own checkpoint does not apply it.
+    checkpoint: Optional[str] = None
+    reinit_head: bool = False  # fresh classifier heads even when the file's class count matches (a new label set)
     kwargs: dict = field(default_factory=dict)  # more timm.create_model arguments (patch_size, depth, ...)
 
 

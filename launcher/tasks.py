@@ -35,7 +35,7 @@ class ClassificationTask:
         with pretrained_refusals():
             return create_classifier(m.name, num_classes=m.num_classes, img_size=m.img_size, drop_path=m.drop_path,
                                      checkpoint=pretrained_source(m.checkpoint) if pretrained else None,
-                                     **m.kwargs), 0
+                                     reinit_head=m.reinit_head, **m.kwargs), 0
 
     def build_streams(self, *, micro: int, rank: int, world: int, pin_memory: bool):
         from data.stream import build_eval_stream, build_train_stream

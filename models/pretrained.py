@@ -97,10 +97,14 @@ def _grouped(ignored: dict[str, str]) -> str:
 
 
 def load_pretrained(model: nn.Module, source: Union[str, Path, Mapping[str, torch.Tensor]], *,
-                    what: str = "model.checkpoint", where: Optional[str] = None) -> dict[str, list[str]]:
+                    what: str = "model.checkpoint", where: Optional[str] = None,
+                    reinit_head: bool = False) -> dict[str, list[str]]:
     """Load ``source`` (a path, or a state_dict) into ``model`` (a timm ``VisionTransformer``: DeiT / ViT,
     a YOLOS backbone, LV-ViT) as fine-tuning starts from it; returns the keys per category (``loaded``,
     ``resampled``, ``reinitialised``, ``ignored``) and logs one line per category.
+
+    ``reinit_head``: the heads keep the model's fresh initialisation even when the class count matches (a
+    new label set of the same size, e.g. Fashion-MNIST classes 5-9 after pre-training on 0-4).
 
     Raises ``PretrainedError`` naming the file and the first mismatched keys and shapes when it does not
     fit (another width, depth or model family)."""
@@ -156,7 +160,8 @@ def load_pretrained(model: nn.Module, source: Union[str, Path, Mapping[str, torc
                               + "; ".join(parts) + ". Another width, depth or model family cannot be fine-tuned "
                               "from it: pick the matching model.name / model.kwargs")
 
-    reinitialised = sorted(key for key in heads if key not in state or state[key].shape != own[key].shape)
+    reinitialised = sorted(key for key in heads
+                           if reinit_head or key not in state or state[key].shape != own[key].shape)
     for key in file_heads - heads:
         ignored[key] = "the model has no such head"
     body = {key: value for key, value in state.items() if key not in file_heads or key in heads and key not in
@@ -184,7 +189,8 @@ def load_pretrained(model: nn.Module, source: Union[str, Path, Mapping[str, torc
     if reinitialised:
         file_classes = {int(state[k].shape[0]) for k in file_heads if k.endswith(".weight")}
         heads_note = (f" (the file has {', '.join(map(str, sorted(file_classes)))} classes, the recipe "
-                      f"{getattr(model, 'num_classes', '?')})" if file_classes else " (the file has no classifier head)")
+                      f"{getattr(model, 'num_classes', '?')}{'; model.reinit_head' if reinit_head else ''})"
+                      if file_classes else " (the file has no classifier head)")
     log.info("%s: loaded %d of the model's %d tensors", where, len(loaded), len(own))
     log.info("%s: resampled %s", where, "; ".join(resampled) if resampled else "nothing (same grid)")
     log.info("%s: re-initialised %s%s", where, ", ".join(reinitialised) if reinitialised else "nothing", heads_note)

@@ -13,12 +13,12 @@ __all__ = ["create_classifier", "weight_decay_groups"]
 
 def create_classifier(name: str, *, num_classes: int, img_size: int, drop_path: float = 0.0,
                       checkpoint: Optional[Union[str, Mapping[str, torch.Tensor]]] = None,
-                      **kwargs: Any) -> VisionTransformer:
+                      reinit_head: bool = False, **kwargs: Any) -> VisionTransformer:
     """``timm.create_model(name, ...)``; weights only from a local ``checkpoint`` (no downloads).
 
     ``checkpoint``: a weights file or a state_dict, fitted by ``models.pretrained.load_pretrained``:
     position embeddings resampled to this grid, a classifier head of another class count
-    re-initialised, anything else that differs refused (``PretrainedError``).
+    re-initialised (always with ``reinit_head``), anything else that differs refused (``PretrainedError``).
     """
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size,
                               drop_path_rate=drop_path, **kwargs)
@@ -26,7 +26,7 @@ def create_classifier(name: str, *, num_classes: int, img_size: int, drop_path: 
         raise ValueError(f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
     if checkpoint is not None:
         from .pretrained import load_pretrained
-        load_pretrained(model, checkpoint)
+        load_pretrained(model, checkpoint, reinit_head=reinit_head)
     return model
 
 

@@ -55,6 +55,16 @@ def test_same_class_count_loads_every_tensor():
     assert all(torch.equal(model.state_dict()[k], source[k]) for k in source)
 
 
+def test_reinit_head_gives_a_new_label_set_of_the_same_size_fresh_heads():
+    source = deit(num_classes=5, seed=1).state_dict()
+    model = deit(num_classes=5, seed=2)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_pretrained(model, source, reinit_head=True)
+    assert report["reinitialised"] == ["head.bias", "head.weight"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], fresh[k] if k.startswith("head.") else source[k]) for k in state)
+
+
 def test_every_file_format_gives_the_same_model(tmp_path):
     source = deit(num_classes=10, seed=3).state_dict()
     files = {"bare.pth": source, "model.pth": {"model": source, "epoch": 7},
