@@ -406,6 +406,7 @@ def _validate(cfg: RunConfig) -> None:
     if t.ds_config is not None and not _ds_path(cfg).is_file():
         raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
     cfg.methods = _methods(cfg.methods, cfg.method_modules)
+    _check_pretrained(cfg)
 
 
 def _methods(sections: dict, modules: list) -> dict:
@@ -440,6 +441,17 @@ def _methods(sections: dict, modules: list) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     return built
+
+
+def _check_pretrained(cfg: RunConfig) -> None:
+    """A method that cannot fine-tune refuses ``model.checkpoint`` with its reason (docs/finetuning.md)."""
+    if cfg.model.checkpoint is None:
+        return
+    from methods.registry import check_pretrained
+    try:
+        check_pretrained(cfg.methods)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _legacy_toe(data: dict) -> None:

@@ -316,7 +316,7 @@ def test_two_ranks_zero2_across_size_changes_resume_exactly_and_export_to_timm(t
     assert [steps[t]["et/size"] for t in range(12)] == [24] * 8 + [28] * 2 + [32] * 2
     assert [steps[t]["et/magnitude"] for t in (0, 3, 5, 8, 10)] == [1, 3, 5, 7, 9]
     assert [steps[t]["cost/patch_tokens"] for t in (0, 8, 10)] == [36, 49, 64]
-    assert [steps[t]["toe/kept_tokens"] for t in (0, 4, 7, 8, 11)] == [18, 27, 27, 49, 64]  # floor(r N), N of the step
+    assert [steps[t]["toe/kept_tokens"] for t in (0, 4, 7, 8, 11)] == [18, 27, 27, 49, 64]  # the paper's counts at the N of the step
     resumed = tmp_path / "resumed"  # from step 6: mid ET stage 3, mid ToE stage 2; then both change again
     out = run_et(resumed, tiny_shards, "--resume", str(straight / "checkpoints" / "step-6"))
     assert "resumed at step 6" in out

@@ -228,3 +228,19 @@ def test_sigkill_and_resume_of_a_finetuning_run_is_bit_identical_and_never_reloa
     assert [straight[t]["loss"] for t in range(total)] == [resumed[t]["loss"] for t in range(total)]
     a, b = module_state(tmp_path / "straight", total), module_state(victim, total)
     assert all(torch.equal(a[k], b[k]) for k in a), "identical final weights"
+
+
+def test_a_method_that_cannot_fine_tune_refuses_with_its_reason(tmp_path):
+    """Budgeted Training re-draws the slices it grows into: from pretrained weights it refuses, naming the way
+    out (init: keep); ToE and the others take model.checkpoint."""
+    from pathlib import Path
+
+    from launcher.config import ConfigError, load_config
+    recipe = str(Path(__file__).resolve().parents[1] / "configs/deit_tiny_budgeted_cpu.yaml")
+    with pytest.raises(ConfigError, match="methods.budgeted cannot start from model.checkpoint: its growth "
+                                          "re-draws .* set methods.budgeted.init: keep"):
+        load_config(recipe, ["model.checkpoint=pre.pth"])
+    assert load_config(recipe, ["model.checkpoint=pre.pth", "methods.budgeted.init=keep"]).model.checkpoint
+    assert load_config(recipe).model.checkpoint is None  # no pretrained weights: nothing to refuse
+    toe = str(Path(__file__).resolve().parents[1] / "configs/deit_tiny_toe_cpu.yaml")
+    assert "toe" in load_config(toe, ["model.checkpoint=pre.pth"]).methods
