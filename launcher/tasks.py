@@ -209,10 +209,12 @@ def pretrained_source(checkpoint: Optional[str]):
     folder) of this engine as the fp32 state_dict of its newest checkpoint that verifies (``launcher.export``)."""
     if checkpoint is None or not Path(checkpoint).is_dir():
         return checkpoint
+    from models.pretrained import NamedStateDict
+
     from .export import checkpoint_state_dict
     state, point = checkpoint_state_dict(checkpoint)
     log.info("model.checkpoint %s: the run's checkpoint %s (verified)", checkpoint, point.folder)
-    return state
+    return NamedStateDict(state, f"model.checkpoint {checkpoint} ({point.folder.name})")
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["PretrainedError", "read_state_dict", "load_pretrained", "HEAD_PREFIXES"]
+__all__ = ["PretrainedError", "NamedStateDict", "read_state_dict", "load_pretrained", "HEAD_PREFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,14 @@ _SHOWN = 3  # mismatched keys named in a refusal
 
 class PretrainedError(ValueError):
     """A pretrained file that is missing, unreadable or does not fit the recipe's model; names it."""
+
+
+class NamedStateDict(dict):
+    """A state_dict read elsewhere (a run folder, by the launcher) with the name the log lines give it."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], name: str) -> None:
+        super().__init__(state)
+        self.name = name
 
 
 def read_state_dict(path: Union[str, Path], what: str = "model.checkpoint") -> dict[str, torch.Tensor]:
@@ -111,7 +119,7 @@ def load_pretrained(model: nn.Module, source: Union[str, Path, Mapping[str, torc
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     if isinstance(source, Mapping):
-        where = where or f"{what} (a state_dict)"
+        where = where or getattr(source, "name", None) or f"{what} (a state_dict)"
         state = _unwrap(dict(source), where)
     else:
         where = where or f"{what} {source}"
