@@ -46,7 +46,13 @@ def checkpoint_state_dict(source: str):
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:
         state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {key: value.float() if value.is_floating_point() else value for key, value in state.items()}, point
+    state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+    from .guard import first_nonfinite
+    bad = first_nonfinite(state.items())
+    if bad is not None:  # written before the non-finite guard existed: never hand such weights on
+        raise RuntimeError(f"{folder} holds non-finite weights ({bad} has NaN or inf): not exporting it; export an "
+                           f"earlier checkpoint (RUN/checkpoints/step-N)")
+    return state, point
 
 
 def export(source: str, out: str) -> Path:

@@ -209,10 +209,13 @@ def pretrained_source(checkpoint: Optional[str]):
     folder) of this engine as the fp32 state_dict of its newest checkpoint that verifies (``launcher.export``)."""
     if checkpoint is None or not Path(checkpoint).is_dir():
         return checkpoint
-    from models.pretrained import NamedStateDict
+    from models.pretrained import NamedStateDict, PretrainedError
 
     from .export import checkpoint_state_dict
-    state, point = checkpoint_state_dict(checkpoint)
+    try:
+        state, point = checkpoint_state_dict(checkpoint)
+    except RuntimeError as err:  # damaged or non-finite checkpoints: named, a start-up refusal
+        raise PretrainedError(f"model.checkpoint {checkpoint}: {err}") from err
     log.info("model.checkpoint %s: the run's checkpoint %s (verified)", checkpoint, point.folder)
     return NamedStateDict(state, f"model.checkpoint {checkpoint} ({point.folder.name})")
 
