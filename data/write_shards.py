@@ -642,7 +642,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        {"imagefolder": imagefolder, "coco": coco, "synthetic": synthetic, "idx": idx, "cifar": cifar}[args.command](args)
+        writers = {"imagefolder": imagefolder, "coco": coco, "synthetic": synthetic, "idx": idx, "cifar": cifar}
+        writers[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         log.error("%s", err)
         return 2

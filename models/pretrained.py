@@ -160,7 +160,7 @@ def load_pretrained(model: nn.Module, source: Union[str, Path, Mapping[str, torc
             parts.append(f"the model has keys the file lacks: {', '.join(missing[:_SHOWN])}"
                          + (f" (and {len(missing) - _SHOWN} more)" if len(missing) > _SHOWN else ""))
         if unexpected:
-            parts.append(f"the file has keys the model lacks: "
+            parts.append("the file has keys the model lacks: "
                          + ", ".join(f"{key} {_shape(state[key])}" for key in unexpected[:_SHOWN])
                          + (f" (and {len(unexpected) - _SHOWN} more)" if len(unexpected) > _SHOWN else ""))
         raise PretrainedError(f"{where} does not fit the recipe's model ({type(model).__name__}, width "

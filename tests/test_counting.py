@@ -39,7 +39,10 @@ def random_cases(count: int, seed: int = 0):
     cases = []
     while len(cases) < count:
         num_patches = rng.choice([rng.randint(4, 80), 49, 64, 144, 196, 197, 576, 577, 784])
-        r1 = Fraction(rng.randint(1, 99), 100) if rng.random() < 0.7 else Fraction(rng.randint(1, 12), rng.randint(12, 30))
+        if rng.random() < 0.7:
+            r1 = Fraction(rng.randint(1, 99), 100)
+        else:
+            r1 = Fraction(rng.randint(1, 12), rng.randint(12, 30))
         r0 = r1 / 2 if rng.random() < 0.5 else r1 * Fraction(rng.randint(1, 10), 10)
         if math.floor(r0 * num_patches) < 1:
             continue
