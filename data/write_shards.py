@@ -3,7 +3,8 @@
     python -m data.write_shards imagefolder SRC OUT [--val-fraction 0.1] [--shard-size 1000] [--workers 4] [--seed 0]
     python -m data.write_shards synthetic OUT [--train 8192] [--val 1024] [--size 32] [--objects 1] [--token-labels 16]
     python -m data.write_shards coco IMG_DIR instances_val2017.json OUT --split val
-    python -m data.write_shards idx /usr/share/datasets/fashion-mnist OUT [--classes fashion-mnist]
+    python -m data.write_shards idx /usr/share/datasets/fashion-mnist OUT [--classes fashion-mnist] [--keep-classes 0-4]
+    python -m data.write_shards cifar cifar-10-batches-py OUT [--keep-classes 0,2,5]   # or cifar-100-python
 
 Every writer takes ``--seed`` (the write order; synthetic: also the images) and ``--no-shuffle``,
 and ``--upload s3://BUCKET/PREFIX`` to copy the written folder to object storage afterwards.
@@ -15,6 +16,12 @@ their class index in ``.cls``; unreadable images are counted, listed and skipped
 ``coco``: COCO images (stored as they are) + ``.json`` boxes (x0, y0, x1, y1 pixels), COCO class ids
 kept, ``iscrowd`` kept; the annotation file is copied to ``{split}_coco.json`` for evaluation.
 ``idx``: MNIST-style IDX files (``train-*`` -> split ``train``, ``t10k-*`` -> ``val``), grey PNGs + ``.cls``.
+``cifar``: the python-pickle batches users download (``cifar-10-batches-py``: ``data_batch_1..5`` ->
+``train``, ``test_batch`` -> ``val``, names from ``batches.meta``; ``cifar-100-python``: ``train`` /
+``test``, fine labels and names from ``meta``, ``--label coarse`` for the 20 superclasses), RGB PNGs +
+``.cls``. The pickles are read with an unpickler that admits numpy arrays and nothing else.
+``--keep-classes`` (idx, cifar): only those classes (``0-4``, ``5,7,9``), relabelled 0..K-1 in the order
+given; ``classes.json`` lists their names and ``shards.json`` the original labels (``class_filter``).
 ``synthetic``: the embedded default data (``data.synthetic``): ``.png`` + ``.cls`` + ``.json``
 (boxes, for detection), and ``{split}_coco.json`` ground truth for COCO evaluation.
 
@@ -384,10 +391,12 @@ def idx_files(src: Path, prefix: str) -> tuple[Path, Path]:
 
 
 class _EncodeIdx:
-    """Picklable: (split, index) -> a PNG of the grey image and its label (the arrays load once per process)."""
+    """Picklable: (split, index) -> a PNG of the grey image and its label (the arrays load once per process);
+    ``relabel``: original label -> written label (``--keep-classes``)."""
 
-    def __init__(self, files: dict[str, tuple[str, str]]) -> None:
+    def __init__(self, files: dict[str, tuple[str, str]], relabel: Optional[dict] = None) -> None:
         self.files = files
+        self.relabel = relabel
 
     def __call__(self, item) -> dict:
         from .idx import read_idx_pair
@@ -398,7 +407,8 @@ class _EncodeIdx:
         images, labels = _IDX_CACHE[split]
         png = io.BytesIO()
         Image.fromarray(images[index], mode="L").save(png, format="PNG")
-        return {"__key__": f"{split}_{index:06d}", "png": png.getvalue(), "cls": str(int(labels[index])).encode()}
+        label = int(labels[index]) if self.relabel is None else self.relabel[int(labels[index])]
+        return {"__key__": f"{split}_{index:06d}", "png": png.getvalue(), "cls": str(label).encode()}
 
 
 def idx(args) -> dict:
@@ -406,20 +416,166 @@ def idx(args) -> dict:
 
     src, out = Path(args.src), Path(args.out)
     files = {split: tuple(str(p) for p in idx_files(src, prefix)) for split, prefix in IDX_SPLITS.items()}
-    sizes = {}
+    all_labels = {}
+    names = IDX_CLASSES.get(args.classes) or args.classes.split(",")
     for split, (images, labels) in files.items():
         _, y = read_idx_pair(images, labels)  # checked before anything is written
-        sizes[split] = len(y)
+        all_labels[split] = y
         if args.classes in IDX_CLASSES and y.max() >= len(IDX_CLASSES[args.classes]):
             raise ValueError(f"{labels} has label {y.max()}, but {args.classes} has {len(IDX_CLASSES[args.classes])} classes")
+    indices, relabel, kept_names, block = class_filter(all_labels, args.keep_classes, names)
     prepare_out(out, args.overwrite)
-    encode = _EncodeIdx(files)
-    splits = {split: write_split(out, split, [(split, i) for i in range(n)], encode, args.shard_size, args.workers,
-                                 not args.no_progress, _order_seed(args))[0] for split, n in sizes.items()}
-    names = IDX_CLASSES.get(args.classes) or args.classes.split(",")
-    meta = write_index(out, splits, names, {"source": {"idx": str(src)}}, shuffle_seed=_order_seed(args))
+    encode = _EncodeIdx(files, relabel)
+    splits = {split: write_split(out, split, [(split, i) for i in chosen], encode, args.shard_size, args.workers,
+                                 not args.no_progress, _order_seed(args))[0] for split, chosen in indices.items()}
+    meta = write_index(out, splits, kept_names, {"source": {"idx": str(src)}, **block}, shuffle_seed=_order_seed(args))
     _report(out, meta, [])
     return meta
+
+
+# -- class filter (idx, cifar) ------------------------------------------------------------------
+
+def parse_class_list(text: str, num_classes: int) -> list[int]:
+    """``"0-4"`` / ``"5,7,9"`` / ``"0-2,8"`` -> original labels in that order; each in [0, num_classes), no repeats."""
+    labels: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise ValueError(f"--keep-classes {text!r}: {part!r} is not a label or a range like 0-4")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if last < first:
+            raise ValueError(f"--keep-classes {text!r}: the range {part} is empty")
+        labels += range(first, last + 1)
+    bad = [label for label in labels if label >= num_classes]
+    if bad:
+        raise ValueError(f"--keep-classes {text!r}: label {bad[0]} is not below the data set's {num_classes} classes")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--keep-classes {text!r} names a class twice")
+    return labels
+
+
+def class_filter(labels_by_split: dict[str, np.ndarray], keep: Optional[str], names: Sequence[str]):
+    """``(indices per split, new label of each original label or None, kept names, index block)`` for
+    ``--keep-classes``; without it every sample, labels unchanged."""
+    if keep is None:
+        return {split: list(range(len(y))) for split, y in labels_by_split.items()}, None, list(names), {}
+    kept = parse_class_list(keep, len(names))
+    relabel = {original: new for new, original in enumerate(kept)}
+    indices = {split: [int(i) for i in np.flatnonzero(np.isin(y, kept))] for split, y in labels_by_split.items()}
+    block = {"class_filter": {"kept_original_labels": kept, "relabelled": "original label kept[i] is written as i"}}
+    return indices, relabel, [names[label] for label in kept], block
+
+
+# -- cifar (python pickles) ---------------------------------------------------------------------
+
+class _NumpyOnlyUnpickler:
+    """Reads the CIFAR pickles (dicts of bytes keys, lists and numpy arrays) and refuses any other global:
+    a pickle may name any callable, and these files come from the internet."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    @classmethod
+    def load(cls, path: Path) -> dict:
+        import pickle
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module, name):
+                if (module, name) not in cls.ALLOWED:
+                    raise pickle.UnpicklingError(f"{path} names {module}.{name}: not a CIFAR batch")
+                return super().find_class(module, name)
+
+        try:
+            with open(path, "rb") as f:
+                data = Restricted(f, encoding="bytes").load()
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: cannot read as a CIFAR pickle: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a CIFAR pickle holds a dict, got {type(data).__name__}")
+        return {(k.decode() if isinstance(k, bytes) else k): v for k, v in data.items()}
+
+
+CIFAR_LAYOUTS = {  # folder -> (train files, eval files, meta file, names key, labels key by --label)
+    "cifar-10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta", {"fine": "label_names"},
+                 {"fine": "labels"}),
+    "cifar-100": (["train"], ["test"], "meta", {"fine": "fine_label_names", "coarse": "coarse_label_names"},
+                  {"fine": "fine_labels", "coarse": "coarse_labels"}),
+}
+
+
+def cifar_layout(src: Path) -> str:
+    found = [name for name, (train, test, meta, _, _) in CIFAR_LAYOUTS.items()
+             if all((src / f).is_file() for f in [*train, *test, meta])]
+    if not found:
+        raise FileNotFoundError(f"{src} is neither cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta) "
+                                f"nor cifar-100-python (train, test, meta)")
+    return found[0]
+
+
+def read_cifar_split(src: Path, files: Sequence[str], labels_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images ``[N, 32, 32, 3]`` and int64 labels ``[N]`` of the batches ``files``."""
+    images, labels = [], []
+    for name in files:
+        batch = _NumpyOnlyUnpickler.load(src / name)
+        if "data" not in batch or labels_key not in batch:
+            raise ValueError(f"{src / name} has no 'data' / {labels_key!r} entries (keys: {sorted(batch)})")
+        data, y = np.asarray(batch["data"]), np.asarray(batch[labels_key])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(y) != len(data):
+            raise ValueError(f"{src / name}: expected uint8 data [N, 3072] and N labels, got {data.dtype} "
+                             f"{list(data.shape)} and {len(y)} labels")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R, G, B planes of 1024 each
+        labels.append(y.astype(np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+class _EncodeCifar:
+    """Picklable: (split, index) -> an RGB PNG and its (relabelled) class; the batches load once per process."""
+
+    def __init__(self, src: str, files: dict[str, list[str]], labels_key: str, relabel: Optional[dict]) -> None:
+        self.src, self.files, self.labels_key, self.relabel = src, files, labels_key, relabel
+        self.arrays: dict = {}
+
+    def __call__(self, item) -> dict:
+        split, index = item
+        if split not in self.arrays:
+            self.arrays[split] = read_cifar_split(Path(self.src), self.files[split], self.labels_key)
+        images, labels = self.arrays[split]
+        label = int(labels[index]) if self.relabel is None else self.relabel[int(labels[index])]
+        png = io.BytesIO()
+        Image.fromarray(images[index], mode="RGB").save(png, format="PNG")
+        return {"__key__": f"{split}_{index:06d}", "png": png.getvalue(), "cls": str(label).encode()}
+
+
+def cifar(args) -> dict:
+    src, out = Path(args.src), Path(args.out)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source directory {src} does not exist")
+    layout = cifar_layout(src)
+    train_files, test_files, meta_file, names_keys, labels_keys = CIFAR_LAYOUTS[layout]
+    if args.label not in labels_keys:
+        raise ValueError(f"--label {args.label}: {layout} has {', '.join(labels_keys)} labels")
+    meta = _NumpyOnlyUnpickler.load(src / meta_file)
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_keys[args.label], [])]
+    if not names:
+        raise ValueError(f"{src / meta_file} has no {names_keys[args.label]!r}")
+    files = {"train": train_files, "val": test_files}
+    labels = {}
+    for split, split_files in files.items():  # read and checked before anything is written
+        _, y = read_cifar_split(src, split_files, labels_keys[args.label])
+        if len(y) and (y.min() < 0 or y.max() >= len(names)):
+            raise ValueError(f"{src}: label {int(y.max())} of split {split} has no name ({len(names)} classes)")
+        labels[split] = y
+    indices, relabel, kept_names, block = class_filter(labels, args.keep_classes, names)
+    prepare_out(out, args.overwrite)
+    encode = _EncodeCifar(str(src), files, labels_keys[args.label], relabel)
+    splits = {split: write_split(out, split, [(split, i) for i in chosen], encode, args.shard_size, args.workers,
+                                 not args.no_progress, _order_seed(args))[0] for split, chosen in indices.items()}
+    meta_out = write_index(out, splits, kept_names, {"source": {layout: str(src), "label": args.label}, **block},
+                           shuffle_seed=_order_seed(args))
+    _report(out, meta_out, [])
+    return meta_out
 
 
 # -- coco ---------------------------------------------------------------------------------------
@@ -535,6 +691,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     idx_parser.add_argument("out")
     idx_parser.add_argument("--classes", default="fashion-mnist",
                             help="fashion-mnist, mnist, or comma-separated class names in label order")
+    keep_help = ("only these classes, e.g. 0-4 or 5,7,9 (original labels), relabelled 0..K-1 in the order given "
+                 "(a disjoint pre-training / fine-tuning split)")
+    idx_parser.add_argument("--keep-classes", metavar="LABELS", help=keep_help)
+    cifar_parser = sub.add_parser("cifar", parents=[common, order_seed],
+                                  help="CIFAR-10 / CIFAR-100 python pickles -> train and val shards")
+    cifar_parser.add_argument("src", help="cifar-10-batches-py or cifar-100-python (the folders in the downloaded tar.gz)")
+    cifar_parser.add_argument("out")
+    cifar_parser.add_argument("--label", default="fine", choices=("fine", "coarse"),
+                              help="CIFAR-100: the 100 fine classes or the 20 coarse superclasses")
+    cifar_parser.add_argument("--keep-classes", metavar="LABELS", help=keep_help)
     synth = sub.add_parser("synthetic", parents=[common], help="the embedded default data set")
     synth.add_argument("out")
     synth.add_argument("--train", type=int, default=8192)
@@ -570,7 +736,8 @@ def main(argv=None) -> int:
             log.error("--upload: %s", err)
             return 2
     try:
-        {"imagefolder": imagefolder, "coco": coco, "synthetic": synthetic, "idx": idx}[args.command](args)
+        writers = {"imagefolder": imagefolder, "coco": coco, "synthetic": synthetic, "idx": idx, "cifar": cifar}
+        writers[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         log.error("%s", err)
         return 2

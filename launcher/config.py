@@ -42,7 +42,11 @@ class ModelConfig:
     num_classes: int = 1000
     img_size: int = 224
     drop_path: float = 0.1
-    checkpoint: Optional[str] = None  # local weights file; nothing is downloaded
+    # pretrained weights to fine-tune from (docs/finetuning.md), nothing is downloaded: a .pth (bare / under model /
+    # state_dict), a .safetensors, launcher.export output, or a run folder of this engine (its newest verified
+    # checkpoint). A run that resumes from its own checkpoint does not apply it.
+    checkpoint: Optional[str] = None
+    reinit_head: bool = False  # fresh classifier heads even when the file's class count matches (a new label set)
     kwargs: dict = field(default_factory=dict)  # more timm.create_model arguments (patch_size, depth, ...)
 
 
@@ -430,6 +434,7 @@ def _validate(cfg: RunConfig) -> None:
     if t.ds_config is not None and not _ds_path(cfg).is_file():
         raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
     cfg.methods = _methods(cfg.methods, cfg.method_modules)
+    _check_pretrained(cfg)
 
 
 def _validate_remote(cfg: RunConfig) -> None:
@@ -510,6 +515,17 @@ def _methods(sections: dict, modules: list) -> dict:
     return built
 
 
+def _check_pretrained(cfg: RunConfig) -> None:
+    """A method that cannot fine-tune refuses ``model.checkpoint`` with its reason (docs/finetuning.md)."""
+    if cfg.model.checkpoint is None:
+        return
+    from methods.registry import check_pretrained
+    try:
+        check_pretrained(cfg.methods)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def _legacy_toe(data: dict) -> None:
     """Recipes and run folders written before the method registry have a ``toe:`` section."""
     if "toe" not in data:
@@ -540,11 +556,11 @@ def resolved(cfg: RunConfig) -> str:
 
 # Options a resumed run may change: where the run is and how it is watched, not what it trains
 # (logging, evaluation and checkpoint cadence, DataLoader workers, timeouts, compilation, the pretrained
-# file a resume does not re-read). The world size is not a recipe key: another one resumes through a
+# file and head choice a resume does not re-apply). The world size is not a recipe key: another one resumes through a
 # universal checkpoint. Any other change on resume is refused unless --allow-recipe-change.
-RESUMABLE = ("name", "out_dir", "model.checkpoint", "data.workers", "train.log_every", "train.eval_every",
-             "train.eval_on_start", "train.collective_timeout_minutes", "train.signal_check_every", "train.compile",
-             "train.compile_backend", "checkpoint.every", "checkpoint.keep",
+RESUMABLE = ("name", "out_dir", "model.checkpoint", "model.reinit_head", "data.workers", "train.log_every",
+             "train.eval_every", "train.eval_on_start", "train.collective_timeout_minutes", "train.signal_check_every",
+             "train.compile", "train.compile_backend", "checkpoint.every", "checkpoint.keep",
              # how remote shards are reached, retried and cached (data/remote.py), not which data is read
              "data.s3_endpoint", "data.remote_retries", "data.remote_backoff", "data.remote_backoff_max",
              "data.remote_timeout", "data.max_lost_share", "data.cache_dir", "data.cache_size_gb")
@@ -558,14 +574,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def _default_of(key: str, defaults: dict[str, Any]) -> Any:
-    """The value an option absent from an older run folder's config had then: the default (a
-    method's own config class for ``methods.NAME.OPTION``)."""
+def _absent_value(key: str, defaults: dict[str, Any]) -> Any:
+    """What an option absent from an older run folder's config stood for: its default, or, for a
+    method option that changed behaviour when it was added, the value its config class names in
+    ``legacy`` (``methods.NAME.OPTION``)."""
     parts = key.split(".")
     if parts[0] == "methods" and len(parts) == 3:
         import methods as registry
         try:
-            return getattr(registry.method(parts[1]).config(), parts[2], _MISSING)
+            config = registry.method(parts[1]).config
+            legacy = getattr(config, "legacy", {})
+            return legacy[parts[2]] if parts[2] in legacy else getattr(config(), parts[2], _MISSING)
         except (KeyError, TypeError):
             return _MISSING
     return defaults.get(key, _MISSING)
@@ -574,15 +593,15 @@ def _default_of(key: str, defaults: dict[str, Any]) -> Any:
 def recipe_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """``(key, old value, new value)`` for each option two resolved recipes (``yaml.safe_load`` of
     ``resolved``) set differently. An option the old one lacks (a run folder written before the option
-    existed) counts only if the new one sets it away from its default."""
+    existed) counts only if the new one sets it away from what its absence meant (``_absent_value``)."""
     before, after = _flatten(old or {}), _flatten(new or {})
     defaults = _flatten(yaml.safe_load(resolved(RunConfig())))
     changes = []
     for key in sorted(set(before) | set(after)):
         was, now = before.get(key, _MISSING), after.get(key, _MISSING)
+        if was is _MISSING:
+            was = _absent_value(key, defaults)
         if was == now:
-            continue
-        if was is _MISSING and now == _default_of(key, defaults):
             continue
         changes.append((key, None if was is _MISSING else was, None if now is _MISSING else now))
     return changes

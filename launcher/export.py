@@ -36,8 +36,7 @@ def plain_model(config_path: Path) -> torch.nn.Module:
     from .tasks import make_task
 
     cfg = load_config(str(config_path))
-    cfg.model.checkpoint = None
-    return make_task(cfg).build_model()[0]
+    return make_task(cfg).build_model(pretrained=False)[0]
 
 
 def checkpoints_folder(source: Path) -> Path:
@@ -48,15 +47,15 @@ def checkpoints_folder(source: Path) -> Path:
     return source / "checkpoints" if (source / "checkpoints").is_dir() else source
 
 
-def export(source: str, out: str) -> Path:
+def checkpoint_state_dict(source: str):
+    """``(state_dict, point)``: the fp32 module weights of a run folder's newest checkpoint that verifies (or
+    of one ``step-N`` folder, which must verify); also what ``model.checkpoint`` reads from a run folder."""
     # a run training meanwhile keeps this checkpoint from its verification to its load (rotation is deferred)
     with checkpoint_readers(checkpoints_folder(Path(source))):
         point = find_resume_point(Path(source))
         if point is None:
             raise FileNotFoundError(f"no complete checkpoint under {source}")
         folder = point.folder
-        run_dir = folder.parent.parent
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
         if point.meta["zero_stage"] > 0:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
@@ -69,6 +68,14 @@ def export(source: str, out: str) -> Path:
     if bad is not None:  # written before the non-finite guard existed: never hand such weights on
         raise RuntimeError(f"{folder} holds non-finite weights ({bad} has NaN or inf): not exporting it; export an "
                            f"earlier checkpoint (RUN/checkpoints/step-N)")
+    return state, point
+
+
+def export(source: str, out: str) -> Path:
+    state, point = checkpoint_state_dict(source)
+    folder = point.folder
+    run_dir = folder.parent.parent
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     plain = plain_model(run_dir / "config.yaml")
     plain.load_state_dict(state, strict=True)
     out_path = Path(out)

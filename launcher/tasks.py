@@ -4,8 +4,10 @@ The step loop in ``launcher.train`` is the same for both; it asks its task for t
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -13,7 +15,9 @@ import torch.nn.functional as F
 
 from .config import RunConfig, remote_options
 
-__all__ = ["ClassificationTask", "DetectionTask", "TokenLabellingTask", "make_task"]
+__all__ = ["ClassificationTask", "DetectionTask", "TokenLabellingTask", "make_task", "pretrained_source"]
+
+log = logging.getLogger(__name__)
 
 
 class ClassificationTask:
@@ -23,11 +27,15 @@ class ClassificationTask:
         self.cfg = cfg
         self.mixup = None
 
-    def build_model(self):
+    def build_model(self, pretrained: bool = True):
+        """The model and its suffix-token count; ``pretrained``: with ``model.checkpoint``'s weights (a run
+        that resumes from its own checkpoint builds without them)."""
         from models import create_classifier
         m = self.cfg.model
-        return create_classifier(m.name, num_classes=m.num_classes, img_size=m.img_size, drop_path=m.drop_path,
-                                 checkpoint=m.checkpoint, **m.kwargs), 0
+        with pretrained_refusals():
+            return create_classifier(m.name, num_classes=m.num_classes, img_size=m.img_size, drop_path=m.drop_path,
+                                     checkpoint=pretrained_source(m.checkpoint) if pretrained else None,
+                                     reinit_head=m.reinit_head, **m.kwargs), 0
 
     def build_streams(self, *, micro: int, rank: int, world: int, pin_memory: bool):
         from data.stream import build_eval_stream, build_train_stream
@@ -149,12 +157,14 @@ class DetectionTask:
         self.criterion = SetCriterion(cfg.model.num_classes, eos_coef=det.eos_coef, weight_ce=det.weight_ce,
                                       weight_bbox=det.weight_bbox, weight_giou=det.weight_giou)
 
-    def build_model(self):
+    def build_model(self, pretrained: bool = True):
         from models.yolos import create_yolos
         m, det = self.cfg.model, self.cfg.detection
-        model = create_yolos(m.name, num_classes=m.num_classes, num_det_tokens=det.num_det_tokens,
-                             img_size=m.img_size, init_pe_size=det.init_pe_size, mid_pos_embed=det.mid_pos_embed,
-                             mid_pe_size=det.mid_pe_size, drop_path=m.drop_path, checkpoint=m.checkpoint, **m.kwargs)
+        with pretrained_refusals():
+            model = create_yolos(m.name, num_classes=m.num_classes, num_det_tokens=det.num_det_tokens,
+                                 img_size=m.img_size, init_pe_size=det.init_pe_size, mid_pos_embed=det.mid_pos_embed,
+                                 mid_pe_size=det.mid_pe_size, drop_path=m.drop_path,
+                                 checkpoint=pretrained_source(m.checkpoint) if pretrained else None, **m.kwargs)
         return model, det.num_det_tokens
 
     def build_streams(self, *, micro: int, rank: int, world: int, pin_memory: bool):
@@ -204,6 +214,35 @@ class DetectionTask:
         dist.all_reduce(count)
         results["eval_samples"] = int(count.item())
         return results
+
+
+def pretrained_source(checkpoint: Optional[str]):
+    """``model.checkpoint`` as the model builders take it: a file path as it is; a run folder (or a ``step-N``
+    folder) of this engine as the fp32 state_dict of its newest checkpoint that verifies (``launcher.export``)."""
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        return checkpoint
+    from models.pretrained import NamedStateDict, PretrainedError
+
+    from .export import checkpoint_state_dict
+    try:
+        state, point = checkpoint_state_dict(checkpoint)
+    except RuntimeError as err:  # damaged or non-finite checkpoints: named, a start-up refusal
+        raise PretrainedError(f"model.checkpoint {checkpoint}: {err}") from err
+    log.info("model.checkpoint %s: the run's checkpoint %s (verified)", checkpoint, point.folder)
+    return NamedStateDict(state, f"model.checkpoint {checkpoint} ({point.folder.name})")
+
+
+@contextlib.contextmanager
+def pretrained_refusals():
+    """A pretrained source that is missing, damaged or does not fit: a start-up refusal (exit 2) naming it."""
+    from models.pretrained import PretrainedError
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    try:
+        yield
+    except (PretrainedError, CheckpointError, FileNotFoundError) as err:
+        raise ConfigError(str(err) if isinstance(err, PretrainedError) else f"model.checkpoint: {err}") from err
 
 
 def make_task(cfg: RunConfig):

@@ -341,7 +341,7 @@ class Trainer:
     def _meta_model(self):
         """The recipe's model on the meta device: shapes for the methods' run length, no weights."""
         with torch.device("meta"):
-            return self.task.build_model()[0]
+            return self.task.build_model(pretrained=False)[0]
 
     def _build(self, point):
         import deepspeed
@@ -352,7 +352,9 @@ class Trainer:
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-        model, num_suffix = self.task.build_model()
+        model, num_suffix = self.task.build_model(pretrained=point is None)  # resume wins over model.checkpoint
+        if point is not None and cfg.model.checkpoint and self.rank == 0:
+            log.info("model.checkpoint %s is not applied: the run resumes from its own checkpoint", cfg.model.checkpoint)
         context = MethodContext(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                                 num_suffix=num_suffix, task=cfg.task, rank=self.rank, world_size=self.world,
                                 seed=cfg.train.seed, grad_accum=cfg.train.grad_accum)

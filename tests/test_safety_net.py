@@ -271,3 +271,16 @@ def test_disk_full_while_checkpointing_names_enospc_and_the_path(tmp_path, tiny_
         subprocess.run(["umount", "-l", str(mount)], check=False)
     assert code == 1, out[-3000:]
     assert "no space left on the device (ENOSPC) writing checkpoint" in out and str(mount / "run") in out, out[-3000:]
+
+
+def test_recipe_changes_read_an_older_run_folder_by_what_its_absent_options_meant():
+    import yaml
+    from launcher.config import load_config, recipe_changes, resolved
+    current = yaml.safe_load(resolved(load_config(str(RECIPE))))
+    older = yaml.safe_load(resolved(load_config(str(RECIPE))))
+    del older["train"]["signal_check_every"]  # added later, left at its default: the same run
+    del older["methods"]["toe"]["counting"]  # added later with a new default: the older run counted by rates
+    assert recipe_changes(older, current) == [("methods.toe.counting", "rates", "paper")]
+    assert recipe_changes(older, yaml.safe_load(resolved(load_config(str(RECIPE), ["methods.toe.counting=rates"])))) == []
+    changed = yaml.safe_load(resolved(load_config(str(RECIPE), ["train.seed=3", "train.log_every=7"])))
+    assert [key for key, _, _ in recipe_changes(current, changed)] == ["train.log_every", "train.seed"]
