@@ -17,7 +17,8 @@ from conftest import free_port
 from data import write_shards
 from launcher.checkpoint import MANIFEST, Checkpointer, file_record
 from launcher.guard import DivergedError, NonFiniteGuard, first_nonfinite
-from test_engine import TINY, kill_tree
+from test_engine import TINY
+from test_reliability import finish_all
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/deit_tiny_toe_cpu.yaml"
@@ -42,18 +43,6 @@ def start_ranks(per_rank: list[list[str]], *, cwd=None, env=None):
                                           cwd=(cwd or [ROOT] * len(per_rank))[rank], env=rank_env, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
     return processes
-
-
-def finish_all(processes, timeout):
-    deadline, outputs = time.time() + timeout, []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=max(1.0, deadline - time.time()))[0])
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                kill_tree(p.pid, signal.SIGKILL)
-            raise AssertionError(f"the job did not end within {timeout} s (a rank hangs)")
-    return outputs
 
 
 def strict_records(run_dir: Path) -> list[dict]:
