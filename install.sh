@@ -40,9 +40,12 @@ fi
 
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "install: Python >= 3.10 required" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q --upgrade pip setuptools
 # requirements.txt excludes torch's local CPU-only build, which breaks torchvision (see the file)
 "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
+# the project itself, editable, for its commands (toe-train, toe-export, ...; pyproject.toml); --no-deps: the pins
+# above are what it runs on
+"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 # NVIDIA DALI for data.backend=dali (optional at run time; installed so that the tests run its CPU
 # pipeline). Its wheels are Linux x86_64 / aarch64 only: elsewhere, or with INSTALL_DALI=0, it is skipped
 # and tests/test_dali.py says so.

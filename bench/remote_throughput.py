@@ -38,12 +38,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from object_store import HttpServer, SeaweedS3  # noqa: E402  (the tests' servers)
+
 from bench.data_throughput import make_folder  # noqa: E402
 from data import write_shards  # noqa: E402
 from data.remote import RemoteOptions  # noqa: E402
 from data.shards import ShardIndex  # noqa: E402
 from data.stream import build_train_stream  # noqa: E402
-from object_store import HttpServer, SeaweedS3  # noqa: E402  (the tests' servers)
 
 
 def raw_read(url: str, remote: RemoteOptions) -> dict:

@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import BinaryIO, Optional
 
 __all__ = ["RemoteOptions", "RemoteReader", "ShardCache", "RemoteError", "RemoteNotFound", "RemoteDenied",
-           "RetriesExhausted", "DataLostError", "check_lost_share", "is_remote", "join", "upload_folder", "read_bytes", "check_location", "SCHEMES"]
+           "RetriesExhausted", "DataLostError", "check_lost_share", "is_remote", "join", "upload_folder", "read_bytes",
+           "check_location", "SCHEMES"]
 
 log = logging.getLogger(__name__)
 SCHEMES = ("s3://", "http://", "https://", "pipe:")

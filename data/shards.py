@@ -32,8 +32,7 @@ import numpy as np
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from .remote import (RemoteError, RemoteNotFound, RemoteOptions, RemoteReader, RetriesExhausted, is_remote, join,
-                     read_bytes)
+from .remote import RemoteError, RemoteNotFound, RemoteOptions, RemoteReader, RetriesExhausted, is_remote, join, read_bytes
 
 __all__ = ["INDEX_NAME", "ShardIndex", "ShardIndexError", "SplitIndex", "check_key", "check_num_classes", "read_samples",
            "ShardReadError", "ShardLostError"]

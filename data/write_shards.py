@@ -422,7 +422,8 @@ def idx(args) -> dict:
         _, y = read_idx_pair(images, labels)  # checked before anything is written
         all_labels[split] = y
         if args.classes in IDX_CLASSES and y.max() >= len(IDX_CLASSES[args.classes]):
-            raise ValueError(f"{labels} has label {y.max()}, but {args.classes} has {len(IDX_CLASSES[args.classes])} classes")
+            raise ValueError(f"{labels} has label {y.max()}, but {args.classes} has {len(IDX_CLASSES[args.classes])} "
+                             f"classes")
     indices, relabel, kept_names, block = class_filter(all_labels, args.keep_classes, names)
     prepare_out(out, args.overwrite)
     encode = _EncodeIdx(files, relabel)
@@ -679,7 +680,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     folder.add_argument("out")
     folder.add_argument("--val-fraction", type=float, default=0.0,
                         help="share of images put in a val split (by key hash); ignored when SRC has train/ and val/")
-    coco_parser = sub.add_parser("coco", parents=[common, order_seed], help="COCO images + instances json -> detection shards")
+    coco_parser = sub.add_parser("coco", parents=[common, order_seed],
+                                 help="COCO images + instances json -> detection shards")
     coco_parser.add_argument("images", help="the image folder (file_name in the json is relative to it)")
     coco_parser.add_argument("annotations", help="instances_*.json")
     coco_parser.add_argument("out")

@@ -140,7 +140,8 @@ class CheckpointConfig:
 @dataclass
 class DetectionConfig:  # defaults: hustvl/YOLOS main.py and datasets/coco.py for YOLOS-S (recipes name sources)
     num_det_tokens: int = 100
-    init_pe_size: Optional[list] = None  # [h, w] px grid the ImageNet position table is resampled to once; null: model.img_size
+    # [h, w] px grid the ImageNet position table is resampled to once; null: model.img_size
+    init_pe_size: Optional[list] = None
     mid_pos_embed: bool = False
     mid_pe_size: Optional[list] = None  # [h, w] px grid of the mid position tables; null: init_pe_size
     scales: list = field(default_factory=lambda: list(range(480, 801, 16)))

@@ -52,7 +52,8 @@ class ClassificationTask:
                                    seed=cfg.train.seed, image_size=cfg.model.img_size, split=d.train_split,
                                    buffer_size=d.buffer_size, repeats=d.repeats, pin_memory=pin_memory,
                                    **({"token_labels": True} if self.token_labels else {}), **remote, **options)
-        evaluation = build_eval_stream(d.eval_path or d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
+        evaluation = build_eval_stream(d.eval_path or d.path, batch_size=micro, rank=rank, world_size=world,
+                                       num_workers=d.workers,
                                        image_size=cfg.model.img_size, split=d.eval_split, crop_pct=d.crop_pct,
                                        pin_memory=pin_memory, **remote, **common)
         if d.mixup > 0 or d.cutmix > 0:  # per rank: each rank draws its own lambda and box, as timm does
@@ -207,7 +208,8 @@ class DetectionTask:
         for prefix, mine in predictions.items():
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, mine)
-            scores = [coco_evaluate([r for part in gathered for r in part], ground_truth)] if dist.get_rank() == 0 else [None]
+            detections = [r for part in gathered for r in part]
+            scores = [coco_evaluate(detections, ground_truth)] if dist.get_rank() == 0 else [None]
             dist.broadcast_object_list(scores, src=0)
             results.update({f"{prefix}{k}": v for k, v in scores[0].items()})
         count = torch.tensor([float(samples)], device=device)

@@ -176,6 +176,7 @@ def _check_resume_args(args) -> None:
 # no traceback; anything else is logged with its traceback by every rank that meets it
 def _startup_refusal(err: BaseException) -> bool:
     from data.shards import ShardIndexError
+
     from .checkpoint import CheckpointError
     from .runlock import RunLockedError
     return isinstance(err, (ConfigError, ShardIndexError, RunLockedError)) or (
@@ -345,6 +346,7 @@ class Trainer:
 
     def _build(self, point):
         import deepspeed
+
         from methods import MethodContext, build_stack
         from models import weight_decay_groups
 

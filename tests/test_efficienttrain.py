@@ -10,13 +10,18 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-
 from conftest import free_port
+
 from data.stream import build_train_stream
 from launcher.config import ConfigError, load_config
 from methods import MethodContext, build_stack
-from methods.efficienttrain import (EfficientTrainConfig, EfficientTrainSchedule, MagnitudeSchedule,
-                                    low_frequency_crop, run_flops_share)
+from methods.efficienttrain import (
+    EfficientTrainConfig,
+    EfficientTrainSchedule,
+    MagnitudeSchedule,
+    low_frequency_crop,
+    run_flops_share,
+)
 from methods.toe import ToEConfig
 from models.cost import ViTShape, forward_flops
 from toe import ToESchedule
@@ -317,7 +322,8 @@ def test_two_ranks_zero2_across_size_changes_resume_exactly_and_export_to_timm(t
     assert [steps[t]["et/size"] for t in range(12)] == [24] * 8 + [28] * 2 + [32] * 2
     assert [steps[t]["et/magnitude"] for t in (0, 3, 5, 8, 10)] == [1, 3, 5, 7, 9]
     assert [steps[t]["cost/patch_tokens"] for t in (0, 8, 10)] == [36, 49, 64]
-    assert [steps[t]["toe/kept_tokens"] for t in (0, 4, 7, 8, 11)] == [18, 27, 27, 49, 64]  # the paper's counts at the N of the step
+    # the paper's counts at the N of the step
+    assert [steps[t]["toe/kept_tokens"] for t in (0, 4, 7, 8, 11)] == [18, 27, 27, 49, 64]
     resumed = tmp_path / "resumed"  # from step 6: mid ET stage 3, mid ToE stage 2; then both change again
     out = run_et(resumed, tiny_shards, "--resume", str(straight / "checkpoints" / "step-6"))
     assert "resumed at step 6" in out

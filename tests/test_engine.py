@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import free_port
 
 from data import write_shards
 from launcher.train import lr_at
-from conftest import free_port
 from toe import ToESchedule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,7 +37,8 @@ def test_definition_details():
     assert block.attn.qkv.bias is None and block.attn.proj.bias is not None
     assert block.norm1.eps == 1e-5 and model.norm.eps == 1e-5
     assert block.mlp.fc1.out_features == 3 * model.embed_dim
-    assert model.residual_divisor == 2.0 and create_classifier("lvvit_t", num_classes=10, img_size=32, patch_size=4, depth=1).residual_divisor == 1.0
+    shallow = create_classifier("lvvit_t", num_classes=10, img_size=32, patch_size=4, depth=1)
+    assert model.residual_divisor == 2.0 and shallow.residual_divisor == 1.0
     # the cls token is drawn like pos_embed (std 0.02), not timm's 1e-6
     assert model.cls_token.std() > 1e-3 and model.head.bias.abs().max() == 0 and model.aux_head.bias.abs().max() == 0
     stem = model.patch_embed.conv
@@ -312,7 +313,6 @@ def test_batchnorm_statistics_are_rank_zeros_after_the_broadcast(tmp_path):
     """No SyncBN (official): ranks' BN statistics drift apart and so would their evaluations; after
     ``broadcast_batchnorm`` (the token-labelling plug-in's ``after_step``) both ranks evaluate alike."""
     import torch.multiprocessing as mp
-
     from conftest import free_port
     mp.spawn(_bn_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     zero, one = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port
+from test_engine import TINY, finish, kill_tree, module_state, start, wait_for_step
+
 from data import write_shards
 from data.shards import ShardIndex, ShardIndexError
 from data.stream import build_train_stream
@@ -25,7 +26,6 @@ from launcher import config as config_module
 from launcher.checkpoint import MANIFEST, Checkpointer, CheckpointError, ResumePoint, select_resume_point
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.runlock import RunLock, RunLockedError
-from test_engine import TINY, finish, kill_tree, module_state, start, wait_for_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/deit_tiny_toe_cpu.yaml"

@@ -419,5 +419,6 @@ def test_the_tiny_lvvit_recipe_writes_its_token_labelled_shards_on_a_fresh_check
     assert result.returncode == 0, out[-4000:]
     index = json.loads((shards / "shards.json").read_text())
     assert index["synthetic"] == {"seed": 0, "size": 32, "objects": 1}
-    assert index["token_labels"]["teacher"] == "oracle" and (index["token_labels"]["h"], index["token_labels"]["w"]) == (16, 16)
+    labels = index["token_labels"]
+    assert labels["teacher"] == "oracle" and (labels["h"], labels["w"]) == (16, 16)
     assert "no shard index" not in out and (tmp_path / "run" / "final.json").is_file()

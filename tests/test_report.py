@@ -70,7 +70,7 @@ def resumed_run(path: Path, seed=0, top1_final=0.5, speed=1.0, flops=1e13, toe=T
 
 def table(md: str) -> dict[str, dict[str, str]]:
     """The first markdown table of report.md: recipe label -> {column: cell}."""
-    lines = [l for l in md.split("## Runs")[0].splitlines() if l.startswith("|")]
+    lines = [line for line in md.split("## Runs")[0].splitlines() if line.startswith("|")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[2:]:

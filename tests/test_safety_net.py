@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port
+from test_engine import TINY
+from test_reliability import finish_all
+
 from data import write_shards
 from launcher.checkpoint import MANIFEST, Checkpointer, file_record
 from launcher.guard import DivergedError, NonFiniteGuard, first_nonfinite
-from test_engine import TINY
-from test_reliability import finish_all
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/deit_tiny_toe_cpu.yaml"
@@ -97,7 +97,7 @@ def test_a_nan_loss_stops_the_run_and_never_replaces_the_last_finite_checkpoint(
     assert any(r["loss"] is None and r["nonfinite/loss_steps"] >= 1 for r in windows)
     assert records[-1]["event"] == "diverged" and "not finite" in records[-1]["error"]
     assert not (run_dir / "final.json").exists()
-    from launcher.report import load_run, _status
+    from launcher.report import _status, load_run
     assert _status(load_run(run_dir)) == "diverged"
     from launcher.export import export
     exported = torch.load(export(str(run_dir), str(tmp_path / "model.pth")), weights_only=True)
@@ -264,6 +264,7 @@ def test_disk_full_while_checkpointing_names_enospc_and_the_path(tmp_path, tiny_
 
 def test_recipe_changes_read_an_older_run_folder_by_what_its_absent_options_meant():
     import yaml
+
     from launcher.config import load_config, recipe_changes, resolved
     current = yaml.safe_load(resolved(load_config(str(RECIPE))))
     older = yaml.safe_load(resolved(load_config(str(RECIPE))))

@@ -8,7 +8,6 @@ import torch
 
 from toe import ToESchedule, expand_tokens
 
-
 # -- a straightforward reference: one sample, Python lists, float64 numpy (TOE_SPEC "The op") --
 
 def reference_distances(patches: np.ndarray, distance: str) -> np.ndarray:

@@ -20,7 +20,7 @@ import bisect
 import math
 import numbers
 from fractions import Fraction
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, TypeGuard, Union
 
 if TYPE_CHECKING:  # pragma: no cover
     from models.cost import ViTShape
@@ -278,5 +278,5 @@ class ToESchedule:
             raise ValueError(f"stage must be an int in [{low}, {self.num_stages}], got {stage!r}{hint}")
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

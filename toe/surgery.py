@@ -87,7 +87,7 @@ class TokenExpansion(nn.Module):
         self.schedule = schedule
         self.num_prefix = int(num_prefix)
         self.num_suffix = int(num_suffix)
-        self.options = dict(distance=distance, init=init, expand=bool(expand), merge=bool(merge))
+        self.options: dict[str, Any] = dict(distance=distance, init=init, expand=bool(expand), merge=bool(merge))
         self.sparse_eval = bool(sparse_eval)
         self.step: Optional[int] = None
         self.stage: Optional[int] = None
@@ -150,7 +150,7 @@ class TokenExpansion(nn.Module):
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens of the last forward zero-padded back to every patch position."""
-        if self.keep_index is None:
+        if self.keep_index is None or self.num_patches is None:
             return x
         return restore_tokens(x, self.keep_index, self.num_patches, self.num_prefix, self.num_suffix)
 
@@ -189,14 +189,15 @@ def apply_token_expansion(model: nn.Module, schedule: ToESchedule, *, num_suffix
     if not 0 <= schedule.block < len(blocks):
         raise ValueError(f"schedule.block={schedule.block} must be in [0, {len(blocks) - 1}] for a "
                          f"{len(blocks)}-block model (ToE must be followed by at least one block)")
-    module = TokenExpansion(schedule, num_prefix=model.num_prefix_tokens, num_suffix=num_suffix, **options)
+    module = TokenExpansion(schedule, num_prefix=int(getattr(model, "num_prefix_tokens")), num_suffix=num_suffix,
+                            **options)
     module.train(model.training)
     model.token_expansion = module
     blocks[schedule.block].register_forward_pre_hook(module._pre_hook, with_kwargs=True)
     if restore:
         if not isinstance(getattr(model, "norm", None), nn.Module):
             raise TypeError(f"{type(model).__name__} has no final norm to restore the tokens after")
-        model.norm.register_forward_hook(module._restore_hook)
+        getattr(model, "norm").register_forward_hook(module._restore_hook)
     log.info("Token Expansion inserted before blocks[%d]: %r", schedule.block, schedule)
     return module
 
@@ -208,12 +209,13 @@ def remove_token_expansion(model: nn.Module) -> None:
         raise ValueError("Token Expansion is not applied to this model")
     # find the hook by the module it is bound to: a handle kept from apply_token_expansion would
     # point at the original model's hooks even inside a deep copy of the model
-    block = model.blocks[module.schedule.block]
+    block = getattr(model, "blocks")[module.schedule.block]
     for key, hook in list(block._forward_pre_hooks.items()):
         if getattr(hook, "__self__", None) is module:
             del block._forward_pre_hooks[key]
             block._forward_pre_hooks_with_kwargs.pop(key, None)
-    for key, hook in list(getattr(model, "norm", nn.Identity())._forward_hooks.items()):
+    norm = getattr(model, "norm", nn.Identity())
+    for key, hook in list(norm._forward_hooks.items()):
         if getattr(hook, "__self__", None) is module:
-            del model.norm._forward_hooks[key]
+            del norm._forward_hooks[key]
     del model.token_expansion
