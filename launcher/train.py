@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .config import ConfigError, RunConfig, deepspeed_config, load_config, resolved
 from .run_log import RunLog, due
+from .step_timer import StepTimer
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal, run again to continue
 log = logging.getLogger("launcher.train")
@@ -349,14 +350,18 @@ class Trainer:
             self._evaluate(0)
         self.engine.train()
         batches = self._batches()
+        timer = StepTimer(self.device)  # time/... and memory/... of each log window, read at log steps only
         for batch in batches:
+            timer.mark("data")
             if accum == 0:
                 metrics, lr = plugins.on_step(step), self._set_lr(step)
             batch = plugins.on_batch(step, self.task.to_device(batch, self.device))
             loss, outputs = self.task.loss(self.engine, batch, step * t.grad_accum + accum, dtype)
             plugins.after_forward(step, batch, outputs)
             self.engine.backward(loss)
+            timer.mark("forward_backward")
             self.engine.step()
+            timer.mark("optimizer")
             accum = (accum + 1) % t.grad_accum
             if accum:
                 continue
@@ -364,7 +369,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.engine.module)
             run_log.step(step, loss, lr=lr, images=self.images_per_step, flops=plugins.take_flops(),
-                         metrics=lambda: {**metrics, **plugins.step_metrics()})
+                         metrics=lambda: {**metrics, **plugins.step_metrics(), **timer.window()})
             step += 1
             if due(step, t.eval_every, self.total_steps):
                 self._evaluate(step)
@@ -375,6 +380,7 @@ class Trainer:
                 return self._announce_exit(EXIT_PREEMPTED)
             if due(step, cfg.checkpoint.every, self.total_steps):
                 self.checkpointer.save(step, self._client_state(step))
+            timer.mark("between_steps")  # the EMA, the run log, evaluation, checkpoints
             if step >= self.total_steps:
                 break
         batches.close()  # ends the stream's DataLoader workers now
