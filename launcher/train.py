@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, RunConfig, deepspeed_config, load_config, resolved
+from .config import ConfigError, RunConfig, deepspeed_config, grad_precision, load_config, resolved
 from .run_log import RunLog, due
 from .step_timer import StepTimer
 
@@ -177,6 +177,17 @@ def _write_exit_file(code: int) -> None:
             log.error("cannot write the exit code to TOE_EXIT_FILE=%s: %s", exit_file, err)
 
 
+def _note_grad_precision(state: dict, now) -> None:
+    """A resume across a change of the gradient dtype (train.grad_precision; checkpoints from before it
+    existed accumulated bf16 runs' gradients in bf16) loads as is: checkpoints hold the fp32 master weights
+    and optimizer moments, never gradients (DeepSpeed's ZeRO-1 and BF16_Optimizer states load into each
+    other equal, tests/test_grad_precision.py). The numerics change from the resumed step on: say so."""
+    saved = state.get("grad_precision", "bf16" if now is not None else None)  # older bf16 checkpoints: bf16
+    if saved != now:
+        log.warning("the checkpoint was trained with %s gradients (train.grad_precision), this run continues with "
+                    "%s ones from here on; set train.grad_precision=%s to continue as it was", saved, now, saved)
+
+
 def write_synthetic_shards(path: str, size: int, objects: int) -> None:
     """Write the embedded synthetic shards to ``path`` through a private folder renamed into place, so
     two jobs that start on the same empty path at once both end up reading one complete copy."""
@@ -318,6 +329,7 @@ class Trainer:
             self.plugins.load_state_dict(state["plugins"])
             if self.ema is not None and "ema" in state:
                 self.ema.module.load_state_dict(state["ema"])
+            _note_grad_precision(state, grad_precision(cfg))
             log.info("resumed at step %d of %d (SLURM_RESTART_COUNT=%s)", step, self.total_steps,
                      os.environ.get("SLURM_RESTART_COUNT", "-"))
             if step >= self.total_steps:
@@ -330,7 +342,7 @@ class Trainer:
 
     def _client_state(self, step: int) -> dict:
         state = {"step": step, "stream": self.train_stream.state_dict(), "plugins": self.plugins.state_dict(),
-                 "seed": self.cfg.train.seed, "lr": self._lr(step)}
+                 "seed": self.cfg.train.seed, "lr": self._lr(step), "grad_precision": grad_precision(self.cfg)}
         if self.ema is not None:
             state["ema"] = self.ema.module.state_dict()
         return state
