@@ -34,6 +34,9 @@ class ModelConfig:
     img_size: int = 224
     drop_path: float = 0.1
     checkpoint: Optional[str] = None  # local weights file; nothing is downloaded
+    # timm's activation checkpointing of the blocks: each block's activations are recomputed in backward
+    # (about one more forward of the blocks per step) instead of kept; a method may refuse it (its reason)
+    grad_checkpointing: bool = False
     kwargs: dict = field(default_factory=dict)  # more timm.create_model arguments (patch_size, depth, ...)
 
 
@@ -414,6 +417,7 @@ def _validate(cfg: RunConfig) -> None:
     if t.ds_config is not None and not _ds_path(cfg).is_file():
         raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
     cfg.methods = _methods(cfg.methods, cfg.method_modules)
+    _check_grad_checkpointing(cfg)
 
 
 def _methods(sections: dict, modules: list) -> dict:
@@ -448,6 +452,14 @@ def _methods(sections: dict, modules: list) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     return built
+
+
+def _check_grad_checkpointing(cfg: RunConfig) -> None:
+    from methods.registry import grad_checkpointing_refusals
+    refusals = grad_checkpointing_refusals(cfg.methods) if cfg.model.grad_checkpointing else {}
+    if refusals:
+        name, reason = next(iter(refusals.items()))
+        raise ConfigError(f"model.grad_checkpointing=true: methods.{name} refuses it: {reason}")
 
 
 def _legacy_toe(data: dict) -> None:

@@ -270,6 +270,8 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         model, num_suffix = self.task.build_model()
+        if cfg.model.grad_checkpointing:  # before the plug-ins attach: they see the model as it will run
+            model.set_grad_checkpointing(True)
         context = MethodContext(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                                 num_suffix=num_suffix, task=cfg.task, rank=self.rank, world_size=self.world,
                                 seed=cfg.train.seed, grad_accum=cfg.train.grad_accum)
