@@ -407,9 +407,10 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("train.compile with train.zero_stage=3 is not supported: ZeRO-3's parameter fetch hooks "
                           "are excluded from tracing, so the model cannot compile to one graph (launcher/perf.py); "
                           "use stage 0-2 or train.compile=false")
-    if t.grad_precision is not None and t.precision != "bf16":
-        raise ConfigError(f"train.grad_precision is for train.precision=bf16 (fp32 runs keep fp32 gradients, fp16 "
-                          f"runs DeepSpeed's loss-scaled fp16 ones); got train.precision={t.precision}: leave it null")
+    if t.grad_precision is not None and t.precision != "bf16" and t.grad_precision != t.precision:
+        raise ConfigError(f"train.grad_precision={t.grad_precision} is for train.precision=bf16 (fp32 runs keep fp32 "
+                          f"gradients, fp16 runs DeepSpeed's loss-scaled fp16 ones); got train.precision={t.precision}: "
+                          f"leave it null")
     if t.grad_precision == "fp32" and t.zero_stage == 0:
         raise ConfigError("train.grad_precision=fp32 with train.precision=bf16 needs train.zero_stage 1-3: DeepSpeed "
                           "0.19.8 has no fp32 gradient accumulation for bf16 without ZeRO (NotImplementedError in "

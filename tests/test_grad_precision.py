@@ -32,11 +32,14 @@ def test_bf16_recipes_get_fp32_gradients_by_default_and_bf16_on_request():
     assert grad_precision(load_config(CPU, BF16 + ["train.zero_stage=0"])) == "bf16"
     assert "data_types" not in deepspeed_config(load_config(CPU, BF16 + ["train.zero_stage=0"]), 1)
     assert grad_precision(load_config(CPU)) is None  # fp32 runs: fp32 everything, nothing to set
+    # a bf16 recipe that names fp32 gradients still runs when an override makes it fp32 throughout
+    assert grad_precision(load_config(CPU, ["train.grad_precision=fp32"])) is None
 
 
 @pytest.mark.parametrize("override,message", [
     (BF16 + ["train.zero_stage=0", "train.grad_precision=fp32"], "train.grad_precision=fp32 .* needs train.zero_stage 1-3"),
-    (["train.grad_precision=bf16"], "train.grad_precision is for train.precision=bf16"),
+    (["train.grad_precision=bf16"], "train.grad_precision=bf16 is for train.precision=bf16"),
+    (["train.precision=fp16", "train.grad_precision=fp32"], "train.grad_precision=fp32 is for train.precision=bf16"),
     (BF16 + ["train.grad_precision=fp16"], r"train.grad_precision must be one of \('fp32', 'bf16'\)"),
 ])
 def test_bad_gradient_precisions_are_refused_by_name(override, message):
