@@ -18,6 +18,8 @@ Resuming with another world size goes through DeepSpeed's universal checkpoint: 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -153,6 +155,11 @@ def _complete(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """A run folder's complete checkpoints (``meta.json`` written), newest first."""
+    return _complete(Path(run_dir) / "checkpoints")
+
+
 def select_resume_point(path: Path, *, rank: int = 0, world: int = 1,
                         required: bool = False) -> Optional[ResumePoint]:
     """The checkpoint to resume from, verified; collective when a process group is up.
@@ -193,9 +200,29 @@ def select_resume_point(path: Path, *, rank: int = 0, world: int = 1,
     if damaged:
         raise CheckpointError(f"no checkpoint under {path} verifies (damaged: {', '.join(p.name for p in damaged)}); "
                               f"repair or remove them, or start afresh with --no-resume", collective=True)
+    claimed = _claimed_latest(path)
+    if claimed is not None:  # the folder says it has progress it cannot show: never start over silently
+        raise CheckpointError(claimed, collective=True)
     if required:
         raise CheckpointError(f"--resume {path} holds no complete checkpoint", collective=True)
     return None
+
+
+def _claimed_latest(run: Path) -> Optional[str]:
+    """When a run or checkpoints folder with no complete checkpoint has a ``latest`` pointer (a wrong
+    mount, a deleted or unsynced folder): the message that says what it points at and what is there."""
+    folder = run / "checkpoints" if (run / "checkpoints").is_dir() else run
+    pointer = folder / "latest"
+    if not pointer.is_file():
+        return None
+    try:
+        tag = pointer.read_text().strip()
+    except OSError as err:
+        tag = f"<unreadable: {err}>"
+    found = sorted(p.name for p in folder.iterdir() if p.name != "latest")
+    return (f"{pointer} names {tag!r}, but {folder} holds no complete checkpoint (found: "
+            f"{', '.join(found[:8]) or 'nothing'}{' ...' if len(found) > 8 else ''}): is this the right folder "
+            f"(a mount missing, a folder deleted or not synced)? Pass --no-resume to start this run afresh")
 
 
 def find_resume_point(path: Path) -> Optional[ResumePoint]:
@@ -218,6 +245,40 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextlib.contextmanager
+def _naming_write_errors(target: Path):
+    """A failed checkpoint write names the folder and the cause: a full disk surfaces from torch's zip
+    writer as ``unexpected pos N vs M``, which says neither (``latest`` still names the previous
+    checkpoint: it moves only after a complete save)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        free = _free_bytes(target)
+        full = getattr(err, "errno", None) == errno.ENOSPC or "unexpected pos" in str(err) or (
+            free is not None and free < 1 << 20)
+        if full:
+            raise CheckpointError(f"no space left on the device (ENOSPC) writing checkpoint {target} "
+                                  f"({_size(free)} free there): free space or point out_dir elsewhere; 'latest' "
+                                  f"still names the previous checkpoint") from err
+        raise CheckpointError(f"writing checkpoint {target} failed: {type(err).__name__}: {err}") from err
+
+
+def _free_bytes(path: Path) -> Optional[int]:
+    for folder in (path, *path.parents):
+        try:
+            stat = os.statvfs(folder)
+            return stat.f_bavail * stat.f_frsize
+        except OSError:
+            continue
+    return None
+
+
+def _size(n: Optional[int]) -> str:
+    return "unknown bytes" if n is None else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -225,35 +286,61 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, engine, *, rank: int, world_size: int, zero_stage: int, keep: int) -> None:
+    def __init__(self, run_dir: Path, engine, *, rank: int, world_size: int, zero_stage: int, keep: int,
+                 before_save: Optional[Callable[[int], None]] = None) -> None:
         self.folder = Path(run_dir) / "checkpoints"
         self.engine, self.rank, self.world_size = engine, rank, world_size
         self.zero_stage, self.keep = zero_stage, keep
+        self.before_save = before_save  # collective check that may refuse the save (launcher.guard: finite weights)
 
     def save(self, step: int, client_state: dict[str, Any]) -> Path:
         """Collective: every rank must call it."""
+        if self.before_save is not None:
+            self.before_save(step)
         tag = f"step-{step}"
         target = self.folder / tag
         if self.rank == 0 and target.exists():  # an incomplete or older save of the same step
             shutil.rmtree(target)
         dist.barrier()
-        self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(_rng_state(), target / f"rng-rank{self.rank}.pt")
+        with _naming_write_errors(target):
+            self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
+            torch.save(_rng_state(), target / f"rng-rank{self.rank}.pt")
         dist.barrier()  # every file is written and closed
         mine = {p.name: file_record(p) for p in sorted(target.iterdir())
                 if p.is_file() and _writer(p.name) == self.rank}
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, mine)
+        verdict = [self._check_shared(target, gathered) if self.rank == 0 else None]
+        dist.broadcast_object_list(verdict, src=0)  # every rank leaves the same way
+        if verdict[0]:
+            raise CheckpointError(verdict[0], collective=True)
         if self.rank == 0:
             files = {name: record for part in gathered for name, record in part.items()}
-            _write_atomic(target / MANIFEST, json.dumps({"checksum": "crc32", "files": files}, indent=1, sort_keys=True))
-            meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage}
-            _write_atomic(target / "meta.json", json.dumps(meta))
-            _write_atomic(self.folder / "latest", tag)
+            with _naming_write_errors(target):
+                _write_atomic(target / MANIFEST, json.dumps({"checksum": "crc32", "files": files}, indent=1,
+                                                            sort_keys=True))
+                meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage}
+                _write_atomic(target / "meta.json", json.dumps(meta))
+                _write_atomic(self.folder / "latest", tag)
             self._prune()
         dist.barrier()
         log.info("saved checkpoint %s", target)
         return target
+
+    @staticmethod
+    def _check_shared(target: Path, gathered: list[dict]) -> Optional[str]:
+        """Rank 0: every file another rank wrote is in rank 0's view of the folder, with its size; else
+        the message (the run folder is not on storage all ranks share, or a write did not land)."""
+        for rank, files in enumerate(gathered):
+            for name, record in sorted(files.items()):
+                path = target / name
+                size = path.stat().st_size if path.is_file() else None
+                if size != record["size"]:
+                    seen = "is missing there" if size is None else f"has {size} bytes there, not {record['size']}"
+                    return (f"checkpoint {target} is incomplete: rank {rank} wrote {name}, but on rank 0 it {seen}. "
+                            f"Is the run folder (out_dir) on storage that every node shares? Not moving "
+                            f"'latest'; the checkpoint cannot be resumed from")
+        return None
 
     def _prune(self) -> None:
         for path in _complete(self.folder)[self.keep:]:

@@ -86,31 +86,6 @@ def plan(recipes: list[str], seeds: int, out: Path, overrides: list[str]) -> lis
     return runs
 
 
-def _diff(a, b, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved configs."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b), key=str) for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def _lookup(tree, key: str):
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return _MISSING
-        tree = tree[part]
-    return tree
-
-
-_MISSING = object()
-
-
-def _added_later(key: str, found: dict, planned: dict, defaults: dict) -> bool:
-    """An option the run folder's config predates (absent there) that the plan leaves at its default
-    (``defaults``: a resolved default ``RunConfig``): the folder was trained as the recipe says, by an
-    older version of the engine."""
-    return _lookup(found, key) is _MISSING and _lookup(planned, key) == _lookup(defaults, key)
-
-
 def check_folder(run: PlannedRun) -> None:
     """A run folder written under another config is refused: resuming or skipping it would report a
     run that was not trained as the recipe says (launcher.train rewrites config.yaml on every start)."""
@@ -121,10 +96,9 @@ def check_folder(run: PlannedRun) -> None:
         found = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML ({err}): delete the run folder or use another --out") from err
-    from .config import RunConfig
+    from .config import recipe_changes
 
-    defaults = yaml.safe_load(resolved(RunConfig()))  # once per folder, not once per differing key
-    changed = [key for key in _diff(found, run.config) if not _added_later(key, found, run.config, defaults)]
+    changed = [key for key, _, _ in recipe_changes(found, run.config)]
     if changed:
         raise ConfigError(f"{run.run_dir} was trained with another config ({', '.join(changed[:5])} differ): "
                           f"use another --out, the same overrides, or delete that run folder")

@@ -17,14 +17,22 @@ from typing import Any, Optional
 
 import yaml
 
-__all__ = ["RunConfig", "ConfigError", "load_config", "resolved", "deepspeed_config"]
+__all__ = ["RunConfig", "ConfigError", "load_config", "resolved", "deepspeed_config", "recipe_changes",
+           "RESUMABLE"]
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("launcher.config")
 
 
 class ConfigError(ValueError):
-    """A recipe problem; the message names the key."""
+    """A recipe problem; the message names the key.
+
+    ``collective``: every rank reached the same verdict together (the ranks' agreement, a resume's
+    recipe check), so rank 0 alone reports it; otherwise every rank that meets it logs it."""
+
+    def __init__(self, message: str, *, collective: bool = False) -> None:
+        super().__init__(message)
+        self.collective = collective
 
 
 @dataclass
@@ -489,6 +497,54 @@ def load_config(path: str, overrides: typing.Sequence[str] = ()) -> RunConfig:
 
 def resolved(cfg: RunConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+# Options a resumed run may change: where the run is and how it is watched, not what it trains
+# (logging, evaluation and checkpoint cadence, DataLoader workers, timeouts, compilation, activation
+# checkpointing, the pretrained file a resume does not re-read). The world size is not a recipe key: another one resumes through a
+# universal checkpoint. Any other change on resume is refused unless --allow-recipe-change.
+RESUMABLE = ("name", "out_dir", "model.checkpoint", "data.workers", "train.log_every", "train.eval_every",
+             "train.eval_on_start", "train.collective_timeout_minutes", "train.signal_check_every", "train.compile",
+             "train.compile_backend", "checkpoint.every", "checkpoint.keep",
+             "model.grad_checkpointing")  # recomputes activations: the same numbers, less memory
+
+_MISSING = object()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def _default_of(key: str, defaults: dict[str, Any]) -> Any:
+    """The value an option absent from an older run folder's config had then: the default (a
+    method's own config class for ``methods.NAME.OPTION``)."""
+    parts = key.split(".")
+    if parts[0] == "methods" and len(parts) == 3:
+        import methods as registry
+        try:
+            return getattr(registry.method(parts[1]).config(), parts[2], _MISSING)
+        except (KeyError, TypeError):
+            return _MISSING
+    return defaults.get(key, _MISSING)
+
+
+def recipe_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, old value, new value)`` for each option two resolved recipes (``yaml.safe_load`` of
+    ``resolved``) set differently. An option the old one lacks (a run folder written before the option
+    existed) counts only if the new one sets it away from its default."""
+    before, after = _flatten(old or {}), _flatten(new or {})
+    defaults = _flatten(yaml.safe_load(resolved(RunConfig())))
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        was, now = before.get(key, _MISSING), after.get(key, _MISSING)
+        if was == now:
+            continue
+        if was is _MISSING and now == _default_of(key, defaults):
+            continue
+        changes.append((key, None if was is _MISSING else was, None if now is _MISSING else now))
+    return changes
 
 
 def _ds_path(cfg: RunConfig) -> Path:

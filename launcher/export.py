@@ -48,6 +48,11 @@ def export(source: str, out: str) -> Path:
     else:
         state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+    from .guard import first_nonfinite
+    bad = first_nonfinite(state.items())
+    if bad is not None:  # written before the non-finite guard existed: never hand such weights on
+        raise RuntimeError(f"{folder} holds non-finite weights ({bad} has NaN or inf): not exporting it; export an "
+                           f"earlier checkpoint (RUN/checkpoints/step-N)")
     plain = plain_model(run_dir / "config.yaml")
     plain.load_state_dict(state, strict=True)
     out_path = Path(out)

@@ -61,6 +61,8 @@ class Run:
     segments: list[Segment]
     step_flops: dict[int, float]  # step -> theoretical training FLOPs of that step (whole global batch)
     warnings: list[str] = field(default_factory=list)
+    diverged: Optional[str] = None  # the guard's verdict when the last segment stopped on a non-finite value
+    recipe_changes: list[dict] = field(default_factory=list)  # RUN/recipe_changes.jsonl: what a resume changed
 
     @property
     def name(self) -> str:
@@ -244,11 +246,16 @@ def load_run(path) -> Run:
     evals: dict[int, dict] = {}
     step_flops: dict[int, float] = {}
     segments: list[Segment] = []
+    diverged = None
     for record in _read_records(path / "metrics.jsonl", warnings):
         if "step" not in record:
             continue
         step, when = int(record["step"]), record.get("time")
+        if record.get("event") == "diverged":
+            diverged = str(record.get("error", f"at step {step}"))
+            continue
         if record.get("event") == "start":
+            diverged = None
             # steps from here on are redone: what the killed segment logged past its checkpoint is void
             train = {s: r for s, r in train.items() if s < step}
             evals = {s: r for s, r in evals.items() if s <= step}
@@ -276,7 +283,9 @@ def load_run(path) -> Run:
                 covered = max(1, int(record.get("steps", 1)))  # a window record: flops is the window's total
                 for s in range(step - covered + 1, step + 1):
                     step_flops[s] = float(record["flops"]) / covered
-    run = Run(path, config, final, train, evals, segments, step_flops, warnings)
+    changes = list(_read_records(path / "recipe_changes.jsonl", warnings)) if (
+        path / "recipe_changes.jsonl").is_file() else []
+    run = Run(path, config, final, train, evals, segments, step_flops, warnings, diverged, changes)
     if run.wall_clock is None and segments:
         message = f"{path}: metrics.jsonl has no times (written before the engine logged them): no wall-clock"
         warnings.append(message)
@@ -421,7 +430,20 @@ def _stages_text(group: Group) -> str:
 
 
 def _status(run: Run) -> str:
+    if run.diverged is not None:
+        return "diverged"
     return "done" if run.finished else "in progress"
+
+
+def _recipe_changes(runs: list[Run]) -> list[str]:
+    """The runs' timelines of recipe changes made on resume (empty when there are none)."""
+    rows = [f"| `{run.path}` | {entry.get('step')} | `{change.get('key')}` | {change.get('old')!r} -> "
+            f"{change.get('new')!r} | {entry.get('allowed', '-')} |"
+            for run in runs for entry in run.recipe_changes for change in entry.get("changes", [])]
+    if not rows:
+        return []
+    return ["## Recipe changes on resume", "", "| run | at step | option | change | allowed by |",
+            "|---|---|---|---|---|", *rows, ""]
 
 
 def _table(groups: list[Group], baseline: Group) -> list[str]:
@@ -697,6 +719,9 @@ def write_report(runs: list[Run], out, baseline: Optional[Run] = None) -> Path:
             lines += [f"## {task}", ""]
         lines += _table(task_groups, base_group if base_group.task == task else task_groups[0]) + [""]
     lines += ["## Runs", ""] + _runs_table(runs) + [""]
+    lines += _recipe_changes(runs)
+    lines += [f"- `{run.path}` diverged: {run.diverged}" for run in runs if run.diverged] + (
+        [""] if any(run.diverged for run in runs) else [])
     lines += _breakdown_table(runs)
     titles = {"top1_vs_wallclock": "Eval top-1 against wall-clock", "top1_vs_flops": "Eval top-1 against training FLOPs",
               "ap_vs_wallclock": "Eval AP against wall-clock", "ap_vs_flops": "Eval AP against training FLOPs",

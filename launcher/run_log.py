@@ -13,10 +13,12 @@ between. ``metrics.jsonl`` gets, on rank 0, one JSON object per line:
   the plug-in stack's cost model), ``tflops_per_device`` (those FLOPs per second and rank), ``mfu``
   (that against the device's dense peak, ``launcher.perf.PEAK_TFLOPS``; known GPUs only),
   ``compile/graphs`` and ``compile/seconds`` (cumulative, when the model is compiled), the
-  plug-ins' metrics and ``data/...`` counters;
+  plug-ins' metrics and ``data/...`` counters, and ``nonfinite/loss_steps`` (steps of the window, all
+  ranks, whose loss was NaN or inf: ``launcher.guard``; the window's ``loss`` is then ``null``);
 - ``{"step": s, "time": T, "eval/...": ...}`` per evaluation.
 
-Every rank calls ``step`` (the window's counters and FLOPs are all-reduced at log steps).
+Every rank calls ``step`` (the window's counters and FLOPs are all-reduced at log steps). The file is
+strict JSON: a non-finite number is written as ``null``.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+from .guard import DivergedError, NonFiniteGuard, finite_or_none
 
 __all__ = ["RunLog", "due"]
 
@@ -47,7 +51,8 @@ def due(step: int, every: int, total: int) -> bool:
 class RunLog:
     def __init__(self, run_dir: Path, *, rank: int, world: int, total_steps: int, log_every: int,
                  device: torch.device, counters: Callable[[], dict], epoch: Callable[[], int],
-                 peak_tflops: Optional[float] = None) -> None:
+                 guard: "NonFiniteGuard", peak_tflops: Optional[float] = None) -> None:
+        self.guard = guard
         self.rank, self.world, self.total_steps, self.log_every = rank, world, total_steps, log_every
         self.peak_tflops = peak_tflops
         self._graphs = 0
@@ -76,6 +81,7 @@ class RunLog:
         """Step ``step`` (0-based) is done. ``metrics`` is called at log steps only (the plug-ins'
         window metrics); ``flops`` is this rank's theoretical training FLOPs of the step."""
         self._loss += loss.detach().float()
+        self.guard.observe(step, loss)
         self._steps += 1
         self._images += images
         self._flops += flops
@@ -85,15 +91,21 @@ class RunLog:
             return
         totals = torch.tensor([float(self._images), self._flops] +
                               [float(self._counters().get(n, 0)) for n in DATA_COUNTERS], device=self.device)
+        totals = torch.cat([totals, self.guard.window_count().to(totals.dtype).reshape(1)])
         dist.all_reduce(totals)  # every rank is here: the window's images, FLOPs and data counters of all ranks
-        images_all, flops_all, *counts = totals.tolist()
+        images_all, flops_all, *counts, nonfinite = totals.tolist()
         elapsed = time.perf_counter() - self._window_start
         tflops = flops_all / elapsed / self.world / 1e12
         record = {"step": step, "steps": self._steps, "loss": self._loss.item() / self._steps, "lr": lr,
                   "time": time.time(), "img_per_s": images_all / elapsed, "epoch": self._epoch(),
                   "flops": flops_all, "tflops_per_device": tflops, **self._perf(step, tflops), **metrics(),
-                  **{f"data/{n}": c for n, c in zip(DATA_COUNTERS, counts)}}
+                  **{f"data/{n}": c for n, c in zip(DATA_COUNTERS, counts)}, "nonfinite/loss_steps": int(nonfinite)}
         self._write(record, tensorboard_step=step + 1)
+        try:  # after the record is out: a diverged run's log shows the window
+            self.guard.take(int(nonfinite), step)
+        except DivergedError as err:
+            self.diverged(step, err)
+            raise
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}",
                                       stage=record.get("toe/stage", "-"), kept=record.get("toe/kept_tokens", "-"))
@@ -112,6 +124,10 @@ class RunLog:
             self._graphs = graphs
         return perf
 
+    def diverged(self, step: int, err: BaseException) -> None:
+        """The guard stopped the run: the verdict goes into the log (``launcher.report`` shows it)."""
+        self._write({"event": "diverged", "step": step, "time": time.time(), "error": str(err)})
+
     def evaluation(self, step: int, results: dict[str, Any]) -> None:
         self._write({"step": step, "time": time.time(), **{f"eval/{k}": v for k, v in results.items()}},
                     tensorboard_step=step)
@@ -127,7 +143,8 @@ class RunLog:
     def _write(self, record: dict, tensorboard_step: Optional[int] = None) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
+        record = {key: finite_or_none(value) for key, value in record.items()}
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         if self.writer is not None and tensorboard_step is not None:
             for key, value in record.items():

@@ -6,30 +6,76 @@
 Resumes from the run folder's newest checkpoint that verifies unless --no-resume (or --resume PATH:
 a checkpoint folder, which must verify, or a run folder). One job per run folder (RUN/.lock).
 SIGTERM / SIGUSR1: checkpoint at the next step boundary on every rank, exit with code 75.
-Exit codes: 0 done, 75 checkpointed on a signal, 2 refused (bad recipe or checkpoint, run folder in
-use), 1 failed (a rank's error, logged with its rank; the job ends without waiting in a collective).
-Rank 0 also writes the code to $TOE_EXIT_FILE when set (torchrun turns any worker's non-zero code into 1).
+A signal during start-up (imports, data, checkpoint verification, DeepSpeed set-up) exits with 75 at once.
+Exit codes: 0 done, 75 checkpointed on a signal (or stopped by one during start-up: run again), 2 refused
+(bad recipe or checkpoint, ranks that disagree, a resume whose recipe changed, run folder in use), 3 the
+loss or weights went non-finite (launcher/guard.py; not requeued), 1 failed (a rank's error, logged with its
+rank; the job ends without waiting in a collective). Rank 0 also writes the code to $TOE_EXIT_FILE when set
+(torchrun turns any worker's non-zero code into 1).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import math
 import os
 import signal
-import sys
-from pathlib import Path
-from typing import Any
-
-import torch
-import torch.distributed as dist
-
-from .config import ConfigError, RunConfig, deepspeed_config, grad_precision, load_config, resolved
-from .run_log import RunLog, due
-from .step_timer import StepTimer
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal, run again to continue
+
+
+def _launcher_rank() -> int:
+    """This process's rank as the launcher set it, before any process group exists."""
+    for name in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def _write_exit_file(code: int) -> None:
+    exit_file = os.environ.get("TOE_EXIT_FILE")
+    if exit_file:
+        try:
+            with open(exit_file, "w") as f:
+                f.write(f"{code}\n")
+        except OSError as err:
+            os.write(2, f"cannot write the exit code to TOE_EXIT_FILE={exit_file}: {err}\n".encode())
+
+
+def _exit_during_start_up(signum, frame) -> None:
+    """SIGTERM / SIGUSR1 before the step loop (imports, data, checkpoint verification, DeepSpeed set-up):
+    nothing to checkpoint yet, so leave at once with 75 (the batch script requeues; the run resumes
+    from its newest checkpoint). Plain writes only: this may interrupt anything, logging included."""
+    rank = _launcher_rank()
+    os.write(2, f"rank {rank}: signal {signum} during start-up: exiting with {EXIT_PREEMPTED} (nothing to "
+                f"checkpoint yet)\n".encode())
+    if rank == 0:
+        _write_exit_file(EXIT_PREEMPTED)
+    os._exit(EXIT_PREEMPTED)
+
+
+def install_startup_signals() -> None:
+    """Until the step loop's ``StopSignal`` takes over, a signal ends the process with 75."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _exit_during_start_up)
+
+
+if __name__ == "__main__":  # before the heavy imports below: a job preempted while it imports torch still says 75
+    install_startup_signals()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from .config import ConfigError, RunConfig, deepspeed_config, grad_precision, load_config, resolved  # noqa: E402
+from .run_log import RunLog, due  # noqa: E402
+from .step_timer import StepTimer  # noqa: E402
+
 log = logging.getLogger("launcher.train")
 
 
@@ -39,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", help="a checkpoint folder (it must verify) or a run folder (its newest "
                                          "checkpoint that verifies) to resume from")
     parser.add_argument("--no-resume", action="store_true", help="start fresh even if the run folder has checkpoints")
+    parser.add_argument("--allow-recipe-change", action="store_true",
+                        help="resume although the recipe differs from the run folder's config.yaml in options "
+                             "outside launcher.config.RESUMABLE (the change is recorded in RUN/recipe_changes.jsonl)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.steps=100")
     return parser.parse_intermixed_args(argv)  # overrides may come before and after the options
@@ -93,18 +142,19 @@ class StopSignal:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    install_startup_signals()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        args = parse_args(argv)
         cfg = load_config(args.config, args.overrides)  # before any process group: a bad recipe fails here
         _check_resume_args(args)
+        from .distributed import init_distributed
+        env = init_distributed(cfg.train.collective_timeout_minutes)
     except ConfigError as err:
-        log.error("bad recipe: %s", err)
+        log.error("%sbad recipe: %s", _rank_prefix(), err)  # every rank that refuses says why
         if _launcher_rank() == 0:
             _write_exit_file(2)
         return 2
-    from .distributed import init_distributed
-    env = init_distributed(cfg.train.collective_timeout_minutes)
     try:
         trainer = Trainer(cfg, env, args)
         code = trainer.run()
@@ -123,8 +173,8 @@ def _check_resume_args(args) -> None:
         raise ConfigError(f"--resume {args.resume}: no such file or directory")
 
 
-# failures every rank meets alike (recipe, data index, run folder lock, agreed checkpoint verdicts): exit 2
-# with one line from rank 0; anything else is logged with its traceback by every rank that meets it
+# refusals (recipe, data index, run folder lock, checkpoint verdicts, ranks that disagree): exit 2, one line,
+# no traceback; anything else is logged with its traceback by every rank that meets it
 def _startup_refusal(err: BaseException) -> bool:
     from data.shards import ShardIndexError
     from .checkpoint import CheckpointError
@@ -133,19 +183,31 @@ def _startup_refusal(err: BaseException) -> bool:
         isinstance(err, CheckpointError) and err.collective)
 
 
+def _rank_prefix(env=None) -> str:
+    world = env.world_size if env is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = env.rank if env is not None else _launcher_rank()
+    return f"rank {rank} of {world}: " if world > 1 else ""
+
+
 def _fail(err: BaseException, env) -> None:
     """End this rank now: log the error with the rank, record the exit code, and leave without any
     collective (a barrier here would wait for ranks that wait in a training all-reduce: the job hung
     for ``train.collective_timeout_minutes``). The other ranks' next collective then fails within
     seconds (gloo: the peer's sockets close; NCCL: the process group is aborted here, and the
-    launchers (torchrun, deepspeed, srun --kill-on-bad-exit, mpirun) end the remaining ranks)."""
+    launchers (torchrun, deepspeed, srun --kill-on-bad-exit, mpirun) end the remaining ranks).
+    A verdict every rank reached together (``collective``) is logged by rank 0 only; every other
+    refusal by each rank that meets it."""
     from .checkpoint import CheckpointError
-    if _startup_refusal(err):
-        code = 2
-        if env.rank == 0:
-            what = "bad recipe" if isinstance(err, ConfigError) else "bad checkpoint" if isinstance(
-                err, CheckpointError) else "refused"
-            log.error("%s: %s", what, err)
+    from .guard import EXIT_DIVERGED, DivergedError
+    collective = bool(getattr(err, "collective", False))
+    if _startup_refusal(err) or isinstance(err, DivergedError):
+        code = EXIT_DIVERGED if isinstance(err, DivergedError) else 2
+        if env.rank == 0 or not collective:
+            from .agreement import DisagreementError
+            what = "refused" if isinstance(err, DisagreementError) else "bad recipe" if isinstance(
+                err, ConfigError) else "bad checkpoint" if isinstance(
+                err, CheckpointError) else "diverged" if isinstance(err, DivergedError) else "refused"
+            log.error("%s%s: %s", "" if collective else _rank_prefix(env), what, err)
     elif isinstance(err, KeyboardInterrupt):
         code = 130
         log.error("rank %d of %d: interrupted (SIGINT)", env.rank, env.world_size)
@@ -158,23 +220,6 @@ def _fail(err: BaseException, env) -> None:
         _write_exit_file(code)
     from .distributed import abort_and_exit
     abort_and_exit(code)
-
-
-def _launcher_rank() -> int:
-    """This process's rank as the launcher set it, before any process group exists."""
-    for name in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
-
-
-def _write_exit_file(code: int) -> None:
-    exit_file = os.environ.get("TOE_EXIT_FILE")
-    if exit_file:
-        try:
-            Path(exit_file).write_text(f"{code}\n")
-        except OSError as err:
-            log.error("cannot write the exit code to TOE_EXIT_FILE=%s: %s", exit_file, err)
 
 
 def _note_grad_precision(state: dict, now) -> None:
@@ -222,20 +267,19 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
 
     def _prepare_data(self):
-        from data.shards import INDEX_NAME
+        from data.shards import INDEX_NAME, ShardIndex
         from methods.registry import initial_subset, run_length
 
         d, t = self.cfg.data, self.cfg.train
         if d.synthetic:
             wanted = {"size": self.cfg.model.img_size, "objects": d.synthetic_objects}
             index = Path(d.path) / INDEX_NAME
-            if not index.is_file():
-                if self.rank == 0:
-                    write_synthetic_shards(d.path, wanted["size"], wanted["objects"])
-                dist.barrier()
-            found = json.loads(index.read_text()).get("synthetic", {})
+            if self.rank == 0 and not index.is_file():
+                write_synthetic_shards(d.path, wanted["size"], wanted["objects"])
+            dist.barrier()  # on every rank, whatever it sees: a rank-local condition here would hang the job
+            found = ShardIndex.load(d.path).meta.get("synthetic", {})  # a broken index is named
             if any(found.get(key) != value for key, value in wanted.items()):
-                raise ValueError(f"{d.path} holds synthetic shards with {found}, but the recipe wants {wanted}: "
+                raise ConfigError(f"{d.path} holds synthetic shards with {found}, but the recipe wants {wanted}: "
                                  f"point data.path elsewhere or delete the folder")
         micro = deepspeed_config(self.cfg, self.world)["train_micro_batch_size_per_gpu"]
         self.images_per_step = micro * t.grad_accum  # this rank's; every batch is full (the stream drops the rest)
@@ -254,6 +298,74 @@ class Trainer:
         except ValueError as err:  # a budget the data cannot meet: the same on every rank
             raise ConfigError(str(err)) from err
         self.total_steps = t.steps or run_steps
+
+    def _prepare_data_agreed(self) -> None:
+        """``_prepare_data``, then the ranks' agreement (``launcher.agreement``): one collective in which
+        every rank states its recipe, shard index, step plan and view of the run folder, or the
+        refusal it met, so a rank that differs stops the job within seconds, named."""
+        from data.shards import ShardIndexError
+
+        from .agreement import agree, digest, read_run_token
+        from .checkpoint import complete_checkpoints
+
+        recipe, error, facts = resolved(self.cfg), None, {}
+        try:
+            self._prepare_data()
+        except (ConfigError, ShardIndexError) as err:
+            error = err
+        except FileNotFoundError as err:  # no shard index at the path (on this node)
+            error = ShardIndexError(str(err))
+        else:
+            splits = {name: (list(split.urls), split.counts.tolist())
+                      for name, stream in (("train", self.train_stream), ("eval", self.eval_stream))
+                      if (split := getattr(stream, "split", None)) is not None}
+            facts = {"recipe": digest(recipe),
+                     "shards": digest({k: ([u.rsplit("/", 1)[-1] for u in urls], counts)
+                                       for k, (urls, counts) in splits.items()}),
+                     "plan": f"{self.total_steps} steps of {self.images_per_step} images per rank, "
+                             f"{self.steps_per_epoch} per epoch",
+                     "run_folder": read_run_token(self.cfg.run_dir),
+                     "checkpoints": ", ".join(p.name for p in complete_checkpoints(self.cfg.run_dir)) or "none"}
+        agree(facts, recipe=recipe, rank=self.rank, world=self.world, error=error)
+
+    def _settle_recipe(self, point) -> None:
+        """The run folder's ``config.yaml`` is the run's identity. A resume compares this start's recipe
+        with it: options in ``RESUMABLE`` may change (logged, recorded in ``recipe_changes.jsonl`` with
+        the step); any other change is refused (exit 2) naming each key, unless
+        ``--allow-recipe-change``, which records it. Then rank 0 writes the recipe in force."""
+        import yaml
+
+        from .config import RESUMABLE, recipe_changes
+
+        run_dir, recipe = self.cfg.run_dir, resolved(self.cfg)
+        path = run_dir / "config.yaml"
+        changes = []
+        if point is not None and path.is_file():
+            try:
+                found = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path} is not valid YAML ({err}); it is the run's recipe", collective=True) from None
+            changes = recipe_changes(found, yaml.safe_load(recipe))
+            refused = [c for c in changes if c[0] not in RESUMABLE]
+            if refused and not self.args.allow_recipe_change:
+                listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in refused)
+                raise ConfigError(f"the run in {run_dir} was trained with another recipe: {listed}. Resume with "
+                                  f"the run's own recipe ({path}), start a new run (another name or out_dir), or "
+                                  f"pass --allow-recipe-change to continue with the new values (recorded)",
+                                  collective=True)
+        if self.rank == 0:
+            if changes:
+                allowed = "--allow-recipe-change" if any(c[0] not in RESUMABLE for c in changes) else "resumable"
+                for key, old, new in changes:
+                    log.warning("recipe change at step %d: %s %r -> %r (%s)", point.step, key, old, new, allowed)
+                entry = {"step": point.step, "time": time.time(), "allowed": allowed,
+                         "changes": [{"key": k, "old": o, "new": n} for k, o, n in changes]}
+                with open(run_dir / "recipe_changes.jsonl", "a") as f:
+                    f.write(json.dumps(entry, default=str) + "\n")
+            tmp = run_dir / "config.yaml.tmp"  # a signal mid-write never leaves half a recipe
+            tmp.write_text(recipe)
+            os.replace(tmp, run_dir / "config.yaml")
+        dist.barrier()
 
     def _meta_model(self):
         """The recipe's model on the meta device: shapes for the methods' run length, no weights."""
@@ -304,23 +416,29 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------
 
     def run(self) -> int:
+        from .agreement import write_run_token
         from .checkpoint import Checkpointer, select_resume_point
+        from .guard import NonFiniteGuard
         from .runlock import RunLock
 
         cfg, run_dir = self.cfg, self.cfg.run_dir
         if self.rank == 0:  # one job per run folder: refused before it writes anything there
             self.lock = RunLock(run_dir).acquire()
-            (run_dir / "config.yaml").write_text(resolved(cfg))
+            write_run_token(run_dir)
         dist.barrier()
-        self._prepare_data()
+        self._prepare_data_agreed()
         point = None if self.args.no_resume else select_resume_point(
             Path(self.args.resume or run_dir), rank=self.rank, world=self.world, required=bool(self.args.resume))
+        self._settle_recipe(point)
         self._build(point)
+        self.guard = NonFiniteGuard(self.device, loss_scaling=cfg.train.precision == "fp16")
+        models = {"": self.engine.module, **({"ema.": self.ema.module} if self.ema is not None else {})}
         self.checkpointer = Checkpointer(run_dir, self.engine, rank=self.rank, world_size=self.world,
-                                         zero_stage=cfg.train.zero_stage, keep=cfg.checkpoint.keep)
+                                         zero_stage=cfg.train.zero_stage, keep=cfg.checkpoint.keep,
+                                         before_save=lambda step: self._check_finite(step, models))
         from .perf import peak_tflops
         self.run_log = RunLog(run_dir, rank=self.rank, world=self.world, total_steps=self.total_steps,
-                              log_every=cfg.train.log_every, device=self.device,
+                              log_every=cfg.train.log_every, device=self.device, guard=self.guard,
                               peak_tflops=peak_tflops(self.device, cfg.train.precision),
                               counters=lambda: self.train_stream.counters, epoch=lambda: self.train_stream.epoch)
         step = 0
@@ -337,10 +455,21 @@ class Trainer:
             if step >= self.total_steps:
                 log.info("the run is already complete")
                 return self._announce_exit(0)
+            if self.rank == 0:  # a run extended past an earlier end: that end's results are not this run's
+                (run_dir / "final.json").unlink(missing_ok=True)
         try:
             return self._loop(step)
         finally:
             self.run_log.close()
+
+    def _check_finite(self, step: int, models: dict) -> None:
+        """Before every checkpoint (collective): no non-finite loss since the last log step, finite weights."""
+        from .guard import DivergedError
+        try:
+            self.guard.check(step, models)
+        except DivergedError as err:
+            self.run_log.diverged(step, err)
+            raise
 
     def _client_state(self, step: int) -> dict:
         state = {"step": step, "stream": self.train_stream.state_dict(), "plugins": self.plugins.state_dict(),

@@ -104,7 +104,7 @@ def test_lr_is_a_pure_function_of_the_step():
 def test_synthetic_shards_of_another_geometry_are_refused(tmp_path, shards):
     """``data.synthetic: true`` writes the shards only when missing; shards written for another image
     size (or object count) are not silently trained on."""
-    out = train(tmp_path / "other", shards, "model.img_size=48", expect=1)
+    out = train(tmp_path / "other", shards, "model.img_size=48", expect=2)
     assert "holds synthetic shards with" in out and "'size': 48" in out
 
 
