@@ -8,7 +8,8 @@ Makes an ImageNet-like folder of JPEGs (450-550 x 340-410 px, mean ~500 x 375, q
 that a file is ~90 KB, near ImageNet's ~110 KB; drawn from the synthetic shapes), writes it to
 shards with ``data.write_shards imagefolder``, then times one epoch of each loader with the full
 DeiT training transform (random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1, normalise,
-random erasing 0.25; 224 px), the loaders interleaved round by round (``bench/timing.py``'s
+random erasing 0.25; 224 px), and the JPEGs decoded alone (PIL, no transform: the floor), the loaders interleaved
+round by round (``bench/timing.py``'s
 reasoning: a slow phase of the machine touches all alike), the median round kept. Each row gives
 wall-clock img/s and img per CPU-second (CPU time of this process, all its threads, and of its
 DataLoader workers: "per core" whatever the thread count). ``--device gpu`` runs the DALI pipeline
@@ -85,6 +86,16 @@ def time_epoch(make_batches, sync=None) -> dict:
     return {"images": count, "wall_s": wall, "cpu_s": used, "per_s": count / wall, "per_cpu_s": count / used}
 
 
+def decode_only(encoded: list[bytes], batch: int):
+    """The floor of any PIL loader: the JPEGs decoded to RGB in this process, no transform, no workers."""
+    for start in range(0, len(encoded) - batch + 1, batch):
+        images = []
+        for data in encoded[start:start + batch]:
+            with Image.open(io.BytesIO(data)) as image:
+                images.append(image.convert("RGB"))
+        yield {"image": images}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=384)
@@ -108,6 +119,8 @@ def main() -> None:
         transform = build_transform(True, args.size)  # DeiT's: rand-m9-mstd0.5-inc1, re_prob 0.25, bicubic
         common = dict(batch_size=args.batch, num_workers=args.workers, image_size=args.size, buffer_size=256)
         cases = {"PIL stream": (lambda: build_train_stream(str(shards), **common), None)}
+        encoded = [path.read_bytes() for path in sorted(folder.rglob("*.jpg"))]
+        cases["decode only"] = (lambda: decode_only(encoded, args.batch), None)
         if not args.no_imagefolder:
             cases["ImageFolder"] = (lambda: DataLoader(ImageFolder(str(folder), transform=transform),
                                                        batch_size=args.batch, shuffle=True, num_workers=args.workers,

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,14 @@ def segment(metrics: Path) -> tuple[float, float, int]:
     start = next(r["time"] for r in records if r.get("event") == "start")
     windows = [r for r in records if "loss" in r]
     return windows[-1]["time"] - start, sum(r["flops"] for r in windows), sum(r["steps"] for r in windows)
+
+
+def data_share(metrics: Path) -> Optional[float]:
+    """The share of the run's step time spent waiting for data (``time/data`` over ``time/window``,
+    ``launcher.step_timer``), or None for a log without them."""
+    windows = [json.loads(line) for line in metrics.read_text().splitlines() if '"time/window"' in line]
+    whole = sum(r["time/window"] for r in windows)
+    return sum(r.get("time/data", 0.0) for r in windows) / whole if whole else None
 
 
 def run(args, shards: Path, out: Path, name: str, toe: bool, on_gpu: bool) -> tuple[float, float, int]:
@@ -71,16 +80,20 @@ def end_to_end(args, on_gpu: bool) -> dict:
         shards = write_jpeg_shards(root, args.images or max(512, args.batch * 4))
         times: dict[str, list[float]] = {"dense": [], "toe": []}
         flops: dict[str, float] = {}
+        shares: dict[str, list] = {"dense": [], "toe": []}
         for repeat in range(args.repeats):
             for label in ("dense", "toe"):
                 seconds, total, steps = run(args, shards, root / "runs", f"{label}_{repeat}", label == "toe", on_gpu)
                 times[label].append(seconds)
+                shares[label].append(data_share(root / "runs" / f"{label}_{repeat}" / "metrics.jsonl"))
                 flops[label] = total
                 print(f"{label:>5} #{repeat}: {steps} steps in {seconds:.1f} s ({steps * args.batch / seconds:.1f} img/s)")
     measured = statistics.median(times["dense"]) / statistics.median(times["toe"])
     theory = flops["dense"] / flops["toe"]
     result = {"model": args.model, "batch": args.batch, "steps": args.steps, "r1": args.r1, "workers": args.workers,
-              "seconds": times, "flops": flops, "measured_speedup": measured, "theoretical_speedup": theory,
+              "seconds": times, "flops": flops,
+              "data_share": {label: statistics.median(v) if None not in v else None for label, v in shares.items()},
+              "measured_speedup": measured, "theoretical_speedup": theory,
               "measured_over_theoretical": measured / theory}
     print(f"whole run, data included: ToE r1={args.r1} {measured:.3f}x measured vs {theory:.3f}x theoretical "
           f"= {measured / theory:.3f}")

@@ -9,7 +9,9 @@ One process, one device, synthetic tensors on it. (a) timm model, ``torch.autoca
 torch AdamW with its defaults, eager. (b) the DeepSpeed engine as ``launcher.train`` builds it: ZeRO-1
 in the precision, AdamW ``fused=True`` on CUDA (``optim.fused``), the model's forward compiled
 (``launcher.perf.compile_engine``: dynamic=False, fullgraph=True; ``--compile`` on by default on CUDA).
-(c) the same engine with ToE (``--r1``) in stages 1 and 2 (stage 3 keeps every token: it is (b)).
+(b') the same engine with ToE (``--r1``) attached, in its last stage (every token kept: the op returns its
+input), against (b) without methods: what ToE costs when it saves nothing (target >= 0.98). (c) the ToE engine
+in stages 1 and 2.
 Rounds interleave the configurations, so ratios come from one run under the same load; timings are
 medians; compilation happens in the warm-up round. TFLOP/s are the cost model's training FLOPs
 (``models.cost``: 3 x forward, 2 FLOPs per multiply-add) per second; MFU is that against the device's
@@ -23,6 +25,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -104,20 +107,25 @@ def main() -> None:
             plain_opt.step()
             plain_opt.zero_grad(set_to_none=True)
 
-        model = copy.deepcopy(base)
-        plugins = PluginStack([ToEPlugin(schedule)])
-        plugins.attach(model)
+        def make_engine(plugin_list):
+            model = copy.deepcopy(base)
+            stack = PluginStack(plugin_list)
+            stack.attach(model)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu)
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+            if compiled:
+                compile_engine(engine, args.compile_backend)
+            return engine, stack
+
         ds_config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
                      "zero_optimization": {"stage": 1}, "steps_per_print": 10**9, "gradient_clipping": 0.0,
                      "bf16": {"enabled": precision == "bf16"},
                      "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12}}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        if compiled:
-            compile_engine(engine, args.compile_backend)
+        engine, plugins = make_engine([ToEPlugin(schedule)])
+        baseline, no_plugins = make_engine([])  # what launcher.train runs for a recipe without methods
         engine_input = images.to(dtype)
 
-        def engine_step(stage_step):
+        def engine_step(stage_step, engine=engine, plugins=plugins):
             def fn():
                 plugins.on_step(stage_step)
                 loss = F.cross_entropy(engine(plugins.on_batch(stage_step, {"image": engine_input})["image"]).float(),
@@ -126,8 +134,8 @@ def main() -> None:
                 engine.step()
             return fn
 
-        cases = {"plain": plain_step, "engine_full": engine_step(2), "engine_stage1": engine_step(0),
-                 "engine_stage2": engine_step(1)}
+        cases = {"plain": plain_step, "baseline": engine_step(2, baseline, no_plugins), "engine_full": engine_step(2),
+                 "engine_stage1": engine_step(0), "engine_stage2": engine_step(1)}  # baseline and full back to back
         for fn in cases.values():  # a batch that does not fit fails here, before any timing
             fn()
         return cases, plugins, images, labels
@@ -163,8 +171,14 @@ def main() -> None:
         counted[stage_step] = counter.get_total_flops()
 
     rows = [{"config": "(a) plain loop", **speed("plain", 2)},
-            {"config": "(b) engine, full tokens", **speed("engine_full", 2),
-             "vs_plain": median["plain"] / median["engine_full"]}]
+            {"config": "(b) engine, no method", **speed("baseline", 2), "vs_plain": median["plain"] / median["baseline"]},
+            {"config": "(b') engine, ToE last stage (all tokens)", **speed("engine_full", 2),
+             "vs_plain": median["plain"] / median["engine_full"],
+             "vs_no_method": median["baseline"] / median["engine_full"],
+             # the same, round by round (each round times the two back to back), then the median: steadier on a
+             # machine whose load swings between rounds
+             "vs_no_method_paired": statistics.median(b / f for b, f in zip(samples["baseline"],
+                                                                              samples["engine_full"]))}]
     for stage_step in (0, 1):
         measured = median["engine_full"] / median[f"engine_stage{stage_step + 1}"]
         theory = 1 / plugins.flops_share(stage_step)
@@ -177,7 +191,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if on_gpu else f"cpu x{torch.get_num_threads()} threads"
     print(f"{name}, batch {batch}, {precision}, {device_name}, {'compiled' if compiled else 'eager'} engine, "
           f"median of {rounds} rounds x {per_round} steps")
-    print(f"{'configuration':<34} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'vs plain':>9} {'speed-up':>9} "
+    print(f"{'configuration':<42} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'vs plain':>9} {'speed-up':>9} "
           f"{'theory':>7} {'counted':>8} {'meas/theory':>11}")
     for row in rows:
         cells = [f"{row['img_per_s']:>8.1f}", f"{row['tflops']:>8.3f}",
@@ -186,7 +200,10 @@ def main() -> None:
         if "speedup" in row:
             cells += [f"{row['speedup']:>8.3f}x", f"{row['theoretical_speedup']:>6.3f}x",
                       f"{row['counted_flops_speedup']:>7.3f}x", f"{row['measured_over_theoretical']:>11.3f}"]
-        print(f"{row['config']:<34} " + " ".join(cells))
+        print(f"{row['config']:<42} " + " ".join(cells))
+    full = next(row for row in rows if "vs_no_method" in row)
+    print(f"ToE's last stage (all tokens) against the engine without methods: {full['vs_no_method']:.3f} of its "
+          f"speed, {full['vs_no_method_paired']:.3f} paired by round (target >= 0.98)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": name, "batch": batch, "precision": precision, "device": device_name,

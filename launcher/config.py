@@ -47,6 +47,9 @@ class ModelConfig:
     # checkpoint). A run that resumes from its own checkpoint does not apply it.
     checkpoint: Optional[str] = None
     reinit_head: bool = False  # fresh classifier heads even when the file's class count matches (a new label set)
+    # timm's activation checkpointing of the blocks: each block's activations are recomputed in backward
+    # (about one more forward of the blocks per step) instead of kept; a method may refuse it (its reason)
+    grad_checkpointing: bool = False
     kwargs: dict = field(default_factory=dict)  # more timm.create_model arguments (patch_size, depth, ...)
 
 
@@ -113,6 +116,10 @@ class TrainConfig:
     global_batch: int = 1024
     grad_accum: int = 1
     precision: str = "bf16"
+    # bf16 runs: the dtype gradients are accumulated over micro-batches and all-reduced in (DeepSpeed's
+    # data_types.grad_accum_dtype and communication_data_type); null: fp32 on ZeRO 1-3, bf16 on ZeRO-0
+    # (DeepSpeed 0.19.8 has no fp32 accumulation without ZeRO)
+    grad_precision: Optional[str] = None
     zero_stage: int = 1
     ds_config: Optional[str] = None  # default ds_configs/zero{stage}_{precision}.json
     seed: int = 0
@@ -179,6 +186,7 @@ class RunConfig:
 CHOICES = {
     "task": ("classification", "detection"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.grad_precision": ("fp32", "bf16"),
     "train.zero_stage": (0, 1, 2, 3),
     "data.backend": ("pil", "dali"),
 }
@@ -345,7 +353,7 @@ def _build(cls, data: dict, prefix: str):
             kwargs[name] = _build(hints[name], value, key + ".")
         else:
             kwargs[name] = _check_type(key, value, hints[name])
-            if key in CHOICES and kwargs[name] not in CHOICES[key]:
+            if key in CHOICES and kwargs[name] is not None and kwargs[name] not in CHOICES[key]:
                 raise ConfigError(f"{key} must be one of {CHOICES[key]}, got {value!r}")
     return cls(**kwargs)
 
@@ -432,10 +440,19 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("train.compile with train.zero_stage=3 is not supported: ZeRO-3's parameter fetch hooks "
                           "are excluded from tracing, so the model cannot compile to one graph (launcher/perf.py); "
                           "use stage 0-2 or train.compile=false")
+    if t.grad_precision is not None and t.precision != "bf16" and t.grad_precision != t.precision:
+        raise ConfigError(f"train.grad_precision={t.grad_precision} is for train.precision=bf16 (fp32 runs keep fp32 "
+                          f"gradients, fp16 runs DeepSpeed's loss-scaled fp16 ones); got train.precision={t.precision}: "
+                          f"leave it null")
+    if t.grad_precision == "fp32" and t.zero_stage == 0:
+        raise ConfigError("train.grad_precision=fp32 with train.precision=bf16 needs train.zero_stage 1-3: DeepSpeed "
+                          "0.19.8 has no fp32 gradient accumulation for bf16 without ZeRO (NotImplementedError in "
+                          "engine._do_optimizer_sanity_check); set train.grad_precision=bf16 or a ZeRO stage")
     if t.ds_config is not None and not _ds_path(cfg).is_file():
         raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
     cfg.methods = _methods(cfg.methods, cfg.method_modules)
     _check_pretrained(cfg)
+    _check_grad_checkpointing(cfg)
 
 
 def _validate_remote(cfg: RunConfig) -> None:
@@ -527,6 +544,14 @@ def _check_pretrained(cfg: RunConfig) -> None:
         raise ConfigError(str(err)) from err
 
 
+def _check_grad_checkpointing(cfg: RunConfig) -> None:
+    from methods.registry import grad_checkpointing_refusals
+    refusals = grad_checkpointing_refusals(cfg.methods) if cfg.model.grad_checkpointing else {}
+    if refusals:
+        name, reason = next(iter(refusals.items()))
+        raise ConfigError(f"model.grad_checkpointing=true: methods.{name} refuses it: {reason}")
+
+
 def _legacy_toe(data: dict) -> None:
     """Recipes and run folders written before the method registry have a ``toe:`` section."""
     if "toe" not in data:
@@ -556,12 +581,14 @@ def resolved(cfg: RunConfig) -> str:
 
 
 # Options a resumed run may change: where the run is and how it is watched, not what it trains
-# (logging, evaluation and checkpoint cadence, DataLoader workers, timeouts, compilation, the pretrained
-# file and head choice a resume does not re-apply). The world size is not a recipe key: another one resumes through a
-# universal checkpoint. Any other change on resume is refused unless --allow-recipe-change.
+# (logging, evaluation and checkpoint cadence, DataLoader workers, timeouts, compilation, activation
+# checkpointing, the pretrained file and head choice a resume does not re-apply). The world size is not a recipe
+# key: another one resumes through a universal checkpoint. Any other change on resume is refused unless
+# --allow-recipe-change.
 RESUMABLE = ("name", "out_dir", "model.checkpoint", "model.reinit_head", "data.workers", "train.log_every",
              "train.eval_every", "train.eval_on_start", "train.collective_timeout_minutes", "train.signal_check_every",
              "train.compile", "train.compile_backend", "checkpoint.every", "checkpoint.keep",
+             "model.grad_checkpointing",  # recomputes activations: the same numbers, less memory
              # how remote shards are reached, retried and cached (data/remote.py), not which data is read
              "data.s3_endpoint", "data.remote_retries", "data.remote_backoff", "data.remote_backoff_max",
              "data.remote_timeout", "data.max_lost_share", "data.cache_dir", "data.cache_size_gb")
@@ -619,6 +646,14 @@ _RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient
                  "gradient_clipping")
 
 
+def grad_precision(cfg: RunConfig) -> Optional[str]:
+    """The dtype a bf16 run accumulates and all-reduces its gradients in ("fp32" / "bf16"); None otherwise."""
+    t = cfg.train
+    if t.precision != "bf16":
+        return None
+    return t.grad_precision or ("bf16" if t.zero_stage == 0 else "fp32")
+
+
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed config: the JSON's ZeRO / precision blocks + batch, accumulation and clipping
     from the recipe (one source of truth; a JSON that disagrees is an error)."""
@@ -648,9 +683,17 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     got = next((p for p, on in precisions.items() if on), "fp32")
     if got != t.precision:
         raise ConfigError(f"{path} trains in {got}, the recipe says train.precision={t.precision}")
+    fp32_grads = grad_precision(cfg) == "fp32" and t.precision == "bf16"
+    if fp32_grads:  # recipe-owned too: a JSON that says otherwise is an error
+        for key, value in (("data_types", {"grad_accum_dtype": "fp32"}), ("communication_data_type", "fp32")):
+            if key in ds and ds[key] != value:
+                raise ConfigError(f"{path} sets {key}={ds[key]} but the recipe's train.grad_precision=fp32 gives "
+                                  f"{value}: set train.grad_precision=bf16 in the recipe instead")
+            ds[key] = value
     ds.update(owned)
     ds.setdefault("steps_per_print", 10**9)
-    if stage in (1, 2) and not owned["gradient_clipping"] and t.precision != "fp16":
+    # (ZeRO-1 with bf16 weights and fp32 gradients is DeepSpeed's BF16_Optimizer, which refuses the switch)
+    if stage in (1, 2) and not owned["gradient_clipping"] and t.precision != "fp16" and not (fp32_grads and stage == 1):
         # ZeRO-1/2 compute the global gradient norm every step (an all-reduce and a host read, only for
         # clipping and DeepSpeed's inf/NaN check) unless told not to; unclipped bf16 / fp32 recipes have no use
         # for it, as a plain torch loop has none (fp16 keeps it: its loss scaler needs the overflow check)

@@ -155,6 +155,30 @@ class Run:
         return out
 
 
+    def stage_key(self) -> Optional[str]:
+        """The run's stage metric, found in the log: the first ``<method>/stage`` key of its records."""
+        for record in self.train.values():
+            for key in record:
+                if key.endswith("/stage"):
+                    return key
+        return None
+
+    def time_breakdown(self) -> dict:
+        """``{stage: {"steps": n, "<phase>": seconds, ...}}`` summed over the log windows (``time/...`` keys of
+        ``launcher.step_timer``), per stage of the run's stage metric (key None: one stage, or none logged)."""
+        key, out = self.stage_key(), {}
+        for record in self.train.values():
+            phases = {k[5:]: float(v) for k, v in record.items()
+                      if k.startswith("time/") and k not in ("time/window", "time/data_share")}
+            if not phases:
+                continue
+            totals = out.setdefault(record.get(key) if key else None, {"steps": 0})
+            totals["steps"] += max(1, int(record.get("steps", 1)))
+            for phase, seconds in phases.items():
+                totals[phase] = totals.get(phase, 0.0) + seconds
+        return dict(sorted(out.items(), key=_stage_order))
+
+
 def _stage_order(item):
     stage = item[0]
     return (stage is not None, stage if stage is not None else 0)
@@ -587,6 +611,65 @@ def _step_plot(plt, groups: list[Group], metric: str, ylabel: str, title: str, p
     plt.close(fig)
 
 
+def _phases(breakdowns) -> list[str]:
+    """The phases logged, in the step loop's order (``launcher.step_timer.PHASES``), unknown ones after."""
+    from .step_timer import PHASES
+    seen = {p for b in breakdowns for totals in b.values() for p in totals if p != "steps"}
+    return [p for p in PHASES if p in seen] + sorted(seen - set(PHASES))
+
+
+def _breakdown_rows(runs: list[Run]) -> list[tuple[str, dict]]:
+    """``(label, totals)`` per run and stage that logged a time breakdown."""
+    rows = []
+    for run in runs:
+        key = run.stage_key()
+        for stage, totals in run.time_breakdown().items():
+            label = run.name + ("" if stage is None else f", {key.split('/')[0]} stage {stage:g}")
+            rows.append((label, totals))
+    return rows
+
+
+def _breakdown_table(runs: list[Run]) -> list[str]:
+    rows = _breakdown_rows(runs)
+    if not rows:
+        return []
+    phases = _phases([{None: totals} for _, totals in rows])
+    lines = ["## Where the time goes", "",
+             "Milliseconds per optimizer step, from the `time/...` keys of every log window (`launcher.step_timer`: "
+             "host timers on the CPU, CUDA events on a GPU); evaluation and checkpoints count in `between_steps`.",
+             "", "| run, stage | steps | " + " | ".join(phases) + " | total | waiting for data |",
+             "|---|---|" + "---|" * (len(phases) + 2)]
+    for label, totals in rows:
+        steps = totals["steps"]
+        whole = sum(totals.get(p, 0.0) for p in phases)
+        cells = [f"{1e3 * totals.get(p, 0.0) / steps:.1f}" for p in phases]
+        share = f"{totals.get('data', 0.0) / whole:.1%}" if whole > 0 else "-"
+        lines.append(f"| {label} | {steps} | " + " | ".join(cells) + f" | {1e3 * whole / steps:.1f} | {share} |")
+    return lines + [""]
+
+
+def _breakdown_plot(plt, runs: list[Run], path: Path, written: list[Path]) -> None:
+    """Stacked horizontal bars: milliseconds per step in each phase, one bar per run and stage."""
+    rows = _breakdown_rows(runs)
+    if not rows:
+        return
+    phases = _phases([{None: totals} for _, totals in rows])
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(rows)))
+    left = [0.0] * len(rows)
+    for phase in phases:
+        widths = [1e3 * totals.get(phase, 0.0) / totals["steps"] for _, totals in rows]
+        ax.barh(range(len(rows)), widths, left=left, label=phase.replace("_", " "))
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds per optimizer step")
+    ax.set_title("Where each step's time goes (per run and stage)")
+    ax.legend(fontsize="small", ncol=len(phases), loc="upper center", bbox_to_anchor=(0.5, -0.25 - 0.5 / len(rows)))
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path, written)
+    plt.close(fig)
+
+
 def write_plots(groups: list[Group], out: Path) -> tuple[list[Path], list[str]]:
     plt = _pyplot()
     written: list[Path] = []
@@ -607,6 +690,7 @@ def write_plots(groups: list[Group], out: Path) -> tuple[list[Path], list[str]]:
     _step_plot(plt, groups, "img_per_s", "training throughput (images / s, all ranks)",
                "Throughput against step (ToE stage boundaries dashed)", out / "img_per_s.png", written,
                boundaries=True)
+    _breakdown_plot(plt, runs, out / "time_breakdown.png", written)
     return written, notes
 
 
@@ -638,9 +722,11 @@ def write_report(runs: list[Run], out, baseline: Optional[Run] = None) -> Path:
     lines += _recipe_changes(runs)
     lines += [f"- `{run.path}` diverged: {run.diverged}" for run in runs if run.diverged] + (
         [""] if any(run.diverged for run in runs) else [])
+    lines += _breakdown_table(runs)
     titles = {"top1_vs_wallclock": "Eval top-1 against wall-clock", "top1_vs_flops": "Eval top-1 against training FLOPs",
               "ap_vs_wallclock": "Eval AP against wall-clock", "ap_vs_flops": "Eval AP against training FLOPs",
-              "loss": "Train loss", "kept_tokens": "ToE kept tokens", "img_per_s": "Throughput"}
+              "loss": "Train loss", "kept_tokens": "ToE kept tokens", "img_per_s": "Throughput",
+              "time_breakdown": "Where each step's time goes"}
     if plots:
         lines += ["## Plots", ""]
         for plot in plots:

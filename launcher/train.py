@@ -72,8 +72,9 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from .config import ConfigError, RunConfig, deepspeed_config, load_config, resolved  # noqa: E402
+from .config import ConfigError, RunConfig, deepspeed_config, grad_precision, load_config, resolved  # noqa: E402
 from .run_log import RunLog, due  # noqa: E402
+from .step_timer import StepTimer  # noqa: E402
 
 log = logging.getLogger("launcher.train")
 
@@ -222,6 +223,17 @@ def _fail(err: BaseException, env) -> None:
     abort_and_exit(code)
 
 
+def _note_grad_precision(state: dict, now) -> None:
+    """A resume across a change of the gradient dtype (train.grad_precision; checkpoints from before it
+    existed accumulated bf16 runs' gradients in bf16) loads as is: checkpoints hold the fp32 master weights
+    and optimizer moments, never gradients (DeepSpeed's ZeRO-1 and BF16_Optimizer states load into each
+    other equal, tests/test_grad_precision.py). The numerics change from the resumed step on: say so."""
+    saved = state.get("grad_precision", "bf16" if now is not None else None)  # older bf16 checkpoints: bf16
+    if saved != now:
+        log.warning("the checkpoint was trained with %s gradients (train.grad_precision), this run continues with "
+                    "%s ones from here on; set train.grad_precision=%s to continue as it was", saved, now, saved)
+
+
 def write_synthetic_shards(path: str, size: int, objects: int, token_labels: int = 0) -> None:
     """``data.write_shards.write_synthetic_once``: one complete copy even when two jobs start on ``path`` at once."""
     from data.write_shards import write_synthetic_once
@@ -357,6 +369,8 @@ class Trainer:
         model, num_suffix = self.task.build_model(pretrained=point is None)  # resume wins over model.checkpoint
         if point is not None and cfg.model.checkpoint and self.rank == 0:
             log.info("model.checkpoint %s is not applied: the run resumes from its own checkpoint", cfg.model.checkpoint)
+        if cfg.model.grad_checkpointing:  # before the plug-ins attach: they see the model as it will run
+            model.set_grad_checkpointing(True)
         context = MethodContext(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                                 num_suffix=num_suffix, task=cfg.task, rank=self.rank, world_size=self.world,
                                 seed=cfg.train.seed, grad_accum=cfg.train.grad_accum)
@@ -422,6 +436,7 @@ class Trainer:
             self.plugins.load_state_dict(state["plugins"])
             if self.ema is not None and "ema" in state:
                 self.ema.module.load_state_dict(state["ema"])
+            _note_grad_precision(state, grad_precision(cfg))
             log.info("resumed at step %d of %d (SLURM_RESTART_COUNT=%s)", step, self.total_steps,
                      os.environ.get("SLURM_RESTART_COUNT", "-"))
             if step >= self.total_steps:
@@ -445,7 +460,7 @@ class Trainer:
 
     def _client_state(self, step: int) -> dict:
         state = {"step": step, "stream": self.train_stream.state_dict(), "plugins": self.plugins.state_dict(),
-                 "seed": self.cfg.train.seed, "lr": self._lr(step)}
+                 "seed": self.cfg.train.seed, "lr": self._lr(step), "grad_precision": grad_precision(self.cfg)}
         if self.ema is not None:
             state["ema"] = self.ema.module.state_dict()
         return state
@@ -465,14 +480,18 @@ class Trainer:
             self._evaluate(0)
         self.engine.train()
         batches = self._batches()
+        timer = StepTimer(self.device)  # time/... and memory/... of each log window, read at log steps only
         for batch in batches:
+            timer.mark("data")
             if accum == 0:
                 metrics, lr = plugins.on_step(step), self._set_lr(step)
             batch = plugins.on_batch(step, self.task.to_device(batch, self.device))
             loss, outputs = self.task.loss(self.engine, batch, step * t.grad_accum + accum, dtype)
             plugins.after_forward(step, batch, outputs)
             self.engine.backward(loss)
+            timer.mark("forward_backward")
             self.engine.step()
+            timer.mark("optimizer")
             accum = (accum + 1) % t.grad_accum
             if accum:
                 continue
@@ -480,7 +499,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.engine.module)
             run_log.step(step, loss, lr=lr, images=self.images_per_step, flops=plugins.take_flops(),
-                         metrics=lambda: {**metrics, **plugins.step_metrics()})
+                         metrics=lambda: {**metrics, **plugins.step_metrics(), **timer.window()})
             step += 1
             if due(step, t.eval_every, self.total_steps):
                 self._evaluate(step)
@@ -491,6 +510,7 @@ class Trainer:
                 return self._announce_exit(EXIT_PREEMPTED)
             if due(step, cfg.checkpoint.every, self.total_steps):
                 self.checkpointer.save(step, self._client_state(step))
+            timer.mark("between_steps")  # the EMA, the run log, evaluation, checkpoints
             if step >= self.total_steps:
                 break
         batches.close()  # ends the stream's DataLoader workers now

@@ -26,6 +26,8 @@ Optional config hooks:
 - ``sets_input_grid() -> bool`` (with a class attribute ``input_grid_switch``, the option that turns
   it off): the method sets the input grid, so the token count of every block; no other method may
   set a token count then (``check_combination``).
+- ``grad_checkpointing_refusal`` (a class attribute, a sentence): the method cannot run with the model's
+  activation checkpointing (``model.grad_checkpointing``); the recipe is refused at start-up with it.
 - ``refuses(other_name, other_config) -> Optional[str]``: the method does not compose with another one
   the recipe lists; the reason (a sentence) is the error ``check_combination`` raises, naming both
   (Tri-Level's tokens / connections refuse ToE, whose pre-hook cannot take their attention mask).
@@ -127,6 +129,13 @@ def initial_subset(configs: Mapping[str, Any], num_samples: int, seed: int):
     if len(masks) > 1:
         raise ValueError(f"methods {masks[0][0]!r} and {masks[1][0]!r} both choose the training examples: use one")
     return masks[0][1] if masks else None
+
+
+def grad_checkpointing_refusals(configs: Mapping[str, Any]) -> dict[str, str]:
+    """``{method: reason}`` for the methods that cannot run with the model's activation checkpointing
+    (``model.grad_checkpointing``): a config class attribute ``grad_checkpointing_refusal`` (a sentence)."""
+    return {name: reason for name, config in configs.items()
+            if (reason := getattr(config, "grad_checkpointing_refusal", None))}
 
 
 def build_stack(configs: Mapping[str, Any], context: Any):

@@ -255,6 +255,8 @@ class TriLevelBlocks(nn.Sequential):
 @dataclass
 class TriLevelTokensConfig:
     summary = ("keep_ratio", "attn_ratio")  # the options a report names the method by (not a recipe key)
+    grad_checkpointing_refusal = ("timm's checkpointed forward calls the blocks one by one, past the token drop "
+                                  "and the attention mask this method threads through them")  # not a recipe key
     tokens: bool = True  # level 2 on/off (spec "Ablation switches")
     connections: bool = True  # level 3 on/off
     keep_ratio: float = 0.9  # r_T: official README's DeiT-T command (--keep_ratio 0.9; main.py's argparse default: 0.7)

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
-from timm.models import VisionTransformer, register_model
+from timm.models import VisionTransformer, checkpoint_seq, register_model
 from timm.models.vision_transformer import Block
 
 __all__ = ["LVViT", "ConvStem", "ScaledResidualBlock", "LVVIT_SHAPES", "broadcast_batchnorm", "lvvit_t", "lvvit_s",
@@ -170,7 +170,9 @@ class LVViT(VisionTransformer):
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        x = self.blocks(x)  # Token Expansion (a pre-hook on blocks[l]) acts inside, in training
+        # Token Expansion (a pre-hook on blocks[l]) acts inside, in training, and again when a checkpointed
+        # block is recomputed in backward (the same selection: checkpointing restores the RNG)
+        x = checkpoint_seq(self.blocks, x) if self.grad_checkpointing and torch.is_grad_enabled() else self.blocks(x)
         return self.norm(x)  # ToE's restore (a forward hook on norm) gives every patch position back
 
     def forward_heads(self, x: torch.Tensor):

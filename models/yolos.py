@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from timm.models import checkpoint
 
 from .vit import create_classifier
 
@@ -170,6 +171,10 @@ class YOLOS(nn.Module):
         patches = resample_grid(table[:, :, 1:], self.mid_grid, grid)
         return torch.cat([table[:, :, :1], patches, self.mid_det_pos_embed], dim=2)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's activation checkpointing of the backbone's blocks (``model.grad_checkpointing``)."""
+        self.backbone.set_grad_checkpointing(enable)
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         bb = self.backbone
         x = bb.patch_embed(images)  # [B, H', W', C]
@@ -187,7 +192,7 @@ class YOLOS(nn.Module):
                 if toe is not None and toe.keep_index is not None and i > toe.schedule.block:
                     pos = toe.gather_kept(pos)  # per sample: follows this forward's selection
                 x = x + pos
-            x = block(x)
+            x = checkpoint(block, x) if bb.grad_checkpointing and torch.is_grad_enabled() else block(x)
         tokens = bb.norm(x)[:, -self.num_det_tokens:]
         with torch.autocast(tokens.device.type, enabled=False):  # heads and sigmoid in float32
             tokens = tokens.float()

@@ -334,3 +334,37 @@ def test_compare_skips_a_finished_run_and_resumes_a_killed_one(tmp_path, tiny_sh
     assert set(rows) == {"deit_tiny_cpu", "deit_tiny_toe_cpu"} and rows["deit_tiny_cpu"]["steps"] == str(total)
     assert rows["deit_tiny_toe_cpu"]["methods"] == "toe (r1=0.5)"
     assert (out / "report" / "top1_vs_wallclock.png").is_file()
+
+
+def test_the_time_breakdown_is_summed_per_run_and_per_stage_found_in_the_log(tmp_path):
+    """Stages come from whatever ``<method>/stage`` key the log has (here EfficientTrain's ``et/stage``)."""
+    def window(step, stage, data, compute, optimizer, between=0.0):
+        return {"step": step, "steps": 2, "loss": 1.0, "lr": 1e-3, "time": 1000.0 + step, "et/stage": float(stage),
+                "time/data": data, "time/forward_backward": compute, "time/optimizer": optimizer,
+                "time/between_steps": between, "time/window": data + compute + optimizer + between}
+    records = [start(0, 999.0), window(1, 1, 0.2, 1.0, 0.2), window(3, 1, 0.0, 1.2, 0.2, 0.4),
+               window(5, 2, 0.4, 2.0, 0.2)]
+    cfg = config("et", toe=False)
+    run = report.load_run(write_run(tmp_path / "et", cfg, records))
+    assert run.stage_key() == "et/stage"
+    breakdown = run.time_breakdown()
+    assert breakdown[1] == pytest.approx({"steps": 4, "data": 0.2, "forward_backward": 2.2, "optimizer": 0.4,
+                                          "between_steps": 0.4})
+    assert breakdown[2] == pytest.approx({"steps": 2, "data": 0.4, "forward_backward": 2.0, "optimizer": 0.2,
+                                          "between_steps": 0.0})
+    plain = report.load_run(write_run(tmp_path / "plain", config("plain", toe=False),
+                                      [start(0, 999.0), {k: v for k, v in window(1, 1, 0.5, 1.0, 0.5).items()
+                                                         if k != "et/stage"}]))
+    assert plain.stage_key() is None and list(plain.time_breakdown()) == [None]
+    assert report.main([str(tmp_path / "et"), str(tmp_path / "plain"), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "(time_breakdown.png)" in md
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in md.split("## Where the time goes")[1].splitlines()
+            if line.startswith("| ") and "steps |" not in line}
+    # ms per step: data, forward_backward, optimizer, between_steps, total, share waiting for data
+    assert rows["et, et stage 1"][1:] == ["4", "50.0", "550.0", "100.0", "100.0", "800.0", "6.2%"]
+    assert rows["et, et stage 2"][1:] == ["2", "200.0", "1000.0", "100.0", "0.0", "1300.0", "15.4%"]
+    assert rows["plain"][1:] == ["2", "250.0", "500.0", "250.0", "0.0", "1000.0", "25.0%"]
+    with Image.open(tmp_path / "report" / "time_breakdown.png") as image:
+        assert image.format == "PNG" and len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 20
