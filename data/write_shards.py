@@ -402,9 +402,10 @@ class _EncodeIdx:
         from .idx import read_idx_pair
 
         split, index = item
-        if split not in _IDX_CACHE:
-            _IDX_CACHE[split] = read_idx_pair(*self.files[split])
-        images, labels = _IDX_CACHE[split]
+        files = tuple(self.files[split])  # keyed by the files: one process may write several folders
+        if files not in _IDX_CACHE:
+            _IDX_CACHE[files] = read_idx_pair(*files)
+        images, labels = _IDX_CACHE[files]
         png = io.BytesIO()
         Image.fromarray(images[index], mode="L").save(png, format="PNG")
         label = int(labels[index]) if self.relabel is None else self.relabel[int(labels[index])]
