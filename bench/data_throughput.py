@@ -139,7 +139,8 @@ def main() -> None:
             cases[f"DALI {args.device.upper()}"] = (lambda: stream, sync)
         else:
             build_s = None
-            print("DALI is not installed (pip install -r requirements-dali.txt): its row is left out")
+            print("DALI row left out: " + ("--no-dali" if args.no_dali else
+                                             "DALI is not installed (pip install -r requirements-dali.txt)"))
         for name, (make, sync) in cases.items():  # warm-up round: first-epoch costs (page cache, worker start)
             time_epoch(make, sync)
         for _ in range(args.rounds):
