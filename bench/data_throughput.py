@@ -8,7 +8,8 @@ Makes an ImageNet-like folder of JPEGs (450-550 x 340-410 px, mean ~500 x 375, q
 that a file is ~90 KB, near ImageNet's ~110 KB; drawn from the synthetic shapes), writes it to
 shards with ``data.write_shards imagefolder``, then times one epoch of each loader with the full
 DeiT training transform (random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1, normalise,
-random erasing 0.25; 224 px), and the JPEGs decoded alone (PIL, no transform: the floor), the loaders interleaved round by round (``bench/timing.py``'s
+random erasing 0.25; 224 px), and the JPEGs decoded alone (PIL, no transform: the floor), the loaders interleaved
+round by round (``bench/timing.py``'s
 reasoning: a slow phase of the machine touches all alike), the median round kept. Each row gives
 wall-clock img/s and img per CPU-second (CPU time of this process, all its threads, and of its
 DataLoader workers: "per core" whatever the thread count). ``--device gpu`` runs the DALI pipeline

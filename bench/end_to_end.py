@@ -92,7 +92,8 @@ def end_to_end(args, on_gpu: bool) -> dict:
     theory = flops["dense"] / flops["toe"]
     result = {"model": args.model, "batch": args.batch, "steps": args.steps, "r1": args.r1, "workers": args.workers,
               "seconds": times, "flops": flops,
-              "data_share": {label: statistics.median(v) if None not in v else None for label, v in shares.items()}, "measured_speedup": measured, "theoretical_speedup": theory,
+              "data_share": {label: statistics.median(v) if None not in v else None for label, v in shares.items()},
+              "measured_speedup": measured, "theoretical_speedup": theory,
               "measured_over_theoretical": measured / theory}
     print(f"whole run, data included: ToE r1={args.r1} {measured:.3f}x measured vs {theory:.3f}x theoretical "
           f"= {measured / theory:.3f}")

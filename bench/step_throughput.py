@@ -35,11 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import DTYPES, interleaved_medians  # noqa: E402
-from models import create_classifier  # noqa: E402
 from methods import PluginStack  # noqa: E402
 from methods.toe import ToEPlugin  # noqa: E402
+from models import create_classifier  # noqa: E402
 from toe import ToESchedule  # noqa: E402
-
 
 
 def parse_args():
@@ -83,9 +82,10 @@ def main() -> None:
     rounds, per_round = args.rounds or (20 if on_gpu else 10), args.steps_per_round or (5 if on_gpu else 2)
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    import deepspeed
+
     from launcher.distributed import init_distributed
     from launcher.perf import compile_engine, peak_tflops
-    import deepspeed
     init_distributed()
     compiled = args.compile == "on" or (args.compile == "auto" and on_gpu)
 

@@ -87,7 +87,8 @@ def main() -> None:
             op_ms=op * 1e3, step_ms=step * 1e3, op_share=op / step, target=target, ok=op / step <= target,
             measured_speedup=median["step_full"] / step, theoretical_speedup=1 / stack.flops_share(stage - 1)))
 
-    device_name = torch.cuda.get_device_name(device) if on_gpu else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
+    cpu_name = f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name(device) if on_gpu else cpu_name
     print(f"ToE overhead: {args.model}, batch {batch}, {str(dtype).replace('torch.', '')}, {device_name}, "
           f"{rounds} rounds (median); full-token step {median['step_full'] * 1e3:.1f} ms")
     print(f"{'stage':>5} {'kept':>5} {'op ms':>9} {'step ms':>10} {'op/step':>8} {'target':>7} "

@@ -37,10 +37,12 @@ PIL's) and these deliberate deviations:
   ignored, as PIL's ``Image.open(...).convert("RGB")`` does.
 
 Bad samples: a missing / bad label or missing image is counted as in the PIL path; the image
-bytes are checked in the worker without decoding (the header parses, the format is one DALI
-decodes, a JPEG ends with its end-of-image marker after its last scan, a PNG has its IEND chunk):
-what fails is skipped, counted (``corrupt_image`` / ``unsupported_image``) and refilled by the
-stream as the PIL path's undecodable images are. A sample that passes the check and still fails
+bytes are checked in the worker (the header parses, the format is one DALI decodes, a JPEG ends
+with its end-of-image marker after its last scan, a PNG has its IEND chunk, and PIL decodes it:
+``data.stream.check_decodable``, a JPEG at 1/8 scale, so that an image whose scan data is damaged
+is skipped here exactly when the PIL path skips it; DALI's decoders conceal such damage and would
+train on it): what fails is skipped, counted (``corrupt_image`` / ``unsupported_image``) and
+refilled by the stream as the PIL path's undecodable images are. A sample that passes the check and still fails
 in DALI fails the whole DALI batch: ``DaliStream`` then rebuilds the pipeline, runs the batch's
 samples one by one, counts each that fails (``dali_failed``, logged with its sample position) and gives its
 slot a copy of a good sample of the batch, marked ``valid = False`` (label -1 in evaluation), so
@@ -205,11 +207,11 @@ def check_dali_options(prefix: str = "", *, auto_augment: Optional[str] = "rand-
 
 
 def check_encoded(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` of encoded image bytes that DALI should decode, without decoding them;
+    """``(width, height)`` of encoded image bytes that DALI should decode, checked as the PIL path decides;
     ``SkipSample`` (``corrupt_image`` / ``unsupported_image``) otherwise."""
     from PIL import Image
 
-    from .stream import SkipSample
+    from .stream import SkipSample, check_decodable
     try:
         with Image.open(io.BytesIO(data)) as image:
             size, fmt = image.size, image.format
@@ -225,6 +227,7 @@ def check_encoded(data: bytes) -> tuple[int, int]:
         raise SkipSample("corrupt_image")
     if size[0] < 1 or size[1] < 1:
         raise SkipSample("corrupt_image")
+    check_decodable(data)  # the PIL path's verdict: DALI's decoders would train on damaged scan data
     return size
 
 
@@ -613,7 +616,8 @@ def _require_dali() -> None:
 def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                        seed: int = 0, image_size: int = 224, split: str = "train", buffer_size: int = 1000,
                        repeats: int = 1, base: Optional[str] = None, pin_memory: bool = False,
-                       device: Optional[str] = None, num_threads: int = 2, **transform_options) -> DaliStream:
+                       device: Optional[str] = None, num_threads: int = 2, remote=None,
+                       **transform_options) -> DaliStream:
     """``data.stream.build_train_stream`` with the DeiT train transform in DALI (``device``: "gpu"
     when torch sees CUDA, else "cpu"); the same transform options (``check_dali_options`` says which
     values are not implemented)."""
@@ -623,7 +627,7 @@ def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size:
     _require_dali()
     check_transform_options(**{k: v for k, v in transform_options.items() if k != "auto_augment"})
     check_dali_options(**transform_options)
-    index = ShardIndex.load(path, base)
+    index = ShardIndex.load(path, base, remote)
     index.warn_if_unshuffled(split, buffer_size=buffer_size, readers=world_size * max(1, num_workers), rank=rank)
     classes = index.classes()
     codec = DaliCodec(True, image_size, num_classes=len(classes) or None, **transform_options)
@@ -640,7 +644,7 @@ def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size:
 def build_eval_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                       image_size: int = 224, split: str = "val", base: Optional[str] = None,
                       pin_memory: bool = False, device: Optional[str] = None, num_threads: int = 2,
-                      **transform_options) -> DaliStream:
+                      remote=None, **transform_options) -> DaliStream:
     """``data.stream.build_eval_stream`` with timm's eval transform in DALI."""
     from .shards import ShardIndex
     from .stream import ShardStream
@@ -648,7 +652,7 @@ def build_eval_stream(path: str, *, batch_size: int, rank: int = 0, world_size: 
     _require_dali()
     check_transform_options(**{k: v for k, v in transform_options.items() if k != "auto_augment"})
     check_dali_options(**{**transform_options, "auto_augment": None, "color_jitter": 0})
-    index = ShardIndex.load(path, base)
+    index = ShardIndex.load(path, base, remote)
     classes = index.classes()
     codec = DaliCodec(False, image_size, num_classes=len(classes) or None)
     stream = ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,

@@ -43,8 +43,9 @@ class RandomSizeCrop(v2.Transform):
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
-        crop_w = int(torch.randint(min(self.min_size, width), max(min(width, self.max_size), min(self.min_size, width)) + 1, ()))
-        crop_h = int(torch.randint(min(self.min_size, height), max(min(height, self.max_size), min(self.min_size, height)) + 1, ()))
+        low_w, low_h = min(self.min_size, width), min(self.min_size, height)
+        crop_w = int(torch.randint(low_w, max(min(width, self.max_size), low_w) + 1, ()))
+        crop_h = int(torch.randint(low_h, max(min(height, self.max_size), low_h) + 1, ()))
         top = int(torch.randint(0, height - crop_h + 1, ()))
         left = int(torch.randint(0, width - crop_w + 1, ()))
         return {"top": top, "left": left, "height": crop_h, "width": crop_w}

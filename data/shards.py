@@ -23,15 +23,19 @@ import json
 import logging
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-__all__ = ["INDEX_NAME", "ShardIndex", "ShardIndexError", "SplitIndex", "check_key", "read_samples", "ShardReadError"]
+from .remote import RemoteError, RemoteNotFound, RemoteOptions, RemoteReader, RetriesExhausted, is_remote, join, read_bytes
+
+__all__ = ["INDEX_NAME", "ShardIndex", "ShardIndexError", "SplitIndex", "check_key", "check_num_classes", "read_samples",
+           "ShardReadError", "ShardLostError"]
 
 INDEX_NAME = "shards.json"
 FORMAT = "toe-shards/1"
@@ -68,15 +72,48 @@ class SplitIndex:
     urls: tuple[str, ...]
     counts: np.ndarray  # samples per shard
     starts: np.ndarray  # global position of each shard's first sample
+    byte_starts: Optional[np.ndarray] = None  # per global position: byte offset of the sample in its tar
+    remote: Optional[RemoteOptions] = None  # how remote shards are read (None: webdataset's gopen)
 
     @property
     def total(self) -> int:
         return int(self.counts.sum())
 
+    @property
+    def max_lost_share(self) -> float:
+        return self.remote.max_lost_share if self.remote is not None else 0.0
+
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global positions -> (shard index, offset inside the shard)."""
         shard = np.searchsorted(self.starts, positions, side="right") - 1
         return shard, positions - self.starts[shard]
+
+    def read(self, shard: int, offsets: Sequence[int], counters: Optional[Counter] = None
+             ) -> Iterator[tuple[int, dict[str, bytes]]]:
+        """``read_samples`` of shard ``shard``: remote shards through ``data.remote`` (retries, ranged
+        reads from the offsets recorded at write time, the node cache); ``counters`` gets its counts."""
+        url = self.urls[shard]
+        if self.remote is None or not is_remote(url) or not len(offsets):
+            return read_samples(url, offsets)
+        return read_samples(url, offsets, opener=lambda: self._open_remote(shard, offsets, counters))
+
+    def _open_remote(self, shard: int, offsets: Sequence[int], counters: Optional[Counter]):
+        """``(file object, samples before its first byte, seekable)`` for a remote shard."""
+        counters = counters if counters is not None else Counter()
+        url, options = self.urls[shard], self.remote
+        if options.cache_dir:
+            from .remote import ShardCache
+            handle = ShardCache(options.cache_dir, options.cache_bytes).open(url, options, counters)
+            return handle, 0, not isinstance(handle, RemoteReader)
+        first, last, start, end = int(offsets[0]), int(offsets[-1]), 0, None
+        if self.byte_starts is not None:  # a ranged read: from the first wanted sample to the end of the last
+            base = int(self.starts[shard])
+            start = int(self.byte_starts[base + first])
+            if last + 1 < int(self.counts[shard]):
+                end = int(self.byte_starts[base + last + 1])
+        else:
+            first = 0
+        return RemoteReader(url, options, start=start, end=end, counters=counters), first, False
 
 
 class ShardIndexError(ValueError):
@@ -86,22 +123,46 @@ class ShardIndexError(ValueError):
 class ShardIndex:
     """``shards.json`` of a shard directory (or of any URL prefix the shards are served from)."""
 
-    def __init__(self, root: str, meta: dict, base: Optional[str] = None) -> None:
+    def __init__(self, root: str, meta: dict, base: Optional[str] = None,
+                 remote: Optional[RemoteOptions] = None) -> None:
         self.root = root
         self.meta = meta
         self.base = (base or root).rstrip("/")
+        self.remote = remote if remote is not None or not is_remote(self.base) else RemoteOptions()
 
     @classmethod
-    def load(cls, path: str, base: Optional[str] = None) -> "ShardIndex":
-        """``path``: a shard directory or its ``shards.json``; ``base``: where the tars are served
-        from if not beside the index (a URL prefix such as ``pipe:curl -s https://host/shards``)."""
+    def load(cls, path: str, base: Optional[str] = None, remote: Optional[RemoteOptions] = None) -> "ShardIndex":
+        """``path``: a shard directory or its ``shards.json``, local or remote (``s3://bucket/prefix``,
+        ``http(s)://host/prefix``, ``pipe:CMD``: the index is read from the same place, through
+        ``data.remote`` with ``remote``'s retries); ``base``: where the tars are served from if not
+        beside the index (a URL prefix such as ``pipe:curl -s https://host/shards``).
+
+        A remote index that cannot be read is a ``ShardIndexError`` that names the URL and the
+        cause (missing object or bucket, refused credentials, unreachable endpoint)."""
+        if is_remote(path):
+            remote = remote or RemoteOptions()
+            root = path.rstrip("/")
+            if root.endswith("/" + INDEX_NAME):
+                root = root[:-len(INDEX_NAME) - 1]
+            index_url = join(root, INDEX_NAME)
+            try:
+                text = read_bytes(index_url, remote).decode()
+            except RemoteError as err:
+                missing = isinstance(err, RemoteNotFound) and "NoSuchBucket" not in err.cause
+                what = "no shard index at" if missing else "cannot read the shard index"
+                raise ShardIndexError(f"{what} {index_url}: {err.cause}") from None
+            return cls(root, cls._parse(text, index_url), base, remote)
         index_path = Path(path)
         if index_path.is_dir():
             index_path = index_path / INDEX_NAME
         if not index_path.is_file():
             raise FileNotFoundError(f"no shard index at {index_path} (write shards with `python -m data.write_shards`)")
+        return cls(str(index_path.parent), cls._parse(index_path.read_text(), str(index_path)), base, remote)
+
+    @staticmethod
+    def _parse(text: str, index_path: str) -> dict:
         try:
-            meta = json.loads(index_path.read_text())
+            meta = json.loads(text)
         except json.JSONDecodeError as err:
             raise ShardIndexError(f"{index_path} is not valid JSON: line {err.lineno}, column {err.colno}: "
                                   f"{err.msg}") from None
@@ -112,9 +173,19 @@ class ShardIndex:
             counts = [s.get("samples") for s in split.get("shards", [])]
             if not counts or any(not isinstance(c, int) or c < 0 for c in counts) or sum(counts) != split.get("total"):
                 raise ShardIndexError(f"{index_path}: split {name!r} has bad shard sample counts or total")
+            for shard in split["shards"]:
+                offsets, size = shard.get("offsets"), shard.get("bytes")
+                if offsets is None:
+                    continue
+                if (not isinstance(offsets, list) or len(offsets) != shard["samples"] or not isinstance(size, int)
+                        or any(not isinstance(o, int) for o in offsets)
+                        or any(b <= a for a, b in zip(offsets, offsets[1:])) or (offsets and not
+                                                                                 0 <= offsets[0] <= offsets[-1] < size)):
+                    raise ShardIndexError(f"{index_path}: shard {shard.get('name')!r} of split {name!r} has bad "
+                                          f"byte offsets (one ascending offset per sample, below 'bytes')")
         if not isinstance(meta.get("shuffled", False), bool):
             raise ShardIndexError(f"{index_path}: 'shuffled' must be true or false, got {meta['shuffled']!r}")
-        return cls(str(index_path.parent), meta, base)
+        return meta
 
     @property
     def splits(self) -> list[str]:
@@ -126,7 +197,11 @@ class ShardIndex:
         shards = self.meta["splits"][name]["shards"]
         counts = np.asarray([s["samples"] for s in shards], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        return SplitIndex(tuple(f"{self.base}/{s['name']}" for s in shards), counts, starts)
+        byte_starts = None  # recorded by the writers since issue 26; ranged reads need every shard's
+        if all("offsets" in s for s in shards):
+            byte_starts = np.concatenate([np.asarray(s["offsets"], np.int64) for s in shards])
+        return SplitIndex(tuple(f"{self.base}/{s['name']}" for s in shards), counts, starts, byte_starts,
+                          self.remote)
 
     @property
     def shuffled(self) -> Optional[bool]:
@@ -161,38 +236,93 @@ class ShardIndex:
     def warn_if_unshuffled(self, split: str, *, buffer_size: int, readers: int, rank: int = 0) -> Optional[str]:
         """Log ``order_warning`` once per process and index split, on rank 0 only; returns it."""
         message = self.order_warning(split, buffer_size=buffer_size, readers=readers)
-        key = (str(Path(self.root).resolve()), split)
+        key = (self.root if is_remote(self.root) else str(Path(self.root).resolve()), split)
         if message and rank == 0 and key not in _ORDER_WARNED:
             _ORDER_WARNED.add(key)
             log.warning("%s", message)
         return message
 
     def classes(self) -> list[str]:
-        path = Path(self.root) / self.meta.get("classes", "classes.json")
-        return json.loads(path.read_text())["names"] if path.is_file() else []
+        """The class names of ``classes.json`` (label ``i`` is ``names[i]``); [] when the folder has none."""
+        where = self.classes_location
+        if is_remote(self.root):
+            try:
+                text = read_bytes(where, self.remote).decode()
+            except RemoteError as err:
+                if isinstance(err, RemoteNotFound):
+                    return []
+                raise ShardIndexError(f"cannot read {where}: {err.cause}") from None
+        else:
+            if not Path(where).is_file():
+                return []
+            text = Path(where).read_text()
+        try:
+            names = json.loads(text)["names"]
+        except json.JSONDecodeError as err:
+            raise ShardIndexError(f"{where} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}") from None
+        except (KeyError, TypeError):
+            raise ShardIndexError(f"{where} does not hold {{\"names\": [...]}}") from None
+        if not isinstance(names, list):
+            raise ShardIndexError(f"{where}: 'names' must be a list of class names")
+        return names
+
+    @property
+    def classes_location(self) -> str:
+        name = self.meta.get("classes", "classes.json")
+        return join(self.root, name) if is_remote(self.root) else str(Path(self.root) / name)
+
+
+def check_num_classes(path: str, num_classes: int, *, key: str = "model.num_classes",
+                      base: Optional[str] = None, remote: Optional[RemoteOptions] = None) -> int:
+    """Refuse (``ShardIndexError``, a start-up refusal) a model with fewer outputs than the shard folder's
+    ``classes.json`` has classes: the stream passes every label below the number of classes, so the first
+    label >= ``num_classes`` would otherwise fail deep in the loss (``IndexError: Target 17 is out of
+    bounds``). More outputs than classes are allowed (a head kept from another data set). Returns the
+    number of classes (0 when the folder has no ``classes.json``: nothing to check against)."""
+    index = ShardIndex.load(path, base, remote)
+    count = len(index.classes())
+    if count and num_classes < count:
+        raise ShardIndexError(f"{key}={num_classes}, but {index.classes_location} lists {count} classes (labels "
+                              f"0..{count - 1}): set {key} to {count} or more, or point the data path at other shards")
+    return count
 
 
 class ShardReadError(RuntimeError):
     """A shard could not be read to the end (missing, truncated, not a tar)."""
 
 
-def read_samples(url: str, offsets: Sequence[int]) -> Iterator[tuple[int, dict[str, bytes]]]:
+class ShardLostError(ShardReadError):
+    """A remote shard whose reads kept failing (network, server) through every retry: lost to an
+    outage rather than bad data; the stream stops the job when too many are (``data.max_lost_share``)."""
+
+
+def read_samples(url: str, offsets: Sequence[int], opener: Optional[Callable[[], tuple[BinaryIO, int, bool]]] = None
+                 ) -> Iterator[tuple[int, dict[str, bytes]]]:
     """Yield ``(offset, {ext: bytes, "__key__": key})`` for the samples at ``offsets`` (ascending) of a shard.
 
-    Raises ``ShardReadError`` (after yielding what was readable) if the shard is missing,
-    truncated or not a tar.
+    ``opener``: returns ``(file object, samples before its first byte, seekable)`` (a remote shard
+    read from a recorded byte offset, ``SplitIndex.read``); by default a local path is opened and
+    seeked, anything else streamed through webdataset's ``gopen``. Raises ``ShardReadError``
+    (after yielding what was readable) if the shard is missing, truncated or not a tar, and
+    ``ShardLostError`` if a remote read failed through all its retries.
     """
     wanted = iter(offsets)
     target = next(wanted, None)
     if target is None:
         return
-    local = not re.match(r"^[a-z]+:", url) or url.startswith("file:")
+    skipped = 0
+    local = not re.match(r"^[a-z0-9]+:", url) or url.startswith("file:")
     path = url[len("file:"):] if url.startswith("file:") else url
     try:
-        stream = open(path, "rb") if local else gopen(url, "rb")
+        if opener is not None:
+            stream, skipped, local = opener()
+        else:
+            stream = open(path, "rb") if local else gopen(url, "rb")
+    except RetriesExhausted as err:
+        raise ShardLostError(f"{url}: {err.cause}") from err
     except OSError as err:
-        raise ShardReadError(f"{url}: cannot open: {err}") from err
-    offset, key, sample = -1, None, None
+        raise ShardReadError(f"{url}: cannot open: {getattr(err, 'cause', err)}") from err
+    offset, key, sample = skipped - 1, None, None
     try:
         with stream, tarfile.open(fileobj=stream, mode="r:" if local else "r|") as tar:
             for member in tar:
@@ -214,7 +344,9 @@ def read_samples(url: str, offsets: Sequence[int]) -> Iterator[tuple[int, dict[s
             if sample is not None:
                 yield offset, sample
                 target = next(wanted, None)
+    except RetriesExhausted as err:
+        raise ShardLostError(f"{url}: lost after sample {offset}: {err.cause}") from err
     except (tarfile.TarError, EOFError, OSError) as err:
-        raise ShardReadError(f"{url}: unreadable after sample {offset}: {err}") from err
+        raise ShardReadError(f"{url}: unreadable after sample {offset}: {getattr(err, 'cause', err)}") from err
     if target is not None:
         raise ShardReadError(f"{url}: holds {offset + 1} samples, sample {target} was asked for")

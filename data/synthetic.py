@@ -14,7 +14,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["CLASS_NAMES", "NUM_CLASSES", "SyntheticSample", "draw_sample", "draw_batch", "oracle_token_maps"]
+__all__ = ["CLASS_NAMES", "NUM_CLASSES", "SyntheticSample", "draw_sample", "draw_batch", "oracle_token_maps",
+           "check_synthetic_options"]
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
@@ -99,3 +100,10 @@ def oracle_token_maps(index: int, seed: int = 0, size: int = 32, grid: int = 16,
 
     sample = draw_sample(index, seed, size, 1)
     return oracle_maps(sample.regions[0], sample.label, NUM_CLASSES, grid, k)
+
+
+def check_synthetic_options(size: int, objects: int, token_labels: int = 0, prefix: str = "data.") -> None:
+    """What the embedded data can be written with (``data.write_shards synthetic``); ``ValueError`` naming the option."""
+    if token_labels and (objects != 1 or size % token_labels):
+        raise ValueError(f"{prefix}synthetic_token_labels={token_labels} needs {prefix}synthetic_objects=1 and a grid "
+                         f"that divides the image size {size}")

@@ -3,21 +3,31 @@
     python -m data.write_shards imagefolder SRC OUT [--val-fraction 0.1] [--shard-size 1000] [--workers 4] [--seed 0]
     python -m data.write_shards synthetic OUT [--train 8192] [--val 1024] [--size 32] [--objects 1] [--token-labels 16]
     python -m data.write_shards coco IMG_DIR instances_val2017.json OUT --split val
-    python -m data.write_shards idx /usr/share/datasets/fashion-mnist OUT [--classes fashion-mnist]
+    python -m data.write_shards idx /usr/share/datasets/fashion-mnist OUT [--classes fashion-mnist] [--keep-classes 0-4]
+    python -m data.write_shards cifar cifar-10-batches-py OUT [--keep-classes 0,2,5]   # or cifar-100-python
 
-Every writer takes ``--seed`` (the write order; synthetic: also the images) and ``--no-shuffle``.
+Every writer takes ``--seed`` (the write order; synthetic: also the images) and ``--no-shuffle``,
+and ``--upload s3://BUCKET/PREFIX`` to copy the written folder to object storage afterwards.
 
 ``imagefolder``: an ImageNet-style tree (``SRC/class_name/*.jpg|jpeg|png``, or ``SRC/train/...``
 and ``SRC/val/...`` when those exist). Images are stored as they are (no re-encoding) with
-their class index in ``.cls``; unreadable images are counted, listed and skipped.
+their class index in ``.cls``; unreadable images are counted, listed and skipped. Sample keys
+(``class/stem``) are unique within a split: ``train/`` and ``val/`` may reuse file names.
 ``coco``: COCO images (stored as they are) + ``.json`` boxes (x0, y0, x1, y1 pixels), COCO class ids
 kept, ``iscrowd`` kept; the annotation file is copied to ``{split}_coco.json`` for evaluation.
 ``idx``: MNIST-style IDX files (``train-*`` -> split ``train``, ``t10k-*`` -> ``val``), grey PNGs + ``.cls``.
+``cifar``: the python-pickle batches users download (``cifar-10-batches-py``: ``data_batch_1..5`` ->
+``train``, ``test_batch`` -> ``val``, names from ``batches.meta``; ``cifar-100-python``: ``train`` /
+``test``, fine labels and names from ``meta``, ``--label coarse`` for the 20 superclasses), RGB PNGs +
+``.cls``. The pickles are read with an unpickler that admits numpy arrays and nothing else.
+``--keep-classes`` (idx, cifar): only those classes (``0-4``, ``5,7,9``), relabelled 0..K-1 in the order
+given; ``classes.json`` lists their names and ``shards.json`` the original labels (``class_filter``).
 ``synthetic``: the embedded default data (``data.synthetic``): ``.png`` + ``.cls`` + ``.json``
 (boxes, for detection), and ``{split}_coco.json`` ground truth for COCO evaluation.
 
 All write ``{split}-{n:06d}.tar``, ``classes.json`` and ``shards.json`` (shard names, sample
-counts, totals) into OUT, and refuse an OUT that already holds shards unless ``--overwrite``.
+counts, totals, each shard's size and the byte offset of each of its samples: a reader of a remote
+shard starts a ranged request there) into OUT, and refuse an OUT that already holds shards unless ``--overwrite``.
 Samples are written in a random order across all shards of a split, drawn from ``--seed`` and the
 split name (``--no-shuffle``: folder / id / index order); ``shards.json`` records it
 (``"shuffled"``, ``"shuffle_seed"``). The stream shuffles only the shard order and a bounded
@@ -34,6 +44,7 @@ import logging
 import os
 import re
 import sys
+import tarfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -94,10 +105,28 @@ def write_split(out: Path, split: str, items: Sequence, encode: Callable, shard_
     for (path, _, _), (count, bad) in zip(jobs, results):
         skipped += bad
         if count:
-            shards.append({"name": Path(path).name, "samples": count})
+            offsets, size = sample_offsets(path)
+            if len(offsets) != count:
+                raise RuntimeError(f"{path}: wrote {count} samples but finds {len(offsets)} sample keys in it")
+            shards.append({"name": Path(path).name, "samples": count, "bytes": size, "offsets": offsets})
         else:
             os.unlink(path)
     return shards, skipped
+
+
+def sample_offsets(path: str) -> tuple[list[int], int]:
+    """The byte offset of each sample's first member header in a written shard, and the shard's size:
+    a reader of a remote shard starts a ranged request there instead of downloading the head."""
+    from webdataset.tariterators import base_plus_ext
+
+    offsets, last = [], None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key = base_plus_ext(member.name)[0] if member.isfile() else None
+            if key is not None and key != last:
+                offsets.append(member.offset)
+                last = key
+    return offsets, os.path.getsize(path)
 
 
 def _write_shard(job) -> tuple[int, list[tuple[str, str]]]:
@@ -158,6 +187,19 @@ def sample_key(root: Path, path: Path) -> str:
     return key
 
 
+def check_unique_keys(items: dict[str, list]) -> None:
+    """Sample keys are unique where they are used, within a split's shards (a pre-split tree's ``train/`` and
+    ``val/`` may reuse file names, as CIFAR or MNIST exported to PNG do); a collision inside a split (e.g.
+    ``3/a.jpg`` and ``3/a.png``) is a ``ValueError`` naming both files."""
+    for split, split_items in items.items():
+        seen: dict[str, str] = {}
+        for path, _, key in split_items:
+            if key in seen:
+                raise ValueError(f"{seen[key]} and {path} map to the same sample key {key!r} in split {split!r}; "
+                                 f"rename one of them")
+            seen[key] = path
+
+
 class _EncodeImageFile:
     """Picklable encoder for worker processes: (path, class index, key) -> sample."""
 
@@ -199,9 +241,7 @@ def imagefolder(args) -> dict:
             key = sample_key(tree, path)
             split = name if presplit else split_of(key, args.val_fraction)
             items.setdefault(split, []).append((str(path), label, key))
-    keys = [item[2] for split_items in items.values() for item in split_items]
-    if len(set(keys)) != len(keys):
-        raise ValueError("two images map to the same sample key; rename one of them")
+    check_unique_keys(items)
     splits, skipped = {}, []
     for split, split_items in sorted(items.items()):
         splits[split], bad = write_split(out, split, split_items, _EncodeImageFile(), args.shard_size,
@@ -277,6 +317,56 @@ def synthetic(args) -> dict:
     return meta
 
 
+def synthetic_holds(path: str, *, size: int, objects: int, token_labels: int = 0) -> None:
+    """Refuse (``ShardIndexError``, a start-up refusal) a folder whose shards are not the embedded synthetic
+    data of this geometry (another image size or object count), or that carry no dense token labels when
+    ``token_labels`` > 0 asks for them. Token labels of another grid or source are used as they are (the
+    stream reads the grid from the index; ``token_labels`` is what gets written when the folder is
+    missing) and said in the log. The index is read through ``ShardIndex.load``, so a broken
+    ``shards.json`` is named with its line and column."""
+    from .shards import ShardIndex, ShardIndexError
+
+    index = ShardIndex.load(path)
+    found = index.meta.get("synthetic") or {}
+    wanted = {"size": size, "objects": objects}
+    if any(found.get(key) != value for key, value in wanted.items()):
+        raise ShardIndexError(f"{path} holds synthetic shards with {found}, but the recipe wants {wanted}: "
+                              f"point data.path elsewhere or delete the folder")
+    block = index.meta.get("token_labels")
+    if token_labels and not isinstance(block, dict):
+        raise ShardIndexError(f"{path} holds synthetic shards without token labels, but the recipe wants them "
+                              f"(data.synthetic_token_labels={token_labels}): delete the folder to have them "
+                              f"written, or point data.path elsewhere")
+    if token_labels and (block.get("teacher"), block.get("h"), block.get("w")) != ("oracle", token_labels, token_labels):
+        log.info("%s carries token labels from %s on a %sx%s grid (the recipe would write oracle maps on %dx%d): "
+                 "using them as they are", path, block.get("teacher"), block.get("h"), block.get("w"), token_labels,
+                 token_labels)
+
+
+def write_synthetic_once(path: str, *, size: int, objects: int, token_labels: int = 0) -> None:
+    """Write the embedded synthetic shards (with oracle token labels on a ``token_labels`` grid, if > 0) to
+    ``path`` through a private folder renamed into place, so two jobs that start on the same empty path at
+    once both end up reading one complete copy."""
+    import shutil
+
+    log.info("writing the embedded synthetic shards to %s", path)
+    target = Path(path)
+    private = target.with_name(f".{target.name}.{os.getpid()}")
+    shutil.rmtree(private, ignore_errors=True)
+    extra = ["--token-labels", str(token_labels)] if token_labels else []
+    code = main(["synthetic", str(private), "--size", str(size), "--objects", str(objects), "--no-progress", *extra])
+    if code != 0:
+        shutil.rmtree(private, ignore_errors=True)
+        raise ValueError(f"writing the embedded synthetic shards to {path} failed (see the log above)")
+    try:
+        private.rename(target)  # atomic; replaces an empty folder, fails on a filled one
+    except OSError:
+        if not target.is_dir() or not any(target.iterdir()):
+            raise
+        log.info("%s was written meanwhile by another job: using that copy", path)
+        shutil.rmtree(private)
+
+
 # -- idx (MNIST, Fashion-MNIST) -----------------------------------------------------------------
 
 IDX_SPLITS = {"train": "train", "val": "t10k"}  # shard split -> file prefix (the test set is the eval split)
@@ -301,10 +391,12 @@ def idx_files(src: Path, prefix: str) -> tuple[Path, Path]:
 
 
 class _EncodeIdx:
-    """Picklable: (split, index) -> a PNG of the grey image and its label (the arrays load once per process)."""
+    """Picklable: (split, index) -> a PNG of the grey image and its label (the arrays load once per process);
+    ``relabel``: original label -> written label (``--keep-classes``)."""
 
-    def __init__(self, files: dict[str, tuple[str, str]]) -> None:
+    def __init__(self, files: dict[str, tuple[str, str]], relabel: Optional[dict] = None) -> None:
         self.files = files
+        self.relabel = relabel
 
     def __call__(self, item) -> dict:
         from .idx import read_idx_pair
@@ -315,7 +407,8 @@ class _EncodeIdx:
         images, labels = _IDX_CACHE[split]
         png = io.BytesIO()
         Image.fromarray(images[index], mode="L").save(png, format="PNG")
-        return {"__key__": f"{split}_{index:06d}", "png": png.getvalue(), "cls": str(int(labels[index])).encode()}
+        label = int(labels[index]) if self.relabel is None else self.relabel[int(labels[index])]
+        return {"__key__": f"{split}_{index:06d}", "png": png.getvalue(), "cls": str(label).encode()}
 
 
 def idx(args) -> dict:
@@ -323,20 +416,167 @@ def idx(args) -> dict:
 
     src, out = Path(args.src), Path(args.out)
     files = {split: tuple(str(p) for p in idx_files(src, prefix)) for split, prefix in IDX_SPLITS.items()}
-    sizes = {}
+    all_labels = {}
+    names = IDX_CLASSES.get(args.classes) or args.classes.split(",")
     for split, (images, labels) in files.items():
         _, y = read_idx_pair(images, labels)  # checked before anything is written
-        sizes[split] = len(y)
+        all_labels[split] = y
         if args.classes in IDX_CLASSES and y.max() >= len(IDX_CLASSES[args.classes]):
-            raise ValueError(f"{labels} has label {y.max()}, but {args.classes} has {len(IDX_CLASSES[args.classes])} classes")
+            raise ValueError(f"{labels} has label {y.max()}, but {args.classes} has {len(IDX_CLASSES[args.classes])} "
+                             f"classes")
+    indices, relabel, kept_names, block = class_filter(all_labels, args.keep_classes, names)
     prepare_out(out, args.overwrite)
-    encode = _EncodeIdx(files)
-    splits = {split: write_split(out, split, [(split, i) for i in range(n)], encode, args.shard_size, args.workers,
-                                 not args.no_progress, _order_seed(args))[0] for split, n in sizes.items()}
-    names = IDX_CLASSES.get(args.classes) or args.classes.split(",")
-    meta = write_index(out, splits, names, {"source": {"idx": str(src)}}, shuffle_seed=_order_seed(args))
+    encode = _EncodeIdx(files, relabel)
+    splits = {split: write_split(out, split, [(split, i) for i in chosen], encode, args.shard_size, args.workers,
+                                 not args.no_progress, _order_seed(args))[0] for split, chosen in indices.items()}
+    meta = write_index(out, splits, kept_names, {"source": {"idx": str(src)}, **block}, shuffle_seed=_order_seed(args))
     _report(out, meta, [])
     return meta
+
+
+# -- class filter (idx, cifar) ------------------------------------------------------------------
+
+def parse_class_list(text: str, num_classes: int) -> list[int]:
+    """``"0-4"`` / ``"5,7,9"`` / ``"0-2,8"`` -> original labels in that order; each in [0, num_classes), no repeats."""
+    labels: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise ValueError(f"--keep-classes {text!r}: {part!r} is not a label or a range like 0-4")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if last < first:
+            raise ValueError(f"--keep-classes {text!r}: the range {part} is empty")
+        labels += range(first, last + 1)
+    bad = [label for label in labels if label >= num_classes]
+    if bad:
+        raise ValueError(f"--keep-classes {text!r}: label {bad[0]} is not below the data set's {num_classes} classes")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--keep-classes {text!r} names a class twice")
+    return labels
+
+
+def class_filter(labels_by_split: dict[str, np.ndarray], keep: Optional[str], names: Sequence[str]):
+    """``(indices per split, new label of each original label or None, kept names, index block)`` for
+    ``--keep-classes``; without it every sample, labels unchanged."""
+    if keep is None:
+        return {split: list(range(len(y))) for split, y in labels_by_split.items()}, None, list(names), {}
+    kept = parse_class_list(keep, len(names))
+    relabel = {original: new for new, original in enumerate(kept)}
+    indices = {split: [int(i) for i in np.flatnonzero(np.isin(y, kept))] for split, y in labels_by_split.items()}
+    block = {"class_filter": {"kept_original_labels": kept, "relabelled": "original label kept[i] is written as i"}}
+    return indices, relabel, [names[label] for label in kept], block
+
+
+# -- cifar (python pickles) ---------------------------------------------------------------------
+
+class _NumpyOnlyUnpickler:
+    """Reads the CIFAR pickles (dicts of bytes keys, lists and numpy arrays) and refuses any other global:
+    a pickle may name any callable, and these files come from the internet."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    @classmethod
+    def load(cls, path: Path) -> dict:
+        import pickle
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module, name):
+                if (module, name) not in cls.ALLOWED:
+                    raise pickle.UnpicklingError(f"{path} names {module}.{name}: not a CIFAR batch")
+                return super().find_class(module, name)
+
+        try:
+            with open(path, "rb") as f:
+                data = Restricted(f, encoding="bytes").load()
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: cannot read as a CIFAR pickle: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a CIFAR pickle holds a dict, got {type(data).__name__}")
+        return {(k.decode() if isinstance(k, bytes) else k): v for k, v in data.items()}
+
+
+CIFAR_LAYOUTS = {  # folder -> (train files, eval files, meta file, names key, labels key by --label)
+    "cifar-10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta", {"fine": "label_names"},
+                 {"fine": "labels"}),
+    "cifar-100": (["train"], ["test"], "meta", {"fine": "fine_label_names", "coarse": "coarse_label_names"},
+                  {"fine": "fine_labels", "coarse": "coarse_labels"}),
+}
+
+
+def cifar_layout(src: Path) -> str:
+    found = [name for name, (train, test, meta, _, _) in CIFAR_LAYOUTS.items()
+             if all((src / f).is_file() for f in [*train, *test, meta])]
+    if not found:
+        raise FileNotFoundError(f"{src} is neither cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta) "
+                                f"nor cifar-100-python (train, test, meta)")
+    return found[0]
+
+
+def read_cifar_split(src: Path, files: Sequence[str], labels_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images ``[N, 32, 32, 3]`` and int64 labels ``[N]`` of the batches ``files``."""
+    images, labels = [], []
+    for name in files:
+        batch = _NumpyOnlyUnpickler.load(src / name)
+        if "data" not in batch or labels_key not in batch:
+            raise ValueError(f"{src / name} has no 'data' / {labels_key!r} entries (keys: {sorted(batch)})")
+        data, y = np.asarray(batch["data"]), np.asarray(batch[labels_key])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(y) != len(data):
+            raise ValueError(f"{src / name}: expected uint8 data [N, 3072] and N labels, got {data.dtype} "
+                             f"{list(data.shape)} and {len(y)} labels")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R, G, B planes of 1024 each
+        labels.append(y.astype(np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+class _EncodeCifar:
+    """Picklable: (split, index) -> an RGB PNG and its (relabelled) class; the batches load once per process."""
+
+    def __init__(self, src: str, files: dict[str, list[str]], labels_key: str, relabel: Optional[dict]) -> None:
+        self.src, self.files, self.labels_key, self.relabel = src, files, labels_key, relabel
+        self.arrays: dict = {}
+
+    def __call__(self, item) -> dict:
+        split, index = item
+        if split not in self.arrays:
+            self.arrays[split] = read_cifar_split(Path(self.src), self.files[split], self.labels_key)
+        images, labels = self.arrays[split]
+        label = int(labels[index]) if self.relabel is None else self.relabel[int(labels[index])]
+        png = io.BytesIO()
+        Image.fromarray(images[index], mode="RGB").save(png, format="PNG")
+        return {"__key__": f"{split}_{index:06d}", "png": png.getvalue(), "cls": str(label).encode()}
+
+
+def cifar(args) -> dict:
+    src, out = Path(args.src), Path(args.out)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source directory {src} does not exist")
+    layout = cifar_layout(src)
+    train_files, test_files, meta_file, names_keys, labels_keys = CIFAR_LAYOUTS[layout]
+    if args.label not in labels_keys:
+        raise ValueError(f"--label {args.label}: {layout} has {', '.join(labels_keys)} labels")
+    meta = _NumpyOnlyUnpickler.load(src / meta_file)
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_keys[args.label], [])]
+    if not names:
+        raise ValueError(f"{src / meta_file} has no {names_keys[args.label]!r}")
+    files = {"train": train_files, "val": test_files}
+    labels = {}
+    for split, split_files in files.items():  # read and checked before anything is written
+        _, y = read_cifar_split(src, split_files, labels_keys[args.label])
+        if len(y) and (y.min() < 0 or y.max() >= len(names)):
+            raise ValueError(f"{src}: label {int(y.max())} of split {split} has no name ({len(names)} classes)")
+        labels[split] = y
+    indices, relabel, kept_names, block = class_filter(labels, args.keep_classes, names)
+    prepare_out(out, args.overwrite)
+    encode = _EncodeCifar(str(src), files, labels_keys[args.label], relabel)
+    splits = {split: write_split(out, split, [(split, i) for i in chosen], encode, args.shard_size, args.workers,
+                                 not args.no_progress, _order_seed(args))[0] for split, chosen in indices.items()}
+    meta_out = write_index(out, splits, kept_names, {"source": {layout: str(src), "label": args.label}, **block},
+                           shuffle_seed=_order_seed(args))
+    _report(out, meta_out, [])
+    return meta_out
 
 
 # -- coco ---------------------------------------------------------------------------------------
@@ -429,6 +669,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
     common.add_argument("--no-shuffle", action="store_true",
                         help="write samples in folder / image-id / index order instead of a seeded random order")
+    common.add_argument("--upload", metavar="s3://BUCKET/PREFIX",
+                        help="then copy OUT to object storage (boto3: credentials and AWS_ENDPOINT_URL as the aws CLI "
+                             "takes them); shards.json goes last")
+    common.add_argument("--s3-endpoint", help="S3 endpoint URL for --upload (default: AWS_ENDPOINT_URL, then AWS)")
     order_seed = argparse.ArgumentParser(add_help=False)
     order_seed.add_argument("--seed", type=int, default=0, help="seed of the random write order")
     folder = sub.add_parser("imagefolder", parents=[common, order_seed], help="SRC/class_name/*.jpg -> shards")
@@ -436,7 +680,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     folder.add_argument("out")
     folder.add_argument("--val-fraction", type=float, default=0.0,
                         help="share of images put in a val split (by key hash); ignored when SRC has train/ and val/")
-    coco_parser = sub.add_parser("coco", parents=[common, order_seed], help="COCO images + instances json -> detection shards")
+    coco_parser = sub.add_parser("coco", parents=[common, order_seed],
+                                 help="COCO images + instances json -> detection shards")
     coco_parser.add_argument("images", help="the image folder (file_name in the json is relative to it)")
     coco_parser.add_argument("annotations", help="instances_*.json")
     coco_parser.add_argument("out")
@@ -448,6 +693,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     idx_parser.add_argument("out")
     idx_parser.add_argument("--classes", default="fashion-mnist",
                             help="fashion-mnist, mnist, or comma-separated class names in label order")
+    keep_help = ("only these classes, e.g. 0-4 or 5,7,9 (original labels), relabelled 0..K-1 in the order given "
+                 "(a disjoint pre-training / fine-tuning split)")
+    idx_parser.add_argument("--keep-classes", metavar="LABELS", help=keep_help)
+    cifar_parser = sub.add_parser("cifar", parents=[common, order_seed],
+                                  help="CIFAR-10 / CIFAR-100 python pickles -> train and val shards")
+    cifar_parser.add_argument("src", help="cifar-10-batches-py or cifar-100-python (the folders in the downloaded tar.gz)")
+    cifar_parser.add_argument("out")
+    cifar_parser.add_argument("--label", default="fine", choices=("fine", "coarse"),
+                              help="CIFAR-100: the 100 fine classes or the 20 coarse superclasses")
+    cifar_parser.add_argument("--keep-classes", metavar="LABELS", help=keep_help)
     synth = sub.add_parser("synthetic", parents=[common], help="the embedded default data set")
     synth.add_argument("out")
     synth.add_argument("--train", type=int, default=8192)
@@ -475,11 +730,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
+    if args.upload:
+        from .remote import check_location
+        try:
+            check_location(args.upload)
+        except ValueError as err:
+            log.error("--upload: %s", err)
+            return 2
     try:
-        {"imagefolder": imagefolder, "coco": coco, "synthetic": synthetic, "idx": idx}[args.command](args)
+        writers = {"imagefolder": imagefolder, "coco": coco, "synthetic": synthetic, "idx": idx, "cifar": cifar}
+        writers[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         log.error("%s", err)
         return 2
+    if args.upload:
+        from .remote import RemoteError, RemoteOptions, upload_folder
+        try:
+            keys = upload_folder(args.out, args.upload, RemoteOptions(s3_endpoint=args.s3_endpoint))
+        except (RemoteError, ValueError) as err:
+            log.error("%s", err)
+            return 1
+        log.info("uploaded %d files to %s", len(keys), args.upload)
     return 0
 
 

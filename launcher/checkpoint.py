@@ -343,9 +343,15 @@ class Checkpointer:
         return None
 
     def _prune(self) -> None:
-        for path in _complete(self.folder)[self.keep:]:
-            shutil.rmtree(path, ignore_errors=True)
-            shutil.rmtree(path.with_name(path.name + "_universal"), ignore_errors=True)
+        from .runlock import READERS_LOCK, rotation_lock
+        with rotation_lock(self.folder) as free:  # a reader (launcher.export) keeps what it verified
+            if not free:
+                log.info("checkpoint rotation deferred to the next save: a reader holds %s",
+                         self.folder / READERS_LOCK)
+                return
+            for path in _complete(self.folder)[self.keep:]:
+                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(path.with_name(path.name + "_universal"), ignore_errors=True)
 
     @staticmethod
     def prepare_universal(point: ResumePoint, rank: int) -> str:

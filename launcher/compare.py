@@ -68,7 +68,19 @@ def estimate_total(cfg) -> tuple[Optional[int], bool]:
     return math.ceil(cfg.train.epochs * max(1, total // cfg.train.global_batch)), False
 
 
+def _check_listed_once(recipes: list[str]) -> None:
+    """The same recipe file listed twice (under any spelling of its path) would plan each of its runs twice."""
+    seen: dict[Path, str] = {}
+    for recipe in recipes:
+        key = Path(recipe).resolve()
+        if key in seen:
+            same = "" if seen[key] == recipe else f" (as {seen[key]})"
+            raise ConfigError(f"--recipes lists {recipe} twice{same}: list each recipe once (--seeds gives the repeats)")
+        seen[key] = recipe
+
+
 def plan(recipes: list[str], seeds: int, out: Path, overrides: list[str]) -> list[PlannedRun]:
+    _check_listed_once(recipes)
     runs, names = [], {}
     for seed in range(seeds):  # seed 0 of every recipe first: a cut-short comparison still has one of each
         for recipe in recipes:
@@ -96,6 +108,10 @@ def check_folder(run: PlannedRun) -> None:
         found = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML ({err}): delete the run folder or use another --out") from err
+    if not isinstance(found, dict) or not found:
+        what = "is empty" if found is None or found == {} else f"holds a {type(found).__name__}, not a recipe mapping"
+        raise ConfigError(f"{path} {what}: the run folder's config cannot be compared with the plan; delete the run "
+                          f"folder or use another --out")
     from .config import recipe_changes
 
     changed = [key for key, _, _ in recipe_changes(found, run.config)]
@@ -314,6 +330,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--seeds and --ranks must be >= 1 and --recipes needs at least one recipe")
     if args.no_wait and not args.slurm:
         parser.error("--no-wait goes with --slurm")
+    if args.slurm:
+        from .submit import check_geometry
+        try:
+            check_geometry(args)
+        except ConfigError as err:
+            parser.error(str(err))
     return args
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Optional
 import yaml
 
 __all__ = ["RunConfig", "ConfigError", "load_config", "resolved", "deepspeed_config", "recipe_changes",
-           "RESUMABLE"]
+           "RESUMABLE", "remote_options"]
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("launcher.config")
@@ -41,7 +42,11 @@ class ModelConfig:
     num_classes: int = 1000
     img_size: int = 224
     drop_path: float = 0.1
-    checkpoint: Optional[str] = None  # local weights file; nothing is downloaded
+    # pretrained weights to fine-tune from (docs/finetuning.md), nothing is downloaded: a .pth (bare / under model /
+    # state_dict), a .safetensors, launcher.export output, or a run folder of this engine (its newest verified
+    # checkpoint). A run that resumes from its own checkpoint does not apply it.
+    checkpoint: Optional[str] = None
+    reinit_head: bool = False  # fresh classifier heads even when the file's class count matches (a new label set)
     # timm's activation checkpointing of the blocks: each block's activations are recomputed in backward
     # (about one more forward of the blocks per step) instead of kept; a method may refuse it (its reason)
     grad_checkpointing: bool = False
@@ -54,6 +59,7 @@ class DataConfig:
     eval_path: Optional[str] = None  # shards of the eval split, if not in ``path``
     synthetic: bool = False  # write the embedded synthetic shards to ``path`` if they are not there
     synthetic_objects: int = 1  # objects per synthetic image (classification: 1)
+    synthetic_token_labels: int = 0  # with synthetic: also exact (oracle) token-label maps on this grid; 0: none
     train_split: str = "train"
     eval_split: str = "val"
     workers: int = 2
@@ -78,6 +84,15 @@ class DataConfig:
     cutmix: float = 1.0
     mixup_prob: float = 1.0
     label_smoothing: float = 0.1
+    # shards on object storage / HTTP (data.path = s3://bucket/prefix, http(s)://host/prefix, pipe:CMD; data/remote.py)
+    s3_endpoint: Optional[str] = None  # S3 endpoint URL; null: AWS_ENDPOINT_URL[_S3] / the profile's / AWS
+    remote_retries: int = 6  # retries of a failing read (consecutive; progress resets the count)
+    remote_backoff: float = 1.0  # seconds before the first retry, doubled each retry ...
+    remote_backoff_max: float = 30.0  # ... up to this
+    remote_timeout: float = 60.0  # seconds to connect and between bytes
+    max_lost_share: float = 0.0  # share of a reader's shards an epoch may lose to outages; more stops the job
+    cache_dir: Optional[str] = None  # node-local cache of remote shards (fetched once per node); null: none
+    cache_size_gb: float = 100.0  # the cache's bound (least recently used shards evicted)
 
 
 @dataclass
@@ -132,7 +147,8 @@ class CheckpointConfig:
 @dataclass
 class DetectionConfig:  # defaults: hustvl/YOLOS main.py and datasets/coco.py for YOLOS-S (recipes name sources)
     num_det_tokens: int = 100
-    init_pe_size: Optional[list] = None  # [h, w] px grid the ImageNet position table is resampled to once; null: model.img_size
+    # [h, w] px grid the ImageNet position table is resampled to once; null: model.img_size
+    init_pe_size: Optional[list] = None
     mid_pos_embed: bool = False
     mid_pe_size: Optional[list] = None  # [h, w] px grid of the mid position tables; null: init_pe_size
     scales: list = field(default_factory=lambda: list(range(480, 801, 16)))
@@ -219,10 +235,13 @@ PROBABILITY, FRACTION = Range(0, 1), Range(0, 1, high_open=True)
 RANGES: dict[str, Range] = {
     "model.num_classes": COUNT, "model.img_size": COUNT, "model.drop_path": FRACTION,
     "data.synthetic_objects": COUNT, "data.workers": NONNEGATIVE, "data.buffer_size": NONNEGATIVE,
+    "data.synthetic_token_labels": NONNEGATIVE,
     "data.repeats": COUNT, "data.re_prob": PROBABILITY, "data.color_jitter": NONNEGATIVE,
     "data.crop_pct": Range(0, 1, low_open=True), "data.hflip": PROBABILITY, "data.vflip": PROBABILITY,
     "data.mixup": NONNEGATIVE, "data.cutmix": NONNEGATIVE, "data.mixup_prob": PROBABILITY,
-    "data.label_smoothing": FRACTION,
+    "data.label_smoothing": FRACTION, "data.remote_retries": NONNEGATIVE, "data.remote_backoff": NONNEGATIVE,
+    "data.remote_backoff_max": NONNEGATIVE, "data.remote_timeout": POSITIVE, "data.max_lost_share": PROBABILITY,
+    "data.cache_size_gb": POSITIVE,
     "optim.base_lr": POSITIVE, "optim.lr": POSITIVE, "optim.min_lr": NONNEGATIVE, "optim.warmup_lr": NONNEGATIVE,
     "optim.warmup_epochs": NONNEGATIVE, "optim.weight_decay": NONNEGATIVE,
     "optim.betas": Range(0, 1, high_open=True, each=True), "optim.eps": POSITIVE, "optim.clip_grad": POSITIVE,
@@ -368,6 +387,12 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
     if d.synthetic_objects < 1 or (cfg.task == "classification" and d.synthetic_objects != 1):
         raise ConfigError(f"data.synthetic_objects must be >= 1 (and 1 for classification), got {d.synthetic_objects}")
+    from data.synthetic import check_synthetic_options  # light: numpy only
+    try:
+        check_synthetic_options(cfg.model.img_size, d.synthetic_objects, d.synthetic_token_labels)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    _validate_remote(cfg)
     from data.transforms import check_transform_options  # light: no torch / timm import
     try:  # timm would refuse some of these only inside a DataLoader worker, or not at all
         check_transform_options("data.", scale=d.scale, ratio=d.ratio, hflip=d.hflip, vflip=d.vflip,
@@ -426,7 +451,52 @@ def _validate(cfg: RunConfig) -> None:
     if t.ds_config is not None and not _ds_path(cfg).is_file():
         raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
     cfg.methods = _methods(cfg.methods, cfg.method_modules)
+    _check_pretrained(cfg)
     _check_grad_checkpointing(cfg)
+
+
+def _validate_remote(cfg: RunConfig) -> None:
+    """data.path / data.eval_path locations and the remote options (data/remote.py)."""
+    from data.remote import check_location, is_remote  # light: no boto3 import
+    d = cfg.data
+    if not _whole(d.remote_retries):
+        raise ConfigError(f"data.remote_retries must be an int >= 0, got {d.remote_retries!r}")
+    if d.remote_backoff_max < d.remote_backoff:
+        raise ConfigError(f"data.remote_backoff_max ({d.remote_backoff_max}) must be >= data.remote_backoff "
+                          f"({d.remote_backoff})")
+    if d.s3_endpoint is not None and not re.match(r"^https?://[^/\s]+", d.s3_endpoint):
+        raise ConfigError(f"data.s3_endpoint must be an http(s):// URL, got {d.s3_endpoint!r}")
+    if d.cache_dir is not None and not d.cache_dir.strip():
+        raise ConfigError("data.cache_dir must be a folder path or null")
+    locations = {"data.path": d.path, "data.eval_path": d.eval_path}
+    for key, location in locations.items():
+        if location is None:
+            continue
+        try:
+            check_location(location)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    remote = [key for key, location in locations.items() if location is not None and is_remote(location)]
+    if not remote:
+        return
+    if d.synthetic:
+        raise ConfigError(f"data.synthetic writes the embedded shards to a local folder; {remote[0]} is remote: "
+                          f"write them with `python -m data.write_shards synthetic DIR --upload URL` instead")
+    if cfg.task != "classification":
+        raise ConfigError(f"{remote[0]} is remote, but task: {cfg.task} reads its COCO ground truth from a local "
+                          f"folder: remote shards are for task: classification")
+    if any(str(location).startswith("s3://") for location in locations.values() if location):
+        import importlib.util
+        if importlib.util.find_spec("boto3") is None:
+            raise ConfigError(f"{remote[0]} is on S3, which needs boto3: pip install -r requirements.txt")
+
+
+def remote_options(d: DataConfig):
+    """The recipe's ``data.*`` remote keys as ``data.remote.RemoteOptions``."""
+    from data.remote import RemoteOptions
+    return RemoteOptions(s3_endpoint=d.s3_endpoint, retries=d.remote_retries, backoff=d.remote_backoff,
+                         backoff_max=d.remote_backoff_max, timeout=d.remote_timeout, max_lost_share=d.max_lost_share,
+                         cache_dir=d.cache_dir, cache_bytes=int(d.cache_size_gb * 2**30))
 
 
 def _methods(sections: dict, modules: list) -> dict:
@@ -461,6 +531,17 @@ def _methods(sections: dict, modules: list) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     return built
+
+
+def _check_pretrained(cfg: RunConfig) -> None:
+    """A method that cannot fine-tune refuses ``model.checkpoint`` with its reason (docs/finetuning.md)."""
+    if cfg.model.checkpoint is None:
+        return
+    from methods.registry import check_pretrained
+    try:
+        check_pretrained(cfg.methods)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _check_grad_checkpointing(cfg: RunConfig) -> None:
@@ -501,12 +582,16 @@ def resolved(cfg: RunConfig) -> str:
 
 # Options a resumed run may change: where the run is and how it is watched, not what it trains
 # (logging, evaluation and checkpoint cadence, DataLoader workers, timeouts, compilation, activation
-# checkpointing, the pretrained file a resume does not re-read). The world size is not a recipe key: another one resumes through a
-# universal checkpoint. Any other change on resume is refused unless --allow-recipe-change.
-RESUMABLE = ("name", "out_dir", "model.checkpoint", "data.workers", "train.log_every", "train.eval_every",
-             "train.eval_on_start", "train.collective_timeout_minutes", "train.signal_check_every", "train.compile",
-             "train.compile_backend", "checkpoint.every", "checkpoint.keep",
-             "model.grad_checkpointing")  # recomputes activations: the same numbers, less memory
+# checkpointing, the pretrained file and head choice a resume does not re-apply). The world size is not a recipe
+# key: another one resumes through a universal checkpoint. Any other change on resume is refused unless
+# --allow-recipe-change.
+RESUMABLE = ("name", "out_dir", "model.checkpoint", "model.reinit_head", "data.workers", "train.log_every",
+             "train.eval_every", "train.eval_on_start", "train.collective_timeout_minutes", "train.signal_check_every",
+             "train.compile", "train.compile_backend", "checkpoint.every", "checkpoint.keep",
+             "model.grad_checkpointing",  # recomputes activations: the same numbers, less memory
+             # how remote shards are reached, retried and cached (data/remote.py), not which data is read
+             "data.s3_endpoint", "data.remote_retries", "data.remote_backoff", "data.remote_backoff_max",
+             "data.remote_timeout", "data.max_lost_share", "data.cache_dir", "data.cache_size_gb")
 
 _MISSING = object()
 
@@ -517,14 +602,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def _default_of(key: str, defaults: dict[str, Any]) -> Any:
-    """The value an option absent from an older run folder's config had then: the default (a
-    method's own config class for ``methods.NAME.OPTION``)."""
+def _absent_value(key: str, defaults: dict[str, Any]) -> Any:
+    """What an option absent from an older run folder's config stood for: its default, or, for a
+    method option that changed behaviour when it was added, the value its config class names in
+    ``legacy`` (``methods.NAME.OPTION``)."""
     parts = key.split(".")
     if parts[0] == "methods" and len(parts) == 3:
         import methods as registry
         try:
-            return getattr(registry.method(parts[1]).config(), parts[2], _MISSING)
+            config = registry.method(parts[1]).config
+            legacy = getattr(config, "legacy", {})
+            return legacy[parts[2]] if parts[2] in legacy else getattr(config(), parts[2], _MISSING)
         except (KeyError, TypeError):
             return _MISSING
     return defaults.get(key, _MISSING)
@@ -533,15 +621,15 @@ def _default_of(key: str, defaults: dict[str, Any]) -> Any:
 def recipe_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """``(key, old value, new value)`` for each option two resolved recipes (``yaml.safe_load`` of
     ``resolved``) set differently. An option the old one lacks (a run folder written before the option
-    existed) counts only if the new one sets it away from its default."""
+    existed) counts only if the new one sets it away from what its absence meant (``_absent_value``)."""
     before, after = _flatten(old or {}), _flatten(new or {})
     defaults = _flatten(yaml.safe_load(resolved(RunConfig())))
     changes = []
     for key in sorted(set(before) | set(after)):
         was, now = before.get(key, _MISSING), after.get(key, _MISSING)
+        if was is _MISSING:
+            was = _absent_value(key, defaults)
         if was == now:
-            continue
-        if was is _MISSING and now == _default_of(key, defaults):
             continue
         changes.append((key, None if was is _MISSING else was, None if now is _MISSING else now))
     return changes

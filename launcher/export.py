@@ -11,11 +11,15 @@ merged to fp32 with DeepSpeed's ``zero_to_fp32``; ZeRO-0 reads the module from t
 The checkpoint is verified first, as training verifies it (``launcher.checkpoint``): a ``step-N``
 folder whose files do not match its manifest is an error naming the file (exit 2); a run folder
 exports its newest checkpoint that verifies, and the ``.json`` written beside the weights names it.
+During training: export holds a reader's lock on ``RUN/checkpoints/.readers.lock`` from choosing the
+checkpoint to loading it, and the run's checkpoint rotation leaves old checkpoints for its next save
+while a reader holds it (``launcher.runlock``), so the checkpoint is not deleted under the export.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import torch
 import yaml
 
 from .checkpoint import find_resume_point
+from .runlock import checkpoint_readers
 
 
 def plain_model(config_path: Path) -> torch.nn.Module:
@@ -31,28 +36,46 @@ def plain_model(config_path: Path) -> torch.nn.Module:
     from .tasks import make_task
 
     cfg = load_config(str(config_path))
-    cfg.model.checkpoint = None
-    return make_task(cfg).build_model()[0]
+    return make_task(cfg).build_model(pretrained=False)[0]
 
 
-def export(source: str, out: str) -> Path:
-    point = find_resume_point(Path(source))
-    if point is None:
-        raise FileNotFoundError(f"no complete checkpoint under {source}")
-    folder = point.folder
-    run_dir = folder.parent.parent
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    if point.meta["zero_stage"] > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    else:
-        state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+def checkpoints_folder(source: Path) -> Path:
+    """The ``checkpoints`` folder a run folder or a ``step-N`` checkpoint folder belongs to."""
+    source = Path(source)
+    if (source / "meta.json").is_file() or re.match(r"^step-\d+$", source.name):
+        return source.parent
+    return source / "checkpoints" if (source / "checkpoints").is_dir() else source
+
+
+def checkpoint_state_dict(source: str):
+    """``(state_dict, point)``: the fp32 module weights of a run folder's newest checkpoint that verifies (or
+    of one ``step-N`` folder, which must verify); also what ``model.checkpoint`` reads from a run folder."""
+    # a run training meanwhile keeps this checkpoint from its verification to its load (rotation is deferred)
+    with checkpoint_readers(checkpoints_folder(Path(source))):
+        point = find_resume_point(Path(source))
+        if point is None:
+            raise FileNotFoundError(f"no complete checkpoint under {source}")
+        folder = point.folder
+        if point.meta["zero_stage"] > 0:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        else:
+            state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=False)["module"]
     state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
     from .guard import first_nonfinite
     bad = first_nonfinite(state.items())
     if bad is not None:  # written before the non-finite guard existed: never hand such weights on
         raise RuntimeError(f"{folder} holds non-finite weights ({bad} has NaN or inf): not exporting it; export an "
                            f"earlier checkpoint (RUN/checkpoints/step-N)")
+    return state, point
+
+
+def export(source: str, out: str) -> Path:
+    state, point = checkpoint_state_dict(source)
+    folder = point.folder
+    run_dir = folder.parent.parent
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     plain = plain_model(run_dir / "config.yaml")
     plain.load_state_dict(state, strict=True)
     out_path = Path(out)

@@ -39,7 +39,9 @@ __all__ = ["RunLog", "due"]
 log = logging.getLogger(__name__)
 
 DATA_COUNTERS = ("corrupt_image", "missing_label", "bad_label", "missing_image", "unreadable_sample",
-                 "unreadable_shard", "refilled", "missing_boxes", "bad_boxes", "missing_token_label", "bad_token_label")
+                 "unreadable_shard", "refilled", "missing_boxes", "bad_boxes", "missing_token_label", "bad_token_label",
+                 # remote shards (data/remote.py): retried failures, shards lost after every retry, the node cache
+                 "remote_retry", "lost_shard", "cache_hit", "cache_fetch", "cache_bypass")
 
 
 def due(step: int, every: int, total: int) -> bool:

@@ -18,12 +18,14 @@ import logging
 import os
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-__all__ = ["RunLock", "RunLockedError", "LOCK_NAME"]
+__all__ = ["RunLock", "RunLockedError", "LOCK_NAME", "READERS_LOCK", "checkpoint_readers", "rotation_lock"]
 
 LOCK_NAME = ".lock"
+READERS_LOCK = ".readers.lock"  # in RUN/checkpoints: readers (launcher.export) share it, rotation takes it alone
 log = logging.getLogger(__name__)
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
@@ -74,3 +76,75 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # drops the lock
             self._fd = None
+
+
+# -- checkpoint readers and rotation ----------------------------------------------------------------
+# A process that reads checkpoints of a run while it trains (launcher.export) holds a shared POSIX lock on
+# RUN/checkpoints/.readers.lock from choosing the checkpoint until its files are loaded; the trainer's
+# rotation (launcher.checkpoint Checkpointer._prune) deletes old checkpoints only while it holds that lock
+# exclusively, and otherwise leaves them for its next save: a reader never loses the files it verified,
+# and training never waits for a reader. Locks are per process, so the two must be different processes
+# (they are: export is its own command).
+
+
+def _open_lock_file(path: Path, *, write: bool) -> Optional[int]:
+    """A descriptor of ``path`` for a lock (created when ``write``), or None when the folder refuses it."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if write else os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+@contextmanager
+def checkpoint_readers(folder: Path) -> Iterator[bool]:
+    """Hold a shared lock on ``folder/.readers.lock`` (``folder``: a run's ``checkpoints``) while reading its
+    checkpoints; waits only while a rotation is deleting. Yields whether the lock is held: False (with a
+    warning) when the folder does not exist or its filesystem has no POSIX locks or refuses the file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        yield False
+        return
+    path = folder / READERS_LOCK
+    fd = _open_lock_file(path, write=True)
+    if fd is None:  # a read-only mount: lock the file if the trainer created it
+        fd = _open_lock_file(path, write=False)
+    if fd is None:
+        log.warning("reading checkpoints of %s without a reader's lock (cannot open %s): a training run's "
+                    "rotation may delete them meanwhile", folder, path)
+        yield False
+        return
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH)
+        except OSError as err:
+            if err.errno not in _NO_LOCKS:
+                raise
+            log.warning("reading checkpoints of %s without a reader's lock (%s): a training run's rotation may "
+                        "delete them meanwhile", folder, err)
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # drops the lock
+
+
+@contextmanager
+def rotation_lock(folder: Path) -> Iterator[bool]:
+    """Take ``folder/.readers.lock`` exclusively without waiting; yields True when no reader holds it (or
+    locks are not available: rotation then goes on as before), False while a reader does."""
+    fd = _open_lock_file(Path(folder) / READERS_LOCK, write=True)
+    if fd is None:
+        yield True
+        return
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                yield False
+                return
+            if err.errno not in _NO_LOCKS:
+                raise
+        yield True
+    finally:
+        os.close(fd)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import Optional
 
 import torch
 

@@ -8,28 +8,78 @@ its overrides are validated first, the global batch must split over the tasks, t
 after the run, and its log goes into the run folder (put ``out_dir`` on shared storage: every
 node writes checkpoints there, and the requeued job resumes from it). A run folder that a live job
 holds (its ``.lock``) is refused here already.
+
+Relative paths in the recipe and its overrides (``out_dir``, ``data.path``, ``data.eval_path``,
+``model.checkpoint``, ``train.ds_config``) are relative to the repository root, the folder the job runs in
+(``slurm/train.sbatch`` changes to it) and the one ``launcher.compare`` runs its local runs in, wherever
+this command is run from. The job is given them absolute (as overrides), and ``--output`` and the
+run-folder lock check use the same absolute run folder. ``--config`` itself is an ordinary file argument
+(relative to the current folder).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
+
+import yaml
 
 from .config import ConfigError, deepspeed_config, load_config
 from .runlock import RunLock, RunLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT  # what relative paths of the recipe and its overrides are relative to (module docstring)
+PATH_KEYS = ("out_dir", "data.path", "data.eval_path", "model.checkpoint", "train.ds_config")
 
 
-def build_command(args: argparse.Namespace) -> list[str]:
-    cfg = load_config(args.config, args.overrides)
+def check_geometry(args: argparse.Namespace) -> int:
+    """Tasks per node, or ``ConfigError`` naming the option: counts that would divide by zero or make an
+    empty job are refused here."""
+    for flag, value, low in (("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 0),
+                             ("--tasks-per-node", args.tasks_per_node, 0), ("--cpus-per-task", args.cpus_per_task, 1),
+                             ("--signal-seconds", args.signal_seconds, 0)):
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
     tasks = args.tasks_per_node or args.gpus_per_node
     if tasks < 1:
         raise ConfigError("give --gpus-per-node (one task per GPU) or --tasks-per-node for a CPU partition")
+    return tasks
+
+
+def _is_url(value: str) -> bool:
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", value) is not None  # pipe:..., s3://..., file:...
+
+
+def anchored_overrides(config: str, overrides: list[str], base: Optional[Path] = None) -> list[str]:
+    """``overrides`` plus ``KEY=ABSOLUTE`` for each of ``PATH_KEYS`` the recipe leaves relative, resolved
+    against ``base``: the job then reads and writes the same folders whatever its working folder."""
+    base = BASE if base is None else base
+    cfg = load_config(config, overrides)
+    extra = []
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if not isinstance(value, str) or not value or Path(value).is_absolute() or _is_url(value):
+            continue
+        if key == "train.ds_config" and not (base / value).exists():
+            continue  # not there: launcher.config's own fall-back (the repository's ds_configs/) decides
+        absolute = str((base / value).resolve())
+        extra.append(f"{key}={absolute if yaml.safe_load(absolute) == absolute else json.dumps(absolute)}")
+    return [*overrides, *extra]
+
+
+def plan_job(args: argparse.Namespace) -> tuple[list[str], Path]:
+    """The sbatch command and the run folder (absolute) it trains in."""
+    tasks = check_geometry(args)
+    overrides = anchored_overrides(args.config, list(args.overrides))
+    cfg = load_config(args.config, overrides)
     deepspeed_config(cfg, args.nodes * tasks)  # the global batch must split over every task
-    run_dir = Path(cfg.run_dir).resolve()
+    run_dir = Path(cfg.run_dir)
     options = [f"--job-name={cfg.name}", f"--nodes={args.nodes}", f"--ntasks-per-node={tasks}",
                f"--cpus-per-task={args.cpus_per_task}", f"--time={args.time}",
                f"--output={run_dir}/slurm-%j.out", f"--signal=B:USR1@{args.signal_seconds}"]
@@ -41,7 +91,11 @@ def build_command(args: argparse.Namespace) -> list[str]:
             options.append(f"--{flag}={value}")
     options += args.sbatch_option
     return ["sbatch", *options, str(ROOT / "slurm" / "train.sbatch"), str(Path(args.config).resolve()),
-            *args.overrides]
+            *overrides], run_dir
+
+
+def build_command(args: argparse.Namespace) -> list[str]:
+    return plan_job(args)[0]
 
 
 def main(argv=None) -> int:
@@ -63,14 +117,18 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="recipe key=value overrides")
     args = parser.parse_intermixed_args(argv)
     try:
-        command = build_command(args)
+        check_geometry(args)
+    except ConfigError as err:
+        print(f"submit: {err}", file=sys.stderr)
+        return 2
+    try:
+        command, run_dir = plan_job(args)
     except ConfigError as err:
         print(f"submit: bad recipe: {err}", file=sys.stderr)
         return 2
     print(shlex.join(command))
     if args.dry_run:
         return 0
-    run_dir = Path(load_config(args.config, args.overrides).run_dir)
     try:  # a job of this run that is alive still holds its folder (launcher/runlock.py): refuse now, not at start-up
         RunLock(run_dir).acquire().release()
     except RunLockedError as err:

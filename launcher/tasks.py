@@ -4,16 +4,20 @@ The step loop in ``launcher.train`` is the same for both; it asks its task for t
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import RunConfig
+from .config import RunConfig, remote_options
 
-__all__ = ["ClassificationTask", "DetectionTask", "TokenLabellingTask", "make_task"]
+__all__ = ["ClassificationTask", "DetectionTask", "TokenLabellingTask", "make_task", "pretrained_source"]
+
+log = logging.getLogger(__name__)
 
 
 class ClassificationTask:
@@ -23,28 +27,35 @@ class ClassificationTask:
         self.cfg = cfg
         self.mixup = None
 
-    def build_model(self):
+    def build_model(self, pretrained: bool = True):
+        """The model and its suffix-token count; ``pretrained``: with ``model.checkpoint``'s weights (a run
+        that resumes from its own checkpoint builds without them)."""
         from models import create_classifier
         m = self.cfg.model
-        return create_classifier(m.name, num_classes=m.num_classes, img_size=m.img_size, drop_path=m.drop_path,
-                                 checkpoint=m.checkpoint, **m.kwargs), 0
+        with pretrained_refusals():
+            return create_classifier(m.name, num_classes=m.num_classes, img_size=m.img_size, drop_path=m.drop_path,
+                                     checkpoint=pretrained_source(m.checkpoint) if pretrained else None,
+                                     reinit_head=m.reinit_head, **m.kwargs), 0
 
     def build_streams(self, *, micro: int, rank: int, world: int, pin_memory: bool):
         from data.stream import build_eval_stream, build_train_stream
         from data.transforms import StepMixup
         cfg, d = self.cfg, self.cfg.data
+        _check_num_classes(cfg)
         if d.backend == "dali":  # the same stream; images made by DALI (GPU when there is one), data/dali.py
             from data.dali import build_eval_stream, build_train_stream  # noqa: F811
         common = dict(interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))  # train and eval alike
         options = dict(auto_augment=d.auto_augment, re_prob=d.re_prob, color_jitter=d.color_jitter,
                        scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip, vflip=d.vflip, **common)
+        remote = {"remote": remote_options(d)}  # data/remote.py: s3://, http(s)://, retries, the node cache
         train = build_train_stream(d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
                                    seed=cfg.train.seed, image_size=cfg.model.img_size, split=d.train_split,
                                    buffer_size=d.buffer_size, repeats=d.repeats, pin_memory=pin_memory,
-                                   **({"token_labels": True} if self.token_labels else {}), **options)
-        evaluation = build_eval_stream(d.eval_path or d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
+                                   **({"token_labels": True} if self.token_labels else {}), **remote, **options)
+        evaluation = build_eval_stream(d.eval_path or d.path, batch_size=micro, rank=rank, world_size=world,
+                                       num_workers=d.workers,
                                        image_size=cfg.model.img_size, split=d.eval_split, crop_pct=d.crop_pct,
-                                       pin_memory=pin_memory, **common)
+                                       pin_memory=pin_memory, **remote, **common)
         if d.mixup > 0 or d.cutmix > 0:  # per rank: each rank draws its own lambda and box, as timm does
             self.mixup = StepMixup(cfg.model.num_classes, mixup_alpha=d.mixup, cutmix_alpha=d.cutmix,
                                    prob=d.mixup_prob, label_smoothing=d.label_smoothing, seed=cfg.train.seed,
@@ -123,6 +134,15 @@ class TokenLabellingTask(ClassificationTask):
         return loss, (cls_logits, aux_logits)
 
 
+def _check_num_classes(cfg: RunConfig) -> None:
+    """``model.num_classes`` covers the classes of the training and eval shards (``classes.json``): a
+    start-up refusal naming both numbers instead of an ``IndexError`` in the loss at the first label
+    it cannot hold."""
+    from data.shards import check_num_classes
+    for path in dict.fromkeys(filter(None, (cfg.data.path, cfg.data.eval_path))):
+        check_num_classes(path, cfg.model.num_classes, remote=remote_options(cfg.data))
+
+
 def _tensors_to(batch: dict, device) -> dict:
     """The batch with its tensors on ``device`` (other entries as they are)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -138,17 +158,20 @@ class DetectionTask:
         self.criterion = SetCriterion(cfg.model.num_classes, eos_coef=det.eos_coef, weight_ce=det.weight_ce,
                                       weight_bbox=det.weight_bbox, weight_giou=det.weight_giou)
 
-    def build_model(self):
+    def build_model(self, pretrained: bool = True):
         from models.yolos import create_yolos
         m, det = self.cfg.model, self.cfg.detection
-        model = create_yolos(m.name, num_classes=m.num_classes, num_det_tokens=det.num_det_tokens,
-                             img_size=m.img_size, init_pe_size=det.init_pe_size, mid_pos_embed=det.mid_pos_embed,
-                             mid_pe_size=det.mid_pe_size, drop_path=m.drop_path, checkpoint=m.checkpoint, **m.kwargs)
+        with pretrained_refusals():
+            model = create_yolos(m.name, num_classes=m.num_classes, num_det_tokens=det.num_det_tokens,
+                                 img_size=m.img_size, init_pe_size=det.init_pe_size, mid_pos_embed=det.mid_pos_embed,
+                                 mid_pe_size=det.mid_pe_size, drop_path=m.drop_path,
+                                 checkpoint=pretrained_source(m.checkpoint) if pretrained else None, **m.kwargs)
         return model, det.num_det_tokens
 
     def build_streams(self, *, micro: int, rank: int, world: int, pin_memory: bool):
         from data.detection import build_detection_stream
         cfg, d, det = self.cfg, self.cfg.data, self.cfg.detection
+        _check_num_classes(cfg)
         patch = self.cfg.model.kwargs.get("patch_size", 16)
         common = dict(batch_size=micro, rank=rank, world_size=world, num_workers=d.workers, scales=det.scales,
                       max_size=det.max_size, crop_scales=det.crop_scales, crop_size=tuple(det.crop_size),
@@ -185,13 +208,43 @@ class DetectionTask:
         for prefix, mine in predictions.items():
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, mine)
-            scores = [coco_evaluate([r for part in gathered for r in part], ground_truth)] if dist.get_rank() == 0 else [None]
+            detections = [r for part in gathered for r in part]
+            scores = [coco_evaluate(detections, ground_truth)] if dist.get_rank() == 0 else [None]
             dist.broadcast_object_list(scores, src=0)
             results.update({f"{prefix}{k}": v for k, v in scores[0].items()})
         count = torch.tensor([float(samples)], device=device)
         dist.all_reduce(count)
         results["eval_samples"] = int(count.item())
         return results
+
+
+def pretrained_source(checkpoint: Optional[str]):
+    """``model.checkpoint`` as the model builders take it: a file path as it is; a run folder (or a ``step-N``
+    folder) of this engine as the fp32 state_dict of its newest checkpoint that verifies (``launcher.export``)."""
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        return checkpoint
+    from models.pretrained import NamedStateDict, PretrainedError
+
+    from .export import checkpoint_state_dict
+    try:
+        state, point = checkpoint_state_dict(checkpoint)
+    except RuntimeError as err:  # damaged or non-finite checkpoints: named, a start-up refusal
+        raise PretrainedError(f"model.checkpoint {checkpoint}: {err}") from err
+    log.info("model.checkpoint %s: the run's checkpoint %s (verified)", checkpoint, point.folder)
+    return NamedStateDict(state, f"model.checkpoint {checkpoint} ({point.folder.name})")
+
+
+@contextlib.contextmanager
+def pretrained_refusals():
+    """A pretrained source that is missing, damaged or does not fit: a start-up refusal (exit 2) naming it."""
+    from models.pretrained import PretrainedError
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    try:
+        yield
+    except (PretrainedError, CheckpointError, FileNotFoundError) as err:
+        raise ConfigError(str(err) if isinstance(err, PretrainedError) else f"model.checkpoint: {err}") from err
 
 
 def make_task(cfg: RunConfig):

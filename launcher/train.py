@@ -177,6 +177,7 @@ def _check_resume_args(args) -> None:
 # no traceback; anything else is logged with its traceback by every rank that meets it
 def _startup_refusal(err: BaseException) -> bool:
     from data.shards import ShardIndexError
+
     from .checkpoint import CheckpointError
     from .runlock import RunLockedError
     return isinstance(err, (ConfigError, ShardIndexError, RunLockedError)) or (
@@ -233,25 +234,10 @@ def _note_grad_precision(state: dict, now) -> None:
                     "%s ones from here on; set train.grad_precision=%s to continue as it was", saved, now, saved)
 
 
-def write_synthetic_shards(path: str, size: int, objects: int) -> None:
-    """Write the embedded synthetic shards to ``path`` through a private folder renamed into place, so
-    two jobs that start on the same empty path at once both end up reading one complete copy."""
-    import shutil
-
-    from data import write_shards
-
-    log.info("writing the embedded synthetic shards to %s", path)
-    target = Path(path)
-    private = target.with_name(f".{target.name}.{os.getpid()}")
-    shutil.rmtree(private, ignore_errors=True)
-    write_shards.main(["synthetic", str(private), "--size", str(size), "--objects", str(objects), "--no-progress"])
-    try:
-        private.rename(target)  # atomic; replaces an empty folder, fails on a filled one
-    except OSError:
-        if not target.is_dir() or not any(target.iterdir()):
-            raise
-        log.info("%s was written meanwhile by another job: using that copy", path)
-        shutil.rmtree(private)
+def write_synthetic_shards(path: str, size: int, objects: int, token_labels: int = 0) -> None:
+    """``data.write_shards.write_synthetic_once``: one complete copy even when two jobs start on ``path`` at once."""
+    from data.write_shards import write_synthetic_once
+    write_synthetic_once(path, size=size, objects=objects, token_labels=token_labels)
 
 
 class Trainer:
@@ -267,20 +253,18 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
 
     def _prepare_data(self):
-        from data.shards import INDEX_NAME, ShardIndex
+        from data.shards import INDEX_NAME
         from methods.registry import initial_subset, run_length
 
         d, t = self.cfg.data, self.cfg.train
         if d.synthetic:
-            wanted = {"size": self.cfg.model.img_size, "objects": d.synthetic_objects}
-            index = Path(d.path) / INDEX_NAME
-            if self.rank == 0 and not index.is_file():
-                write_synthetic_shards(d.path, wanted["size"], wanted["objects"])
+            from data.write_shards import synthetic_holds
+            wanted = {"size": self.cfg.model.img_size, "objects": d.synthetic_objects,
+                      "token_labels": d.synthetic_token_labels}
+            if self.rank == 0 and not (Path(d.path) / INDEX_NAME).is_file():
+                write_synthetic_shards(d.path, **wanted)
             dist.barrier()  # on every rank, whatever it sees: a rank-local condition here would hang the job
-            found = ShardIndex.load(d.path).meta.get("synthetic", {})  # a broken index is named
-            if any(found.get(key) != value for key, value in wanted.items()):
-                raise ConfigError(f"{d.path} holds synthetic shards with {found}, but the recipe wants {wanted}: "
-                                 f"point data.path elsewhere or delete the folder")
+            synthetic_holds(d.path, **wanted)  # a refusal naming the file (bad JSON) or what differs
         micro = deepspeed_config(self.cfg, self.world)["train_micro_batch_size_per_gpu"]
         self.images_per_step = micro * t.grad_accum  # this rank's; every batch is full (the stream drops the rest)
         self.train_stream, self.eval_stream = self.task.build_streams(
@@ -370,10 +354,11 @@ class Trainer:
     def _meta_model(self):
         """The recipe's model on the meta device: shapes for the methods' run length, no weights."""
         with torch.device("meta"):
-            return self.task.build_model()[0]
+            return self.task.build_model(pretrained=False)[0]
 
     def _build(self, point):
         import deepspeed
+
         from methods import MethodContext, build_stack
         from models import weight_decay_groups
 
@@ -381,7 +366,9 @@ class Trainer:
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-        model, num_suffix = self.task.build_model()
+        model, num_suffix = self.task.build_model(pretrained=point is None)  # resume wins over model.checkpoint
+        if point is not None and cfg.model.checkpoint and self.rank == 0:
+            log.info("model.checkpoint %s is not applied: the run resumes from its own checkpoint", cfg.model.checkpoint)
         if cfg.model.grad_checkpointing:  # before the plug-ins attach: they see the model as it will run
             model.set_grad_checkpointing(True)
         context = MethodContext(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,

@@ -284,6 +284,8 @@ class PluginStack:
 
     def flops_share(self, step: int, num_patches: Optional[int] = None) -> float:
         """Theoretical training FLOPs of ``step`` relative to the dense model on the same grid."""
+        if self.shape is None:
+            raise RuntimeError("PluginStack.attach(model) must run first")
         shape = self.shape if num_patches is None else self.shape.with_patches(num_patches)
         return self.forward_flops(step, num_patches) / forward_flops(shape)
 

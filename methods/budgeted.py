@@ -354,6 +354,15 @@ class BudgetedConfig:
 
     input_grid_switch = "tokens"  # the option that turns the input-grid reduction off (methods.registry)
 
+    def refuses_pretrained(self) -> Optional[str]:
+        """Growth re-draws (``redraw``) or zeroes (``zero_out``) the newly active slices: from pretrained
+        weights that would erase the part of them each stage grows into."""
+        if self.init == "keep":
+            return None
+        return (f"its growth {'re-draws' if self.init == 'redraw' else 'zeroes'} the newly active head and MLP "
+                f"slices at every stage boundary (init: {self.init}), which would erase those pretrained weights; "
+                f"set methods.budgeted.init: keep to grow into them")
+
     def __post_init__(self) -> None:
         if self.budget is not None and not 0 < self.budget <= 1:
             raise ValueError(f"budget must be in (0, 1] (a fraction of the dense run's training FLOPs), "

@@ -31,14 +31,17 @@ Optional config hooks:
 - ``refuses(other_name, other_config) -> Optional[str]``: the method does not compose with another one
   the recipe lists; the reason (a sentence) is the error ``check_combination`` raises, naming both
   (Tri-Level's tokens / connections refuse ToE, whose pre-hook cannot take their attention mask).
+- ``refuses_pretrained() -> Optional[str]``: the method cannot start from pretrained weights
+  (``model.checkpoint``, fine-tuning); the reason is the start-up error ``check_pretrained`` raises
+  (Budgeted Training re-draws or zeroes the slices it grows into, which would erase them).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["Method", "register", "registered", "method", "check_combination", "build_stack", "run_length",
-           "initial_subset"]
+__all__ = ["Method", "register", "registered", "method", "check_combination", "check_pretrained", "build_stack",
+           "run_length", "initial_subset"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,14 @@ def check_combination(configs: Mapping[str, Any]) -> None:
                                      f"input grid (so every block's tokens); turn its token part off with "
                                      f"methods.{name}.{config.input_grid_switch}: false, or drop {other!r}")
     check_token_sites((name, config.token_sites()) for name, config in configs.items())
+
+
+def check_pretrained(configs: Mapping[str, Any]) -> None:
+    """Refuse a method that cannot fine-tune from pretrained weights (``ValueError`` naming it and why)."""
+    for name, config in configs.items():
+        reason = getattr(config, "refuses_pretrained", lambda: None)()
+        if reason:
+            raise ValueError(f"methods.{name} cannot start from model.checkpoint: {reason}")
 
 
 def run_length(configs: Mapping[str, Any], steps_per_epoch: int, default_total: int,

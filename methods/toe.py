@@ -30,12 +30,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class ToEConfig:
     summary = ("r1",)  # the options a report names the method by (not a recipe key: no annotation)
+    # what an option absent from an older run folder's config.yaml meant (launcher.config.recipe_changes):
+    # runs from before ``counting`` existed counted by rates, so resuming one under the new default is a change
+    legacy = {"counting": "rates"}
     r1: float = 0.5
     r0: Optional[float] = None  # null: r1 / 2
     num_stages: int = 3
     k: int = 2
     block: int = 1
     boundaries: Optional[list] = None  # first step (int) or fraction of the run (float) of stages 2..Ng
+    # first (0-based) epoch of stages 2..Ng, e.g. [130, 260] of 300 (appendix Sec. 1.2, the "Hyper" recipes);
+    # steps = round(epoch x steps per epoch); excludes ``boundaries``
+    boundary_epochs: Optional[list] = None
     warmup_steps: int = 0
     warmup_epochs: Optional[float] = None  # full-token warm-up in epochs (steps from the run's epoch length)
     distance: str = "cosine"
@@ -44,6 +50,9 @@ class ToEConfig:
     merge: bool = True
     sparse_eval: bool = False
     seed_stride: Optional[int] = None  # null: the paper's floor(1 / r0); 4 at r1=0.4 reproduces the authors' code
+    # paper: stage m adds floor(mu_m N), remainder of the k repeats to the last (Sec. 3.3.2, Algorithm 1, the
+    # official token_select.py); rates: this project's earlier floor(r_m N), remainder to the first repeats
+    counting: str = "paper"
 
     def __post_init__(self) -> None:
         if self.distance not in DISTANCES:
@@ -56,6 +65,15 @@ class ToEConfig:
                              f"them), got {warm} and {self.warmup_steps}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        epochs = self.boundary_epochs
+        if epochs is not None:
+            if self.boundaries is not None:
+                raise ValueError("boundary_epochs and boundaries exclude each other: set one of them")
+            if (len(epochs) != self.num_stages - 1 or not all(
+                    isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e < math.inf for e in epochs)
+                    or any(b <= a for a, b in zip(epochs, epochs[1:]))):
+                raise ValueError(f"boundary_epochs must give the first epoch of stages 2..{self.num_stages} "
+                                 f"({self.num_stages - 1} increasing numbers > 0), got {epochs!r}")
         self.schedule(max(self.warmup_steps + self.num_stages, 10**9), steps_per_epoch=1)  # validates the numbers
 
     def token_sites(self) -> set[int]:
@@ -63,9 +81,12 @@ class ToEConfig:
 
     def schedule(self, total_steps: int, steps_per_epoch: int) -> ToESchedule:
         warmup = self.warmup_steps if self.warmup_epochs is None else round(self.warmup_epochs * steps_per_epoch)
+        boundaries = self.boundaries
+        if self.boundary_epochs is not None:
+            boundaries = [round(epoch * steps_per_epoch) for epoch in self.boundary_epochs]
         return ToESchedule(r1=self.r1, r0=self.r0, num_stages=self.num_stages, total_steps=total_steps, k=self.k,
-                           boundaries=self.boundaries, block=self.block, warmup_steps=warmup,
-                           seed_stride=self.seed_stride)
+                           boundaries=boundaries, block=self.block, warmup_steps=warmup,
+                           seed_stride=self.seed_stride, counting=self.counting)
 
 
 class ToEPlugin(TrainingPlugin):

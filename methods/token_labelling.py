@@ -50,7 +50,8 @@ def token_label_loss(cls_logits: torch.Tensor, aux_logits: torch.Tensor, t_cls: 
     return w_cls * cls_term + w_dense * dense_term, cls_term, dense_term
 
 
-def mix_token_box(grid: tuple[int, int], seed: int, step: int, micro: int, rank: int) -> tuple[tuple[int, int, int, int], float]:
+def mix_token_box(grid: tuple[int, int], seed: int, step: int, micro: int,
+                  rank: int) -> tuple[tuple[int, int, int, int], float]:
     """MixToken's box ``(row0, row1, col0, col1)`` on the token grid and ``lam' = 1 - area / N``.
 
     ``lvvit.py`` ``rand_bbox``: ``lam ~ Beta(1, 1)``, ``cut = int(side * sqrt(1 - lam))``, centre uniform
@@ -138,7 +139,8 @@ class TokenLabellingPlugin(TrainingPlugin):
             mask.zero_()
         self._micro += 1
         from data.token_labels import smooth_targets
-        return {**batch, "cls_target": smooth_targets(t_cls, c.smoothing), "token_target": smooth_targets(t_tok, c.smoothing)}
+        return {**batch, "cls_target": smooth_targets(t_cls, c.smoothing),
+                "token_target": smooth_targets(t_tok, c.smoothing)}
 
     def after_step(self, step: int) -> None:
         """The stem's BatchNorm statistics from rank 0 on every rank (``models.lvvit.broadcast_batchnorm``):

@@ -41,7 +41,6 @@ from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 

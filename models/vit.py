@@ -1,8 +1,7 @@
 """DeiT / ViT classifiers through timm, and AdamW parameter groups as DeiT trains them."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Union
 
 import timm
 import torch
@@ -13,29 +12,21 @@ __all__ = ["create_classifier", "weight_decay_groups"]
 
 
 def create_classifier(name: str, *, num_classes: int, img_size: int, drop_path: float = 0.0,
-                      checkpoint: Optional[str] = None, **kwargs: Any) -> VisionTransformer:
-    """``timm.create_model(name, ...)``; weights only from a local ``checkpoint`` file (no downloads).
+                      checkpoint: Optional[Union[str, Mapping[str, torch.Tensor]]] = None,
+                      reinit_head: bool = False, **kwargs: Any) -> VisionTransformer:
+    """``timm.create_model(name, ...)``; weights only from a local ``checkpoint`` (no downloads).
 
-    A checkpoint whose classifier head has another number of classes loads without the head.
+    ``checkpoint``: a weights file or a state_dict, fitted by ``models.pretrained.load_pretrained``:
+    position embeddings resampled to this grid, a classifier head of another class count
+    re-initialised (always with ``reinit_head``), anything else that differs refused (``PretrainedError``).
     """
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size,
                               drop_path_rate=drop_path, **kwargs)
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
-    if checkpoint:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"model.checkpoint {checkpoint} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state.get("state_dict", state))
-        own = model.state_dict()
-        # a classifier head of another size (or none, for a detection backbone) is not loaded
-        head = [k for k in state if k.startswith(("head.", "head_dist.")) and (k not in own or state[k].shape != own[k].shape)]
-        for key in head:
-            del state[key]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {k for k in own if k.startswith(("head.", "head_dist."))}:
-            raise ValueError(f"{checkpoint} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if checkpoint is not None:
+        from .pretrained import load_pretrained
+        load_pretrained(model, checkpoint, reinit_head=reinit_head)
     return model
 
 

@@ -202,8 +202,9 @@ class YOLOS(nn.Module):
 def create_yolos(name: str = "deit_tiny_patch16_224", *, num_classes: int = 91, num_det_tokens: int = 100,
                  img_size: int = 224, init_pe_size: Optional[Sequence[int]] = None, mid_pos_embed: bool = False,
                  mid_pe_size: Optional[Sequence[int]] = None, drop_path: float = 0.0,
-                 checkpoint: Optional[str] = None, **kwargs) -> YOLOS:
-    """YOLOS on ``timm.create_model(name)``; the backbone's weights only from a local ``checkpoint``.
+                 checkpoint=None, **kwargs) -> YOLOS:
+    """YOLOS on ``timm.create_model(name)``; the backbone's weights only from a local ``checkpoint`` (a file
+    or a state_dict: ``models.pretrained.load_pretrained``; a classifier's head is ignored).
 
     ``img_size`` is the grid of the checkpoint's position embeddings (224 for an ImageNet DeiT);
     ``init_pe_size`` the grid YOLOS interpolates them to once and then learns.

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
-
 
 def assert_compiles(model, stack, steps: Iterable[int], image_size: int, batch: int = 2,
                     backend: str = "aot_eager", evaluate: bool = True) -> int:

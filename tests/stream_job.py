@@ -2,6 +2,7 @@
 
     python tests/stream_job.py SHARDS OUT.pt --rank R --world W --workers N --batch B
         [--repeats R] [--state STATE.pt] [--take K] [--save-state STATE.pt] [--dist-port P]
+        [--remote-retries N --remote-backoff S --max-lost-share F --cache-dir DIR --progress FILE --delay S]
 
 Loads STATE if given, takes K batches (all that are left in the epoch if K is omitted), saves
 them (and the state after them) with torch.save. With --dist-port, joins a gloo process group on
@@ -10,12 +11,14 @@ them (and the state after them) with torch.save. With --dist-port, joins a gloo 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.remote import RemoteOptions  # noqa: E402
 from data.stream import build_train_stream  # noqa: E402
 
 
@@ -34,19 +37,32 @@ def main() -> None:
     parser.add_argument("--take", type=int)
     parser.add_argument("--save-state")
     parser.add_argument("--dist-port", type=int)
+    parser.add_argument("--remote-retries", type=int, default=6)  # remote shards (data/remote.py)
+    parser.add_argument("--remote-backoff", type=float, default=1.0)
+    parser.add_argument("--max-lost-share", type=float, default=0.0)
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--progress", help="a file that gets a line per batch taken")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds per batch taken (a slow consumer)")
     args = parser.parse_args()
+    remote = RemoteOptions(retries=args.remote_retries, backoff=args.remote_backoff,
+                           backoff_max=max(args.remote_backoff, 30.0), max_lost_share=args.max_lost_share,
+                           cache_dir=args.cache_dir, timeout=10.0)
     if args.dist_port:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.dist_port))
         dist.init_process_group("gloo", rank=args.rank, world_size=args.world)
     stream = build_train_stream(args.shards, batch_size=args.batch, rank=args.rank, world_size=args.world,
                                 num_workers=args.workers, seed=args.seed, image_size=32, buffer_size=args.buffer,
-                                repeats=args.repeats)
+                                repeats=args.repeats, remote=remote)
     if args.state:
         stream.load_state_dict(torch.load(args.state, weights_only=False))
     batches = []
     iterator = iter(stream)
     for batch in iterator:
         batches.append(batch)
+        time.sleep(args.delay)
+        if args.progress:
+            with open(args.progress, "a") as progress:
+                progress.write(f"{len(batches)}\n")
         if args.take is not None and len(batches) == args.take:
             break
     iterator.close()  # end the DataLoader workers now, not during the interpreter's exit next to gloo's threads

@@ -8,7 +8,8 @@ the nearest caller outside torch: ``project`` (this repository), ``deepspeed``, 
 to the context it ran in: ``log`` (a log step of the run log), ``eval``, ``checkpoint``, ``signal``
 (a stop-signal agreement), ``setup`` (before the first step), ``end`` (after the last) or ``step``
 (anything else, i.e. the step code between log steps, which must hold no project sync). Calls
-made under the DataLoader (its seeds, its workers) are owned by ``dataloader``: host tensors. The JSON holds one entry per event
+made under the DataLoader (its seeds, its workers) are owned by ``dataloader``: host tensors. The JSON holds one entry
+per event
 kind, owner, context and step.
 """
 from __future__ import annotations

@@ -13,8 +13,19 @@ import torch.nn.functional as F
 
 from launcher.config import ConfigError, load_config
 from methods import MethodContext, build_stack
-from methods.budgeted import (BudgetedConfig, SlicedLinear, StageModel, _relink_optimizer_states, _torch_optimizer,
-                              initial_values, model_dims, solve_durations, stage_models, stage_of, stage_share)
+from methods.budgeted import (
+    BudgetedConfig,
+    SlicedLinear,
+    StageModel,
+    _relink_optimizer_states,
+    _torch_optimizer,
+    initial_values,
+    model_dims,
+    solve_durations,
+    stage_models,
+    stage_of,
+    stage_share,
+)
 from methods.registry import run_length
 from models.cost import forward_flops
 
@@ -400,7 +411,6 @@ def _growth_worker(rank, port, out):
 @pytest.mark.slow
 def test_growth_writes_module_master_moments_and_ema_on_two_ranks_under_zero_0_to_3(tmp_path):
     import torch.multiprocessing as mp
-
     from conftest import free_port
     out = tmp_path / "checked.json"
     mp.start_processes(_growth_worker, args=(free_port(), str(out)), nprocs=2, join=True, start_method="spawn")

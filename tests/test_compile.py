@@ -6,8 +6,8 @@ from fractions import Fraction
 import pytest
 import timm
 import torch
-
 from compile_check import assert_compiles
+
 from methods import MethodContext, build_stack
 from methods.patch_dropout import PatchDropoutConfig
 from methods.toe import ToEConfig

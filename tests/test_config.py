@@ -51,7 +51,8 @@ def test_deepspeed_config_takes_batch_and_clipping_from_the_recipe(tmp_path):
     cfg = load_config(str(ROOT / "configs/deit_small.yaml"), [f"train.ds_config={conflicting}"])
     with pytest.raises(ConfigError, match="set it in the recipe only"):
         deepspeed_config(cfg, world_size=8)
-    cfg = load_config(str(ROOT / "configs/deit_small.yaml"), ["train.zero_stage=2", "train.ds_config=ds_configs/zero1_bf16.json"])
+    cfg = load_config(str(ROOT / "configs/deit_small.yaml"),
+                      ["train.zero_stage=2", "train.ds_config=ds_configs/zero1_bf16.json"])
     with pytest.raises(ConfigError, match="ZeRO stage 1"):
         deepspeed_config(cfg, world_size=8)
 
@@ -94,7 +95,7 @@ def test_the_engine_clips_only_what_the_recipe_asks_for():
     configs = {"deit": unclipped, "yolos": clipped, "absent": silent}
     result = subprocess.run([sys.executable, "-c", ENGINE_CLIPPING, str(free_port()), json.dumps(configs)],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
-    line = next((l for l in result.stdout.splitlines() if l.startswith("CLIPPING ")), None)
+    line = next((text for text in result.stdout.splitlines() if text.startswith("CLIPPING ")), None)
     assert line is not None, result.stdout[-2000:] + result.stderr[-3000:]
     used = json.loads(line.removeprefix("CLIPPING "))
     assert used == {"deit": 0.0, "yolos": 0.1, "absent": 1.0}  # 'absent' shows the default this guards against

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from data import write_shards
-from data.dali import RAND_OPS, IDENTITY, DaliCodec, check_dali_options, dali_available
+from data.dali import IDENTITY, RAND_OPS, DaliCodec, check_dali_options, dali_available
 from data.stream import _decode_seeded, _sample_seed, build_eval_stream, build_train_stream
 
 pytestmark = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed "

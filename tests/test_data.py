@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from PIL import Image
 
-from conftest import free_port
 from data import write_shards
 from data.plan import buffer_order, epoch_items, split_slots
 from data.shards import ShardIndex, check_key, read_samples

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from data import write_shards
-from data.detection import (DetectionCodec, build_detection_stream, build_detection_transform, coco_evaluate,
-                            postprocess, resized_size)
+from data.detection import (
+    DetectionCodec,
+    build_detection_stream,
+    build_detection_transform,
+    coco_evaluate,
+    postprocess,
+    resized_size,
+)
 from data.shards import ShardIndex, read_samples
 
 SIZES = dict(scales=[48, 64, 80], max_size=120, crop_scales=[48, 64], crop_size=(32, 60), pad_multiple=8)

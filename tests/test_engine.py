@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import free_port
 
 from data import write_shards
 from launcher.train import lr_at
-from conftest import free_port
 from toe import ToESchedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_lr_is_a_pure_function_of_the_step():
 
 def test_synthetic_shards_of_another_geometry_are_refused(tmp_path, shards):
     """``data.synthetic: true`` writes the shards only when missing; shards written for another image
-    size (or object count) are not silently trained on."""
+    size (or object count) are not silently trained on: a start-up refusal (exit 2, issue 29 section 5)."""
     out = train(tmp_path / "other", shards, "model.img_size=48", expect=2)
     assert "holds synthetic shards with" in out and "'size': 48" in out
 

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
+
 from launcher.config import ConfigError, deepspeed_config, grad_precision, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_the_engine_accumulates_in_the_recipes_gradient_precision():
             configs[f"{stage}-{grads}"] = deepspeed_config(cfg, 1)
     result = subprocess.run([sys.executable, "-c", ENGINE, str(free_port()), json.dumps(configs)],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
-    line = next((l for l in result.stdout.splitlines() if l.startswith("ENGINE ")), None)
+    line = next((text for text in result.stdout.splitlines() if text.startswith("ENGINE ")), None)
     assert line is not None, result.stdout[-2000:] + result.stderr[-3000:]
     used = json.loads(line.removeprefix("ENGINE "))
     for stage in (1, 2):

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port
+from test_engine import TINY, finish, kill_tree, module_state, start, wait_for_step
+
 from data import write_shards
 from data.shards import ShardIndex, ShardIndexError
 from data.stream import build_train_stream
@@ -25,7 +26,6 @@ from launcher import config as config_module
 from launcher.checkpoint import MANIFEST, Checkpointer, CheckpointError, ResumePoint, select_resume_point
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.runlock import RunLock, RunLockedError
-from test_engine import TINY, finish, kill_tree, module_state, start, wait_for_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/deit_tiny_toe_cpu.yaml"
@@ -275,7 +275,7 @@ def test_a_rank_failing_alone_ends_the_job_promptly_with_its_error(base_run, tmp
     step6 = run / "checkpoints/step-6"
     (step6 / MANIFEST).unlink()
     (step6 / "rng-rank1.pt").unlink()
-    processes = start_ranks(run, tiny_shards, "train.steps=8", *ZERO1)
+    processes = start_ranks(run, tiny_shards, "train.steps=8", *ZERO1, extra=["--allow-recipe-change"])
     started = time.time()
     outputs = finish_all(processes, timeout=240)
     elapsed = time.time() - started

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import free_port
+
 from data import write_shards
 from data.plan import Phase, epoch_items, remaining_items, train_layout
 from data.shards import ShardIndex

@@ -70,7 +70,7 @@ def resumed_run(path: Path, seed=0, top1_final=0.5, speed=1.0, flops=1e13, toe=T
 
 def table(md: str) -> dict[str, dict[str, str]]:
     """The first markdown table of report.md: recipe label -> {column: cell}."""
-    lines = [l for l in md.split("## Runs")[0].splitlines() if l.startswith("|")]
+    lines = [line for line in md.split("## Runs")[0].splitlines() if line.startswith("|")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[2:]:
@@ -360,7 +360,8 @@ def test_the_time_breakdown_is_summed_per_run_and_per_stage_found_in_the_log(tmp
     md = (tmp_path / "report" / "report.md").read_text()
     assert "(time_breakdown.png)" in md
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
-            for line in md.split("## Where the time goes")[1].splitlines() if line.startswith("| ") and "steps |" not in line}
+            for line in md.split("## Where the time goes")[1].splitlines()
+            if line.startswith("| ") and "steps |" not in line}
     # ms per step: data, forward_backward, optimizer, between_steps, total, share waiting for data
     assert rows["et, et stage 1"][1:] == ["4", "50.0", "550.0", "100.0", "100.0", "800.0", "6.2%"]
     assert rows["et, et stage 2"][1:] == ["2", "200.0", "1000.0", "100.0", "0.0", "1300.0", "15.4%"]

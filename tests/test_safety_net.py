@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port
+from test_engine import TINY
+from test_reliability import finish_all
+
 from data import write_shards
 from launcher.checkpoint import MANIFEST, Checkpointer, file_record
 from launcher.guard import DivergedError, NonFiniteGuard, first_nonfinite
-from test_engine import TINY, kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/deit_tiny_toe_cpu.yaml"
@@ -42,18 +43,6 @@ def start_ranks(per_rank: list[list[str]], *, cwd=None, env=None):
                                           cwd=(cwd or [ROOT] * len(per_rank))[rank], env=rank_env, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
     return processes
-
-
-def finish_all(processes, timeout):
-    deadline, outputs = time.time() + timeout, []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=max(1.0, deadline - time.time()))[0])
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                kill_tree(p.pid, signal.SIGKILL)
-            raise AssertionError(f"the job did not end within {timeout} s (a rank hangs)")
-    return outputs
 
 
 def strict_records(run_dir: Path) -> list[dict]:
@@ -108,7 +97,7 @@ def test_a_nan_loss_stops_the_run_and_never_replaces_the_last_finite_checkpoint(
     assert any(r["loss"] is None and r["nonfinite/loss_steps"] >= 1 for r in windows)
     assert records[-1]["event"] == "diverged" and "not finite" in records[-1]["error"]
     assert not (run_dir / "final.json").exists()
-    from launcher.report import load_run, _status
+    from launcher.report import _status, load_run
     assert _status(load_run(run_dir)) == "diverged"
     from launcher.export import export
     exported = torch.load(export(str(run_dir), str(tmp_path / "model.pth")), weights_only=True)
@@ -271,3 +260,17 @@ def test_disk_full_while_checkpointing_names_enospc_and_the_path(tmp_path, tiny_
         subprocess.run(["umount", "-l", str(mount)], check=False)
     assert code == 1, out[-3000:]
     assert "no space left on the device (ENOSPC) writing checkpoint" in out and str(mount / "run") in out, out[-3000:]
+
+
+def test_recipe_changes_read_an_older_run_folder_by_what_its_absent_options_meant():
+    import yaml
+
+    from launcher.config import load_config, recipe_changes, resolved
+    current = yaml.safe_load(resolved(load_config(str(RECIPE))))
+    older = yaml.safe_load(resolved(load_config(str(RECIPE))))
+    del older["train"]["signal_check_every"]  # added later, left at its default: the same run
+    del older["methods"]["toe"]["counting"]  # added later with a new default: the older run counted by rates
+    assert recipe_changes(older, current) == [("methods.toe.counting", "rates", "paper")]
+    assert recipe_changes(older, yaml.safe_load(resolved(load_config(str(RECIPE), ["methods.toe.counting=rates"])))) == []
+    changed = yaml.safe_load(resolved(load_config(str(RECIPE), ["train.seed=3", "train.log_every=7"])))
+    assert [key for key, _, _ in recipe_changes(current, changed)] == ["train.log_every", "train.seed"]

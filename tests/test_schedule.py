@@ -54,18 +54,22 @@ def test_full_token_warmup_is_stage_zero():
 
 
 def test_robust_floors_r1_04():
+    # the paper's increments (Sec. 3.3.2): 39 seeds, + floor(0.2 * 196) = 39, + floor(0.3 * 196) = 58, then all
     schedule = ToESchedule(r1=0.4, total_steps=3)
-    assert schedule.kept_counts(196, 3) == [39, 78, 137, 196]
-    assert [schedule.kept_tokens(196, s) for s in (1, 2, 3)] == [78, 137, 196]
+    assert schedule.kept_counts(196, 3) == [39, 78, 136, 196]
+    assert [schedule.kept_tokens(196, s) for s in (1, 2, 3)] == [78, 136, 196]
     assert schedule.seed_stride == 5  # 1 // 0.2 == 4.0 in Python floats
+    rates = ToESchedule(r1=0.4, total_steps=3, counting="rates")  # the earlier rule: floor(0.7 * 196)
+    assert rates.kept_counts(196, 3) == [39, 78, 137, 196] and rates.remainder == "first"
 
 
 def test_floors_are_exact_where_floats_are_not():
-    """Kept counts equal floors of the decimal rates the user wrote, computed with exact rationals."""
+    """With counting="rates", kept counts equal floors of the decimal rates the user wrote, computed with
+    exact rationals (the paper's counting is checked against its own reference in test_counting.py)."""
     float_floor_differs = 0
     for r1 in (0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7):
         for num_stages in (2, 3, 4, 5, 6):
-            schedule = ToESchedule(r1=r1, num_stages=num_stages, total_steps=10)
+            schedule = ToESchedule(r1=r1, num_stages=num_stages, total_steps=10, counting="rates")
             exact_r1 = Fraction(str(r1))
             for num_patches in range(1, 400):
                 if math.floor(exact_r1 / 2 * num_patches) < 1:

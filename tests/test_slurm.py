@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from slurm_cluster import LocalSlurm, missing_binaries, submit
 
 from launcher.export import export
-from slurm_cluster import LocalSlurm, missing_binaries, submit
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}", "data.workers=1",
@@ -72,7 +72,8 @@ def test_submit_validates_the_recipe_and_fills_the_template(tmp_path):
                "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--dry-run", f"out_dir={tmp_path}"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    for option in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--job-name=deit_small_toe_r05",
+    for option in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu",
+                   "--job-name=deit_small_toe_r05",
                    "--signal=B:USR1@300", "slurm/train.sbatch", f"out_dir={tmp_path}"):
         assert option in result.stdout
     bad = subprocess.run(command[:-1] + ["train.global_batch=1000"], cwd=ROOT, capture_output=True, text=True, timeout=60)

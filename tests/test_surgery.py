@@ -7,8 +7,7 @@ import torch
 
 from methods import PluginStack
 from methods.toe import ToEPlugin
-from toe import (ToESchedule, TokenExpansion, apply_token_expansion, gather_kept,
-                 remove_token_expansion, restore_tokens)
+from toe import ToESchedule, TokenExpansion, apply_token_expansion, gather_kept, remove_token_expansion, restore_tokens
 
 
 def make(name="deit_tiny_patch16_224", **kwargs):

@@ -8,7 +8,6 @@ import torch
 
 from toe import ToESchedule, expand_tokens
 
-
 # -- a straightforward reference: one sample, Python lists, float64 numpy (TOE_SPEC "The op") --
 
 def reference_distances(patches: np.ndarray, distance: str) -> np.ndarray:
@@ -26,7 +25,7 @@ def reference_distances(patches: np.ndarray, distance: str) -> np.ndarray:
     return dist
 
 
-def reference_toe(patches: np.ndarray, counts, k: int, stride: int, distance: str = "cosine"):
+def reference_toe(patches: np.ndarray, counts, k: int, stride: int, distance: str = "cosine", remainder: str = "last"):
     """Anchors (ascending) and merged tokens of one sample, following Eq. 2-7 literally."""
     num_patches = patches.shape[0]
     dist = reference_distances(patches, distance)
@@ -35,7 +34,10 @@ def reference_toe(patches: np.ndarray, counts, k: int, stride: int, distance: st
     for previous, current in zip(counts, counts[1:]):
         added = current - previous
         for repeat in range(k):
-            take = added // k + (1 if repeat < added % k else 0)
+            if remainder == "last":  # the official token_select.py: the last repeat takes what // k leaves
+                take = added // k + (added % k if repeat == k - 1 else 0)
+            else:
+                take = added // k + (1 if repeat < added % k else 0)
             nearest = {i: min(dist[i, a] for a in anchors) for i in rest}  # Eq. 3-4, recomputed each repeat
             chosen = sorted(rest, key=lambda i: (-nearest[i], i))[:take]  # Eq. 6
             anchors += chosen
@@ -161,7 +163,9 @@ def test_kept_count_anchors_sorted_unique_prefix_suffix_untouched(r1, num_stages
     x = torch.randn(4, prefix + num_patches + suffix, channels)
     for stage in range(1, num_stages + 1):
         counts = schedule.kept_counts(num_patches, stage)
-        assert counts[-1] == math.floor(float(schedule.rate(stage)) * num_patches + 1e-9)
+        paper = num_patches if stage == num_stages else math.floor(schedule.r0 * num_patches) + sum(
+            math.floor(schedule.increment(m) * num_patches) for m in range(1, stage + 1))  # Sec. 3.3.2
+        assert counts[-1] == paper
         out, keep_index = expand_tokens(x, counts, num_prefix=prefix, num_suffix=suffix,
                                         seed_stride=schedule.seed_stride)
         assert keep_index.shape == (4, counts[-1]) and keep_index.dtype == torch.long

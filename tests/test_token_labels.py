@@ -11,10 +11,23 @@ import torch
 from PIL import Image
 
 import models  # noqa: F401  (registers lvvit_*)
-from data.token_labels import (TokenLabelCodec, check_index, decode_maps, encode_maps, index_block, oracle_maps,
-                               smooth_targets, token_targets)
-from methods.token_labelling import (TokenLabellingConfig, TokenLabellingPlugin, mix_token_box, soft_cross_entropy,
-                                     token_label_loss)
+from data.token_labels import (
+    TokenLabelCodec,
+    check_index,
+    decode_maps,
+    encode_maps,
+    index_block,
+    oracle_maps,
+    smooth_targets,
+    token_targets,
+)
+from methods.token_labelling import (
+    TokenLabellingConfig,
+    TokenLabellingPlugin,
+    mix_token_box,
+    soft_cross_entropy,
+    token_label_loss,
+)
 
 TINY = dict(num_classes=10, img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=2, stem_width=8)
 

@@ -11,8 +11,15 @@ import torch
 from data.stream import build_train_stream
 from methods import MethodContext
 from methods.registry import initial_subset
-from methods.trilevel_examples import (ForgettingStats, TriLevelExamples, TriLevelExamplesConfig, forgetting_scores,
-                                       initial_mask, swap_epochs, swap_subset)
+from methods.trilevel_examples import (
+    ForgettingStats,
+    TriLevelExamples,
+    TriLevelExamplesConfig,
+    forgetting_scores,
+    initial_mask,
+    swap_epochs,
+    swap_subset,
+)
 
 
 def run_sequence(rows, window=30, samples=1):
@@ -188,7 +195,7 @@ def subset_of(state: dict) -> np.ndarray:
 
 @pytest.mark.slow
 def test_statistics_survive_sigkill_and_resume_exactly_and_a_two_to_one_resume(tmp_path, tiny_shards):
-    from test_engine import finish, kill_tree, module_state, records, start, train, wait_for_step
+    from test_engine import kill_tree, module_state, records, start, train, wait_for_step
 
     straight = tmp_path / "straight"
     train(straight, tiny_shards, *EXAMPLES, ranks=2)  # with ToE (deit_tiny_toe_cpu.yaml): they compose

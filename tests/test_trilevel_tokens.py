@@ -9,14 +9,25 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from compile_check import assert_compiles
 
 import methods.trilevel_tokens as tl
-from compile_check import assert_compiles
 from launcher.config import ConfigError, load_config
 from methods import MethodContext, build_stack
-from methods.trilevel_tokens import (TriLevelBlocks, TriLevelTokensConfig, TriLevelTokensPlugin, attention_scores,
-                                     connection_count, connection_mask, drop_tokens, keep_index, kept_count,
-                                     kept_counts, location_forward, ratio)
+from methods.trilevel_tokens import (
+    TriLevelBlocks,
+    TriLevelTokensConfig,
+    TriLevelTokensPlugin,
+    attention_scores,
+    connection_count,
+    connection_mask,
+    drop_tokens,
+    keep_index,
+    kept_count,
+    kept_counts,
+    location_forward,
+    ratio,
+)
 from models.cost import ViTShape, forward_flops
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -305,6 +305,7 @@ def test_yolos_overfits_a_few_images_through_the_whole_detection_path(tmp_path):
     three-object scenes needs far more steps than a CPU test can take; the tiny recipe's held-out
     test below uses one object per image."""
     import json
+
     from data import write_shards
     from data.detection import build_detection_stream, coco_evaluate, postprocess
     from data.synthetic import CLASS_NAMES

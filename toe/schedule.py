@@ -3,9 +3,16 @@
 Everything here is a pure function of the step and the hyper-parameters (TOE_SPEC "Schedule"):
 nothing needs saving in a checkpoint, and a resumed run lands in the right stage by construction.
 
+Kept counts, by default as the paper counts them (``counting="paper"``, Sec. 3.3.2 and Algorithm 1;
+the authors' ``token_select.py`` counts the same): ``n_0 = floor(r0 N)``, stage m adds
+``floor(mu_m N)`` (``mu_1 = r1 - r0``, then ``(1 - r1) / (Ng - 1)``), the last stage keeps all ``N``;
+the op gives a stage's remainder over its ``k`` repeats to the last repeat. ``counting="rates"`` is
+this project's earlier rule: ``n_m = floor(r_m N)``, remainder to the first repeats (N = 196, r1 = 0.4:
+78 / 137 / 196 instead of 78 / 136 / 196).
+
 Rates are handled as exact rationals (``Fraction(r).limit_denominator(10**6)``), so the rate a user
-writes as ``0.4`` is 2/5 and every floor in this file is exact: ``0.7 - 0.4`` cannot turn 137 kept
-patches into 136, and ``1 // 0.2`` cannot turn the seed stride 5 into 4.
+writes as ``0.4`` is 2/5 and every floor in this file is exact: ``0.3 * 196`` cannot turn 58 added
+patches into 57, and ``1 // 0.2`` cannot turn the seed stride 5 into 4.
 """
 from __future__ import annotations
 
@@ -13,14 +20,34 @@ import bisect
 import math
 import numbers
 from fractions import Fraction
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, TypeGuard, Union
 
 if TYPE_CHECKING:  # pragma: no cover
     from models.cost import ViTShape
 
-__all__ = ["ToESchedule", "exact_rate"]
+__all__ = ["ToESchedule", "exact_rate", "kept_counts_from", "COUNTINGS"]
 
 _MAX_DENOMINATOR = 1_000_000
+# "paper": stage m adds floor(mu_m N) (Sec. 3.3.2, Algorithm 1, the official code); "rates": n_m = floor(r_m N)
+COUNTINGS = ("paper", "rates")
+
+
+def kept_counts_from(num_patches: int, terms: Sequence[tuple[int, int]], *, cumulative: bool,
+                     last_is_full: bool) -> list[int]:
+    """``[n_0, ..., n_stage]`` from the stage's constants, in plain ints (``torch.compile`` traces this;
+    it cannot trace ``Fraction``). ``terms``: ``(numerator, denominator)`` of r0 and then of each stage's
+    increment mu_m (``cumulative``: n_m = n_(m-1) + floor(mu_m N)) or kept rate r_m (n_m = floor(r_m N));
+    ``last_is_full``: the stage is the last one, which keeps every patch."""
+    counts: list[int] = []
+    for numerator, denominator in terms:
+        count = numerator * num_patches // denominator  # floor(t * N), exact for rationals
+        counts.append(counts[-1] + count if cumulative and counts else count)
+    if last_is_full:
+        counts[-1] = num_patches
+    if counts[0] < 1:
+        raise ValueError(f"r0={terms[0][0] / terms[0][1]:g} keeps no seed token of {num_patches} patches "
+                         f"(floor(r0 * N) = 0); raise r1/r0 or use more patches")
+    return counts
 
 
 def exact_rate(rate: Union[float, Fraction], name: str = "rate") -> Fraction:
@@ -53,6 +80,9 @@ class ToESchedule:
             ``floor(1 / r0)`` (Eq. 2). The authors' code computes ``int(1 // r0)`` in floating
             point (token_select.py ``token_initialization``), which is 4, not 5, for r0 = 0.2
             (r1 = 0.4): set 4 there to reproduce it.
+        counting: ``"paper"`` (default): stage m adds ``floor(mu_m N)`` tokens and the op gives
+            the remainder of ``k`` repeats to the last one, as Sec. 3.3.2 / Algorithm 1 and the
+            official code; ``"rates"``: the project's earlier ``floor(r_m N)``, remainder first.
 
     With no warm-up and the even split, ``stage(t) == min(Ng, Ng * t // T + 1)`` for 0-based t.
     """
@@ -68,6 +98,7 @@ class ToESchedule:
         block: int = 1,
         warmup_steps: int = 0,
         seed_stride: Optional[int] = None,
+        counting: str = "paper",
     ) -> None:
         self.r1 = exact_rate(r1, "r1")
         self.r0 = self.r1 / 2 if r0 is None else exact_rate(r0, "r0")
@@ -85,6 +116,9 @@ class ToESchedule:
             raise ValueError(f"warmup_steps must be an int in [0, total_steps={total_steps}), got {warmup_steps!r}")
         if seed_stride is not None and (not _is_int(seed_stride) or seed_stride < 1):
             raise ValueError(f"seed_stride must be an int >= 1 or None (the paper's floor(1 / r0)), got {seed_stride!r}")
+        if counting not in COUNTINGS:
+            raise ValueError(f"counting must be one of {COUNTINGS}, got {counting!r}")
+        self.counting = counting
         self._seed_stride = None if seed_stride is None else int(seed_stride)
         self.num_stages = int(num_stages)
         self.total_steps = int(total_steps)
@@ -152,21 +186,35 @@ class ToESchedule:
         """``s = floor(1 / r0)`` of the spatial initialization (Eq. 2), floored exactly, unless set."""
         return math.floor(1 / self.r0) if self._seed_stride is None else self._seed_stride
 
+    def increment(self, stage: int) -> Fraction:
+        """``mu_stage`` (Eq. 1): ``r1 - r0`` for stage 1, ``(1 - r1) / (Ng - 1)`` after."""
+        self._check_stage(stage, allow_warmup=False)
+        return self.r1 - self.r0 if stage == 1 else (1 - self.r1) / (self.num_stages - 1)
+
+    @property
+    def remainder(self) -> str:
+        """Which of the ``k`` repeats of a stage's expansion takes its remainder (``expand_tokens``)."""
+        return "last" if self.counting == "paper" else "first"
+
+    def count_terms(self, stage: int) -> tuple[tuple[int, int], ...]:
+        """The stage's counting constants for ``kept_counts_from``: ``(numerator, denominator)`` of r0,
+        then of mu_1 .. mu_stage (``counting="paper"``) or r_1 .. r_stage (``"rates"``)."""
+        self._check_stage(stage, allow_warmup=False)
+        per_stage = self.increment if self.counting == "paper" else self.rate
+        rates = [self.r0] + [per_stage(d) for d in range(1, stage + 1)]
+        return tuple((int(r.numerator), int(r.denominator)) for r in rates)
+
     def kept_counts(self, num_patches: int, stage: int) -> list[int]:
-        """``[n_0, n_1, ..., n_stage]`` with ``n_0 = floor(r0 * N)`` and ``n_d = floor(r_d * N)``.
+        """``[n_0, n_1, ..., n_stage]``: ``n_0 = floor(r0 * N)``; ``counting="paper"``: ``n_m = n_(m-1) +
+        floor(mu_m * N)``, ``n_Ng = N``; ``"rates"``: ``n_m = floor(r_m * N)``.
 
         Stage 0 (the warm-up) has no expansion and is refused; ``kept_tokens`` answers for it.
         """
         self._check_stage(stage, allow_warmup=False)
         if not _is_int(num_patches) or num_patches < 1:
             raise ValueError(f"num_patches must be a positive int, got {num_patches!r}")
-        counts = [math.floor(self.r0 * num_patches)]
-        counts += [math.floor(self.rate(d) * num_patches) for d in range(1, stage + 1)]
-        if counts[0] < 1:
-            raise ValueError(
-                f"r0={float(self.r0)} keeps no seed token of {num_patches} patches (floor(r0 * N) = 0); "
-                f"raise r1/r0 or use more patches")
-        return counts
+        return kept_counts_from(num_patches, self.count_terms(stage), cumulative=self.counting == "paper",
+                                last_is_full=stage == self.num_stages)
 
     def kept_tokens(self, num_patches: int, stage: int) -> int:
         """Patch tokens that blocks after ``block`` see in a stage (all of them in the warm-up)."""
@@ -201,7 +249,8 @@ class ToESchedule:
         header = f"{'stage':>5} {'steps':>21} {'kept rate':>9} {'kept tokens':>13} {'FLOPs share':>11}"
         lines = [
             f"ToE: r1={float(self.r1):g} r0={float(self.r0):g} Ng={self.num_stages} k={self.k} "
-            f"block={self.block} T={self.total_steps} N={num_patches} seed stride={self.seed_stride}",
+            f"block={self.block} T={self.total_steps} N={num_patches} seed stride={self.seed_stride} "
+            f"counting={self.counting}",
             header,
             "-" * len(header),
         ]
@@ -220,7 +269,7 @@ class ToESchedule:
     def __repr__(self) -> str:
         return (f"ToESchedule(r1={float(self.r1):g}, num_stages={self.num_stages}, total_steps={self.total_steps}, "
                 f"r0={float(self.r0):g}, k={self.k}, starts={self.starts}, block={self.block}, "
-                f"warmup_steps={self.warmup_steps})")
+                f"warmup_steps={self.warmup_steps}, counting={self.counting!r})")
 
     def _check_stage(self, stage: int, *, allow_warmup: bool) -> None:
         low = 0 if allow_warmup else 1
@@ -229,5 +278,5 @@ class ToESchedule:
             raise ValueError(f"stage must be an int in [{low}, {self.num_stages}], got {stage!r}{hint}")
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .schedule import ToESchedule
+from .schedule import ToESchedule, kept_counts_from
 from .token_expansion import DISTANCES, INITS, expand_tokens
 
 __all__ = ["TokenExpansion", "apply_token_expansion", "remove_token_expansion", "gather_kept", "restore_tokens"]
@@ -87,11 +87,13 @@ class TokenExpansion(nn.Module):
         self.schedule = schedule
         self.num_prefix = int(num_prefix)
         self.num_suffix = int(num_suffix)
-        self.options = dict(distance=distance, init=init, expand=bool(expand), merge=bool(merge))
+        self.options: dict[str, Any] = dict(distance=distance, init=init, expand=bool(expand), merge=bool(merge))
         self.sparse_eval = bool(sparse_eval)
         self.step: Optional[int] = None
         self.stage: Optional[int] = None
-        self._rates: tuple[tuple[int, int], ...] = ()  # (numerator, denominator) of r0, r1 .. r_stage
+        # (numerator, denominator) of r0 and each stage's increment (or rate): ToESchedule.count_terms
+        self._terms: tuple[tuple[int, int], ...] = ()
+        self._last_stage = False
         self._seed_stride = 0
         # original patch index of each kept token in the last forward; None when all were kept
         self.keep_index: Optional[torch.Tensor] = None
@@ -100,26 +102,23 @@ class TokenExpansion(nn.Module):
     def set_step(self, step: int) -> bool:
         """Set the global step; returns True when this moves ToE into a different stage.
 
-        A stage change also sets the stage's constants as plain ints (each kept rate as a numerator
-        and a denominator, the seed stride), so the forward does integer arithmetic only: nothing
-        traced by ``torch.compile`` reaches ``Fraction``, and the exact floors stay exact.
+        A stage change also sets the stage's constants as plain ints (each rate or increment as a
+        numerator and a denominator, the seed stride), so the forward does integer arithmetic only:
+        nothing traced by ``torch.compile`` reaches ``Fraction``, and the exact floors stay exact.
         """
         stage = self.schedule.stage(step)
         changed = stage != self.stage
         self.step, self.stage = int(step), stage
         if changed and stage:
-            rates = [self.schedule.r0] + [self.schedule.rate(d) for d in range(1, stage + 1)]
-            self._rates = tuple((int(r.numerator), int(r.denominator)) for r in rates)
+            self._terms = self.schedule.count_terms(stage)
+            self._last_stage = stage == self.schedule.num_stages
             self._seed_stride = int(self.schedule.seed_stride)
         return changed
 
     def kept_counts(self, num_patches: int) -> list[int]:
         """``ToESchedule.kept_counts(num_patches, stage)`` from the stage's int constants."""
-        counts = [num * num_patches // den for num, den in self._rates]  # floor(r * N), exact for rationals
-        if counts[0] < 1:
-            raise ValueError(f"r0={float(self.schedule.r0)} keeps no seed token of {num_patches} patches "
-                             f"(floor(r0 * N) = 0); raise r1/r0 or use more patches")
-        return counts
+        return kept_counts_from(num_patches, self._terms, cumulative=self.schedule.counting == "paper",
+                                last_is_full=self._last_stage)
 
     @property
     def active(self) -> bool:
@@ -139,7 +138,7 @@ class TokenExpansion(nn.Module):
             return x
         out, keep_index = expand_tokens(
             x, counts, num_prefix=self.num_prefix, num_suffix=self.num_suffix, k=self.schedule.k,
-            seed_stride=self._seed_stride, **self.options)
+            seed_stride=self._seed_stride, remainder=self.schedule.remainder, **self.options)
         self.keep_index = keep_index
         return out
 
@@ -151,7 +150,7 @@ class TokenExpansion(nn.Module):
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens of the last forward zero-padded back to every patch position."""
-        if self.keep_index is None:
+        if self.keep_index is None or self.num_patches is None:
             return x
         return restore_tokens(x, self.keep_index, self.num_patches, self.num_prefix, self.num_suffix)
 
@@ -190,14 +189,15 @@ def apply_token_expansion(model: nn.Module, schedule: ToESchedule, *, num_suffix
     if not 0 <= schedule.block < len(blocks):
         raise ValueError(f"schedule.block={schedule.block} must be in [0, {len(blocks) - 1}] for a "
                          f"{len(blocks)}-block model (ToE must be followed by at least one block)")
-    module = TokenExpansion(schedule, num_prefix=model.num_prefix_tokens, num_suffix=num_suffix, **options)
+    module = TokenExpansion(schedule, num_prefix=int(getattr(model, "num_prefix_tokens")), num_suffix=num_suffix,
+                            **options)
     module.train(model.training)
     model.token_expansion = module
     blocks[schedule.block].register_forward_pre_hook(module._pre_hook, with_kwargs=True)
     if restore:
         if not isinstance(getattr(model, "norm", None), nn.Module):
             raise TypeError(f"{type(model).__name__} has no final norm to restore the tokens after")
-        model.norm.register_forward_hook(module._restore_hook)
+        getattr(model, "norm").register_forward_hook(module._restore_hook)
     log.info("Token Expansion inserted before blocks[%d]: %r", schedule.block, schedule)
     return module
 
@@ -209,12 +209,13 @@ def remove_token_expansion(model: nn.Module) -> None:
         raise ValueError("Token Expansion is not applied to this model")
     # find the hook by the module it is bound to: a handle kept from apply_token_expansion would
     # point at the original model's hooks even inside a deep copy of the model
-    block = model.blocks[module.schedule.block]
+    block = getattr(model, "blocks")[module.schedule.block]
     for key, hook in list(block._forward_pre_hooks.items()):
         if getattr(hook, "__self__", None) is module:
             del block._forward_pre_hooks[key]
             block._forward_pre_hooks_with_kwargs.pop(key, None)
-    for key, hook in list(getattr(model, "norm", nn.Identity())._forward_hooks.items()):
+    norm = getattr(model, "norm", nn.Identity())
+    for key, hook in list(norm._forward_hooks.items()):
         if getattr(hook, "__self__", None) is module:
-            del model.norm._forward_hooks[key]
+            del norm._forward_hooks[key]
     del model.token_expansion

@@ -18,9 +18,10 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["expand_tokens", "DISTANCES", "INITS"]
+__all__ = ["expand_tokens", "repeat_sizes", "DISTANCES", "INITS", "REMAINDERS"]
 
 DISTANCES = ("cosine", "euclidean", "manhattan")
+REMAINDERS = ("last", "first")  # which repeat of a stage's expansion takes the tokens left over by e // k
 INITS = ("spatial", "random")
 _EPS = 1e-6  # cosine normalisation: zero vectors get distance 1 to everything, not NaN
 
@@ -38,6 +39,7 @@ def expand_tokens(
     merge: bool = True,
     seed_stride: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    remainder: str = "last",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token Expansion of ``x`` ``[B, P + N + S, C]`` down to ``n = keep_counts[-1]`` patch tokens.
 
@@ -46,8 +48,8 @@ def expand_tokens(
             patch tokens, ``num_suffix`` suffix tokens (YOLOS detection tokens).
         keep_counts: ``[n_0, n_1, ..., n_stage]`` from ``ToESchedule.kept_counts``: seeds, then
             the kept count after each stage's expansion (non-decreasing, ``n_0 >= 1``).
-        k: repeats per expansion; repeat ``j`` adds ``e // k`` tokens, one more for the first
-            ``e % k`` repeats.
+        k: repeats per expansion; each repeat adds ``e // k`` of a stage's ``e`` tokens (Eq. 6) and
+            the repeat named by ``remainder`` also takes ``e % k``.
         distance: ``"cosine"`` (default), ``"euclidean"`` or ``"manhattan"`` (ablation, Table 9).
         init: ``"spatial"`` seeds every ``seed_stride``-th patch (Eq. 2); ``"random"`` draws seeds
             per sample from ``generator`` (ablation, Table 7).
@@ -58,6 +60,9 @@ def expand_tokens(
         seed_stride: ``s = floor(1 / r0)`` of Eq. 2 (``ToESchedule.seed_stride``); ``n_0`` alone
             does not determine it. Default ``N // n_0``.
         generator: random seeds' generator (``init="random"`` only).
+        remainder: ``"last"`` (default): the last repeat takes the ``e % k`` left over, as the
+            authors' ``token_select.py``; ``"first"``: one more for each of the first ``e % k``
+            repeats (this project's earlier rule, ``ToESchedule(counting="rates")``).
 
     Returns:
         ``(out, keep_index)``: ``out`` is ``[B, P + n + S, C]`` (prefix, merged anchors in
@@ -66,6 +71,8 @@ def expand_tokens(
         ``arange(N)`` view.
     """
     batch, num_patches, counts = _validate(x, keep_counts, num_prefix, num_suffix, k, distance, init, seed_stride)
+    if remainder not in REMAINDERS:
+        raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
     kept = counts[-1]
     if kept == num_patches:
         return x, torch.arange(num_patches, device=x.device).expand(batch, num_patches)
@@ -76,7 +83,8 @@ def expand_tokens(
         feats = patches.detach().to(compute_dtype)
         if distance == "cosine":
             feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        is_anchor, nearest_index = _select_anchors(feats, counts, k, distance, init, expand, seed_stride, generator)
+        is_anchor, nearest_index = _select_anchors(feats, counts, k, distance, init, expand, seed_stride, generator,
+                                                   remainder)
         # anchors in ascending patch index: sort the anchor indices (N marks non-anchors) and cut
         positions = torch.arange(num_patches, device=x.device).expand(batch, num_patches)
         keep_index = torch.where(is_anchor, positions, num_patches).sort(dim=1).values[:, :kept]
@@ -154,7 +162,16 @@ def _nearest(feats, anchors, distance) -> tuple[torch.Tensor, torch.Tensor]:
     return dist, anchors.gather(1, column)
 
 
-def _select_anchors(feats, counts, k, distance, init, expand, seed_stride, generator):
+def repeat_sizes(added: int, k: int, remainder: str = "last") -> list[int]:
+    """Tokens each of the ``k`` repeats adds when a stage adds ``added``: ``added // k`` each (Eq. 6),
+    and the remainder ``added % k`` to the last repeat (or one each to the first ``added % k``)."""
+    share, rest = divmod(added, k)
+    if remainder == "last":
+        return [share] * (k - 1) + [share + rest]
+    return [share + (1 if repeat < rest else 0) for repeat in range(k)]
+
+
+def _select_anchors(feats, counts, k, distance, init, expand, seed_stride, generator, remainder="last"):
     """Anchor mask ``[B, N]`` after initialization and expansion (Eq. 2-6), and the patch index of
     every patch's nearest anchor (Eq. 7's argmin), tracked along the way."""
     batch, num_patches, _ = feats.shape
@@ -175,8 +192,7 @@ def _select_anchors(feats, counts, k, distance, init, expand, seed_stride, gener
     # recomputing D(U, A) over all anchors (Algorithm 1 lines 14-15)
     nearest_dist, nearest_index = _nearest(feats, seeds, distance)
     for added in (b - a for a, b in zip(counts, counts[1:])):
-        for repeat in range(k):
-            take = added // k + (1 if repeat < added % k else 0)
+        for take in repeat_sizes(added, k, remainder):
             if take == 0:
                 continue
             score = nearest_dist.masked_fill(is_anchor, float("-inf"))
