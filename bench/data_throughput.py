@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where the DALI pipeline runs")
     parser.add_argument("--dali-threads", type=int, default=None, help="DALI CPU threads (default: 1 cpu, 4 gpu)")
     parser.add_argument("--no-imagefolder", action="store_true", help="skip the torchvision ImageFolder baseline")
+    parser.add_argument("--no-dali", action="store_true", help="skip the DALI row")
     parser.add_argument("--out", default="bench/results/data_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -127,7 +128,7 @@ def main() -> None:
                                                        drop_last=True), None)
         try:
             from data import dali
-            available = dali.dali_available()
+            available = dali.dali_available() and not args.no_dali
         except ImportError:
             available = False
         if available:
@@ -139,7 +140,8 @@ def main() -> None:
             cases[f"DALI {args.device.upper()}"] = (lambda: stream, sync)
         else:
             build_s = None
-            print("DALI is not installed (pip install -r requirements-dali.txt): its row is left out")
+            print("DALI row left out: " + ("--no-dali" if args.no_dali else
+                                             "DALI is not installed (pip install -r requirements-dali.txt)"))
         for name, (make, sync) in cases.items():  # warm-up round: first-epoch costs (page cache, worker start)
             time_epoch(make, sync)
         for _ in range(args.rounds):
@@ -155,14 +157,19 @@ def main() -> None:
     for row in rows:
         row["per_cpu_s_vs_pil"] = row["per_cpu_s"] / pil["per_cpu_s"]
         row["per_s_vs_pil"] = row["per_s"] / pil["per_s"]
+        # the same ratio round by round (each round runs every loader once, back to back), then the median:
+        # steadier than the ratio of medians on a machine whose load swings between rounds
+        row["per_cpu_s_vs_pil_paired"] = statistics.median(
+            r["per_cpu_s"] / p["per_cpu_s"] for r, p in zip(row["rounds"], pil["rounds"]))
 
     print(f"DeiT train transform (RandAugment m9, random erasing) at {args.size} px; {args.images} JPEGs "
           f"(~500x375, q90, mean {mean_kb:.0f} KB), batch {args.batch}, {args.workers} DataLoader worker(s), "
           f"DALI {threads} thread(s) on {args.device}; median of {args.rounds} interleaved epochs; "
           f"{os.cpu_count()} CPUs")
-    print(f"{'loader':>12} {'img/s':>8} {'img/CPU-s':>10} {'vs PIL (per CPU-s)':>19}")
+    print(f"{'loader':>12} {'img/s':>8} {'img/CPU-s':>10} {'vs PIL (per CPU-s)':>19} {'paired by round':>16}")
     for row in rows:
-        print(f"{row['loader']:>12} {row['per_s']:>8.1f} {row['per_cpu_s']:>10.1f} {row['per_cpu_s_vs_pil']:>19.2f}")
+        print(f"{row['loader']:>12} {row['per_s']:>8.1f} {row['per_cpu_s']:>10.1f} {row['per_cpu_s_vs_pil']:>19.2f} "
+              f"{row['per_cpu_s_vs_pil_paired']:>16.2f}")
     dali_row = next((r for r in rows if r["loader"].startswith("DALI")), None)
     if dali_row is not None:
         print(f"DALI pipeline build: {build_s:.1f} s (once per run); DeiT-S on one H100 needs ~{DEIT_S_NEEDS} img/s: "
