@@ -259,6 +259,7 @@ def test_the_dense_stage_is_plain_timm_and_the_state_dict_loads_strictly():
         assert batch["image"].shape[-1] == 24, "a mid-run evaluation: the stage of the last step, at its size"
 
 
+@pytest.mark.slow
 def test_hooks_count_the_scheduled_heads_channels_and_tokens_at_every_step():
     model = tiny(dynamic_img_size=True)
     config = BudgetedConfig(dense_steps=20, budget=0.75, weights=[1, 1, 1])
@@ -447,6 +448,7 @@ def test_two_ranks_zero2_resume_across_a_stage_change_is_bit_exact(tmp_path, tin
     assert result["step"] == 12 and "ema_top1" in result
 
 
+@pytest.mark.slow
 def test_the_sliced_model_compiles_to_whole_graphs_one_per_stage():
     from compile_check import assert_compiles
     model = tiny(dynamic_img_size=True)

@@ -19,6 +19,7 @@ def tiny():
     return timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=2)
 
 
+@pytest.mark.slow
 def test_toe_compiles_to_one_graph_per_stage_and_one_for_evaluation():
     model = tiny()
     stack = build_stack({"toe": ToEConfig(r1=0.5)}, MethodContext(total_steps=30, steps_per_epoch=10))

@@ -79,6 +79,7 @@ print("CLIPPING", json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_the_engine_clips_only_what_the_recipe_asks_for():
     """DeepSpeed clips at norm 1.0 when the key is absent; the engine must use the recipe's value, 0 for none."""
     import subprocess

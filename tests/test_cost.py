@@ -21,6 +21,7 @@ def counted_flops(fn, *args, **kwargs):
     ("deit_small_patch16_224", dict(img_size=96)),
     ("deit_tiny_distilled_patch16_224", dict(img_size=64, patch_size=8)),
 ])
+@pytest.mark.slow
 def test_cost_model_matches_flop_counter(name, kwargs):
     model = timm.create_model(name, num_classes=10, **kwargs)
     for block in model.blocks:  # the counter misses CPU's fused SDPA kernel: count the explicit matmuls

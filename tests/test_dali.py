@@ -183,6 +183,7 @@ def _first_jpeg(shards: Path) -> bytes:
         return tar.extractfile(member).read()
 
 
+@pytest.mark.slow
 def test_a_resumed_stream_gives_the_uninterrupted_batches(jpeg_shards):
     straight = dali_train(jpeg_shards)
     expected = list(straight) + [b for _, b in zip(range(3), straight)]  # epoch 0 and into epoch 1

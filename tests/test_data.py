@@ -346,6 +346,7 @@ train()
 
 @pytest.mark.parametrize("where,message", [("loop", "the training step fails"),
                                            ("worker", "the transform fails in a worker")])
+@pytest.mark.slow
 def test_a_failure_ends_the_process_instead_of_hanging_on_its_workers(shards, where, message):
     """Workers ignore SIGTERM (preemption safety), and multiprocessing's exit handler ends daemonic
     children with SIGTERM and then joins them: an exception anywhere used to hang the process."""

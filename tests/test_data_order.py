@@ -64,6 +64,7 @@ def sorted_tree(tmp_path_factory) -> Path:
     return image_tree(tmp_path_factory.mktemp("sorted") / "src", CLASSES, PER_CLASS)
 
 
+@pytest.mark.slow
 def test_class_sorted_folders_give_batches_like_a_random_permutation(sorted_tree, tmp_path, caplog):
     expected = uniform_expectation(CLASSES, PER_CLASS, BATCH)
     assert 40 < expected < 55  # ~47.3 for 100 x 40 images, batch 64

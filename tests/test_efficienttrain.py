@@ -255,6 +255,7 @@ def take(source, count):
     return batches
 
 
+@pytest.mark.slow
 def test_workers_augment_each_batch_with_its_steps_magnitude_and_resume_exactly(tiny_shards):
     accum = 2  # 64 batches of 4 per epoch over 2 workers: 32 steps an epoch
     schedule = EfficientTrainSchedule(40, 32, 4, boundaries=[5, 11, 20, 30])

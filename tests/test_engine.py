@@ -101,6 +101,7 @@ def test_lr_is_a_pure_function_of_the_step():
     assert abs(lr_at(110, **kw) - 1e-5) < 1e-12 and lr_at(60, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
 
 
+@pytest.mark.slow
 def test_synthetic_shards_of_another_geometry_are_refused(tmp_path, shards):
     """``data.synthetic: true`` writes the shards only when missing; shards written for another image
     size (or object count) are not silently trained on: a start-up refusal (exit 2, issue 29 section 5)."""
@@ -108,6 +109,7 @@ def test_synthetic_shards_of_another_geometry_are_refused(tmp_path, shards):
     assert "holds synthetic shards with" in out and "'size': 48" in out
 
 
+@pytest.mark.slow
 def test_bad_recipe_fails_before_any_process_group(tmp_path, shards):
     out = train(tmp_path / "bad", shards, "train.batchsize=8", expect=2)
     assert "unknown key 'train.batchsize'" in out
@@ -137,6 +139,7 @@ def test_ema_is_evaluated_checkpoints_are_pruned_and_logs_written(tmp_path, shar
 @pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16"),
                                                   (0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "fp32")])
+@pytest.mark.slow
 def test_trains_on_ranks_zero_stages_and_precisions(tmp_path, shards, ranks, zero_stage, precision):
     run = tmp_path / "run"
     train(run, shards, "train.steps=6", f"train.zero_stage={zero_stage}", f"train.precision={precision}",
@@ -283,6 +286,7 @@ def test_detection_trains_on_two_ranks_with_toe_and_resumes_exactly(tmp_path):
     plain.load_state_dict(state, strict=True)
 
 
+@pytest.mark.slow
 def test_two_jobs_writing_the_embedded_shards_at_once_share_one_complete_copy(tmp_path):
     """``data.synthetic: true`` on an empty path, two jobs at once (it happened: one read a half-written
     folder and failed on a missing shards.json)."""

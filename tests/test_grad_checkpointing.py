@@ -55,6 +55,7 @@ def losses_and_grads(recipe: str, checkpointing: bool, overrides=()):
 
 @pytest.mark.parametrize("recipe", ["deit_tiny_toe_cpu.yaml", "deit_tiny_budgeted_cpu.yaml", "deit_tiny_et_cpu.yaml",
                                     "deit_tiny_patchdrop_cpu.yaml", "lvvit_tiny_toe_cpu.yaml", "yolos_ti_toe_cpu.yaml"])
+@pytest.mark.slow
 def test_checkpointed_blocks_give_the_same_losses_and_gradients(recipe):
     overrides = {"yolos_ti_toe_cpu.yaml": ["detection.scales=[64]", "detection.max_size=96"],
                  # token labelling is a loss on the dense head (its batches need label maps): the model is the point

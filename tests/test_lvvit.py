@@ -195,6 +195,7 @@ def test_table3_shares_and_speedups(name):
     assert round(310 * dense / total, 3) == run310
 
 
+@pytest.mark.slow
 def test_compiles_to_one_graph_per_toe_stage_with_token_labelling():
     """The LV-ViT forward with MixToken, ToE and the restore hook compiles without graph breaks (the engine's
     settings: dynamic=False, fullgraph=True); the MixToken box is buffer content, so it adds no graph."""

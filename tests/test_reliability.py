@@ -127,6 +127,7 @@ def run_train(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
                           env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_bad_value_and_missing_resume_path_exit_2_before_any_process_group(tmp_path, tiny_shards):
     common = [f"out_dir={tmp_path}", "name=run", f"data.path={tiny_shards}", *TINY]
     result = run_train(*common, "optim.lr=-0.001")

@@ -230,6 +230,7 @@ def test_submit_refuses_counts_that_make_no_job(capsys):
     assert exit_info.value.code == 2 and "--nodes must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_submit_from_outside_the_repository_resolves_output_lock_and_data_against_the_repository(tmp_path):
     from launcher.runlock import RunLock
 
@@ -297,6 +298,7 @@ def test_rotation_leaves_checkpoints_to_a_reader_and_catches_up_after(tmp_path, 
     assert sorted(p.name for p in folder.glob("step-*")) == ["step-3", "step-4"]
 
 
+@pytest.mark.slow
 def test_export_during_training_with_rotation_succeeds_every_time(tmp_path, tiny_shards):
     """A run that checkpoints every step and keeps one: exports while it trains, at least six and until one
     has overlapped a rotation (before: 4 of 6 exited 2, their checkpoint deleted between verification and

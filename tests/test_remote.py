@@ -102,6 +102,7 @@ def test_writer_records_each_samples_byte_offset(shards):
         assert sorted(firsts.values()) == shard["offsets"]
 
 
+@pytest.mark.slow
 def test_two_ranks_from_s3_and_http_give_the_local_batches_bit_for_bit(store, shards, http, tmp_path):
     local = epoch(shards)
     assert same(epoch("s3://toe-shards/synthetic"), local), "s3:// (uploaded by write_shards --upload)"
@@ -164,6 +165,7 @@ def test_mid_epoch_resume_from_the_store_is_exact_and_starts_at_the_recorded_off
     assert sum(int(r[4]) for r in rows) < sum(sizes[r[1].lstrip("/")] for r in rows)
 
 
+@pytest.mark.slow
 def test_server_restarted_within_the_retry_window_loses_and_repeats_no_sample(shards, tmp_path):
     expected = torch.load(run_job(shards, tmp_path / "local.pt"), weights_only=False)["batches"]
     server = HttpServer(shards, tmp_path / "requests.log", rate=400_000).start()  # ~0.25 s per shard
@@ -189,6 +191,7 @@ def test_server_restarted_within_the_retry_window_loses_and_repeats_no_sample(sh
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(result["batches"], expected))
 
 
+@pytest.mark.slow
 def test_s3_store_restarted_mid_epoch_within_the_retry_window_loses_and_repeats_no_sample(store, shards, tmp_path):
     expected = epoch(shards, world=1)[0]  # stream_job's geometry below: 1 rank, 2 workers, batch 4
     progress = tmp_path / "progress"
@@ -229,6 +232,7 @@ def wait_for(condition, process, what: str, timeout: float = 120.0) -> None:
     raise TimeoutError(f"no {what} within {timeout} s")
 
 
+@pytest.mark.slow
 def test_server_gone_for_good_ends_the_job_within_the_retry_bound_naming_the_url(shards, tmp_path):
     server = HttpServer(shards, tmp_path / "requests.log", rate=400_000).start()
     progress = tmp_path / "progress"
@@ -302,6 +306,7 @@ def test_lost_shards_within_the_allowed_share_are_skipped_and_counted(shards, tm
 # -- the node cache ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cache_two_ranks_fetch_each_shard_once_and_the_next_epoch_reads_nothing(shards, http, tmp_path):
     cache = tmp_path / "cache"
     jobs = [subprocess.Popen([sys.executable, str(JOB), http.url, str(tmp_path / f"rank{r}.pt"), "--rank", str(r),

@@ -67,6 +67,7 @@ def wait_for(predicate, timeout=240, what="condition"):
     raise TimeoutError(what)
 
 
+@pytest.mark.slow
 def test_submit_validates_the_recipe_and_fills_the_template(tmp_path):
     command = [sys.executable, "-m", "launcher.submit", "--config", str(ROOT / "configs/deit_small_toe_r05.yaml"),
                "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--dry-run", f"out_dir={tmp_path}"]

@@ -335,6 +335,7 @@ def test_shape_variants_count_every_distinct_key_of_the_run():
 
 # -- compile, evaluation, config ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tokens_and_connections_compile_to_one_graph_per_count_tuple():
     model = tiny(depth=6)
     stack, plugin = stacked(model, locations=[1, 3, 5])
