@@ -61,13 +61,12 @@ class NonFiniteGuard:
         self.loss_scaling = loss_scaling  # fp16: the loss scaler skips overflowing steps itself
         self._count = torch.zeros((), dtype=torch.int64, device=device)  # non-finite losses since the last read
         self._first = torch.full((), _NONE, dtype=torch.int64, device=device)
-        self._steps = torch.arange(0, 1, device=device)  # reused: no host-to-device copy per step
 
     def observe(self, step: int, loss: torch.Tensor) -> None:
         """After optimizer step ``step``: no host sync."""
         bad = ~torch.isfinite(loss.detach()).all()
         self._count += bad
-        self._first = torch.where(bad & (self._first == _NONE), self._steps + step, self._first)
+        self._first = torch.where(bad & (self._first == _NONE), step, self._first)  # a scalar: no copy
 
     def window_count(self) -> torch.Tensor:
         """The device count of non-finite losses since the last ``take`` (for the run log's all-reduce)."""

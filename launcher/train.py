@@ -234,12 +234,6 @@ def _note_grad_precision(state: dict, now) -> None:
                     "%s ones from here on; set train.grad_precision=%s to continue as it was", saved, now, saved)
 
 
-def write_synthetic_shards(path: str, size: int, objects: int, token_labels: int = 0) -> None:
-    """``data.write_shards.write_synthetic_once``: one complete copy even when two jobs start on ``path`` at once."""
-    from data.write_shards import write_synthetic_once
-    write_synthetic_once(path, size=size, objects=objects, token_labels=token_labels)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, env, args) -> None:
         from .tasks import make_task
@@ -258,11 +252,11 @@ class Trainer:
 
         d, t = self.cfg.data, self.cfg.train
         if d.synthetic:
-            from data.write_shards import synthetic_holds
+            from data.write_shards import synthetic_holds, write_synthetic_once
             wanted = {"size": self.cfg.model.img_size, "objects": d.synthetic_objects,
                       "token_labels": d.synthetic_token_labels}
             if self.rank == 0 and not (Path(d.path) / INDEX_NAME).is_file():
-                write_synthetic_shards(d.path, **wanted)
+                write_synthetic_once(d.path, **wanted)  # one complete copy even when two jobs start at once
             dist.barrier()  # on every rank, whatever it sees: a rank-local condition here would hang the job
             synthetic_holds(d.path, **wanted)  # a refusal naming the file (bad JSON) or what differs
         micro = deepspeed_config(self.cfg, self.world)["train_micro_batch_size_per_gpu"]
@@ -292,7 +286,7 @@ class Trainer:
         from .agreement import agree, digest, read_run_token
         from .checkpoint import complete_checkpoints
 
-        recipe, error, facts = resolved(self.cfg), None, {}
+        recipe, error, facts = self.recipe, None, {}
         try:
             self._prepare_data()
         except (ConfigError, ShardIndexError) as err:
@@ -321,7 +315,7 @@ class Trainer:
 
         from .config import RESUMABLE, recipe_changes
 
-        run_dir, recipe = self.cfg.run_dir, resolved(self.cfg)
+        run_dir, recipe = self.cfg.run_dir, self.recipe
         path = run_dir / "config.yaml"
         changes = []
         if point is not None and path.is_file():
@@ -409,6 +403,9 @@ class Trainer:
         from .runlock import RunLock
 
         cfg, run_dir = self.cfg, self.cfg.run_dir
+        # the recipe as given, before the methods resolve values from the data (Budgeted's dense_steps): what
+        # config.yaml holds, what the ranks compare and what a resume is checked against
+        self.recipe = resolved(cfg)
         if self.rank == 0:  # one job per run folder: refused before it writes anything there
             self.lock = RunLock(run_dir).acquire()
             write_run_token(run_dir)

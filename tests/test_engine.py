@@ -290,8 +290,8 @@ def test_detection_trains_on_two_ranks_with_toe_and_resumes_exactly(tmp_path):
 def test_two_jobs_writing_the_embedded_shards_at_once_share_one_complete_copy(tmp_path):
     """``data.synthetic: true`` on an empty path, two jobs at once (it happened: one read a half-written
     folder and failed on a missing shards.json)."""
-    code = ("import sys; from launcher.train import write_synthetic_shards; "
-            "write_synthetic_shards(sys.argv[1], 32, 1)")
+    code = ("import sys; from data.write_shards import write_synthetic_once; "
+            "write_synthetic_once(sys.argv[1], size=32, objects=1)")
     target = tmp_path / "shards"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     jobs = [subprocess.Popen([sys.executable, "-c", code, str(target)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
