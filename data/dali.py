@@ -39,7 +39,7 @@ PIL's) and these deliberate deviations:
 Bad samples: a missing / bad label or missing image is counted as in the PIL path; the image
 bytes are checked in the worker (the header parses, the format is one DALI decodes, a JPEG ends
 with its end-of-image marker after its last scan, a PNG has its IEND chunk, and PIL decodes it:
-``data.stream.check_decodable``, a JPEG at 1/8 scale, so that an image whose scan data is damaged
+``data.samples.check_decodable``, a JPEG at 1/8 scale, so that an image whose scan data is damaged
 is skipped here exactly when the PIL path skips it; DALI's decoders conceal such damage and would
 train on it): what fails is skipped, counted (``corrupt_image`` / ``unsupported_image``) and
 refilled by the stream as the PIL path's undecodable images are. A sample that passes the check and still fails
@@ -211,7 +211,7 @@ def check_encoded(data: bytes) -> tuple[int, int]:
     ``SkipSample`` (``corrupt_image`` / ``unsupported_image``) otherwise."""
     from PIL import Image
 
-    from .stream import SkipSample, check_decodable
+    from .samples import SkipSample, check_decodable
     try:
         with Image.open(io.BytesIO(data)) as image:
             size, fmt = image.size, image.format
@@ -298,7 +298,7 @@ class DaliCodec:
     def decode(self, sample: dict[str, bytes]):
         import torch
 
-        from .stream import IMAGE_EXTS, SkipSample, read_label
+        from .samples import IMAGE_EXTS, SkipSample, read_label
 
         label = read_label(sample, self.num_classes)
         ext = next((e for e in IMAGE_EXTS if e in sample), None)

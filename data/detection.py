@@ -26,7 +26,8 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .stream import ShardStream, SkipSample, decode_image
+from .samples import SkipSample, decode_image
+from .stream import ShardStream
 
 __all__ = ["RandomSizeCrop", "RandomResize", "resized_size", "build_detection_transform", "DetectionCodec",
            "postprocess", "coco_evaluate", "build_detection_stream"]

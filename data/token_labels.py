@@ -64,7 +64,7 @@ def decode_maps(sample: dict[str, bytes], block: Optional[dict] = None,
     """``(logits float32 [k, h, w], ids int64 [k, h, w])`` of a raw sample; ``SkipSample`` with
     ``missing_token_label`` when a member is missing and ``bad_token_label`` when it does not parse,
     does not have the index block's shape, or names a class id >= ``num_classes``."""
-    from .stream import SkipSample
+    from .samples import SkipSample
 
     if TOKEN_LOGITS not in sample or TOKEN_IDS not in sample:
         raise SkipSample("missing_token_label")
@@ -198,7 +198,7 @@ class TokenLabelCodec:
         from torchvision.transforms import RandomResizedCrop
         from torchvision.transforms import functional as F
 
-        from .stream import decode_image, read_label
+        from .samples import decode_image, read_label
 
         label = read_label(sample, self.num_classes)
         logits, ids = decode_maps(sample, self.block, self.num_classes)

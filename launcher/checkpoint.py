@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Checkpointer", "CheckpointError", "ResumePoint", "find_resume_point", "select_resume_point",
-           "verify_checkpoint", "file_record", "MANIFEST"]
+           "verify_checkpoint", "file_record", "MANIFEST", "checkpoint_state_dict", "checkpoints_folder"]
 
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step-(\d+)$")
@@ -228,6 +228,41 @@ def _claimed_latest(run: Path) -> Optional[str]:
 def find_resume_point(path: Path) -> Optional[ResumePoint]:
     """``select_resume_point`` in one process (no process group): export and tools."""
     return select_resume_point(path, required=True)
+
+
+def checkpoints_folder(source: Path) -> Path:
+    """The ``checkpoints`` folder a run folder or a ``step-N`` checkpoint folder belongs to."""
+    source = Path(source)
+    if (source / "meta.json").is_file() or re.match(r"^step-\d+$", source.name):
+        return source.parent
+    return source / "checkpoints" if (source / "checkpoints").is_dir() else source
+
+
+def checkpoint_state_dict(source: str):
+    """``(state_dict, point)``: the fp32 module weights of a run folder's newest checkpoint that verifies (or
+    of one ``step-N`` folder, which must verify); also what ``model.checkpoint`` reads from a run folder
+    (``launcher.tasks.pretrained_source``) and what ``launcher.export`` writes out."""
+    from .guard import first_nonfinite
+    from .runlock import checkpoint_readers
+
+    # a run training meanwhile keeps this checkpoint from its verification to its load (rotation is deferred)
+    with checkpoint_readers(checkpoints_folder(Path(source))):
+        point = find_resume_point(Path(source))
+        if point is None:
+            raise FileNotFoundError(f"no complete checkpoint under {source}")
+        folder = point.folder
+        if point.meta["zero_stage"] > 0:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        else:
+            state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=False)["module"]
+    state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+    bad = first_nonfinite(state.items())
+    if bad is not None:  # written before the non-finite guard existed: never hand such weights on
+        raise RuntimeError(f"{folder} holds non-finite weights ({bad} has NaN or inf): not exporting it; export an "
+                           f"earlier checkpoint (RUN/checkpoints/step-N)")
+    return state, point
 
 
 def _rng_state() -> dict[str, Any]:

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-from .checkpoint import find_resume_point
-from .runlock import checkpoint_readers
+from .checkpoint import checkpoint_state_dict, checkpoints_folder  # noqa: F401 (re-exported)
 
 
 def plain_model(config_path: Path) -> torch.nn.Module:
@@ -37,38 +35,6 @@ def plain_model(config_path: Path) -> torch.nn.Module:
 
     cfg = load_config(str(config_path))
     return make_task(cfg).build_model(pretrained=False)[0]
-
-
-def checkpoints_folder(source: Path) -> Path:
-    """The ``checkpoints`` folder a run folder or a ``step-N`` checkpoint folder belongs to."""
-    source = Path(source)
-    if (source / "meta.json").is_file() or re.match(r"^step-\d+$", source.name):
-        return source.parent
-    return source / "checkpoints" if (source / "checkpoints").is_dir() else source
-
-
-def checkpoint_state_dict(source: str):
-    """``(state_dict, point)``: the fp32 module weights of a run folder's newest checkpoint that verifies (or
-    of one ``step-N`` folder, which must verify); also what ``model.checkpoint`` reads from a run folder."""
-    # a run training meanwhile keeps this checkpoint from its verification to its load (rotation is deferred)
-    with checkpoint_readers(checkpoints_folder(Path(source))):
-        point = find_resume_point(Path(source))
-        if point is None:
-            raise FileNotFoundError(f"no complete checkpoint under {source}")
-        folder = point.folder
-        if point.meta["zero_stage"] > 0:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-        else:
-            state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu",
-                               weights_only=False)["module"]
-    state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
-    from .guard import first_nonfinite
-    bad = first_nonfinite(state.items())
-    if bad is not None:  # written before the non-finite guard existed: never hand such weights on
-        raise RuntimeError(f"{folder} holds non-finite weights ({bad} has NaN or inf): not exporting it; export an "
-                           f"earlier checkpoint (RUN/checkpoints/step-N)")
-    return state, point
 
 
 def export(source: str, out: str) -> Path:

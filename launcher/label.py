@@ -99,8 +99,8 @@ def label_shards(shards: str, out: str, maps: Callable[[list[dict]], list[tuple[
                  block: dict, splits: Optional[list[str]] = None, overwrite: bool = False) -> dict:
     """Write ``out``: ``shards``' samples with ``maps(samples) -> [(logits, ids)]`` added to each of the
     given splits (default all; the others are copied as they are). Returns the new index."""
+    from data.samples import SkipSample, read_label
     from data.shards import INDEX_NAME, ShardIndex
-    from data.stream import SkipSample, read_label
     from data.token_labels import encode_maps
 
     index = ShardIndex.load(shards)
@@ -155,7 +155,7 @@ def _map_class(logits: np.ndarray, ids: np.ndarray) -> int:
 
 
 def teacher_maps(source: str, k: int) -> tuple[Callable, dict]:
-    from data.stream import SkipSample, decode_image
+    from data.samples import SkipSample, decode_image
     from data.token_labels import index_block, topk_maps
 
     model, config = load_teacher(source)
