@@ -1,0 +1,174 @@
+"""The PNG plots of ``launcher.report`` (matplotlib, Agg backend): eval metric against wall-clock and
+against training FLOPs (mean +- std over seeds), train loss, ToE kept tokens and throughput against step,
+and where each step's time goes."""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from .runs import Group, Run
+from .tables import METRIC_TITLES, _breakdown_rows, _phases
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _spread(curves: list[list[tuple[float, float, float]]]):
+    """Per step (union over seeds): mean x, mean y and std y over the seeds that have that step."""
+    by_step: dict = {}
+    for curve in curves:
+        for step, x, y in curve:
+            by_step.setdefault(step, []).append((x, y))
+    steps = sorted(by_step)
+    xs = [statistics.fmean(x for x, _ in by_step[s]) for s in steps]
+    ys = [statistics.fmean(y for _, y in by_step[s]) for s in steps]
+    sd = [statistics.stdev([y for _, y in by_step[s]]) if len(by_step[s]) > 1 else 0.0 for s in steps]
+    return xs, ys, sd
+
+
+def _time_unit(seconds: float) -> tuple[float, str]:
+    if seconds >= 3 * 3600:
+        return 3600.0, "h"
+    return (60.0, "min") if seconds >= 180 else (1.0, "s")
+
+
+def _save(fig, path: Path, written: list[Path]) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    written.append(path)
+
+
+def _metric_plots(plt, groups: list[Group], key: str, out: Path, written: list[Path]) -> list[str]:
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    title, percent = METRIC_TITLES[key], 100.0 if "top" in key else 1.0
+    notes = []
+    for axis, index in (("wallclock", 1), ("flops", 2)):
+        lines = []  # (group index, label, xs, ys, std, seeds)
+        for i, group in enumerate(groups):
+            curves = []
+            for run in group.runs:
+                curve = run.eval_curve(key)
+                if curve and any(point[index] is None for point in curve):
+                    notes.append(f"{run.path}: no {'times' if axis == 'wallclock' else 'per-step flops'} in "
+                                 f"metrics.jsonl: left off the {title} against "
+                                 f"{'wall-clock' if axis == 'wallclock' else 'FLOPs'} plot")
+                elif curve:
+                    curves.append([(p[0], p[index], p[3] * percent) for p in curve])
+            if curves:
+                lines.append((i, group.label, *_spread(curves), len(curves)))
+        if not lines:
+            continue
+        if axis == "wallclock":
+            unit, unit_name = _time_unit(max(max(xs) for _, _, xs, *_ in lines))
+            xlabel = f"wall-clock, segments summed ({unit_name})"
+            heading = f"Eval {title} against wall-clock"
+        else:
+            unit, xlabel, heading = 1e15, "theoretical training compute (PFLOPs)", f"Eval {title} against training FLOPs"
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, label, xs, ys, sd, seeds in lines:
+            colour = colours[i % len(colours)]
+            xs = [x / unit for x in xs]
+            ax.plot(xs, ys, marker="o", markersize=3, color=colour, label=f"{label} ({seeds} seed{'s' * (seeds > 1)})")
+            if seeds > 1:
+                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=colour,
+                                alpha=0.2, label=f"{label}: ± 1 std over seeds")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(title)
+        ax.set_title(heading)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        _save(fig, out / f"{key.lower()}_vs_{axis}.png", written)
+        plt.close(fig)
+    return notes
+
+
+def _binned(steps: list[int], values: list[float], bins: int = 2000):
+    """At most ``bins`` points (means of consecutive steps): a 300-epoch log has ~10^5 steps."""
+    if len(steps) <= bins:
+        return steps, values
+    size = math.ceil(len(steps) / bins)
+    return ([statistics.fmean(steps[i:i + size]) for i in range(0, len(steps), size)],
+            [statistics.fmean(values[i:i + size]) for i in range(0, len(values), size)])
+
+
+def _step_plot(plt, groups: list[Group], metric: str, ylabel: str, title: str, path: Path, written: list[Path],
+               boundaries: bool, drawstyle: str = "default") -> None:
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for i, group in enumerate(groups):
+        colour = colours[i % len(colours)]
+        for j, run in enumerate(group.runs):
+            points = [(s, float(r[metric])) for s, r in sorted(run.train.items())
+                      if isinstance(r.get(metric), (int, float))]
+            if not points:
+                continue
+            xs, ys = _binned([p[0] for p in points], [p[1] for p in points])
+            ax.plot(xs, ys, color=colour, linewidth=1, alpha=1.0 if j == 0 else 0.5, drawstyle=drawstyle,
+                    label=f"{group.label}" + (f" (seed {run.seed})" if len(group.runs) > 1 else ""))
+            drawn = True
+        if boundaries and group.runs:
+            for k, step in enumerate(group.runs[0].stage_boundaries()):
+                ax.axvline(step, color=colour, linestyle="--", linewidth=1,
+                           label=f"{group.label}: ToE stage boundary" if k == 0 else None)
+    if not drawn:
+        plt.close(fig)
+        return
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    _save(fig, path, written)
+    plt.close(fig)
+
+
+def _breakdown_plot(plt, runs: list[Run], path: Path, written: list[Path]) -> None:
+    """Stacked horizontal bars: milliseconds per step in each phase, one bar per run and stage."""
+    rows = _breakdown_rows(runs)
+    if not rows:
+        return
+    phases = _phases([{None: totals} for _, totals in rows])
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(rows)))
+    left = [0.0] * len(rows)
+    for phase in phases:
+        widths = [1e3 * totals.get(phase, 0.0) / totals["steps"] for _, totals in rows]
+        ax.barh(range(len(rows)), widths, left=left, label=phase.replace("_", " "))
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds per optimizer step")
+    ax.set_title("Where each step's time goes (per run and stage)")
+    ax.legend(fontsize="small", ncol=len(phases), loc="upper center", bbox_to_anchor=(0.5, -0.25 - 0.5 / len(rows)))
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path, written)
+    plt.close(fig)
+
+
+def write_plots(groups: list[Group], out: Path) -> tuple[list[Path], list[str]]:
+    plt = _pyplot()
+    written: list[Path] = []
+    notes: list[str] = []
+    runs = [r for g in groups for r in g.runs]
+    keys = []
+    for key in ("top1", "AP"):
+        if any(key in r.metric_keys() for r in runs):
+            keys.append(key)
+    for key in keys:
+        notes += _metric_plots(plt, [g for g in groups if any(key in r.metric_keys() for r in g.runs)], key, out,
+                               written)
+    _step_plot(plt, groups, "loss", "train loss (per step)", "Train loss against step", out / "loss.png",
+               written, boundaries=False)
+    _step_plot(plt, groups, "toe/kept_tokens", "kept patch tokens per sample (after the ToE block)",
+               "ToE kept tokens against step (stage boundaries dashed)", out / "kept_tokens.png", written,
+               boundaries=True, drawstyle="steps-post")  # a stage holds its count until the next boundary
+    _step_plot(plt, groups, "img_per_s", "training throughput (images / s, all ranks)",
+               "Throughput against step (ToE stage boundaries dashed)", out / "img_per_s.png", written,
+               boundaries=True)
+    _breakdown_plot(plt, runs, out / "time_breakdown.png", written)
+    return written, notes
