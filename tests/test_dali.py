@@ -1,4 +1,4 @@
-"""data/dali.py: the DALI data path through the real shard stream, on the CPU (the GPU variant differs
+"""data/dali/: the DALI data path through the real shard stream, on the CPU (the GPU variant differs
 only by the decoder's and operators' device and is not run here)."""
 import io
 import math
@@ -246,7 +246,7 @@ def test_a_sample_that_fails_in_dali_is_counted_and_its_slot_filled(jpeg_shards,
 
     check = dali.check_encoded
     # the truncated JPEG passes when its end marker is not looked for; num_workers=0: the codec runs here
-    monkeypatch.setattr(dali, "check_encoded", lambda data: check(data + b"\xff\xd9"))
+    monkeypatch.setattr(dali.codec, "check_encoded", lambda data: check(data + b"\xff\xd9"))
     stream = dali_train(out, num_workers=0)
     with caplog.at_level("WARNING"):
         batches = [b for b in stream]
