@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,11 +34,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import write_shards  # noqa: E402
-from data.stream import build_train_stream  # noqa: E402
-from data.synthetic import draw_sample  # noqa: E402
-from data.transforms import build_transform  # noqa: E402
+from data import write_shards
+from data.stream import build_train_stream
+from data.synthetic import draw_sample
+from data.transforms import build_transform
 
 # what a DeiT-S needs at 40% MFU on one H100 (issue 14's estimate: ~4.6 GFLOPs forward x 3 per image)
 DEIT_S_NEEDS = 14_000

@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_jpeg_shards(root: Path, images: int) -> Path:
-    sys.path.insert(0, str(ROOT))
-    from bench.data_throughput import make_folder
     from data import write_shards
+
+    from data_throughput import make_folder
 
     folder, shards = root / "jpegs", root / "shards"
     kb = make_folder(folder, images)

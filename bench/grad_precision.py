@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import interleaved_medians  # noqa: E402
-from launcher.config import deepspeed_config, load_config  # noqa: E402
-from models import create_classifier  # noqa: E402
+from launcher.config import deepspeed_config, load_config
+from models import create_classifier
+
+from timing import interleaved_medians
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,6 +24,7 @@ against a server that ignores ranges (sequential skip). Prints a table and write
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -36,15 +37,27 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from object_store import HttpServer, SeaweedS3  # noqa: E402  (the tests' servers)
+from data import write_shards
+from data.remote import RemoteOptions
+from data.shards import ShardIndex
+from data.stream import build_train_stream
 
-from bench.data_throughput import make_folder  # noqa: E402
-from data import write_shards  # noqa: E402
-from data.remote import RemoteOptions  # noqa: E402
-from data.shards import ShardIndex  # noqa: E402
-from data.stream import build_train_stream  # noqa: E402
+from data_throughput import make_folder
+
+
+def _object_store():
+    """``tests/object_store.py``, the tests' real servers on loopback: loaded from its file (tests/ is not a
+    package, and this script adds nothing to ``sys.path``)."""
+    spec = importlib.util.spec_from_file_location("object_store", Path(__file__).resolve().parents[1] / "tests"
+                                                  / "object_store.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["object_store"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_servers = _object_store()
+HttpServer, SeaweedS3 = _servers.HttpServer, _servers.SeaweedS3
 
 
 def raw_read(url: str, remote: RemoteOptions) -> dict:

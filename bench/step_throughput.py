@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import DTYPES, interleaved_medians  # noqa: E402
-from methods import PluginStack  # noqa: E402
-from methods.toe import ToEPlugin  # noqa: E402
-from models import create_classifier  # noqa: E402
-from toe import ToESchedule  # noqa: E402
+from methods import PluginStack
+from methods.toe import ToEPlugin
+from models import create_classifier
+from toe import ToESchedule
+
+from timing import DTYPES, interleaved_medians
 
 
 def parse_args():
@@ -67,7 +67,7 @@ def main() -> None:
     args = parse_args()
     on_gpu = torch.cuda.is_available()
     if args.end_to_end:
-        from bench.end_to_end import end_to_end
+        from end_to_end import end_to_end
         out = Path(args.out or "bench/results/end_to_end.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(end_to_end(args, on_gpu), indent=2))

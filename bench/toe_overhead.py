@@ -13,17 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from pathlib import Path
 
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import add_device_options, device_options, interleaved_medians  # noqa: E402
-from methods import PluginStack  # noqa: E402
-from methods.toe import ToEPlugin  # noqa: E402
-from toe import ToESchedule, expand_tokens  # noqa: E402
+from methods import PluginStack
+from methods.toe import ToEPlugin
+from toe import ToESchedule, expand_tokens
+
+from timing import add_device_options, device_options, interleaved_medians
 
 TARGETS = {"cpu": 0.05, "cuda": 0.02}
 

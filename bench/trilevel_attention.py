@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import platform
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -34,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import add_device_options, device_options, interleaved_medians  # noqa: E402
-from methods import MethodContext, build_stack  # noqa: E402
-from methods.trilevel_tokens import TriLevelTokensConfig, attention_scores, connection_mask, keep_index  # noqa: E402
+from methods import MethodContext, build_stack
+from methods.trilevel_tokens import TriLevelTokensConfig, attention_scores, connection_mask, keep_index
+
+from timing import add_device_options, device_options, interleaved_medians
 
 TOTAL = 300  # a nominal run: warm-up below step 10, the targets from step 110
 BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")  # torch.nn.attention.SDPBackend

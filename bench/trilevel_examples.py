@@ -24,9 +24,9 @@ import numpy as np
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import interleaved_medians  # noqa: E402
-from methods.trilevel_examples import ForgettingStats, forgetting_scores, initial_mask, swap_subset  # noqa: E402
+from methods.trilevel_examples import ForgettingStats, forgetting_scores, initial_mask, swap_subset
+
+from timing import interleaved_medians
 
 
 def main(argv=None) -> int:

@@ -1,16 +1,7 @@
-"""Fixtures shared by the test modules."""
-import socket
-
+"""Fixtures shared by the test modules (the shared functions are in ``helpers.py``)."""
 import pytest
 
 from data import write_shards
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (every test keeps its traffic on loopback)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

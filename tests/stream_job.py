@@ -7,19 +7,17 @@
 Loads STATE if given, takes K batches (all that are left in the epoch if K is omitted), saves
 them (and the state after them) with torch.save. With --dist-port, joins a gloo process group on
 127.0.0.1 so that state_dict() gathers every rank's position.
+The callers pass PYTHONPATH=ROOT, so that it imports this checkout's packages.
 """
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.remote import RemoteOptions  # noqa: E402
-from data.stream import build_train_stream  # noqa: E402
+from data.remote import RemoteOptions
+from data.stream import build_train_stream
 
 
 def main() -> None:

@@ -22,11 +22,10 @@ import sys
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the callers run this with PYTHONPATH=ROOT (tests/helpers.py probe)
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
                "broadcast", "barrier", "all_gather_object", "broadcast_object_list", "reduce")

@@ -412,7 +412,8 @@ def _growth_worker(rank, port, out):
 @pytest.mark.slow
 def test_growth_writes_module_master_moments_and_ema_on_two_ranks_under_zero_0_to_3(tmp_path):
     import torch.multiprocessing as mp
-    from conftest import free_port
+
+    from helpers import free_port
     out = tmp_path / "checked.json"
     mp.start_processes(_growth_worker, args=(free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
     assert json.loads(out.read_text()) == ["0/fp32", "1/fp32", "2/fp32", "2/bf16", "3/fp32"]
@@ -422,7 +423,7 @@ def test_growth_writes_module_master_moments_and_ema_on_two_ranks_under_zero_0_t
 
 @pytest.mark.slow
 def test_two_ranks_zero2_resume_across_a_stage_change_is_bit_exact(tmp_path, tiny_shards):
-    from test_engine import module_state, records, train
+    from helpers import module_state, records, train
     # 256 samples / batch 16: 16 steps per epoch; stages of 4 steps: boundaries at 4 and 8
     common = ["methods.toe=null", "methods.budgeted={budget: null, epochs: [0.25, 0.25, 0.25], "
               "stages: [[1, 64, 3], [2, 128, 4], [2, 192, 4]]}", "model.kwargs.dynamic_img_size=true",

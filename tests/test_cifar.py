@@ -118,7 +118,7 @@ def test_keep_classes_filters_and_relabels(tmp_path):
 
 def test_keep_classes_on_idx_splits_fashion_mnist_in_two(tmp_path):
     """Table 5's shape on Fashion-MNIST: classes 0-4 for pre-training, 5-9 for fine-tuning, disjoint."""
-    from test_idx import idx_folder
+    from helpers import idx_folder
     src = tmp_path / "src"
     src.mkdir()
     arrays = idx_folder(src, train=60, val=30)

@@ -6,12 +6,13 @@ from fractions import Fraction
 import pytest
 import timm
 import torch
-from compile_check import assert_compiles
 
 from methods import MethodContext, build_stack
 from methods.patch_dropout import PatchDropoutConfig
 from methods.toe import ToEConfig
 from toe import ToESchedule, apply_token_expansion
+
+from compile_check import assert_compiles
 
 
 def tiny():
@@ -78,7 +79,7 @@ def test_the_engine_trains_compiled_with_inductor_and_resumes_exactly(tmp_path, 
     keep the test short: the graph per stage is checked above), then a run across ToE's 3 stages
     resumed from its middle checkpoint (aot_eager) ends with the weights of an uninterrupted one, so
     compiling keeps the checkpoints' keys and exact resume."""
-    from test_engine import module_state, records, train
+    from helpers import module_state, records, train
 
     common = ["train.steps=9", "checkpoint.every=4", "train.precision=fp32", "train.compile=true",
               "train.log_every=3"]

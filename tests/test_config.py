@@ -85,7 +85,7 @@ def test_the_engine_clips_only_what_the_recipe_asks_for():
     import subprocess
     import sys
 
-    from conftest import free_port
+    from helpers import free_port
 
     fp32 = ["train.precision=fp32", "train.zero_stage=1", "train.global_batch=8"]
     unclipped = deepspeed_config(load_config(str(ROOT / "configs/deit_tiny_cpu.yaml"), fp32), world_size=1)

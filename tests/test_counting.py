@@ -108,7 +108,7 @@ def test_the_ops_int_constants_follow_the_counting(counting):
 @pytest.mark.parametrize("num_patches,r1,k", [(196, 0.5, 2), (49, 0.4, 3), (64, 0.6, 2), (37, 0.5, 4)])
 def test_the_op_puts_the_remainder_where_told(remainder, num_patches, r1, k):
     """Against the per-sample reference loop of Eq. 2-7 (test_token_expansion), with either remainder rule."""
-    from test_token_expansion import reference_toe
+    from helpers import reference_toe
     counting = "paper" if remainder == "last" else "rates"
     schedule = ToESchedule(r1=r1, total_steps=3, k=k, counting=counting)
     x = torch.randn(2, 1 + num_patches, 6, generator=torch.Generator().manual_seed(num_patches), dtype=torch.float64)

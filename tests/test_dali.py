@@ -311,7 +311,7 @@ def test_options_the_dali_path_does_not_implement_are_refused():
 
 @pytest.mark.slow
 def test_launcher_train_runs_with_the_dali_backend(tiny_shards, tmp_path):
-    from test_engine import records, train
+    from helpers import records, train
     run_dir = tmp_path / "dali"
     out = train(run_dir, tiny_shards, "data.backend=dali", "train.steps=3", "methods={}",
                 "data.auto_augment=rand-m9-mstd0.5-inc1", "data.re_prob=0.25")

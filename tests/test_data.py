@@ -1,6 +1,7 @@
 """data/: shard writing, the stream's ordering, equal batches, exact resume, bad samples."""
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -10,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
 from PIL import Image
 
 from data import write_shards
@@ -19,8 +19,11 @@ from data.shards import ShardIndex, check_key, read_samples
 from data.stream import build_eval_stream, build_train_stream
 from data.transforms import StepMixup
 
+from helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "stream_job.py"
+JOB_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # stream_job.py imports this checkout's packages
 
 
 def synthetic_shards(out: Path, train: int = 77, val: int = 23, shard_size: int = 10) -> Path:
@@ -182,7 +185,8 @@ def test_order_is_reproducible_and_changes_with_epoch(shards):
 
 
 def run_job(*args, timeout=120):
-    result = subprocess.run([sys.executable, str(JOB), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, str(JOB), *map(str, args)], env=JOB_ENV, capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -209,7 +213,7 @@ def test_world_size_change_mid_epoch_sees_each_sample_once(shards, tmp_path):
     jobs = [subprocess.Popen([sys.executable, str(JOB), str(shards), str(tmp_path / f"rank{r}.pt"), "--rank", str(r),
                               "--world", "2", "--workers", "2", "--batch", "4", "--take", "3",
                               "--save-state", str(tmp_path / "state.pt"), "--dist-port", str(port)],
-                             stderr=subprocess.PIPE, text=True) for r in range(2)]
+                             env=JOB_ENV, stderr=subprocess.PIPE, text=True) for r in range(2)]
     for job in jobs:
         _, err = job.communicate(timeout=120)
         assert job.returncode == 0, err[-3000:]

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import free_port
 
 from data.stream import build_train_stream
 from launcher.config import ConfigError, load_config
@@ -25,6 +24,8 @@ from methods.efficienttrain import (
 from methods.toe import ToEConfig
 from models.cost import ViTShape, forward_flops
 from toe import ToESchedule
+
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ET_CPU = str(ROOT / "configs/deit_tiny_et_cpu.yaml")
@@ -303,7 +304,7 @@ TINY_ET = ["model.kwargs={patch_size: 4, depth: 2, embed_dim: 48, num_heads: 2, 
 
 
 def run_et(run_dir: Path, shards: Path, *extra) -> str:
-    from test_engine import command
+    from helpers import command
     args = [*command(2, free_port()), "--config", ET_CPU, *extra, f"out_dir={run_dir.parent}", f"name={run_dir.name}",
             f"data.path={shards}", *TINY_ET]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -314,7 +315,7 @@ def run_et(run_dir: Path, shards: Path, *extra) -> str:
 
 @pytest.mark.slow
 def test_two_ranks_zero2_across_size_changes_resume_exactly_and_export_to_timm(tmp_path, tiny_shards):
-    from test_engine import module_state, records
+    from helpers import module_state, records
 
     straight = tmp_path / "straight"
     run_et(straight, tiny_shards)

@@ -5,94 +5,24 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from conftest import free_port
 
 from data import write_shards
 from launcher.train import lr_at
 from toe import ToESchedule
 
+from helpers import TINY, command, finish, free_port, kill_tree, module_state, records, start, train, wait_for_step
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}", "data.workers=1",
-        "train.global_batch=16", "train.log_every=1", "train.eval_every=0", "checkpoint.keep=5"]
 
 
 @pytest.fixture
 def shards(tiny_shards):
     return tiny_shards
-
-
-def command(ranks: int, port: int):
-    if ranks == 1:
-        return [sys.executable, "-m", "launcher.train"]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-            "127.0.0.1", "--master_port", str(port), "-m", "launcher.train"]
-
-
-def start(run_dir: Path, shards: Path, *overrides, ranks=1, extra=()):
-    args = [*command(ranks, free_port()), "--config", str(ROOT / "configs/deit_tiny_toe_cpu.yaml"), *extra,
-            f"out_dir={run_dir.parent}", f"name={run_dir.name}", f"data.path={shards}", *TINY, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def finish(process, timeout=300) -> str:
-    try:
-        out, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    return out
-
-
-def train(run_dir, shards, *overrides, ranks=1, extra=(), expect=0) -> str:
-    process = start(run_dir, shards, *overrides, ranks=ranks, extra=extra)
-    out = finish(process)
-    assert process.returncode == expect, out[-4000:]
-    return out
-
-
-def records(run_dir: Path) -> dict[int, dict]:
-    """The last record of every step (a resumed run appends the steps it redoes)."""
-    by_step = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            by_step[record["step"]] = record
-    return by_step
-
-
-def kill_tree(pid: int, sig: int) -> None:
-    """Signal a process and all its descendants (torchrun starts its workers in sessions of their own)."""
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-    for child in children:
-        kill_tree(int(child), sig)
-
-
-def wait_for_step(run_dir: Path, step: int, process, timeout=240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and step in records(run_dir):
-            return
-        assert process.poll() is None, "the run ended early"
-        time.sleep(0.2)
-    raise TimeoutError(f"step {step} not reached")
-
-
-def module_state(run_dir: Path, step: int):
-    from launcher.export import export
-    out = export(str(run_dir / "checkpoints" / f"step-{step}"), str(run_dir / f"export-{step}.pth"))
-    return torch.load(out, weights_only=True)
 
 
 def test_lr_is_a_pure_function_of_the_step():

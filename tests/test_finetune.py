@@ -151,7 +151,7 @@ def test_yolos_backbone_from_a_classifier_and_from_a_detector():
 # -- the engine ---------------------------------------------------------------------------------
 
 def engine():
-    from test_engine import finish, kill_tree, module_state, records, start, train, wait_for_step
+    from helpers import finish, kill_tree, module_state, records, start, train, wait_for_step
     return finish, kill_tree, module_state, records, start, train, wait_for_step
 
 

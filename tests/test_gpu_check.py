@@ -14,8 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_gpu_check_dry_run_runs_every_step_and_writes_its_table(tmp_path):
     import sys
 
-    sys.path.insert(0, str(ROOT))
-    from bench.gpu_check_table import FIGURES
+    from bench.gpu_check_table import FIGURES  # bench/ through pytest's pythonpath (the rootdir)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--dry-run", "--out", str(tmp_path)], cwd=ROOT,

@@ -89,7 +89,7 @@ def test_a_method_that_cannot_run_with_it_refuses_the_recipe_by_name():
 
 @pytest.mark.slow
 def test_a_checkpointed_run_logs_the_same_losses_and_its_peak_memory(tmp_path, tiny_shards):
-    from test_engine import records, train
+    from helpers import records, train
 
     runs = {}
     for name, flag in (("plain", "false"), ("ckpt", "true")):

@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 
 from launcher.config import ConfigError, deepspeed_config, grad_precision, load_config
+
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = str(ROOT / "configs/deit_tiny_cpu.yaml")
@@ -105,7 +106,7 @@ def test_the_engine_accumulates_in_the_recipes_gradient_precision():
 def test_a_bf16_gradient_checkpoint_resumes_under_the_fp32_default(tmp_path, tiny_shards):
     """Checkpoints hold fp32 master weights and optimizer moments, never gradients: the switch of DeepSpeed's
     ZeRO-1 optimizer (DeepSpeedZeroOptimizer for bf16 gradients, BF16_Optimizer for fp32) loads across."""
-    from test_engine import records, train
+    from helpers import records, train
 
     run = tmp_path / "run"
     bf16 = ["train.precision=bf16", "train.zero_stage=1", "checkpoint.every=2"]

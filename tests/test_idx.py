@@ -10,24 +10,7 @@ from data import write_shards
 from data.idx import IdxError, read_idx, read_idx_pair
 from data.stream import build_eval_stream
 
-
-def write_idx(path, array: np.ndarray, compress: bool) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    raw = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(raw) if compress else raw)
-
-
-def idx_folder(root, train=12, val=6, compress=True):
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for prefix, n in (("train", train), ("t10k", val)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        ext = ".gz" if compress else ""
-        write_idx(root / f"{prefix}-images-idx3-ubyte{ext}", images, compress)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}", labels, compress)
-        arrays[prefix] = images, labels
-    return arrays
+from helpers import idx_folder
 
 
 @pytest.mark.parametrize("compress", [True, False])

@@ -251,7 +251,7 @@ def test_two_ranks_with_toe_resume_exactly_and_export_loads_strict(tmp_path, ora
     import sys
     from pathlib import Path
 
-    from conftest import free_port
+    from helpers import free_port
     root = Path(__file__).resolve().parents[1]
     common = [f"data.path={oracle_shards}", f"out_dir={tmp_path}", "data.workers=1", "train.global_batch=16",
               "model.kwargs={patch_size: 4, depth: 3, embed_dim: 48, num_heads: 2, stem_width: 8}",
@@ -315,7 +315,8 @@ def test_batchnorm_statistics_are_rank_zeros_after_the_broadcast(tmp_path):
     """No SyncBN (official): ranks' BN statistics drift apart and so would their evaluations; after
     ``broadcast_batchnorm`` (the token-labelling plug-in's ``after_step``) both ranks evaluate alike."""
     import torch.multiprocessing as mp
-    from conftest import free_port
+
+    from helpers import free_port
     mp.spawn(_bn_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     zero, one = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
     assert zero["sent"] == 9  # three BatchNorms x (mean, var, count)

@@ -177,7 +177,7 @@ def read_events(path: Path) -> list[list[tuple]]:
 
 @pytest.mark.slow
 def test_every_event_fires_in_order_across_a_kill_and_resume(tmp_path, tiny_shards):
-    from test_engine import finish, kill_tree, start, wait_for_step
+    from helpers import finish, kill_tree, start, wait_for_step
 
     run = tmp_path / "events"
     run.mkdir()

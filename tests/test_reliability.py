@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
-from test_engine import TINY, finish, kill_tree, module_state, start, wait_for_step
 
 from data import write_shards
 from data.shards import ShardIndex, ShardIndexError
@@ -26,6 +24,8 @@ from launcher import config as config_module
 from launcher.checkpoint import MANIFEST, Checkpointer, CheckpointError, ResumePoint, select_resume_point
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.runlock import RunLock, RunLockedError
+
+from helpers import TINY, finish, finish_all, free_port, kill_tree, module_state, start, wait_for_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/deit_tiny_toe_cpu.yaml"
@@ -45,19 +45,6 @@ def start_ranks(run_dir: Path, shards: Path, *overrides, world=2, extra=(), env=
         processes.append(subprocess.Popen(args, cwd=ROOT, env=rank_env, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True, start_new_session=True))
     return processes
-
-
-def finish_all(processes, timeout=240) -> list[str]:
-    deadline = time.time() + timeout
-    outputs = []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=max(1.0, deadline - time.time()))[0])
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                kill_tree(p.pid, signal.SIGKILL)
-            raise AssertionError(f"the job did not end within {timeout} s (a rank hangs in a collective)")
-    return outputs
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:

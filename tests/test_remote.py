@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from object_store import ACCESS_KEY, HttpServer, SeaweedS3
-from test_engine import finish, kill_tree, module_state, records, start, wait_for_step
 
 from data import write_shards
 from data.remote import RemoteOptions, ShardCache
@@ -25,6 +23,9 @@ from data.shards import ShardIndex, ShardIndexError
 from data.stream import ClassificationCodec, ShardStream, build_eval_stream, build_train_stream
 from data.transforms import build_transform
 from launcher.config import ConfigError, load_config
+
+from helpers import finish, kill_tree, module_state, records, start, wait_for_step
+from object_store import ACCESS_KEY, HttpServer, SeaweedS3
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests/stream_job.py"

@@ -1,4 +1,5 @@
 """Repeated augmentation as DeiT's RASampler places it: a sample's copies in one global step on different ranks."""
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -7,15 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
 
 from data import write_shards
 from data.plan import Phase, epoch_items, remaining_items, train_layout
 from data.shards import ShardIndex
 from data.stream import build_train_stream
 
+from helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "stream_job.py"
+JOB_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # stream_job.py imports this checkout's packages
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,8 @@ def test_three_ranks_see_the_copies_in_the_same_step_with_different_augmentation
 
 
 def run_job(*args, timeout=180):
-    result = subprocess.run([sys.executable, str(JOB), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, str(JOB), *map(str, args)], env=JOB_ENV, capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -110,14 +114,14 @@ def test_repeats_resume_exactly_and_across_a_world_size_change(shards, tmp_path)
     port = free_port()
     jobs = [subprocess.Popen([sys.executable, str(JOB), str(shards), str(tmp_path / f"r{r}.pt"), "--rank", str(r),
                               "--world", "3", *common[:4], "--repeats", "3", "--take", "2", "--dist-port", str(port),
-                              "--save-state", str(tmp_path / "three.pt")], stderr=subprocess.PIPE, text=True)
+                              "--save-state", str(tmp_path / "three.pt")], env=JOB_ENV, stderr=subprocess.PIPE, text=True)
             for r in range(3)]
     for job in jobs:
         assert job.wait(timeout=180) == 0, job.stderr.read()[-3000:]
     port = free_port()
     jobs = [subprocess.Popen([sys.executable, str(JOB), str(shards), str(tmp_path / f"s{r}.pt"), "--rank", str(r),
                               "--world", "2", *common[:4], "--repeats", "3", "--state", str(tmp_path / "three.pt"),
-                              "--dist-port", str(port)], stderr=subprocess.PIPE, text=True) for r in range(2)]
+                              "--dist-port", str(port)], env=JOB_ENV, stderr=subprocess.PIPE, text=True) for r in range(2)]
     for job in jobs:
         assert job.wait(timeout=180) == 0, job.stderr.read()[-3000:]
     before = [i for r in range(3) for b in load(tmp_path / f"r{r}.pt")["batches"] for i in b["sample_id"].tolist()]

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
-from test_engine import TINY
-from test_reliability import finish_all
 
 from data import write_shards
 from launcher.checkpoint import MANIFEST, Checkpointer, file_record
 from launcher.guard import DivergedError, NonFiniteGuard, first_nonfinite
+
+from helpers import TINY, finish_all, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/deit_tiny_toe_cpu.yaml"

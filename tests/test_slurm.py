@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_cluster import LocalSlurm, missing_binaries, submit
 
 from launcher.export import export
+
+from slurm_cluster import LocalSlurm, missing_binaries, submit
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}", "data.workers=1",

@@ -3,10 +3,11 @@ import json
 
 import pytest
 import torch
-from test_engine import records, train
 
 from launcher import step_timer
 from launcher.step_timer import PHASES, StepTimer, peak_memory_gib
+
+from helpers import records, train
 
 
 class FakeClock:

@@ -6,27 +6,13 @@ each attributed to its caller (this project, DeepSpeed, the DataLoader) and to t
 On a GPU each host read waits for the device; here the calls themselves are counted.
 """
 import collections
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_engine import TINY
+
+from helpers import probe
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def probe(tmp_path, shards, *overrides) -> list[dict]:
-    out = tmp_path / "events.json"
-    args = [sys.executable, str(ROOT / "tests/sync_probe.py"), str(out), "--config",
-            str(ROOT / "configs/deit_tiny_toe_cpu.yaml"), f"out_dir={tmp_path}", "name=run", f"data.path={shards}",
-            *TINY, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return json.loads(out.read_text())
 
 
 def totals(events, **match) -> collections.Counter:

@@ -8,47 +8,7 @@ import torch
 
 from toe import ToESchedule, expand_tokens
 
-# -- a straightforward reference: one sample, Python lists, float64 numpy (TOE_SPEC "The op") --
-
-def reference_distances(patches: np.ndarray, distance: str) -> np.ndarray:
-    n = patches.shape[0]
-    dist = np.empty((n, n))
-    for i in range(n):
-        for j in range(n):
-            u, a = patches[i], patches[j]
-            if distance == "cosine":
-                dist[i, j] = 1.0 - u @ a / (max(np.linalg.norm(u), 1e-6) * max(np.linalg.norm(a), 1e-6))
-            elif distance == "euclidean":
-                dist[i, j] = np.sqrt(((u - a) ** 2).sum())
-            else:
-                dist[i, j] = np.abs(u - a).sum()
-    return dist
-
-
-def reference_toe(patches: np.ndarray, counts, k: int, stride: int, distance: str = "cosine", remainder: str = "last"):
-    """Anchors (ascending) and merged tokens of one sample, following Eq. 2-7 literally."""
-    num_patches = patches.shape[0]
-    dist = reference_distances(patches, distance)
-    anchors = [i * stride for i in range(counts[0])]  # Eq. 2, 0-based
-    rest = [i for i in range(num_patches) if i not in anchors]
-    for previous, current in zip(counts, counts[1:]):
-        added = current - previous
-        for repeat in range(k):
-            if remainder == "last":  # the official token_select.py: the last repeat takes what // k leaves
-                take = added // k + (added % k if repeat == k - 1 else 0)
-            else:
-                take = added // k + (1 if repeat < added % k else 0)
-            nearest = {i: min(dist[i, a] for a in anchors) for i in rest}  # Eq. 3-4, recomputed each repeat
-            chosen = sorted(rest, key=lambda i: (-nearest[i], i))[:take]  # Eq. 6
-            anchors += chosen
-            rest = [i for i in rest if i not in chosen]
-    anchors = sorted(anchors)
-    groups = {a: [a] for a in anchors}
-    for i in rest:  # Eq. 7
-        groups[min(anchors, key=lambda a: (dist[i, a], a))].append(i)
-    merged = np.stack([patches[groups[a]].mean(axis=0) for a in anchors])
-    return anchors, merged
-
+from helpers import reference_toe
 
 SHAPES = [  # batch, prefix, patches, suffix, channels
     (2, 1, 16, 0, 8),

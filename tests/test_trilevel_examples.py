@@ -195,7 +195,7 @@ def subset_of(state: dict) -> np.ndarray:
 
 @pytest.mark.slow
 def test_statistics_survive_sigkill_and_resume_exactly_and_a_two_to_one_resume(tmp_path, tiny_shards):
-    from test_engine import kill_tree, module_state, records, start, train, wait_for_step
+    from helpers import kill_tree, module_state, records, start, train, wait_for_step
 
     straight = tmp_path / "straight"
     train(straight, tiny_shards, *EXAMPLES, ranks=2)  # with ToE (deit_tiny_toe_cpu.yaml): they compose
@@ -236,7 +236,7 @@ def test_statistics_survive_sigkill_and_resume_exactly_and_a_two_to_one_resume(t
 @pytest.mark.slow
 def test_all_three_levels_train_on_a_subset_and_evaluate_sparse_and_dense(tmp_path, tiny_shards):
     """The whole method (configs/deit_tiny_trilevel_cpu.yaml's levels) in the real engine, with the EMA."""
-    from test_engine import records, train
+    from helpers import records, train
 
     run = tmp_path / "trilevel"
     train(run, tiny_shards, "methods.toe=null", "methods.trilevel_examples={period: 1, swaps: 1}",

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from compile_check import assert_compiles
 
 import methods.trilevel_tokens as tl
 from launcher.config import ConfigError, load_config
@@ -29,6 +28,8 @@ from methods.trilevel_tokens import (
     ratio,
 )
 from models.cost import ViTShape, forward_flops
+
+from compile_check import assert_compiles
 
 ROOT = Path(__file__).resolve().parents[1]
 TOE_CPU = str(ROOT / "configs/deit_tiny_toe_cpu.yaml")
@@ -460,7 +461,7 @@ def test_compiled_forward_gives_the_eager_outputs_and_gradients():
 def test_the_real_engine_step_code_has_no_host_sync(tmp_path, tiny_shards):
     """The plug-in in ``launcher.train`` under ``tests/sync_probe.py`` (tokens and connections, the EMA and
     evaluation on): nothing of the project reads the device between log steps."""
-    from test_syncs import probe
+    from helpers import probe
 
     events = probe(tmp_path, tiny_shards, "methods.toe=null", "methods.trilevel_tokens={locations: [0, 1, 2]}",
                    "train.steps=12", "train.log_every=6", "train.ema=true", "train.eval_every=6",
