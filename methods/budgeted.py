@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from models.cost import BlockLoad, ViTShape, forward_flops
 
-from .base import MethodContext, TrainingPlugin
+from .base import Declaration, MethodContext, TrainingPlugin
 from .registry import register
 
 __all__ = ["StageModel", "BudgetSchedule", "BudgetedConfig", "BudgetedTraining", "SlicedLinear", "round_half_up",
@@ -352,16 +352,18 @@ class BudgetedConfig:
     eval: str = "stage"  # mid-run evaluation: stage (the current sub-network at its size) | full
     dense_steps: Optional[int] = None  # the dense run in steps; null: the recipe's (filled in at start-up)
 
-    input_grid_switch = "tokens"  # the option that turns the input-grid reduction off (methods.registry)
-
-    def refuses_pretrained(self) -> Optional[str]:
-        """Growth re-draws (``redraw``) or zeroes (``zero_out``) the newly active slices: from pretrained
-        weights that would erase the part of them each stage grows into."""
-        if self.init == "keep":
-            return None
-        return (f"its growth {'re-draws' if self.init == 'redraw' else 'zeroes'} the newly active head and MLP "
-                f"slices at every stage boundary (init: {self.init}), which would erase those pretrained weights; "
-                f"set methods.budgeted.init: keep to grow into them")
+    def declare(self) -> Declaration:
+        """The input grid (its ``tokens`` part) sets every block's token count: exclusive of any other method
+        that sets one, its budget is priced on its own grids. Growth re-draws (``redraw``) or zeroes
+        (``zero_out``) the newly active slices: from pretrained weights that would erase the part of them each
+        stage grows into. The run's length is the budget's (``run_steps``)."""
+        refusal = None if self.init == "keep" else (
+            f"its growth {'re-draws' if self.init == 'redraw' else 'zeroes'} the newly active head and MLP "
+            f"slices at every stage boundary (init: {self.init}), which would erase those pretrained weights; "
+            f"set methods.budgeted.init: keep to grow into them")
+        return Declaration(token_sites=frozenset({0}) if self.tokens else frozenset(),  # the grid: tokens from block 0
+                           input_grid="tokens" if self.tokens else None, exclusive_tokens=self.tokens,
+                           refuses_pretrained=refusal, run_steps=self.run_steps, progress=("budget/stage",))
 
     def __post_init__(self) -> None:
         if self.budget is not None and not 0 < self.budget <= 1:
@@ -393,13 +395,6 @@ class BudgetedConfig:
         if self.dense_steps is not None and (not _whole(self.dense_steps) or self.dense_steps < 1):
             raise ValueError(f"dense_steps must be an int >= 1 or null, got {self.dense_steps}")
 
-    def token_sites(self) -> set[int]:
-        return {0} if self.tokens else set()  # the input grid: the tokens before block 0 on
-
-    def sets_input_grid(self) -> bool:
-        """The input grid sets the token count of every block: no other method may set one (``methods.registry``)."""
-        return self.tokens
-
     def schedule(self, model: nn.Module, dense_steps: int, steps_per_epoch: int) -> BudgetSchedule:
         """The run's schedule for ``model`` (a timm ViT, the meta device will do)."""
         shape, num_heads, hidden, grid = model_dims(model)
@@ -420,7 +415,7 @@ class BudgetedConfig:
                               hidden)
 
     def run_steps(self, steps_per_epoch: int, default_total: int, model: nn.Module) -> tuple[int, "BudgetedConfig"]:
-        """The run-length seam (``methods.registry.run_length``): ``T_1 + ... + T_M`` replaces the
+        """The declared run length (``methods.registry.run_length``): ``T_1 + ... + T_M`` replaces the
         recipe's ``default_total`` (its dense run, which the budget is a fraction of)."""
         dense = self.dense_steps or default_total
         try:
@@ -458,10 +453,6 @@ class BudgetedTraining(TrainingPlugin):
         self.engine: Any = None
         self.ema: Any = None
 
-    @property
-    def token_sites(self) -> frozenset:
-        return frozenset(self.config.token_sites())
-
     # -- set-up --------------------------------------------------------------------------------
 
     def attach(self, model: nn.Module) -> None:
@@ -473,7 +464,7 @@ class BudgetedTraining(TrainingPlugin):
         self.blocks = slice_model(model)
         self._set(self.blocks, self.schedule.stages[0])
 
-    def on_engine(self, engine: Any, ema: Any = None) -> None:
+    def on_engine(self, engine: Any, ema: Any = None, stream: Any = None) -> None:
         self.engine, self.ema = engine, ema
         if ema is not None:
             self.ema_blocks = slice_model(ema.module)  # a deep copy of the sliced model: its own instances
