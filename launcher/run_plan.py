@@ -47,6 +47,8 @@ def plan_run(cfg: RunConfig, split_total: int, *, world: int, batches: Callable[
     examples = int(subset.sum()) if subset is not None else int(split_total)
     steps_per_epoch = batches(subset, micro) // t.grad_accum
     recipe_steps = math.ceil(t.epochs * steps_per_epoch) if t.epochs is not None else t.steps
+    if recipe_steps is None:  # the recipe loader refuses this already; here for a RunConfig built by hand
+        raise ConfigError("set train.epochs or train.steps")
     try:  # a method may set the run's length (Budgeted Training: the stages that meet its budget)
         run_steps, methods = run_length(cfg.methods, steps_per_epoch, recipe_steps, meta_model)
     except ValueError as err:  # a budget the data cannot meet: the same on every rank
