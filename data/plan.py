@@ -179,3 +179,12 @@ def remaining_items(items: np.ndarray, phases: list[Phase], seed: int, epoch: in
             consumed[indices[order[: phase.cursors[slot // phase.workers][slot % phase.workers]]]] = True
         items = items[~consumed]
     return items
+
+
+def train_batches_per_rank(examples: int, *, world: int, workers: int, batch: int, repeats: int = 1) -> int:
+    """Micro-batches each rank's training stream yields in an epoch over ``examples`` samples (a subset's
+    count where a method chose one): what ``ShardStream.__len__`` counts from ``epoch_items`` and
+    ``split_slots``, without building an epoch (``launcher.run_plan`` for a plan without a stream)."""
+    items = (examples // repeats) * repeats if repeats > 1 else examples
+    slots_per_rank = max(1, workers)
+    return slots_per_rank * ((items // (world * slots_per_rank)) // batch)

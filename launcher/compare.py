@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shlex
 import signal
@@ -51,21 +50,18 @@ class PlannedRun:
     exact_total: bool  # train.steps given (else an estimate from the shards index)
 
 
-def estimate_total(cfg) -> tuple[Optional[int], bool]:
-    """Total optimizer steps: ``train.steps``, else epochs x (train samples // global batch) from the
-    shards index (what launcher.train computes up to the last partial batch per rank)."""
+def estimate_total(cfg, world: int = 1) -> tuple[Optional[int], bool]:
+    """Total optimizer steps: ``train.steps`` (exact), else the run's own count from the shard index
+    (``launcher.run_plan``: a method's example subset and run length included), or ``None`` when the
+    index cannot be read here."""
     if cfg.train.steps:
         return cfg.train.steps, True
-    index = Path(cfg.data.path) / "shards.json"
+    from .run_plan import plan_from_index
     try:
-        total = json.loads(index.read_text())["splits"][cfg.data.train_split]["total"]
-    except (OSError, KeyError, ValueError):
+        planned = plan_from_index(cfg, world=world)
+    except ConfigError:  # e.g. a budget the data cannot meet: launcher.train names it when the run starts
         return None, False
-    from methods.registry import initial_subset
-    subset = initial_subset(cfg.methods, total, cfg.train.seed)  # epochs over a method's subset (Tri-Level)
-    if subset is not None:
-        total = int(subset.sum())
-    return math.ceil(cfg.train.epochs * max(1, total // cfg.train.global_batch)), False
+    return (planned.total_steps, False) if planned is not None else (None, False)
 
 
 def _check_listed_once(recipes: list[str]) -> None:
@@ -79,7 +75,7 @@ def _check_listed_once(recipes: list[str]) -> None:
         seen[key] = recipe
 
 
-def plan(recipes: list[str], seeds: int, out: Path, overrides: list[str]) -> list[PlannedRun]:
+def plan(recipes: list[str], seeds: int, out: Path, overrides: list[str], world: int = 1) -> list[PlannedRun]:
     _check_listed_once(recipes)
     runs, names = [], {}
     for seed in range(seeds):  # seed 0 of every recipe first: a cut-short comparison still has one of each
@@ -91,7 +87,7 @@ def plan(recipes: list[str], seeds: int, out: Path, overrides: list[str]) -> lis
                                   f"own name (the run folders would collide)")
             run_overrides = [*overrides, f"train.seed={seed}", f"name={name}", f"out_dir={out / 'runs'}"]
             cfg = load_config(recipe, run_overrides)
-            total, exact = estimate_total(cfg)
+            total, exact = estimate_total(cfg, world)
             runs.append(PlannedRun(Path(recipe), seed, name, run_overrides, cfg.run_dir,
                                    yaml.safe_load(resolved(cfg)), total, exact))
             check_folder(runs[-1])
@@ -344,7 +340,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
     out = Path(args.out).resolve()
     try:
-        runs = plan(args.recipes, args.seeds, out, args.overrides)
+        world = args.nodes * max(1, args.tasks_per_node or args.gpus_per_node) if args.slurm else args.ranks
+        runs = plan(args.recipes, args.seeds, out, args.overrides, world)
     except ConfigError as err:
         print(f"compare: bad recipe: {err}", file=sys.stderr)
         return 2

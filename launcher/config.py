@@ -451,8 +451,7 @@ def _validate(cfg: RunConfig) -> None:
     if t.ds_config is not None and not _ds_path(cfg).is_file():
         raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
     cfg.methods = _methods(cfg.methods, cfg.method_modules)
-    _check_pretrained(cfg)
-    _check_grad_checkpointing(cfg)
+    _check_declarations(cfg)
 
 
 def _validate_remote(cfg: RunConfig) -> None:
@@ -533,42 +532,44 @@ def _methods(sections: dict, modules: list) -> dict:
     return built
 
 
-def _check_pretrained(cfg: RunConfig) -> None:
-    """A method that cannot fine-tune refuses ``model.checkpoint`` with its reason (docs/finetuning.md)."""
-    if cfg.model.checkpoint is None:
-        return
-    from methods.registry import check_pretrained
-    try:
-        check_pretrained(cfg.methods)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-
-
-def _check_grad_checkpointing(cfg: RunConfig) -> None:
-    from methods.registry import grad_checkpointing_refusals
+def _check_declarations(cfg: RunConfig) -> None:
+    """What the methods' declarations refuse in the rest of the recipe: ``model.checkpoint`` (a method
+    that cannot fine-tune, docs/finetuning.md), ``model.grad_checkpointing``, and any other recipe value
+    a method cannot run with (its ``recipe_check``), each with the method's reason."""
+    from methods.registry import check_pretrained, grad_checkpointing_refusals, recipe_refusals
+    if cfg.model.checkpoint is not None:
+        try:
+            check_pretrained(cfg.methods)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     refusals = grad_checkpointing_refusals(cfg.methods) if cfg.model.grad_checkpointing else {}
     if refusals:
         name, reason = next(iter(refusals.items()))
         raise ConfigError(f"model.grad_checkpointing=true: methods.{name} refuses it: {reason}")
+    for name, reason in recipe_refusals(cfg.methods, cfg).items():
+        raise ConfigError(f"methods.{name}: {reason}")
 
 
-def _legacy_toe(data: dict) -> None:
-    """Recipes and run folders written before the method registry have a ``toe:`` section."""
-    if "toe" not in data:
-        return
-    section = data.pop("toe")
-    if not isinstance(section, dict):
-        raise ConfigError(f"toe must be a mapping, got {section!r}")
-    if section.pop("enabled", False):
-        log.warning("the recipe's 'toe:' section is read as 'methods: {toe: ...}'; write it that way")
-        data.setdefault("methods", {})
-        if isinstance(data["methods"], dict):
-            data["methods"] = {"toe": section, **data["methods"]}
+def _legacy_sections(data: dict) -> None:
+    """Recipes and run folders written before the method registry have a top-level section named after
+    the method, with ``enabled: true`` (``toe:``): read as ``methods: {name: ...}``, ahead of the others."""
+    import methods as registry  # registers the built-in methods
+    for name in reversed(registry.registered()):
+        if name not in data:
+            continue
+        section = data.pop(name)
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name} must be a mapping, got {section!r}")
+        if section.pop("enabled", False):
+            log.warning("the recipe's '%s:' section is read as 'methods: {%s: ...}'; write it that way", name, name)
+            data.setdefault("methods", {})
+            if isinstance(data["methods"], dict):
+                data["methods"] = {name: section, **data["methods"]}
 
 
 def load_config(path: str, overrides: typing.Sequence[str] = ()) -> RunConfig:
     data = _read_yaml(Path(path).resolve())
-    _legacy_toe(data)
+    _legacy_sections(data)
     for override in overrides:
         _apply_override(data, override)
     cfg = _build(RunConfig, data, "")

@@ -53,8 +53,10 @@ def due(step: int, every: int, total: int) -> bool:
 class RunLog:
     def __init__(self, run_dir: Path, *, rank: int, world: int, total_steps: int, log_every: int,
                  device: torch.device, counters: Callable[[], dict], epoch: Callable[[], int],
-                 guard: "NonFiniteGuard", peak_tflops: Optional[float] = None) -> None:
+                 guard: "NonFiniteGuard", peak_tflops: Optional[float] = None,
+                 progress_keys: tuple[str, ...] = ()) -> None:
         self.guard = guard
+        self.progress_keys = progress_keys  # the methods' metrics in the progress bar (their declarations)
         self.rank, self.world, self.total_steps, self.log_every = rank, world, total_steps, log_every
         self.peak_tflops = peak_tflops
         self._graphs = 0
@@ -109,8 +111,9 @@ class RunLog:
             self.diverged(step, err)
             raise
         if self.progress is not None:
+            shown = {key: f"{record[key]:g}" for key in self.progress_keys if isinstance(record.get(key), (int, float))}
             self.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.0f}",
-                                      stage=record.get("toe/stage", "-"), kept=record.get("toe/kept_tokens", "-"))
+                                      **shown)
         self._reset()
 
     def _perf(self, step: int, tflops: float) -> dict[str, float]:

@@ -1,6 +1,8 @@
-"""What differs between training a classifier and a detector: model, streams, loss, evaluation.
+"""What differs between training a classifier and a detector: model, streams, forward, loss, evaluation.
 
-The step loop in ``launcher.train`` is the same for both; it asks its task for these four things.
+The step loop in ``launcher.train`` is the same for both; it asks its task for these things. A method
+changes them only through its declaration (``stream_fields``: what the training stream reads) and its
+events (``loss``: a method that owns the loss replaces the task's); this module names no method.
 """
 from __future__ import annotations
 
@@ -15,17 +17,17 @@ import torch.nn.functional as F
 
 from .config import RunConfig, remote_options
 
-__all__ = ["ClassificationTask", "DetectionTask", "TokenLabellingTask", "make_task", "pretrained_source"]
+__all__ = ["ClassificationTask", "DetectionTask", "make_task", "pretrained_source"]
 
 log = logging.getLogger(__name__)
 
 
 class ClassificationTask:
-    token_labels = False  # the training stream also reads dense token labels (TokenLabellingTask)
-
     def __init__(self, cfg: RunConfig) -> None:
+        from methods.registry import stream_fields
         self.cfg = cfg
         self.mixup = None
+        self.stream_fields = stream_fields(cfg.methods)  # extra per-sample fields a method reads ("token_labels")
 
     def build_model(self, pretrained: bool = True):
         """The model and its suffix-token count; ``pretrained``: with ``model.checkpoint``'s weights (a run
@@ -51,7 +53,8 @@ class ClassificationTask:
         train = build_train_stream(d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
                                    seed=cfg.train.seed, image_size=cfg.model.img_size, split=d.train_split,
                                    buffer_size=d.buffer_size, repeats=d.repeats, pin_memory=pin_memory,
-                                   **({"token_labels": True} if self.token_labels else {}), **remote, **options)
+                                   **({"token_labels": True} if "token_labels" in self.stream_fields else {}),
+                                   **remote, **options)
         evaluation = build_eval_stream(d.eval_path or d.path, batch_size=micro, rank=rank, world_size=world,
                                        num_workers=d.workers,
                                        image_size=cfg.model.img_size, split=d.eval_split, crop_pct=d.crop_pct,
@@ -65,16 +68,20 @@ class ClassificationTask:
     def to_device(self, batch: dict, device) -> dict:
         return _tensors_to(batch, device)
 
-    def loss(self, model, batch: dict, micro_step: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The micro-batch's loss and the model's logits. With Mixup / CutMix the batch's images are
-        mixed in place and the logits are those of the mixed images."""
-        images, labels = batch["image"], batch["label"]
+    def forward(self, model, batch: dict, micro_step: int, dtype):
+        """The model's fp32 outputs for the micro-batch (logits; a tuple for a model with a dense head).
+        With Mixup / CutMix the batch's images are mixed in place and its ``mixed_target`` set first."""
+        images = batch["image"]
         if self.mixup is not None:
-            images, targets = self.mixup(images, labels, micro_step)  # in place, as timm's: no copy per step
-            logits = model(images.to(dtype)).float()
-            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean(), logits
-        logits = model(images.to(dtype)).float()
-        return F.cross_entropy(logits, labels, label_smoothing=self.cfg.data.label_smoothing), logits
+            images, batch["mixed_target"] = self.mixup(images, batch["label"], micro_step)  # in place, as timm's
+        outputs = model(images.to(dtype))
+        return outputs.float() if isinstance(outputs, torch.Tensor) else tuple(o.float() for o in outputs)
+
+    def loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with label smoothing, or soft cross-entropy on the Mixup / CutMix targets."""
+        if "mixed_target" in batch:
+            return torch.sum(-batch["mixed_target"] * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, batch["label"], label_smoothing=self.cfg.data.label_smoothing)
 
     @torch.no_grad()
     def evaluate(self, models: dict[str, tuple[Any, torch.dtype]], stream, device,
@@ -95,43 +102,6 @@ class ClassificationTask:
             results[f"{prefix}top1"], results[f"{prefix}top5"] = top1 / count, top5 / count
         results["eval_samples"] = int(totals[0, 2].item())
         return results
-
-
-class TokenLabellingTask(ClassificationTask):
-    """Classification with LV-ViT's token labelling objective (``methods.token_labelling``, chosen when a
-    recipe lists that method): the training stream reads the shards' dense labels, the method builds
-    the targets and MixToken in ``on_batch``, the loss here is ``token_label_loss``. Evaluation is the
-    plain classifier's (the model's eval output already holds the aux term)."""
-
-    token_labels = True
-
-    def __init__(self, cfg: RunConfig) -> None:
-        from .config import ConfigError
-        super().__init__(cfg)
-        self.options = cfg.methods["token_labelling"]
-        d = cfg.data
-        if d.mixup > 0 or d.cutmix > 0:
-            raise ConfigError("methods.token_labelling replaces Mixup / CutMix with MixToken (LVVIT_SPEC: both 0 in "
-                              "the recipe): set data.mixup and data.cutmix to 0")
-        if d.backend != "pil":
-            raise ConfigError("methods.token_labelling reads its maps through the PIL path: set data.backend=pil")
-        if not cfg.model.name.startswith("lvvit_"):
-            raise ConfigError(f"methods.token_labelling needs a model with a dense aux head (model.name lvvit_t, "
-                              f"lvvit_s or lvvit_m), got {cfg.model.name!r}")
-        if d.vflip:
-            raise ConfigError("methods.token_labelling has no vertical flip of the label maps: set data.vflip to 0")
-
-    def loss(self, model, batch: dict, micro_step: int, dtype) -> tuple[torch.Tensor, tuple]:
-        """``w_cls SoftCE(cls, t_cls) + w_dense mean SoftCE(aux, t_tok)`` on the targets the method put in the
-        batch; the outputs are ``(cls_logits, aux_logits)``."""
-        from methods.token_labelling import token_label_loss
-        if "cls_target" not in batch:
-            raise KeyError("TokenLabellingTask: the batch has no 'cls_target' (methods.token_labelling builds it)")
-        cls_logits, aux_logits = model(batch["image"].to(dtype))
-        cls_logits, aux_logits = cls_logits.float(), aux_logits.float()
-        loss, _, _ = token_label_loss(cls_logits, aux_logits, batch["cls_target"], batch["token_target"],
-                                      self.options.w_cls, self.options.w_dense)
-        return loss, (cls_logits, aux_logits)
 
 
 def _check_num_classes(cfg: RunConfig) -> None:
@@ -185,10 +155,12 @@ class DetectionTask:
     def to_device(self, batch: dict, device) -> dict:
         return {**_tensors_to(batch, device), "targets": [_tensors_to(t, device) for t in batch["targets"]]}
 
-    def loss(self, model, batch: dict, micro_step: int, dtype) -> tuple[torch.Tensor, dict]:
-        """The micro-batch's loss and the model's outputs (``pred_logits``, ``pred_boxes``)."""
-        outputs = model(batch["image"].to(dtype))
-        return self.criterion(outputs, batch["targets"])["loss"], outputs
+    def forward(self, model, batch: dict, micro_step: int, dtype) -> dict:
+        """The model's outputs (``pred_logits``, ``pred_boxes``)."""
+        return model(batch["image"].to(dtype))
+
+    def loss(self, batch: dict, outputs: dict) -> torch.Tensor:
+        return self.criterion(outputs, batch["targets"])["loss"]
 
     @torch.no_grad()
     def evaluate(self, models: dict[str, tuple[Any, torch.dtype]], stream, device,
@@ -248,6 +220,4 @@ def pretrained_refusals():
 
 
 def make_task(cfg: RunConfig):
-    if cfg.task == "classification" and "token_labelling" in cfg.methods:
-        return TokenLabellingTask(cfg)
     return {"classification": ClassificationTask, "detection": DetectionTask}[cfg.task](cfg)

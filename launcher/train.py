@@ -248,7 +248,8 @@ class Trainer:
 
     def _prepare_data(self):
         from data.shards import INDEX_NAME
-        from methods.registry import initial_subset, run_length
+
+        from .run_plan import plan_run
 
         d, t = self.cfg.data, self.cfg.train
         if d.synthetic:
@@ -263,19 +264,16 @@ class Trainer:
         self.images_per_step = micro * t.grad_accum  # this rank's; every batch is full (the stream drops the rest)
         self.train_stream, self.eval_stream = self.task.build_streams(
             micro=micro, rank=self.rank, world=self.world, pin_memory=self.device.type == "cuda")
-        # a method may train on a subset of the examples (Tri-Level E-ViT): epochs are passes over it
-        subset = initial_subset(self.cfg.methods, self.train_stream.split.total, t.seed)
-        if subset is not None:
-            self.train_stream.set_subset(subset)
-        self.steps_per_epoch = len(self.train_stream) // t.grad_accum
-        recipe_steps = math.ceil(t.epochs * self.steps_per_epoch) if t.epochs is not None else t.steps
-        # a method may set the run's length (Budgeted Training: the stages that meet its budget); train.steps wins
-        try:
-            run_steps, self.cfg.methods = run_length(self.cfg.methods, self.steps_per_epoch, recipe_steps,
-                                                     self._meta_model)
-        except ValueError as err:  # a budget the data cannot meet: the same on every rank
-            raise ConfigError(str(err)) from err
-        self.total_steps = t.steps or run_steps
+        stream = self.train_stream
+
+        def batches(subset, micro_batch: int) -> int:  # a method's example subset (Tri-Level E-ViT) on the stream
+            if subset is not None:
+                stream.set_subset(subset)
+            return len(stream)
+
+        plan = plan_run(self.cfg, stream.split.total, world=self.world, batches=batches, meta_model=self._meta_model)
+        self.cfg.methods = plan.methods  # resolved against the run (Budgeted Training's dense_steps)
+        self.steps_per_epoch, self.total_steps = plan.steps_per_epoch, plan.total_steps
 
     def _prepare_data_agreed(self) -> None:
         """``_prepare_data``, then the ranks' agreement (``launcher.agreement``): one collective in which
@@ -384,8 +382,7 @@ class Trainer:
             ds_config["checkpoint"] = {"load_universal": True}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.ema = EMA(self.engine.module, cfg.train.ema_decay) if cfg.train.ema else None
-        self.plugins.on_engine(self.engine, self.ema)
-        self.plugins.on_stream(self.train_stream)
+        self.plugins.on_engine(self.engine, self.ema, self.train_stream)
         if compile_model(cfg.train, self.device):
             compile_engine(self.engine, cfg.train.compile_backend, graphs=self.plugins.shape_variants())
 
@@ -420,9 +417,12 @@ class Trainer:
         self.checkpointer = Checkpointer(run_dir, self.engine, rank=self.rank, world_size=self.world,
                                          zero_stage=cfg.train.zero_stage, keep=cfg.checkpoint.keep,
                                          before_save=lambda step: self._check_finite(step, models))
+        from methods.registry import progress_keys
+
         from .perf import peak_tflops
         self.run_log = RunLog(run_dir, rank=self.rank, world=self.world, total_steps=self.total_steps,
                               log_every=cfg.train.log_every, device=self.device, guard=self.guard,
+                              progress_keys=progress_keys(cfg.methods),
                               peak_tflops=peak_tflops(self.device, cfg.train.precision),
                               counters=lambda: self.train_stream.counters, epoch=lambda: self.train_stream.epoch)
         step = 0
@@ -483,8 +483,8 @@ class Trainer:
             if accum == 0:
                 metrics, lr = plugins.on_step(step), self._set_lr(step)
             batch = plugins.on_batch(step, self.task.to_device(batch, self.device))
-            loss, outputs = self.task.loss(self.engine, batch, step * t.grad_accum + accum, dtype)
-            plugins.after_forward(step, batch, outputs)
+            outputs = self.task.forward(self.engine, batch, step * t.grad_accum + accum, dtype)
+            loss = plugins.loss(step, batch, outputs, self.task.loss)  # the task's, or the one method's that owns it
             self.engine.backward(loss)
             timer.mark("forward_backward")
             self.engine.step()

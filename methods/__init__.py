@@ -5,7 +5,7 @@ registry (``methods.registry``); each module registers itself on import.
 - ``patch_dropout``: timm's PatchDropout, the simplest rival
 - ``budgeted``: Budgeted Training (heads, MLP width and input grid grow to a training budget)
 - ``efficienttrain``: EfficientTrain (ICCV 2023): low-frequency crop and RandAugment magnitude by stage
-- ``token_labelling``: LV-ViT's token labelling with MixToken (dense teacher labels; launcher.tasks.TokenLabellingTask)
+- ``token_labelling``: LV-ViT's token labelling with MixToken (dense teacher labels, its own loss)
 - ``trilevel_examples``: Tri-Level E-ViT's example level (a forgetting-scored subset of the data)
 - ``trilevel_tokens``: Tri-Level E-ViT's token and attention-connection levels (class-attention pruning, top-k mask)
 """
@@ -18,8 +18,8 @@ from . import (  # noqa: F401  (registration)
            trilevel_examples,  # noqa: F401  (registration)
            trilevel_tokens,  # noqa: F401  (registration)
 )
-from .base import MethodContext, PluginStack, TrainingPlugin
+from .base import Batch, Declaration, MethodContext, PluginStack, TrainingPlugin
 from .registry import build_stack, check_combination, method, register, registered
 
-__all__ = ["MethodContext", "PluginStack", "TrainingPlugin", "build_stack", "check_combination", "method",
-           "register", "registered"]
+__all__ = ["Batch", "Declaration", "MethodContext", "PluginStack", "TrainingPlugin", "build_stack", "check_combination",
+           "method", "register", "registered"]

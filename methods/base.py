@@ -1,92 +1,83 @@
-"""The method seam: the events a training speed-up method sees, and the stack that runs several.
+"""The method seam: what a training speed-up method declares, and the events it sees.
 
-Every method (ToE, PatchDropout, and the ones to come: Budgeted Training, Tri-Level E-ViT,
-EfficientTrain, token labelling) is a ``TrainingPlugin``. The engine calls the events below, in
-this order, on every rank; every default does nothing, so a method implements only what it needs.
+Every method (ToE, PatchDropout, Budgeted Training, EfficientTrain, token labelling, Tri-Level E-ViT's
+example and token levels) is two things, registered together (``methods.registry.register``):
 
-Set-up, once per process:
+- a **config**, a dataclass of the recipe's options whose ``declare()`` returns a typed
+  ``Declaration``: what the method claims before any data is read (token sites, the input grid,
+  the run's length, an example subset, the loss, extra stream fields, what it refuses). The engine
+  checks every combination of methods against the declarations, builds the stream and counts the
+  run from them; it never probes a config for optional methods.
+- a **plug-in**, a ``TrainingPlugin`` built from the config and the run's ``MethodContext``; the
+  engine calls its events at fixed positions of the step loop, in the recipe's order, on every rank.
+  Every default does nothing, so a method implements only what it needs.
 
-1. ``attach(model)`` before ``deepspeed.initialize``: surgery that adds no parameters and
-   changes no parameter shape (ZeRO partitions parameters at initialize; a method that grows
-   heads or MLP width keeps full tensors and slices them in the forward).
-2. ``on_engine(engine, ema)`` right after ``deepspeed.initialize``: the engine and, through it, the
-   optimizer (``engine.optimizer``), e.g. to reset the moments of newly grown slices later, and
-   the run's EMA copy (``launcher.train.EMA``, or ``None``), whose weights must follow such edits.
-   Then ``on_stream(stream)``: the training stream (``data.stream.ShardStream``) before its first
-   pass and before a resumed run restores its position: e.g. ``stream.set_augmentation_schedule``
-   for an augmentation that follows the step in the DataLoader workers (EfficientTrain's magnitude).
-3. ``load_state_dict(state)`` when the run resumes, after the engine has loaded its checkpoint.
-
-The run, in the step loop:
-
-4. ``on_epoch(epoch, stream)`` before every pass over the training stream (also the resumed one) is
-   planned: e.g. ``stream.set_subset(mask)`` for an example subset, which that pass then reads. It
-   may come again for an epoch already begun (a resumed run): a change it makes must be applied once
-   (Tri-Level keeps in its state which swaps it made).
-5. ``on_step(step)`` once per optimizer step, before its first forward: everything a method
-   changes per step (tokens after a block, active heads / channels, a mask) is set here from
-   the 0-based global step, so it is a pure function of that step. Returns scalars to log.
-6. ``on_batch(step, batch) -> batch`` for every micro-batch, on the device, before the task's
-   loss (and so before Mixup / CutMix, which the loss applies): a batch transform.
-7. ``after_forward(step, batch, outputs)`` for every micro-batch, after the forward: the model's
-   outputs and the batch (``sample_id``, ``label``): per-sample statistics.
-8. ``after_step(step)`` once the optimizer step ``step`` is taken.
-
-Evaluation (mid-run and final, on every rank):
-
-9. ``on_eval_batch(step, batch) -> batch`` for every evaluation batch, on the device, before the
-   evaluated models see it; ``step`` is the number of optimizer steps taken (the final evaluation
-   has ``step == total_steps``): e.g. an input size that follows the training schedule.
-
-At any time:
-
-- ``plan(step, plan) -> plan``: the cost model. It edits the per-block loads of the step
-  (``models.cost.BlockLoad``) for whatever input grid the plan is for (read token counts off
-  the plan), so any combination of methods has one theoretical FLOPs figure.
-- ``step_metrics()``: scalars measured on the training forwards since the last call (the log
-  window), read at log steps only.
-- ``state_dict()``: saved in the checkpoint's client state under the plug-in's ``name``; ``{}``
-  for stateless methods (ToE's stage is a function of the step).
-- ``token_sites``: the blocks before which the method sets the token count; two methods that
-  claim the same block are refused (``check_token_sites``).
-
-- ``observe(samples, plan)``: the plan each training micro-batch was priced at (window metrics).
-- ``eval_variants()``: ways to evaluate, ``{result prefix: context-manager factory}``; the engine
-  evaluates once inside each (Tri-Level: ``""`` sparse, the primary figure, and ``"dense_"``). At
-  most one plug-in may have them; none: one plain evaluation.
-- ``shape_variants()``: how many distinct shapes the method's forward visits over the run (one
-  compiled graph each), when it is more than a few (Tri-Level's kept counts follow a cosine); the
-  compiled engine raises Dynamo's recompile limit to fit. ``None``: no claim.
-
-Before the step count, a method's config may restrict the run to a subset of the examples
-(``methods.registry.initial_subset``: an optional ``initial_subset(num_samples, seed)`` hook): epochs
-are then passes over the subset (Tri-Level E-ViT trains on 80%).
-
-Before the plug-ins exist, the engine asks the methods' configs for the run's length
-(``methods.registry.run_length``: an optional ``run_steps`` hook; Budgeted Training sets it from its
-budget), and the registry refuses a method that sets the input grid next to another that sets a
-token count (``sets_input_grid``).
-
-``PluginStack`` runs the plug-ins in the recipe's order and prices every training micro-batch
-after the plug-ins' ``on_batch``, on the grid the model gets. Nothing the stack or a method runs
-per step may sit in the model's forward as Python bookkeeping (hooks that count, host reads):
-the forward is compiled (``train.compile``), and ``tests/compile_check.py`` asserts 0 graph
-breaks for every method.
+The table of events (when each fires, in what order, which methods use it) is ``methods/README.md``;
+``docs/write_a_method.md`` builds a complete method. Nothing the stack or a method runs per step may
+sit in the model's forward as Python bookkeeping (hooks that count, host reads): the forward is
+compiled (``train.compile``), and ``tests/compile_check.py`` asserts 0 graph breaks for every method.
 """
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Optional, Sequence, TypedDict
 
+import torch
 import torch.nn as nn
 
 from models.cost import BlockLoad, ViTShape, forward_flops
 
-__all__ = ["MethodContext", "TrainingPlugin", "PluginStack", "check_token_sites"]
+__all__ = ["Batch", "Declaration", "MethodContext", "TrainingPlugin", "PluginStack", "check_token_sites"]
 
 TRAIN_FLOPS_PER_FORWARD = 3.0  # a training step costs forward + backward ~ 3 forwards (every matmul twice more)
+
+
+class Batch(TypedDict, total=False):
+    """A micro-batch as the events see it, on the device. The stream gives ``image`` / ``label`` /
+    ``sample_id`` / ``valid`` (and ``token_*`` when a method declares ``stream_fields={"token_labels"}``,
+    detection ``targets``); methods may add entries in ``on_batch`` for their own later events."""
+
+    image: torch.Tensor  # [B, C, H, W]
+    label: torch.Tensor  # [B] int64 (classification)
+    sample_id: torch.Tensor  # [B] int64 position in the split (per-sample statistics)
+    valid: torch.Tensor  # [B] bool (evaluation pads the last batches)
+    targets: list  # detection: one dict of boxes / labels per image
+    token_logits: torch.Tensor  # token labelling: the teacher's top-k maps, their ids and crop boxes
+    token_ids: torch.Tensor
+    token_box: torch.Tensor
+    cls_target: torch.Tensor  # token labelling's targets, made in its on_batch
+    token_target: torch.Tensor
+
+
+RunSteps = Callable[[int, int, nn.Module], "tuple[int, Any]"]
+Subset = Callable[[int, int], Any]
+
+
+@dataclass(frozen=True, eq=False)
+class Declaration:
+    """What a method claims at start-up, from its config alone (``config.declare()``).
+
+    The registry checks a recipe's declarations against each other (``check_combination``); the
+    engine reads the stream fields, the run length and the subset from them when it plans the run
+    (``launcher.run_plan``), the refusals when it validates the recipe, the progress keys for the
+    progress bar and the phase key for the report. Every field defaults to "claims nothing".
+    """
+
+    token_sites: frozenset[int] = frozenset()  # blocks before which the method sets the token count
+    input_grid: Optional[str] = None  # the method resizes the training inputs: the option that turns it off
+    exclusive_tokens: bool = False  # with input_grid: no other method may set a token count anywhere
+    refuses: Mapping[str, str] = field(default_factory=dict)  # {other method: why the two do not compose}
+    refuses_pretrained: Optional[str] = None  # why it cannot start from model.checkpoint (fine-tuning)
+    refuses_grad_checkpointing: Optional[str] = None  # why it cannot run with model.grad_checkpointing
+    recipe_check: Optional[Callable[[Any], Optional[str]]] = None  # the whole recipe -> a refusal, or None
+    stream_fields: frozenset[str] = frozenset()  # extra per-sample fields the training stream reads
+    owns_loss: bool = False  # its ``loss`` event replaces the task's loss (one method at most)
+    run_steps: Optional[RunSteps] = None  # (steps per epoch, the recipe's steps, meta model) -> (steps, config)
+    initial_subset: Optional[Subset] = None  # (examples in the split, seed) -> boolean mask of those trained on
+    progress: tuple[str, ...] = ()  # metric keys the progress bar shows
+    phase: Optional[str] = None  # the metric whose value names the run's phase (report: speed per phase)
 
 
 @dataclass(frozen=True)
@@ -104,44 +95,56 @@ class MethodContext:
 
 
 class TrainingPlugin:
-    """Base of every training speed-up method; the defaults do nothing."""
+    """Base of every training speed-up method; the defaults do nothing. The events, in the order they
+    fire, with when and who uses them: ``methods/README.md``."""
 
     name: str = "plugin"
-    token_sites: frozenset = frozenset()
+
+    # -- set-up, once per process ----------------------------------------------------------------
 
     def attach(self, model: nn.Module) -> None:
-        """Model surgery, once, before the engine wraps the model."""
+        """Model surgery, once, before the engine wraps the model: nothing that adds parameters or
+        changes their shapes (ZeRO partitions them at ``deepspeed.initialize``)."""
 
-    def on_engine(self, engine: Any, ema: Any = None) -> None:
-        """The DeepSpeed engine and the run's EMA copy (or ``None``), once, right after ``deepspeed.initialize``."""
+    def on_engine(self, engine: Any, ema: Any = None, stream: Any = None) -> None:
+        """Once, right after ``deepspeed.initialize``: the engine (its optimizer for moment edits), the run's
+        EMA copy (or ``None``) and the training stream before its first pass and before a resumed run
+        restores its position (``None`` where a test or bench has none)."""
 
-    def on_stream(self, stream: Any) -> None:
-        """The training stream, once, after ``on_engine``, before its first pass (and before a resumed run
-        restores its position)."""
+    # -- the step loop ---------------------------------------------------------------------------
 
     def on_epoch(self, epoch: int, stream: Any) -> None:
-        """Before the first batch of a pass over the training stream."""
+        """Before a pass over the training stream is planned (also the resumed one): e.g. ``stream.set_subset``.
+        It may come again for an epoch already begun: a change it makes must be applied once."""
 
     def on_step(self, step: int) -> dict[str, float]:
         """Set per-step behaviour from the 0-based global optimizer step; returns metrics to log."""
         return {}
 
-    def on_batch(self, step: int, batch: dict) -> dict:
-        """A micro-batch on the device, before the loss (and Mixup / CutMix)."""
+    def on_batch(self, step: int, batch: Batch) -> Batch:
+        """A micro-batch on the device, before the forward (and before Mixup / CutMix)."""
         return batch
 
-    def after_forward(self, step: int, batch: dict, outputs: Any) -> None:
-        """A micro-batch's model outputs, after the forward."""
+    def loss(self, step: int, batch: Batch, outputs: Any) -> Optional[torch.Tensor]:
+        """The micro-batch's training loss from the model's outputs, for a method whose declaration
+        says ``owns_loss`` (token labelling); ``None``: the task's loss."""
+        return None
+
+    def after_forward(self, step: int, batch: Batch, outputs: Any) -> None:
+        """A micro-batch's model outputs, after the forward and the loss: per-sample statistics."""
 
     def after_step(self, step: int) -> None:
         """The optimizer step ``step`` is taken."""
 
-    def on_eval_batch(self, step: int, batch: dict) -> dict:
+    def on_eval_batch(self, step: int, batch: Batch) -> Batch:
         """An evaluation batch on the device, after ``step`` optimizer steps, before the models see it."""
         return batch
 
+    # -- cost and window metrics -----------------------------------------------------------------
+
     def plan(self, step: int, plan: list[BlockLoad]) -> list[BlockLoad]:
-        """The step's per-block loads with this method applied (cost model)."""
+        """The step's per-block loads with this method applied (the cost model), on whatever grid the plan
+        is for (read token counts off the plan)."""
         return plan
 
     def observe(self, samples: int, plan: list[BlockLoad]) -> None:
@@ -154,6 +157,8 @@ class TrainingPlugin:
         replace ``on_step``'s of the same name."""
         return {}
 
+    # -- what the built plug-in tells the engine -------------------------------------------------
+
     def describe(self) -> Optional[str]:
         """A few lines for the start of the run's log (e.g. ToE's stage table)."""
         return None
@@ -165,6 +170,8 @@ class TrainingPlugin:
     def shape_variants(self) -> Optional[int]:
         """Distinct shapes the forward visits over the run (compiled graphs), or ``None``."""
         return None
+
+    # -- state -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -196,7 +203,6 @@ class PluginStack:
         names = [p.name for p in plugins]
         if len(set(names)) != len(names):
             raise ValueError(f"plug-in names must be unique (they key checkpoint state), got {names}")
-        check_token_sites((plugin.name, plugin.token_sites) for plugin in plugins)
         self.plugins = list(plugins)
         self.shape: Optional[ViTShape] = None
         self._window = [0.0, 0.0, 0.0, 0]  # training FLOPs, dense FLOPs, patch tokens x samples, samples
@@ -215,13 +221,9 @@ class PluginStack:
         for plugin in self.plugins:
             plugin.attach(model)
 
-    def on_engine(self, engine: Any, ema: Any = None) -> None:
+    def on_engine(self, engine: Any, ema: Any = None, stream: Any = None) -> None:
         for plugin in self.plugins:
-            plugin.on_engine(engine, ema)
-
-    def on_stream(self, stream: Any) -> None:
-        for plugin in self.plugins:
-            plugin.on_stream(stream)
+            plugin.on_engine(engine, ema, stream)
 
     def on_epoch(self, epoch: int, stream: Any) -> None:
         for plugin in self.plugins:
@@ -233,7 +235,7 @@ class PluginStack:
             metrics.update(plugin.on_step(step))
         return metrics
 
-    def on_batch(self, step: int, batch: dict) -> dict:
+    def on_batch(self, step: int, batch: Batch) -> Batch:
         """The plug-ins' batch transforms in order, then the batch is priced on the grid it enters
         the model with (outside the model, so a compiled forward holds no Python cost code)."""
         for plugin in self.plugins:
@@ -241,15 +243,23 @@ class PluginStack:
         self._price(step, batch["image"])
         return batch
 
-    def after_forward(self, step: int, batch: dict, outputs: Any) -> None:
+    def loss(self, step: int, batch: Batch, outputs: Any, task_loss: Callable[[Batch, Any], torch.Tensor]) -> torch.Tensor:
+        """The micro-batch's training loss: the one plug-in's that owns it (its declaration says so; the
+        registry refuses two), else the task's; then every plug-in's ``after_forward``."""
+        loss = None
+        for plugin in self.plugins:
+            if (loss := plugin.loss(step, batch, outputs)) is not None:
+                break
+        loss = task_loss(batch, outputs) if loss is None else loss
         for plugin in self.plugins:
             plugin.after_forward(step, batch, outputs)
+        return loss
 
     def after_step(self, step: int) -> None:
         for plugin in self.plugins:
             plugin.after_step(step)
 
-    def on_eval_batch(self, step: int, batch: dict) -> dict:
+    def on_eval_batch(self, step: int, batch: Batch) -> Batch:
         for plugin in self.plugins:
             batch = plugin.on_eval_batch(step, batch)
         return batch

@@ -13,7 +13,7 @@ LeapLabTHU/EfficientTrain at 552b73c, ``ET_training.py``), which ToE's Table 4 r
   transform, before the task's Mixup / CutMix, as ``engine.py:49-53``), and evaluation batches in
   ``on_eval_batch`` during the earlier stages (``engine.py:157-158``; the final evaluation is at
   full size); the magnitude reaches the DataLoader workers through the stream's step-aware
-  augmentation (``on_stream``: ``ShardStream.set_augmentation_schedule``), each worker computing
+  augmentation (``on_engine``: ``ShardStream.set_augmentation_schedule``), each worker computing
   it from the step of the batch it is producing;
 - the model keeps its full-size position table (timm's ``dynamic_img_size`` resamples it in the
   forward), so parameter shapes never change (ZeRO) and the export loads strictly into timm at
@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from models.cost import BlockLoad, ViTShape, forward_flops, keep_patches_after
 
-from .base import MethodContext, TrainingPlugin
+from .base import Declaration, MethodContext, TrainingPlugin
 from .registry import register
 
 __all__ = ["low_frequency_crop", "EfficientTrainConfig", "EfficientTrainSchedule", "EfficientTrainPlugin",
@@ -290,8 +290,10 @@ class EfficientTrainConfig:
             EfficientTrainSchedule(10**9, 2, 2, sizes=[2] * len(magnitudes), magnitudes=magnitudes,
                                    boundaries=self.boundaries)
 
-    def token_sites(self) -> set[int]:
-        return set()  # the input grid changes, not the tokens before a block
+    def declare(self) -> Declaration:
+        """The input grid changes by stage (no token count before a block: ToE composes, the paper's Table 4);
+        another method that sets the input grid does not."""
+        return Declaration(input_grid="", progress=("et/stage", "et/size"))
 
     def schedule(self, total_steps: int, image_size: int, patch_size: int) -> EfficientTrainSchedule:
         return EfficientTrainSchedule(total_steps, image_size, patch_size, sizes=self.sizes,
@@ -329,8 +331,10 @@ class EfficientTrainPlugin(TrainingPlugin):
             raise ValueError(f"methods.efficienttrain: {err}") from None
         self.shape = ViTShape.from_model(model)
 
-    def on_stream(self, stream: Any) -> None:
-        """The RandAugment magnitude of each batch's step, computed in the DataLoader workers."""
+    def on_engine(self, engine: Any, ema: Any = None, stream: Any = None) -> None:
+        """The RandAugment magnitude of each batch's step, computed in the training stream's DataLoader workers."""
+        if stream is None:
+            raise ValueError("efficienttrain sets the training stream's augmentation schedule: on_engine needs it")
         if not (stream.transform_options or {}).get("auto_augment"):
             log.info("EfficientTrain: RandAugment is off in this recipe (data.auto_augment: null), so only the "
                      "input size follows the schedule")

@@ -18,7 +18,7 @@ from timm.layers import PatchDropout
 
 from models.cost import BlockLoad, ViTShape, keep_patches_after, patches_at
 
-from .base import MethodContext, TrainingPlugin
+from .base import Declaration, MethodContext, TrainingPlugin
 from .registry import register
 
 __all__ = ["PatchDropoutConfig", "PatchDropoutPlugin", "kept_patches"]
@@ -38,8 +38,9 @@ class PatchDropoutConfig:
         if not 0 <= self.rate < 1:
             raise ValueError(f"rate must be in [0, 1) (timm's PatchDropout), got {self.rate}")
 
-    def token_sites(self) -> set[int]:
-        return {0}  # right after the patch embedding, before block 0
+    def declare(self) -> Declaration:
+        return Declaration(token_sites=frozenset({0}),  # right after the patch embedding, before block 0
+                           progress=("patch_dropout/kept_tokens",))
 
 
 class PatchDropoutPlugin(TrainingPlugin):
@@ -48,10 +49,6 @@ class PatchDropoutPlugin(TrainingPlugin):
     def __init__(self, rate: float) -> None:
         self.rate = float(rate)
         self.shape: ViTShape | None = None
-
-    @property
-    def token_sites(self) -> set[int]:
-        return {0}
 
     def attach(self, model: nn.Module) -> None:
         if not isinstance(getattr(model, "patch_drop", None), nn.Identity):

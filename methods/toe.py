@@ -19,7 +19,7 @@ from models.cost import BlockLoad, ViTShape, keep_patches_after, patches_at
 from toe import ToESchedule, TokenExpansion, apply_token_expansion
 from toe.token_expansion import DISTANCES, INITS
 
-from .base import MethodContext, TrainingPlugin
+from .base import Declaration, MethodContext, TrainingPlugin
 from .registry import register
 
 __all__ = ["ToEConfig", "ToEPlugin", "build"]
@@ -76,8 +76,9 @@ class ToEConfig:
                                  f"({self.num_stages - 1} increasing numbers > 0), got {epochs!r}")
         self.schedule(max(self.warmup_steps + self.num_stages, 10**9), steps_per_epoch=1)  # validates the numbers
 
-    def token_sites(self) -> set[int]:
-        return {self.block}
+    def declare(self) -> Declaration:
+        return Declaration(token_sites=frozenset({self.block}), progress=("toe/stage", "toe/kept_tokens"),
+                           phase="toe/stage")
 
     def schedule(self, total_steps: int, steps_per_epoch: int) -> ToESchedule:
         warmup = self.warmup_steps if self.warmup_epochs is None else round(self.warmup_epochs * steps_per_epoch)
@@ -100,10 +101,6 @@ class ToEPlugin(TrainingPlugin):
         self.module: Optional[TokenExpansion] = None
         self.shape: Optional[ViTShape] = None
         self._kept = [0, 0]  # kept patch tokens summed over samples, samples: training forwards since the last log
-
-    @property
-    def token_sites(self) -> frozenset:
-        return frozenset({self.schedule.block})
 
     def attach(self, model: nn.Module) -> None:
         # a model with a dense head (LV-ViT's aux head) gets every patch position back after its final

@@ -8,11 +8,12 @@ Contract: ``/work/shared/LVVIT_SPEC.md`` ("MixToken", "The token-labeling object
   micro-batch drawn from ``(seed, step, micro-batch, rank)`` is written into the model's ``mix_mask``
   (the model swaps the box's tokens with the flipped batch after the stem and swaps the aux logits
   back), and ``t_cls`` is mixed with the area actually swapped; label smoothing last.
-- The loss, ``w_cls SoftCE(cls, t_cls) + w_dense mean_{B N} SoftCE(aux, t_tok)``
-  (``tlt/loss/cross_entropy.py`` ``TokenLabelCrossEntropy``), is ``token_label_loss``; the task that
-  applies it is ``launcher.tasks.TokenLabellingTask``, chosen when a recipe lists this method (the
-  seam has no loss event; the step loop is unchanged). It also reads the shards' dense labels.
-- ``step_metrics``: ``token_labelling/loss_cls`` and ``token_labelling/loss_dense`` over the log window.
+- ``loss``: ``w_cls SoftCE(cls, t_cls) + w_dense mean_{B N} SoftCE(aux, t_tok)``
+  (``tlt/loss/cross_entropy.py`` ``TokenLabelCrossEntropy``), ``token_label_loss``, replaces the
+  classifier's loss (the declaration says ``owns_loss``); its declaration also has the training stream
+  read the shards' dense labels (``stream_fields``) and refuses recipes that would disturb MixToken.
+- ``step_metrics``: ``token_labelling/loss_cls`` and ``token_labelling/loss_dense`` over the log window
+  (the terms the loss event computed, kept on the device until the log step).
 - ``after_step``: the stem's BatchNorm statistics broadcast from rank 0 (no SyncBN, as official; the
   broadcast keeps evaluation and resumed runs identical across ranks).
 - ``plan``: nothing (MixToken and the targets cost no model FLOPs; the aux head is in ``models.cost``).
@@ -30,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import MethodContext, TrainingPlugin
+from .base import Declaration, MethodContext, TrainingPlugin
 from .registry import register
 
 __all__ = ["TokenLabellingConfig", "TokenLabellingPlugin", "mix_token_box", "token_label_loss", "soft_cross_entropy"]
@@ -86,8 +87,10 @@ class TokenLabellingConfig:
         if not 0 <= self.smoothing < 1:
             raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing}")
 
-    def token_sites(self) -> set[int]:
-        return set()
+    def declare(self) -> Declaration:
+        """The training stream reads the shards' dense labels; the loss is this method's; the rest of the
+        recipe must leave MixToken its batch (``recipe_check``)."""
+        return Declaration(stream_fields=frozenset({"token_labels"}), owns_loss=True, recipe_check=_recipe_refusal)
 
 
 class TokenLabellingPlugin(TrainingPlugin):
@@ -120,7 +123,7 @@ class TokenLabellingPlugin(TrainingPlugin):
         for key in ("token_logits", "token_ids", "token_box"):
             if key not in batch:
                 raise KeyError(f"methods.token_labelling: the batch has no {key!r}: the training stream must read "
-                               f"dense token labels (launcher.tasks.TokenLabellingTask)")
+                               f"dense token labels (the method's declared stream_fields)")
         c = self.config
         t_cls, t_tok = _targets(batch, self.num_classes, self.grid)
         if c.ground_truth:
@@ -148,12 +151,17 @@ class TokenLabellingPlugin(TrainingPlugin):
         from models.lvvit import broadcast_batchnorm
         broadcast_batchnorm(self.model)
 
-    @torch.no_grad()
-    def after_forward(self, step: int, batch: dict, outputs: Any) -> None:
+    def loss(self, step: int, batch: dict, outputs: Any) -> torch.Tensor:
+        """``w_cls SoftCE(cls, t_cls) + w_dense mean SoftCE(aux, t_tok)`` on the targets ``on_batch`` put in the
+        batch; ``outputs`` are the training forward's ``(cls_logits, aux_logits)``."""
+        if "cls_target" not in batch:
+            raise KeyError("methods.token_labelling: the batch has no 'cls_target' (its on_batch builds it)")
         cls_logits, aux_logits = outputs
-        _, cls_term, dense_term = token_label_loss(cls_logits.float(), aux_logits.float(), batch["cls_target"],
-                                                   batch["token_target"])
-        self._window.append(torch.stack([cls_term, dense_term]))
+        c = self.config
+        loss, cls_term, dense_term = token_label_loss(cls_logits.float(), aux_logits.float(), batch["cls_target"],
+                                                      batch["token_target"], c.w_cls, c.w_dense)
+        self._window.append(torch.stack([cls_term, dense_term]).detach())
+        return loss
 
     def step_metrics(self) -> dict[str, float]:
         window, self._window = self._window, []
@@ -167,6 +175,21 @@ class TokenLabellingPlugin(TrainingPlugin):
         return (f"token labelling: w_cls {c.w_cls} w_dense {c.w_dense} smoothing {c.smoothing} MixToken "
                 f"{'on' if c.mix_token else 'off'} ground truth {'on' if c.ground_truth else 'off'}; token grid "
                 f"{self.grid[0]}x{self.grid[1]}, {self.num_classes} classes")
+
+
+def _recipe_refusal(recipe: Any) -> Optional[str]:
+    """What in the rest of the recipe (a ``launcher.config.RunConfig``) token labelling cannot run with."""
+    d = recipe.data
+    if d.mixup > 0 or d.cutmix > 0:
+        return "it replaces Mixup / CutMix with MixToken (LV-ViT's recipe: both 0): set data.mixup and data.cutmix to 0"
+    if d.backend != "pil":
+        return "it reads its maps through the PIL path: set data.backend=pil"
+    if not recipe.model.name.startswith("lvvit_"):
+        return (f"it needs a model with a dense aux head (model.name lvvit_t, lvvit_s or lvvit_m), "
+                f"got {recipe.model.name!r}")
+    if d.vflip:
+        return "it has no vertical flip of the label maps: set data.vflip to 0"
+    return None
 
 
 def _targets(batch: dict, num_classes: int, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

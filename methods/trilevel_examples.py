@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .base import MethodContext, TrainingPlugin
+from .base import Declaration, MethodContext, TrainingPlugin
 from .registry import register
 
 __all__ = ["TriLevelExamplesConfig", "TriLevelExamples", "initial_mask", "forgetting_scores", "swap_subset",
@@ -187,8 +187,9 @@ class TriLevelExamplesConfig:
         if self.window > 2 ** 15 - 1:
             raise ValueError(f"window must be < 32768 (int16 counters), got {self.window}")
 
-    def token_sites(self, depth: int = 0) -> set:
-        return set()
+    def declare(self) -> Declaration:
+        """The run starts on a seeded random ``1 - drop`` of the examples (epochs are passes over it)."""
+        return Declaration(initial_subset=self.initial_subset)
 
     def initial_subset(self, num_samples: int, seed: int) -> np.ndarray:
         return initial_mask(num_samples, self.drop, seed)
@@ -210,7 +211,9 @@ class TriLevelExamples(TrainingPlugin):
 
     # -- set-up --
 
-    def on_stream(self, stream: Any) -> None:
+    def on_engine(self, engine: Any, ema: Any = None, stream: Any = None) -> None:
+        if stream is None:
+            raise ValueError("trilevel_examples swaps the training stream's examples: on_engine needs it")
         total = stream.split.total
         expected = initial_mask(total, self.config.drop, self.seed)
         if stream.subset is None or not np.array_equal(stream.subset, expected):

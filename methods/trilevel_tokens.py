@@ -46,7 +46,7 @@ from timm.models.vision_transformer import Block
 
 from models.cost import BlockLoad, ViTShape, forward_flops, keep_patches_after, patches_at
 
-from .base import MethodContext, TrainingPlugin
+from .base import Declaration, MethodContext, TrainingPlugin
 from .registry import register
 
 __all__ = ["TriLevelTokensConfig", "TriLevelTokensPlugin", "TriLevelBlocks", "ratio", "kept_count", "kept_counts",
@@ -255,8 +255,6 @@ class TriLevelBlocks(nn.Sequential):
 @dataclass
 class TriLevelTokensConfig:
     summary = ("keep_ratio", "attn_ratio")  # the options a report names the method by (not a recipe key)
-    grad_checkpointing_refusal = ("timm's checkpointed forward calls the blocks one by one, past the token drop "
-                                  "and the attention mask this method threads through them")  # not a recipe key
     tokens: bool = True  # level 2 on/off (spec "Ablation switches")
     connections: bool = True  # level 3 on/off
     keep_ratio: float = 0.9  # r_T: official README's DeiT-T command (--keep_ratio 0.9; main.py's argparse default: 0.7)
@@ -296,22 +294,23 @@ class TriLevelTokensConfig:
             raise ValueError("tokens must be true when connections is false (both off leaves nothing to do: drop "
                              "the trilevel_tokens section instead)")
 
-    def token_sites(self) -> set[int]:
-        return {b + 1 for b in self.locations} if self.tokens else set()  # blocks after a location see fewer
+    def declare(self) -> Declaration:
+        return Declaration(
+            token_sites=frozenset(b + 1 for b in self.locations) if self.tokens else frozenset(),  # after a location
+            refuses=REFUSES,
+            refuses_grad_checkpointing=("timm's checkpointed forward calls the blocks one by one, past the token drop "
+                                        "and the attention mask this method threads through them"))
 
-    def refuses(self, other: str, other_config: Any) -> Optional[str]:
-        """Methods this one does not run next to (``methods.registry.check_combination``)."""
-        if other == "toe":
-            return ("ToE's pre-hook refuses an attn_mask and changes the token count the kept counts are set for "
-                    "(spec 'What it needs from the engine' item 5); trilevel_examples composes with ToE")
-        if other == "token_labelling":
-            return ("token labelling's dense head scores every patch position at the output, which the token drop "
-                    "removes, and LV-ViT's blocks scale their residuals, which the location forward re-stating "
-                    "timm's Block does not")
-        if other == "patch_dropout":
-            return ("PatchDropout changes the patch count inside the model in training only, so the kept counts "
-                    "set for the input grid would not match; drop one of them")
-        return None
+
+REFUSES = {  # the methods Tri-Level's tokens / connections do not run next to, and why
+    "toe": ("ToE's pre-hook refuses an attn_mask and changes the token count the kept counts are set for "
+            "(spec 'What it needs from the engine' item 5); trilevel_examples composes with ToE"),
+    "token_labelling": ("token labelling's dense head scores every patch position at the output, which the token drop "
+                        "removes, and LV-ViT's blocks scale their residuals, which the location forward re-stating "
+                        "timm's Block does not"),
+    "patch_dropout": ("PatchDropout changes the patch count inside the model in training only, so the kept counts "
+                      "set for the input grid would not match; drop one of them"),
+}
 
 
 # -- the plug-in -----------------------------------------------------------------------------------------
@@ -331,10 +330,6 @@ class TriLevelTokensPlugin(TrainingPlugin):
         self._applied: Optional[tuple] = None
         self._variants: Optional[int] = None
         self._window = [0] * (len(config.locations) + 1)  # kept patches x samples per location, samples
-
-    @property
-    def token_sites(self) -> frozenset:
-        return frozenset(self.config.token_sites())
 
     # -- schedule --------------------------------------------------------------------------------
 
@@ -404,7 +399,7 @@ class TriLevelTokensPlugin(TrainingPlugin):
         self.copies = [model.blocks]
         self._grid = self.shape.num_patches
 
-    def on_engine(self, engine: Any, ema: Any = None) -> None:
+    def on_engine(self, engine: Any, ema: Any = None, stream: Any = None) -> None:
         """The EMA copy (a deepcopy made after ``attach``) has its own ``TriLevelBlocks``: it gets
         the same settings as the live model from now on."""
         if ema is not None:

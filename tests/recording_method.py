@@ -8,15 +8,15 @@ import json
 import os
 from dataclasses import dataclass
 
-from methods import MethodContext, TrainingPlugin, register
+from methods import Declaration, MethodContext, TrainingPlugin, register
 
 
 @dataclass
 class RecordingConfig:
     out_dir: str = "."
 
-    def token_sites(self) -> set:
-        return set()
+    def declare(self) -> Declaration:
+        return Declaration()
 
 
 class RecordingPlugin(TrainingPlugin):
@@ -33,8 +33,9 @@ class RecordingPlugin(TrainingPlugin):
     def attach(self, model):
         self._write("attach", training=model.training)
 
-    def on_engine(self, engine, ema):
-        self._write("on_engine", zero_stage=engine.zero_optimization_stage(), ema=ema is not None)
+    def on_engine(self, engine, ema, stream):
+        self._write("on_engine", zero_stage=engine.zero_optimization_stage(), ema=ema is not None,
+                    stream_epoch=stream.epoch)
 
     def on_epoch(self, epoch, stream):
         self._write("on_epoch", epoch=epoch, stream_epoch=stream.epoch)
@@ -46,6 +47,10 @@ class RecordingPlugin(TrainingPlugin):
     def on_batch(self, step, batch):
         self._write("on_batch", step=step, device=str(batch["image"].device), samples=len(batch["image"]))
         return batch
+
+    def loss(self, step, batch, outputs):
+        self._write("loss", step=step)
+        return None  # the task's loss
 
     def after_forward(self, step, batch, outputs):
         self._write("after_forward", step=step, outputs=list(outputs.shape), ids=len(batch["sample_id"]))

@@ -8,7 +8,7 @@ Every module's imports are read with ``ast`` (module level and inside functions,
 - test modules import no other test module (shared code: ``tests/helpers.py``, fixtures: ``tests/conftest.py``);
 - nothing outside tests/ edits ``sys.path`` (the package is installed; bench scripts import their siblings).
 
-bench/ and tests/ may import anything. A known exception names the import to remove; once it is gone the test
+bench/, examples/ and tests/ may import anything. A known exception names the import to remove; once it is gone the test
 says so, and the entry goes too.
 """
 import ast
@@ -192,7 +192,7 @@ def test_test_modules_import_no_other_test_module():
 
 def test_nothing_outside_tests_edits_sys_path():
     bad = []
-    for path in sorted(p for top in (*LAYERS, "bench") for p in (ROOT / top).rglob("*.py")):
+    for path in sorted(p for top in (*LAYERS, "bench", "examples") for p in (ROOT / top).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) and \
                     node.value.id == "sys" and not isinstance(getattr(node, "ctx", None), ast.Load):

@@ -154,7 +154,7 @@ def expected_events(start: int, end: int, steps_per_epoch: int, accum: int, resu
         if step == start or step % steps_per_epoch == 0:
             events.append(("on_epoch", step // steps_per_epoch))
         events.append(("on_step", step))
-        events += [("on_batch", step), ("after_forward", step)] * accum
+        events += [("on_batch", step), ("loss", step), ("after_forward", step)] * accum
         events.append(("after_step", step))
     return events
 

@@ -127,7 +127,7 @@ def make_plugin(shards, config, seed=0):
     stream = build_train_stream(str(shards), batch_size=8, num_workers=0, seed=seed, image_size=32, buffer_size=16)
     stream.set_subset(initial_subset({"trilevel_examples": config}, stream.split.total, seed))
     plugin = TriLevelExamples(config, MethodContext(total_steps=100, steps_per_epoch=25, seed=seed))
-    plugin.on_stream(stream)
+    plugin.on_engine(None, None, stream)
     return stream, plugin
 
 
