@@ -63,7 +63,7 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "val"
     workers: int = 2
-    backend: str = "pil"  # pil: timm's transform in the DataLoader workers; dali: NVIDIA DALI (data/dali.py)
+    backend: str = "pil"  # pil: timm's transform in the DataLoader workers; dali: NVIDIA DALI (data/dali/)
     buffer_size: int = 1000
     repeats: int = 1
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
@@ -400,7 +400,7 @@ def _validate(cfg: RunConfig) -> None:
                                 color_jitter=d.color_jitter, crop_pct=d.crop_pct)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    if d.backend == "dali":  # data/dali.py: what of the transform the DALI path implements
+    if d.backend == "dali":  # data/dali/: what of the transform the DALI path implements
         from data.dali import check_dali_options, dali_available  # light: no DALI / torch import
         if cfg.task != "classification":
             raise ConfigError("data.backend=dali is for task: classification (detection reads through PIL)")

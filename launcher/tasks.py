@@ -44,7 +44,7 @@ class ClassificationTask:
         from data.transforms import StepMixup
         cfg, d = self.cfg, self.cfg.data
         _check_num_classes(cfg)
-        if d.backend == "dali":  # the same stream; images made by DALI (GPU when there is one), data/dali.py
+        if d.backend == "dali":  # the same stream; images made by DALI (GPU when there is one), data/dali/
             from data.dali import build_eval_stream, build_train_stream  # noqa: F811
         common = dict(interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))  # train and eval alike
         options = dict(auto_augment=d.auto_augment, re_prob=d.re_prob, color_jitter=d.color_jitter,
@@ -197,7 +197,7 @@ def pretrained_source(checkpoint: Optional[str]):
         return checkpoint
     from models.pretrained import NamedStateDict, PretrainedError
 
-    from .export import checkpoint_state_dict
+    from .checkpoint import checkpoint_state_dict
     try:
         state, point = checkpoint_state_dict(checkpoint)
     except RuntimeError as err:  # damaged or non-finite checkpoints: named, a start-up refusal

@@ -23,11 +23,7 @@ RANK = {package: rank for rank, package in enumerate(LAYERS)}
 KNOWN_UPWARD: frozenset = frozenset()
 
 # cycles that only function-level imports close, as the set of their modules
-KNOWN_CYCLES = frozenset({
-    # launcher/tasks.py pretrained_source: `from .export import checkpoint_state_dict`, while launcher.export imports
-    # launcher.tasks (make_task); checkpoint_state_dict now lives in launcher.checkpoint: import it from there
-    frozenset({"launcher.tasks", "launcher.export"}),
-})
+KNOWN_CYCLES: frozenset = frozenset()  # cycles through imports inside functions, each with its reason
 
 
 class Import(NamedTuple):

@@ -101,7 +101,7 @@ def test_a_resumed_run_sums_its_segments_and_keeps_the_last_record_of_a_redone_s
     row = table(out.read_text())["toe"]
     assert row["wall-clock"] == "11.0 s" and row["steps"] == "8" and row["train PFLOPs"] == "0.08"
     assert row["final top-1 (%)"] == "50.00" and row["best top-1 (%)"] == "50.00"
-    assert row["img/s per ToE stage"] == "1: 105; 2: 120; 3: 130"
+    assert row["img/s per stage"] == "1: 105; 2: 120; 3: 130"
     assert row["methods"] == "toe (r1=0.5)" and row["FLOPs speed-up"] == "1.00x"
 
 

@@ -115,7 +115,7 @@ def _step_plot(plt, groups: list[Group], metric: str, ylabel: str, title: str, p
         if boundaries and group.runs:
             for k, step in enumerate(group.runs[0].stage_boundaries()):
                 ax.axvline(step, color=colour, linestyle="--", linewidth=1,
-                           label=f"{group.label}: ToE stage boundary" if k == 0 else None)
+                           label=f"{group.label}: stage boundary" if k == 0 else None)
     if not drawn:
         plt.close(fig)
         return
@@ -164,11 +164,15 @@ def write_plots(groups: list[Group], out: Path) -> tuple[list[Path], list[str]]:
                                written)
     _step_plot(plt, groups, "loss", "train loss (per step)", "Train loss against step", out / "loss.png",
                written, boundaries=False)
-    _step_plot(plt, groups, "toe/kept_tokens", "kept patch tokens per sample (after the ToE block)",
-               "ToE kept tokens against step (stage boundaries dashed)", out / "kept_tokens.png", written,
-               boundaries=True, drawstyle="steps-post")  # a stage holds its count until the next boundary
+    phased = {key.split("/")[0] for r in runs if (key := r.phase_key())}  # the method whose stages the plots mark
+    kept = sorted({k for r in runs for record in r.train.values() for k in record if k.endswith("/kept_tokens")},
+                  key=lambda k: (k.split("/")[0] not in phased, k))
+    if kept:  # a method's kept patch tokens (ToE's after its block): the phased method's first
+        _step_plot(plt, groups, kept[0], f"kept patch tokens per sample ({kept[0]})",
+                   "Kept tokens against step (stage boundaries dashed)", out / "kept_tokens.png", written,
+                   boundaries=True, drawstyle="steps-post")  # a stage holds its count until the next boundary
     _step_plot(plt, groups, "img_per_s", "training throughput (images / s, all ranks)",
-               "Throughput against step (ToE stage boundaries dashed)", out / "img_per_s.png", written,
+               "Throughput against step (stage boundaries dashed)", out / "img_per_s.png", written,
                boundaries=True)
     _breakdown_plot(plt, runs, out / "time_breakdown.png", written)
     return written, notes

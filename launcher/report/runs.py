@@ -122,21 +122,30 @@ class Run:
             values.append(float(self.final[key]))
         return max(values) if values else None
 
+    def phase_key(self) -> Optional[str]:
+        """The metric whose value names the run's phase: what its methods declare (``Declaration.phase``, e.g.
+        ToE's stage), or, for a run folder written before the method registry (no ``methods:`` mapping),
+        the first ``<method>/stage`` key of its log; ``None``: one phase."""
+        listed = self.config.get("methods")
+        return _declared_phase(listed) if isinstance(listed, dict) else self.stage_key()
+
     def img_per_s_by_stage(self) -> dict:
-        """Mean logged ``img_per_s`` per ToE stage (key None: runs without ToE)."""
-        by_stage: dict = {}
+        """Mean logged ``img_per_s`` per phase of the run (``phase_key``; key None: a run of one phase)."""
+        key, by_stage = self.phase_key(), {}
         for record in self.train.values():
             if isinstance(record.get("img_per_s"), (int, float)):
-                by_stage.setdefault(record.get("toe/stage"), []).append(float(record["img_per_s"]))
+                by_stage.setdefault(record.get(key) if key else None, []).append(float(record["img_per_s"]))
         return {stage: statistics.fmean(values) for stage, values in sorted(by_stage.items(), key=_stage_order)}
 
     def stage_boundaries(self) -> list[int]:
-        """Steps where ``toe/stage`` changes: the first step of the record (a log window, when it covers
-        ``steps`` > 1) whose stage differs from the previous record's, so exact to one log window."""
-        out, previous = [], None
+        """Steps where the run's phase (``phase_key``) changes: the first step of the record (a log window, when
+        it covers ``steps`` > 1) whose phase differs from the previous record's, so exact to one log window."""
+        out, previous, key = [], None, self.phase_key()
+        if key is None:
+            return out
         for step in sorted(self.train):
             record = self.train[step]
-            stage = record.get("toe/stage")
+            stage = record.get(key)
             if stage is not None and previous is not None and stage != previous:
                 out.append(step - max(1, int(record.get("steps", 1))) + 1)
             previous = stage if stage is not None else previous
@@ -294,6 +303,21 @@ def recipe_key(config: dict) -> str:
         if isinstance(node, dict):
             node.pop(keys[-1], None)
     return json.dumps(stripped, sort_keys=True)
+
+
+def _declared_phase(listed: dict) -> Optional[str]:
+    """The phase metric the methods of a run's ``methods:`` mapping declare (``methods.registry.phase_key``);
+    a method this process does not know, or options it refuses, declare nothing."""
+    import methods
+    from methods.registry import phase_key
+    configs = {}
+    for name, options in listed.items():
+        if isinstance(options, dict):
+            try:
+                configs[name] = methods.method(name).config(**options)
+            except (KeyError, TypeError, ValueError):
+                continue
+    return phase_key(configs)
 
 
 def methods_of(config: dict) -> str:

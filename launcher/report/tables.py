@@ -78,7 +78,7 @@ def _table(groups: list[Group], baseline: Group) -> list[str]:
     head = ["recipe", "seeds", "methods"]
     for key in keys:
         head += [f"final {METRIC_TITLES[key]}", f"best {METRIC_TITLES[key]}"]
-    head += ["steps", "wall-clock", "img/s per ToE stage", "train PFLOPs", "FLOPs speed-up", "wall-clock speed-up"]
+    head += ["steps", "wall-clock", "img/s per stage", "train PFLOPs", "FLOPs speed-up", "wall-clock speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_flops = _mean_std([r.total_flops for r in baseline.runs])
     base_wall = _mean_std([r.wall_clock for r in baseline.runs])
