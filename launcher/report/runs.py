@@ -321,25 +321,23 @@ def _declared_phase(listed: dict) -> Optional[str]:
 
 
 def methods_of(config: dict) -> str:
-    """Training methods of a run: the ``methods:`` mapping (plug-ins) and/or the ``toe:`` section."""
+    """Training methods of a run: the ``methods:`` mapping (plug-ins), after any top-level section named after
+    a method with ``enabled: true`` (run folders written before the registry: ``toe:``)."""
+    import methods as registry
+    listed = config.get("methods") if isinstance(config.get("methods"), dict) else {}
+    legacy = {name: config[name] for name in registry.registered()
+              if isinstance(config.get(name), dict) and config[name].get("enabled") and name not in listed}
     parts = []
-    methods = config.get("methods")
-    if isinstance(methods, dict):
-        for name, options in methods.items():
-            if isinstance(options, dict):
-                if options.get("enabled", True) is False:
-                    continue
-                defaults, always = _method_defaults(name)
-                shown = [f"{k}={v}" for k, v in options.items() if k != "enabled" and _scalar(v) and
-                         (k in always or k not in defaults or defaults[k] != v)]
-                parts.append(f"{name} ({', '.join(shown)})" if shown else str(name))
-            elif options not in (False, None):
-                parts.append(str(name) if options is True else f"{name} ({options})")
-    else:
-        methods = {}
-    toe = config.get("toe") or {}
-    if toe.get("enabled") and "toe" not in methods:
-        parts.append(f"toe (r1={toe.get('r1')})")
+    for name, options in {**legacy, **listed}.items():
+        if isinstance(options, dict):
+            if options.get("enabled", True) is False:
+                continue
+            defaults, always = _method_defaults(name)
+            shown = [f"{k}={v}" for k, v in options.items() if k != "enabled" and _scalar(v) and
+                     (k in always or k not in defaults or defaults[k] != v)]
+            parts.append(f"{name} ({', '.join(shown)})" if shown else str(name))
+        elif options not in (False, None):
+            parts.append(str(name) if options is True else f"{name} ({options})")
     return ", ".join(parts) if parts else "none"
 
 
