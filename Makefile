@@ -16,8 +16,9 @@ test: install lint  ## lint, type checks and the whole test suite, CPU only (wha
 test-fast: install  ## the tests not marked slow: a few minutes, for working
 	$(PY) -m pytest tests/ -q -m "not slow"
 
-lint: install  ## ruff (lint) and mypy, configured in pyproject.toml
+lint: install  ## ruff (lint and format) and mypy, configured in pyproject.toml
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 bench: install  ## the benchmarks (tables + JSON in bench/results/)

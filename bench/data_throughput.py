@@ -16,6 +16,7 @@ DataLoader workers: "per core" whatever the thread count). ``--device gpu`` runs
 with GPU decoding (``mixed``) and GPU operators; its figure is then GPU img/s (CPU per image also
 shown). Prints a table and writes JSON (default ``bench/results/data_throughput.json``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def make_folder(root: Path, count: int, classes: int = 8) -> float:
         width, height = int(rng.integers(450, 551)), int(rng.integers(340, 411))
         image = np.asarray(Image.fromarray(sample.image).resize((width, height), Image.BICUBIC), np.float32)
         coarse = rng.normal(0, 40, (height // 4, width // 4, 3)) + 128  # photo-like texture at two scales
-        texture = np.asarray(Image.fromarray(coarse.clip(0, 255).astype(np.uint8)).resize((width, height),
-                                                                                          Image.BICUBIC), np.float32)
+        texture = np.asarray(
+            Image.fromarray(coarse.clip(0, 255).astype(np.uint8)).resize((width, height), Image.BICUBIC), np.float32
+        )
         pixels = (image + texture - 128 + rng.normal(0, 10, image.shape)).clip(0, 255).astype(np.uint8)
         folder = root / f"class_{sample.label % classes:02d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -88,7 +90,7 @@ def decode_only(encoded: list[bytes], batch: int):
     """The floor of any PIL loader: the JPEGs decoded to RGB in this process, no transform, no workers."""
     for start in range(0, len(encoded) - batch + 1, batch):
         images = []
-        for data in encoded[start:start + batch]:
+        for data in encoded[start : start + batch]:
             with Image.open(io.BytesIO(data)) as image:
                 images.append(image.convert("RGB"))
         yield {"image": images}
@@ -121,11 +123,19 @@ def main() -> None:
         encoded = [path.read_bytes() for path in sorted(folder.rglob("*.jpg"))]
         cases["decode only"] = (lambda: decode_only(encoded, args.batch), None)
         if not args.no_imagefolder:
-            cases["ImageFolder"] = (lambda: DataLoader(ImageFolder(str(folder), transform=transform),
-                                                       batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                                                       drop_last=True), None)
+            cases["ImageFolder"] = (
+                lambda: DataLoader(
+                    ImageFolder(str(folder), transform=transform),
+                    batch_size=args.batch,
+                    shuffle=True,
+                    num_workers=args.workers,
+                    drop_last=True,
+                ),
+                None,
+            )
         try:
             from data import dali
+
             available = dali.dali_available() and not args.no_dali
         except ImportError:
             available = False
@@ -138,8 +148,10 @@ def main() -> None:
             cases[f"DALI {args.device.upper()}"] = (lambda: stream, sync)
         else:
             build_s = None
-            print("DALI row left out: " + ("--no-dali" if args.no_dali else
-                                             "DALI is not installed (pip install -r requirements-dali.txt)"))
+            print(
+                "DALI row left out: "
+                + ("--no-dali" if args.no_dali else "DALI is not installed (pip install -r requirements-dali.txt)")
+            )
         for name, (make, sync) in cases.items():  # warm-up round: first-epoch costs (page cache, worker start)
             time_epoch(make, sync)
         for _ in range(args.rounds):
@@ -148,9 +160,15 @@ def main() -> None:
 
     rows = []
     for name, runs in samples.items():
-        rows.append({"loader": name, "per_s": statistics.median(r["per_s"] for r in runs),
-                     "per_cpu_s": statistics.median(r["per_cpu_s"] for r in runs),
-                     "images_per_epoch": runs[0]["images"], "rounds": runs})
+        rows.append(
+            {
+                "loader": name,
+                "per_s": statistics.median(r["per_s"] for r in runs),
+                "per_cpu_s": statistics.median(r["per_cpu_s"] for r in runs),
+                "images_per_epoch": runs[0]["images"],
+                "rounds": runs,
+            }
+        )
     pil = next(r for r in rows if r["loader"] == "PIL stream")
     for row in rows:
         row["per_cpu_s_vs_pil"] = row["per_cpu_s"] / pil["per_cpu_s"]
@@ -158,29 +176,51 @@ def main() -> None:
         # the same ratio round by round (each round runs every loader once, back to back), then the median:
         # steadier than the ratio of medians on a machine whose load swings between rounds
         row["per_cpu_s_vs_pil_paired"] = statistics.median(
-            r["per_cpu_s"] / p["per_cpu_s"] for r, p in zip(row["rounds"], pil["rounds"]))
+            r["per_cpu_s"] / p["per_cpu_s"] for r, p in zip(row["rounds"], pil["rounds"])
+        )
 
-    print(f"DeiT train transform (RandAugment m9, random erasing) at {args.size} px; {args.images} JPEGs "
-          f"(~500x375, q90, mean {mean_kb:.0f} KB), batch {args.batch}, {args.workers} DataLoader worker(s), "
-          f"DALI {threads} thread(s) on {args.device}; median of {args.rounds} interleaved epochs; "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"DeiT train transform (RandAugment m9, random erasing) at {args.size} px; {args.images} JPEGs "
+        f"(~500x375, q90, mean {mean_kb:.0f} KB), batch {args.batch}, {args.workers} DataLoader worker(s), "
+        f"DALI {threads} thread(s) on {args.device}; median of {args.rounds} interleaved epochs; "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"{'loader':>12} {'img/s':>8} {'img/CPU-s':>10} {'vs PIL (per CPU-s)':>19} {'paired by round':>16}")
     for row in rows:
-        print(f"{row['loader']:>12} {row['per_s']:>8.1f} {row['per_cpu_s']:>10.1f} {row['per_cpu_s_vs_pil']:>19.2f} "
-              f"{row['per_cpu_s_vs_pil_paired']:>16.2f}")
+        print(
+            f"{row['loader']:>12} {row['per_s']:>8.1f} {row['per_cpu_s']:>10.1f} {row['per_cpu_s_vs_pil']:>19.2f} "
+            f"{row['per_cpu_s_vs_pil_paired']:>16.2f}"
+        )
     dali_row = next((r for r in rows if r["loader"].startswith("DALI")), None)
     if dali_row is not None:
-        print(f"DALI pipeline build: {build_s:.1f} s (once per run); DeiT-S on one H100 needs ~{DEIT_S_NEEDS} img/s: "
-              f"{dali_row['per_s'] / DEIT_S_NEEDS:.2f} of it here"
-              + ("" if args.device == "gpu" else f", i.e. ~{DEIT_S_NEEDS / dali_row['per_cpu_s']:.0f} such CPU cores"))
+        print(
+            f"DALI pipeline build: {build_s:.1f} s (once per run); DeiT-S on one H100 needs ~{DEIT_S_NEEDS} img/s: "
+            f"{dali_row['per_s'] / DEIT_S_NEEDS:.2f} of it here"
+            + ("" if args.device == "gpu" else f", i.e. ~{DEIT_S_NEEDS / dali_row['per_cpu_s']:.0f} such CPU cores")
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"images": args.images, "mean_jpeg_kb": mean_kb, "size": args.size, "batch": args.batch,
-                               "workers": args.workers, "dali_device": args.device, "dali_threads": threads,
-                               "dali_build_s": build_s, "deit_s_needs_per_s": DEIT_S_NEEDS, "rows": rows,
-                               "cpus": os.cpu_count(), "machine": platform.machine(),
-                               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                               "torch": torch.__version__}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "images": args.images,
+                "mean_jpeg_kb": mean_kb,
+                "size": args.size,
+                "batch": args.batch,
+                "workers": args.workers,
+                "dali_device": args.device,
+                "dali_threads": threads,
+                "dali_build_s": build_s,
+                "deit_s_needs_per_s": DEIT_S_NEEDS,
+                "rows": rows,
+                "cpus": os.cpu_count(),
+                "machine": platform.machine(),
+                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                "torch": torch.__version__,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

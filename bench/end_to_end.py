@@ -12,6 +12,7 @@ theoretical speed-up is the ratio of the runs' logged training FLOPs (the plug-i
 model). Where the data pipeline cannot keep up, the measured speed-up falls below the theoretical
 one: that gap is what this benchmark is for.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ def write_jpeg_shards(root: Path, images: int) -> Path:
     folder, shards = root / "jpegs", root / "shards"
     kb = make_folder(folder, images)
     print(f"{images} JPEGs, {kb:.0f} KB on average")
-    write_shards.main(["imagefolder", str(folder), str(shards), "--val-fraction", "0.05", "--shard-size", "256",
-                       "--no-progress"])
+    write_shards.main(
+        ["imagefolder", str(folder), str(shards), "--val-fraction", "0.05", "--shard-size", "256", "--no-progress"]
+    )
     return shards
 
 
@@ -56,16 +58,33 @@ def data_share(metrics: Path) -> Optional[float]:
 
 
 def run(args, shards: Path, out: Path, name: str, toe: bool, on_gpu: bool) -> tuple[float, float, int]:
-    overrides = [f"out_dir={out}", f"name={name}", f"data.path={shards}", f"model.name={args.model}",
-                 "model.num_classes=8", f"train.steps={args.steps}", f"train.global_batch={args.batch}",
-                 f"train.log_every={max(1, args.steps // 8)}", "train.eval_every=0", "checkpoint.every=0",
-                 "checkpoint.keep=1", "data.repeats=1", f"data.workers={args.workers}",
-                 f"train.precision={args.precision or ('bf16' if on_gpu else 'fp32')}",
-                 f"methods.toe={{r1: {args.r1}}}" if toe else "methods.toe=null"]
-    command = [sys.executable, "-m", "launcher.train", "--config", str(ROOT / "configs/deit_tiny_toe_r05.yaml"),
-               "--no-resume", *overrides]
-    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True)
+    overrides = [
+        f"out_dir={out}",
+        f"name={name}",
+        f"data.path={shards}",
+        f"model.name={args.model}",
+        "model.num_classes=8",
+        f"train.steps={args.steps}",
+        f"train.global_batch={args.batch}",
+        f"train.log_every={max(1, args.steps // 8)}",
+        "train.eval_every=0",
+        "checkpoint.every=0",
+        "checkpoint.keep=1",
+        "data.repeats=1",
+        f"data.workers={args.workers}",
+        f"train.precision={args.precision or ('bf16' if on_gpu else 'fp32')}",
+        f"methods.toe={{r1: {args.r1}}}" if toe else "methods.toe=null",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "launcher.train",
+        "--config",
+        str(ROOT / "configs/deit_tiny_toe_r05.yaml"),
+        "--no-resume",
+        *overrides,
+    ]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{name} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
     return segment(out / name / "metrics.jsonl")
@@ -90,11 +109,21 @@ def end_to_end(args, on_gpu: bool) -> dict:
                 print(f"{label:>5} #{repeat}: {steps} steps in {seconds:.1f} s ({steps * args.batch / seconds:.1f} img/s)")
     measured = statistics.median(times["dense"]) / statistics.median(times["toe"])
     theory = flops["dense"] / flops["toe"]
-    result = {"model": args.model, "batch": args.batch, "steps": args.steps, "r1": args.r1, "workers": args.workers,
-              "seconds": times, "flops": flops,
-              "data_share": {label: statistics.median(v) if None not in v else None for label, v in shares.items()},
-              "measured_speedup": measured, "theoretical_speedup": theory,
-              "measured_over_theoretical": measured / theory}
-    print(f"whole run, data included: ToE r1={args.r1} {measured:.3f}x measured vs {theory:.3f}x theoretical "
-          f"= {measured / theory:.3f}")
+    result = {
+        "model": args.model,
+        "batch": args.batch,
+        "steps": args.steps,
+        "r1": args.r1,
+        "workers": args.workers,
+        "seconds": times,
+        "flops": flops,
+        "data_share": {label: statistics.median(v) if None not in v else None for label, v in shares.items()},
+        "measured_speedup": measured,
+        "theoretical_speedup": theory,
+        "measured_over_theoretical": measured / theory,
+    }
+    print(
+        f"whole run, data included: ToE r1={args.r1} {measured:.3f}x measured vs {theory:.3f}x theoretical "
+        f"= {measured / theory:.3f}"
+    )
     return result

@@ -9,6 +9,7 @@ ZeRO-1 (the recipes' stage) and ZeRO-2; one process (the all-reduce is local: wh
 accumulation, the optimizer's path and the memory, not the network). Prints a table, writes JSON (default
 ``bench/results/grad_precision.json``) with the step times and, on a GPU, the peak memory of each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,7 @@ def main() -> None:
     import deepspeed
 
     from launcher.distributed import init_distributed
+
     init_distributed()
     torch.manual_seed(0)
     base = create_classifier(name, num_classes=1000, img_size=224, drop_path=0.0).to(device)
@@ -54,9 +56,16 @@ def main() -> None:
     cases, memory = {}, {}
     for stage in (int(s) for s in args.stages.split(",")):
         for grads in ("fp32", "bf16"):
-            cfg = load_config(str(ROOT / "configs/deit_tiny.yaml"), [
-                "train.precision=bf16", f"train.zero_stage={stage}", f"train.grad_precision={grads}",
-                f"train.grad_accum={args.accum}", f"train.global_batch={batch * args.accum}"])
+            cfg = load_config(
+                str(ROOT / "configs/deit_tiny.yaml"),
+                [
+                    "train.precision=bf16",
+                    f"train.zero_stage={stage}",
+                    f"train.grad_precision={grads}",
+                    f"train.grad_accum={args.accum}",
+                    f"train.global_batch={batch * args.accum}",
+                ],
+            )
             model = copy.deepcopy(base)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu)
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, 1))
@@ -65,6 +74,7 @@ def main() -> None:
                 for _ in range(args.accum):
                     engine.backward(F.cross_entropy(engine(images).float(), labels))
                     engine.step()
+
             key = f"zero{stage}_{grads}"
             cases[key] = step
             if on_gpu:
@@ -75,21 +85,44 @@ def main() -> None:
     rows = []
     for stage in (int(s) for s in args.stages.split(",")):
         fp32, bf16 = median[f"zero{stage}_fp32"], median[f"zero{stage}_bf16"]
-        rows.append({"zero_stage": stage, "fp32_grads_ms": fp32 * 1e3, "bf16_grads_ms": bf16 * 1e3,
-                     "fp32_over_bf16_time": fp32 / bf16, "fp32_grads_peak_gib": memory.get(f"zero{stage}_fp32"),
-                     "bf16_grads_peak_gib": memory.get(f"zero{stage}_bf16")})
+        rows.append(
+            {
+                "zero_stage": stage,
+                "fp32_grads_ms": fp32 * 1e3,
+                "bf16_grads_ms": bf16 * 1e3,
+                "fp32_over_bf16_time": fp32 / bf16,
+                "fp32_grads_peak_gib": memory.get(f"zero{stage}_fp32"),
+                "bf16_grads_peak_gib": memory.get(f"zero{stage}_bf16"),
+            }
+        )
     device_name = torch.cuda.get_device_name() if on_gpu else f"cpu x{torch.get_num_threads()} threads"
-    print(f"{name}, micro-batch {batch} x {args.accum} accumulation steps, bf16 weights, {device_name}, "
-          f"median of {rounds} rounds")
+    print(
+        f"{name}, micro-batch {batch} x {args.accum} accumulation steps, bf16 weights, {device_name}, "
+        f"median of {rounds} rounds"
+    )
     print(f"{'ZeRO':>4} {'fp32 grads ms':>14} {'bf16 grads ms':>14} {'time fp32/bf16':>15}")
     for row in rows:
-        print(f"{row['zero_stage']:>4} {row['fp32_grads_ms']:>14.1f} {row['bf16_grads_ms']:>14.1f} "
-              f"{row['fp32_over_bf16_time']:>15.3f}")
+        print(
+            f"{row['zero_stage']:>4} {row['fp32_grads_ms']:>14.1f} {row['bf16_grads_ms']:>14.1f} "
+            f"{row['fp32_over_bf16_time']:>15.3f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": name, "batch": batch, "accum": args.accum, "device": device_name,
-                               "rounds": rounds, "rows": rows, "torch": torch.__version__,
-                               "samples_s": samples}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "model": name,
+                "batch": batch,
+                "accum": args.accum,
+                "device": device_name,
+                "rounds": rounds,
+                "rows": rows,
+                "torch": torch.__version__,
+                "samples_s": samples,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

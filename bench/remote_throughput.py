@@ -21,6 +21,7 @@ batch and the shard bytes requested, with ranged reads (offsets recorded at writ
 against a server that ignores ranges (sequential skip). Prints a table and writes JSON (default
 ``bench/results/remote_throughput.json``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ from data_throughput import make_folder
 def _object_store():
     """``tests/object_store.py``, the tests' real servers on loopback: loaded from its file (tests/ is not a
     package, and this script adds nothing to ``sys.path``)."""
-    spec = importlib.util.spec_from_file_location("object_store", Path(__file__).resolve().parents[1] / "tests"
-                                                  / "object_store.py")
+    spec = importlib.util.spec_from_file_location(
+        "object_store", Path(__file__).resolve().parents[1] / "tests" / "object_store.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["object_store"] = module
     spec.loader.exec_module(module)
@@ -73,8 +75,9 @@ def raw_read(url: str, remote: RemoteOptions) -> dict:
 
 
 def decoded_epoch(url: str, remote: RemoteOptions, args) -> dict:
-    stream = build_train_stream(url, batch_size=args.batch, num_workers=1, image_size=args.size, buffer_size=64,
-                                remote=remote)
+    stream = build_train_stream(
+        url, batch_size=args.batch, num_workers=1, image_size=args.size, buffer_size=64, remote=remote
+    )
     start, count = time.perf_counter(), 0
     for batch in stream:
         count += len(batch["image"])
@@ -128,16 +131,28 @@ def main() -> None:
         http = plain = None
         try:
             shards = tmp / "shards"
-            assert write_shards.main(["imagefolder", str(tmp / "folder"), str(shards), "--shard-size", "64",
-                                      "--no-progress", "--upload", "s3://bench-shards/jpeg"]) == 0
+            assert (
+                write_shards.main(
+                    [
+                        "imagefolder",
+                        str(tmp / "folder"),
+                        str(shards),
+                        "--shard-size",
+                        "64",
+                        "--no-progress",
+                        "--upload",
+                        "s3://bench-shards/jpeg",
+                    ]
+                )
+                == 0
+            )
             http = HttpServer(shards, tmp / "http.log").start()
             plain = HttpServer(shards, tmp / "plain.log", ranges=False).start()
             none = RemoteOptions()
             cases = {
                 "local disk": (str(shards), lambda: none),
                 "S3": ("s3://bench-shards/jpeg", lambda: none),
-                "S3 + cache (cold)": ("s3://bench-shards/jpeg",
-                                      lambda: RemoteOptions(cache_dir=tempfile.mkdtemp(dir=tmp))),
+                "S3 + cache (cold)": ("s3://bench-shards/jpeg", lambda: RemoteOptions(cache_dir=tempfile.mkdtemp(dir=tmp))),
                 "S3 + cache (warm)": ("s3://bench-shards/jpeg", lambda: RemoteOptions(cache_dir=str(tmp / "warm"))),
                 "HTTP": (http.url, lambda: none),
             }
@@ -171,35 +186,59 @@ def main() -> None:
 
     rows = []
     for name, runs in samples.items():
-        rows.append({"case": name, "mb_per_s": statistics.median(r["mb_per_s"] for r in runs["raw"]),
-                     "raw_samples_per_s": statistics.median(r["per_s"] for r in runs["raw"]),
-                     "img_per_s": statistics.median(r["per_s"] for r in runs["decoded"]), "runs": runs})
+        rows.append(
+            {
+                "case": name,
+                "mb_per_s": statistics.median(r["mb_per_s"] for r in runs["raw"]),
+                "raw_samples_per_s": statistics.median(r["per_s"] for r in runs["raw"]),
+                "img_per_s": statistics.median(r["per_s"] for r in runs["decoded"]),
+                "runs": runs,
+            }
+        )
     local = rows[0]
     for row in rows:
         row["mb_per_s_vs_local"] = row["mb_per_s"] / local["mb_per_s"]
         row["img_per_s_vs_local"] = row["img_per_s"] / local["img_per_s"]
-    print(f"{args.images} JPEGs (mean {mean_kb:.0f} KB) in shards of 64; 1 DataLoader worker; DeiT train transform "
-          f"at {args.size} px for img/s; servers on 127.0.0.1; median of {args.rounds} interleaved rounds; "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"{args.images} JPEGs (mean {mean_kb:.0f} KB) in shards of 64; 1 DataLoader worker; DeiT train transform "
+        f"at {args.size} px for img/s; servers on 127.0.0.1; median of {args.rounds} interleaved rounds; "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"{'case':>20} {'MB/s raw':>9} {'vs local':>9} {'img/s':>7} {'vs local':>9}")
     for row in rows:
-        print(f"{row['case']:>20} {row['mb_per_s']:>9.1f} {row['mb_per_s_vs_local']:>9.2f} {row['img_per_s']:>7.1f} "
-              f"{row['img_per_s_vs_local']:>9.2f}")
+        print(
+            f"{row['case']:>20} {row['mb_per_s']:>9.1f} {row['mb_per_s_vs_local']:>9.2f} {row['img_per_s']:>7.1f} "
+            f"{row['img_per_s_vs_local']:>9.2f}"
+        )
     print(f"mid-epoch resume after {take} batches (time to the first batch, fresh -> resumed):")
     for name, cost in resume.items():
         cost["ratio"] = cost["resumed_first_batch_s"] / cost["first_batch_s"]
-        print(f"{name:>36}: {cost['first_batch_s']:.2f} s -> {cost['resumed_first_batch_s']:.2f} s "
-              f"({cost['ratio']:.2f}x)")
-    print(f"shard bytes sent for the resumed rest of the epoch: ranged {ranged_bytes / 1e6:.1f} MB, no ranges "
-          f"{plain_bytes / 1e6:.1f} MB ({ranged_bytes / max(1, plain_bytes):.2f}x); the whole split is "
-          f"{shard_bytes / 1e6:.1f} MB")
+        print(f"{name:>36}: {cost['first_batch_s']:.2f} s -> {cost['resumed_first_batch_s']:.2f} s ({cost['ratio']:.2f}x)")
+    print(
+        f"shard bytes sent for the resumed rest of the epoch: ranged {ranged_bytes / 1e6:.1f} MB, no ranges "
+        f"{plain_bytes / 1e6:.1f} MB ({ranged_bytes / max(1, plain_bytes):.2f}x); the whole split is "
+        f"{shard_bytes / 1e6:.1f} MB"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"images": args.images, "mean_jpeg_kb": mean_kb, "size": args.size, "batch": args.batch,
-                               "rows": rows, "resume": resume, "resume_take_batches": take,
-                               "resume_bytes": {"ranged": ranged_bytes, "no_ranges": plain_bytes, "split": shard_bytes},
-                               "cpus": os.cpu_count(), "machine": platform.machine(),
-                               "torch": torch.__version__}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "images": args.images,
+                "mean_jpeg_kb": mean_kb,
+                "size": args.size,
+                "batch": args.batch,
+                "rows": rows,
+                "resume": resume,
+                "resume_take_batches": take,
+                "resume_bytes": {"ranged": ranged_bytes, "no_ranges": plain_bytes, "split": shard_bytes},
+                "cpus": os.cpu_count(),
+                "machine": platform.machine(),
+                "torch": torch.__version__,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -19,6 +19,7 @@ Cases (forward + backward unless said), all interleaved in one run (``bench.timi
 Prints a table and writes JSON (default ``bench/results/trilevel_attention.json``). The practical /
 theoretical figure is (dense step / phase step) / (1 / the cost model's FLOPs share).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,10 @@ def main() -> None:
     models, stacks = {}, {}
     for name, options in (("tri", {}), ("tokens", dict(connections=False))):
         models[name] = copy.deepcopy(dense)
-        stacks[name] = build_stack({"trilevel_tokens": TriLevelTokensConfig(
-            keep_ratio=args.keep_ratio, attn_ratio=args.attn_ratio, **options)}, context)
+        stacks[name] = build_stack(
+            {"trilevel_tokens": TriLevelTokensConfig(keep_ratio=args.keep_ratio, attn_ratio=args.attn_ratio, **options)},
+            context,
+        )
         stacks[name].attach(models[name])
         stacks[name].on_engine(None, None)
     plugin = stacks["tri"].plugins[0]
@@ -89,6 +92,7 @@ def main() -> None:
                 loss = F.cross_entropy(model(images), targets)
             loss.backward()
             model.zero_grad(set_to_none=True)
+
         return fn
 
     # one block's attention at the tokens after the first location at r_T, with and without the mask
@@ -102,11 +106,12 @@ def main() -> None:
 
     def sdpa(with_mask, backend=None):
         def fn():
-            with autocast, (sdpa_kernel(backend) if backend is not None else nullcontext()):
+            with autocast, sdpa_kernel(backend) if backend is not None else nullcontext():
                 out = F.scaled_dot_product_attention(*qkv, attn_mask=mask if with_mask else None)
             out.float().sum().backward()
             for t in qkv:
                 t.grad = None
+
         return fn
 
     kernels = {}  # each SDPA backend this device has, with and without the mask (None: it refuses that input)
@@ -121,69 +126,123 @@ def main() -> None:
                 kernels[(name, with_mask)] = case
 
     n_in = (shape.num_patches,) + n_out[:-1]
-    location_qk = [(torch.randn(batch, heads, shape.num_prefix + n, head_dim, device=device),
-                    torch.randn(batch, heads, shape.num_prefix + n, head_dim, device=device)) for n in n_in]
+    location_qk = [
+        (
+            torch.randn(batch, heads, shape.num_prefix + n, head_dim, device=device),
+            torch.randn(batch, heads, shape.num_prefix + n, head_dim, device=device),
+        )
+        for n in n_in
+    ]
     k_tensors = [torch.tensor(kk, device=device) for kk in k]
 
     @torch.no_grad()
     def scoring():
         for (q, key), n, kk in zip(location_qk, n_out, k_tensors):
             with autocast:
-                cls, patch = attention_scores(q, key, head_dim ** -0.5, shape.num_prefix)
+                cls, patch = attention_scores(q, key, head_dim**-0.5, shape.num_prefix)
             index = keep_index(cls, n)
             patch = patch.gather(1, index.unsqueeze(-1).expand(-1, -1, patch.shape[-1]))
             patch = patch.gather(2, index.unsqueeze(1).expand(-1, n, -1))
             connection_mask(patch, kk, shape.num_prefix)
 
-    kernel_cases = {f"sdpa_{name.lower()}{'_mask' if with_mask else ''}": case
-                    for (name, with_mask), case in kernels.items() if case is not None}
-    cases = {"sdpa": sdpa(False), "sdpa_mask": sdpa(True), **kernel_cases, "scoring": scoring,
-             "step_dense": train_step(dense), "step_warmup": train_step(models["tri"], stacks["tri"], 0),
-             "step_tokens": train_step(models["tokens"], stacks["tokens"], TOTAL - 1),
-             "step_tri": train_step(models["tri"], stacks["tri"], TOTAL - 1)}
+    kernel_cases = {
+        f"sdpa_{name.lower()}{'_mask' if with_mask else ''}": case
+        for (name, with_mask), case in kernels.items()
+        if case is not None
+    }
+    cases = {
+        "sdpa": sdpa(False),
+        "sdpa_mask": sdpa(True),
+        **kernel_cases,
+        "scoring": scoring,
+        "step_dense": train_step(dense),
+        "step_warmup": train_step(models["tri"], stacks["tri"], 0),
+        "step_tokens": train_step(models["tokens"], stacks["tokens"], TOTAL - 1),
+        "step_tri": train_step(models["tri"], stacks["tri"], TOTAL - 1),
+    }
     median, samples = interleaved_medians(cases, device=device, rounds=rounds, warmup=args.warmup)
 
     phases = []
-    for name, stack, step in (("warmup", stacks["tri"], 0), ("tokens", stacks["tokens"], TOTAL - 1),
-                              ("tri", stacks["tri"], TOTAL - 1)):
+    for name, stack, step in (
+        ("warmup", stacks["tri"], 0),
+        ("tokens", stacks["tokens"], TOTAL - 1),
+        ("tri", stacks["tri"], TOTAL - 1),
+    ):
         share = stack.flops_share(step)
         measured = median["step_dense"] / median[f"step_{name}"]
-        phases.append(dict(phase=name, step=step, flops_share=share, step_ms=median[f"step_{name}"] * 1e3,
-                           measured_speedup=measured, theoretical_speedup=1 / share,
-                           practical_over_theoretical=measured * share))
+        phases.append(
+            dict(
+                phase=name,
+                step=step,
+                flops_share=share,
+                step_ms=median[f"step_{name}"] * 1e3,
+                measured_speedup=measured,
+                theoretical_speedup=1 / share,
+                practical_over_theoretical=measured * share,
+            )
+        )
     scoring_share = median["scoring"] / median["step_tri"]
     mask_ratio = median["sdpa_mask"] / median["sdpa"]
 
-    device_name = torch.cuda.get_device_name(device) if on_gpu else \
-        f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
-    print(f"Tri-Level tokens/connections: {args.model}, batch {batch}, {str(dtype).replace('torch.', '')}, "
-          f"{device_name}, {'compiled, ' if args.compile else ''}{rounds} rounds (median); r_T {args.keep_ratio}, "
-          f"a_T {args.attn_ratio}: kept {list(n_out)}, keys {list(k)}")
-    print(f"SDPA fwd+bwd at {tokens} tokens: {median['sdpa'] * 1e3:.2f} ms, with the mask "
-          f"{median['sdpa_mask'] * 1e3:.2f} ms ({mask_ratio:.2f}x; a mask saves no FLOPs)")
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if on_gpu
+        else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
+    )
+    print(
+        f"Tri-Level tokens/connections: {args.model}, batch {batch}, {str(dtype).replace('torch.', '')}, "
+        f"{device_name}, {'compiled, ' if args.compile else ''}{rounds} rounds (median); r_T {args.keep_ratio}, "
+        f"a_T {args.attn_ratio}: kept {list(n_out)}, keys {list(k)}"
+    )
+    print(
+        f"SDPA fwd+bwd at {tokens} tokens: {median['sdpa'] * 1e3:.2f} ms, with the mask "
+        f"{median['sdpa_mask'] * 1e3:.2f} ms ({mask_ratio:.2f}x; a mask saves no FLOPs)"
+    )
     for name in BACKENDS:
         plain, masked = (median.get(f"sdpa_{name.lower()}{suffix}") for suffix in ("", "_mask"))
         show = lambda v: "refused" if v is None else f"{v * 1e3:.2f} ms"  # noqa: E731
         print(f"  SDPA backend {name:<20} without mask {show(plain):>10}, with mask {show(masked):>10}")
-    print(f"scoring at 3 locations: {median['scoring'] * 1e3:.2f} ms = {scoring_share:.2%} of the r_T step "
-          f"(target < {SCORING_TARGET:.0%}){'' if scoring_share < SCORING_TARGET else '  OVER TARGET'}")
+    print(
+        f"scoring at 3 locations: {median['scoring'] * 1e3:.2f} ms = {scoring_share:.2%} of the r_T step "
+        f"(target < {SCORING_TARGET:.0%}){'' if scoring_share < SCORING_TARGET else '  OVER TARGET'}"
+    )
     print(f"dense step {median['step_dense'] * 1e3:.1f} ms")
     print(f"{'phase':>7} {'share':>6} {'step ms':>9} {'speed-up':>9} {'theory':>7} {'prac/theory':>11}")
     for row in phases:
-        print(f"{row['phase']:>7} {row['flops_share']:>6.3f} {row['step_ms']:>9.1f} {row['measured_speedup']:>8.3f}x "
-              f"{row['theoretical_speedup']:>6.3f}x {row['practical_over_theoretical']:>11.3f}")
+        print(
+            f"{row['phase']:>7} {row['flops_share']:>6.3f} {row['step_ms']:>9.1f} {row['measured_speedup']:>8.3f}x "
+            f"{row['theoretical_speedup']:>6.3f}x {row['practical_over_theoretical']:>11.3f}"
+        )
 
     result = dict(
-        model=args.model, batch=batch, dtype=str(dtype).replace("torch.", ""), device=device.type,
-        device_name=device_name, torch=torch.__version__, compiled=args.compile, rounds=rounds,
-        keep_ratio=args.keep_ratio, attn_ratio=args.attn_ratio, kept=list(n_out), keys=list(k),
-        sdpa_ms=median["sdpa"] * 1e3, sdpa_mask_ms=median["sdpa_mask"] * 1e3, sdpa_mask_ratio=mask_ratio,
-        sdpa_backends_ms={f"{name}{' mask' if with_mask else ''}": None if case is None else
-                          median[f"sdpa_{name.lower()}{'_mask' if with_mask else ''}"] * 1e3
-                          for (name, with_mask), case in kernels.items()},
-        scoring_ms=median["scoring"] * 1e3, scoring_share=scoring_share, scoring_target=SCORING_TARGET,
-        step_dense_ms=median["step_dense"] * 1e3, phases=phases,
-        samples_ms={name: [v * 1e3 for v in values] for name, values in samples.items()})
+        model=args.model,
+        batch=batch,
+        dtype=str(dtype).replace("torch.", ""),
+        device=device.type,
+        device_name=device_name,
+        torch=torch.__version__,
+        compiled=args.compile,
+        rounds=rounds,
+        keep_ratio=args.keep_ratio,
+        attn_ratio=args.attn_ratio,
+        kept=list(n_out),
+        keys=list(k),
+        sdpa_ms=median["sdpa"] * 1e3,
+        sdpa_mask_ms=median["sdpa_mask"] * 1e3,
+        sdpa_mask_ratio=mask_ratio,
+        sdpa_backends_ms={
+            f"{name}{' mask' if with_mask else ''}": None
+            if case is None
+            else median[f"sdpa_{name.lower()}{'_mask' if with_mask else ''}"] * 1e3
+            for (name, with_mask), case in kernels.items()
+        },
+        scoring_ms=median["scoring"] * 1e3,
+        scoring_share=scoring_share,
+        scoring_target=SCORING_TARGET,
+        step_dense_ms=median["step_dense"] * 1e3,
+        phases=phases,
+        samples_ms={name: [v * 1e3 for v in values] for name, values in samples.items()},
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -11,6 +11,7 @@ The spec's target (TRILEVEL_SPEC, test plan 12): statistics overhead < 2% of the
 ``2 x batch`` integers is not timed here (one process); it is one small collective per step. Prints a table
 and writes JSON (default ``bench/results/trilevel_examples.json``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ def main(argv=None) -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    medians, rounds = interleaved_medians({"step": train_step, "update": lambda: stats.update(ids, correct)},
-                                          device=device, rounds=args.rounds, warmup=1)
+    medians, rounds = interleaved_medians(
+        {"step": train_step, "update": lambda: stats.update(ids, correct)}, device=device, rounds=args.rounds, warmup=1
+    )
     subset = initial_mask(args.samples, 0.2, 0)
     found = stats.host()
     start = time.perf_counter()
@@ -69,18 +71,28 @@ def main(argv=None) -> int:
     swap_seconds = time.perf_counter() - start
     state_bytes = sum(t.numel() * t.element_size() for t in stats.state_dict().values()) + len(np.packbits(subset))
 
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-              "samples": args.samples, "batch": args.batch, "model": args.model, "step_batch": step_batch,
-              "step_s": medians["step"], "update_s": medians["update"],
-              "update_share_of_step": medians["update"] / medians["step"], "swap_s": swap_seconds,
-              "state_bytes": state_bytes, "rounds": rounds}
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "samples": args.samples,
+        "batch": args.batch,
+        "model": args.model,
+        "step_batch": step_batch,
+        "step_s": medians["step"],
+        "update_s": medians["update"],
+        "update_share_of_step": medians["update"] / medians["step"],
+        "swap_s": swap_seconds,
+        "state_bytes": state_bytes,
+        "rounds": rounds,
+    }
     print(f"| case | seconds | share of a {args.model} step (batch {step_batch}, {device.type}) |")
     print("|---|---|---|")
     print(f"| training step | {medians['step']:.4f} | 1 |")
-    print(f"| statistics update ({args.samples:,} samples, {args.batch} presentations) | {medians['update']:.5f} | "
-          f"{result['update_share_of_step']:.4f} |")
+    print(
+        f"| statistics update ({args.samples:,} samples, {args.batch} presentations) | {medians['update']:.5f} | "
+        f"{result['update_share_of_step']:.4f} |"
+    )
     print(f"| one swap (host, once per swap) | {swap_seconds:.3f} | - |")
-    print(f"checkpoint state: {state_bytes / 2 ** 20:.1f} MiB")
+    print(f"checkpoint state: {state_bytes / 2**20:.1f} MiB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

@@ -13,6 +13,7 @@ Target boxes are ``cx, cy, w, h`` normalised by the *unpadded* image (``size``),
 (``Normalize``) does, so a box means the same whatever the rest of the batch pads it to;
 ``postprocess`` multiplies them by ``orig_size``, as YOLOS's ``PostProcess``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,16 @@ from torchvision.transforms.v2 import functional as TF
 from .samples import SkipSample, decode_image
 from .stream import ShardStream
 
-__all__ = ["RandomSizeCrop", "RandomResize", "resized_size", "build_detection_transform", "DetectionCodec",
-           "postprocess", "coco_evaluate", "build_detection_stream"]
+__all__ = [
+    "RandomSizeCrop",
+    "RandomResize",
+    "resized_size",
+    "build_detection_transform",
+    "DetectionCodec",
+    "postprocess",
+    "coco_evaluate",
+    "build_detection_stream",
+]
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -55,8 +64,7 @@ class RandomSizeCrop(v2.Transform):
         return self._call_kernel(TF.crop, inpt, **params)
 
 
-def resized_size(height: int, width: int, size: int, max_size: Optional[int] = None,
-                 multiple: int = 1) -> tuple[int, int]:
+def resized_size(height: int, width: int, size: int, max_size: Optional[int] = None, multiple: int = 1) -> tuple[int, int]:
     """YOLOS's output size (``get_size_with_aspect_ratio``): shorter side ``size``, unless the longer
     side would pass ``max_size``; then both sides floored to ``multiple`` (at least one multiple)."""
     if max_size is not None:
@@ -88,28 +96,43 @@ class RandomResize(v2.Transform):
         return self._call_kernel(TF.resize, inpt, size=params["size"], antialias=True)
 
 
-def build_detection_transform(train: bool, *, scales: Sequence[int], max_size: int,
-                              crop_scales: Sequence[int] = (400, 500, 600), crop_size: tuple[int, int] = (384, 600),
-                              eval_size: Optional[int] = None, eval_max_size: Optional[int] = None,
-                              multiple: int = 1):
+def build_detection_transform(
+    train: bool,
+    *,
+    scales: Sequence[int],
+    max_size: int,
+    crop_scales: Sequence[int] = (400, 500, 600),
+    crop_size: tuple[int, int] = (384, 600),
+    eval_size: Optional[int] = None,
+    eval_max_size: Optional[int] = None,
+    multiple: int = 1,
+):
     """YOLOS's training transform (``datasets/coco.py`` ``make_coco_transforms``: flip; multi-scale
     resize capped at ``max_size``, or resize + random crop + multi-scale resize) or its eval transform
     (``eval_size`` capped at ``eval_max_size``; default ``scales[-1]`` and ``max_size``)."""
     normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
     if not train:
         size = scales[-1] if eval_size is None else eval_size
-        return v2.Compose([RandomResize([size], max_size if eval_max_size is None else eval_max_size, multiple),
-                           normalize])
-    return v2.Compose([
-        v2.RandomHorizontalFlip(),
-        v2.RandomChoice([
-            RandomResize(scales, max_size, multiple),
-            v2.Compose([RandomResize(crop_scales, None, multiple), RandomSizeCrop(*crop_size),
-                        RandomResize(scales, max_size, multiple)]),
-        ]),
-        v2.SanitizeBoundingBoxes(labels_getter=lambda sample: sample["labels"]),
-        normalize,
-    ])
+        return v2.Compose([RandomResize([size], max_size if eval_max_size is None else eval_max_size, multiple), normalize])
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomChoice(
+                [
+                    RandomResize(scales, max_size, multiple),
+                    v2.Compose(
+                        [
+                            RandomResize(crop_scales, None, multiple),
+                            RandomSizeCrop(*crop_size),
+                            RandomResize(scales, max_size, multiple),
+                        ]
+                    ),
+                ]
+            ),
+            v2.SanitizeBoundingBoxes(labels_getter=lambda sample: sample["labels"]),
+            normalize,
+        ]
+    )
 
 
 class DetectionCodec:
@@ -136,13 +159,21 @@ class DetectionCodec:
             raise SkipSample("bad_label")
         image = TF.pil_to_tensor(decode_image(sample))
         height, width = image.shape[-2:]
-        out = self.transform({"image": tv_tensors.Image(image),
-                              "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-                              "labels": labels})
+        out = self.transform(
+            {
+                "image": tv_tensors.Image(image),
+                "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+                "labels": labels,
+            }
+        )
         size = out["image"].shape[-2:]
-        target = {"boxes": out["boxes"].as_subclass(torch.Tensor).float(), "labels": out["labels"],
-                  "image_id": torch.tensor(int(meta.get("image_id", -1))),
-                  "orig_size": torch.tensor([height, width]), "size": torch.tensor(list(size))}
+        target = {
+            "boxes": out["boxes"].as_subclass(torch.Tensor).float(),
+            "labels": out["labels"],
+            "image_id": torch.tensor(int(meta.get("image_id", -1))),
+            "orig_size": torch.tensor([height, width]),
+            "size": torch.tensor(list(size)),
+        }
         return out["image"].as_subclass(torch.Tensor), target
 
     def collate(self, decoded: list, ids: list[int], valid: list[bool]) -> dict[str, Any]:
@@ -156,17 +187,27 @@ class DetectionCodec:
         targets = []
         for i, entry in enumerate(decoded):
             if entry is None:  # evaluation padding
-                targets.append({"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
-                                "image_id": torch.tensor(-1), "orig_size": torch.tensor([height, width]),
-                                "size": torch.tensor([height, width])})
+                targets.append(
+                    {
+                        "boxes": torch.zeros(0, 4),
+                        "labels": torch.zeros(0, dtype=torch.long),
+                        "image_id": torch.tensor(-1),
+                        "orig_size": torch.tensor([height, width]),
+                        "size": torch.tensor([height, width]),
+                    }
+                )
                 continue
             image, target = entry
-            images[i, :, :image.shape[-2], :image.shape[-1]] = image
+            images[i, :, : image.shape[-2], : image.shape[-1]] = image
             size_h, size_w = target["size"].tolist()  # the unpadded image: the pad of the batch does not move a box
             normalised = box_convert(target["boxes"], "xyxy", "cxcywh") / torch.tensor([size_w, size_h, size_w, size_h])
             targets.append({**target, "boxes": normalised})
-        return {"image": images, "targets": targets, "sample_id": torch.tensor(ids, dtype=torch.long),
-                "valid": torch.tensor(valid, dtype=torch.bool)}
+        return {
+            "image": images,
+            "targets": targets,
+            "sample_id": torch.tensor(ids, dtype=torch.long),
+            "valid": torch.tensor(valid, dtype=torch.bool),
+        }
 
 
 @torch.no_grad()
@@ -184,8 +225,9 @@ def postprocess(outputs: dict[str, torch.Tensor], targets: list[dict]) -> list[d
         scale = torch.tensor([orig_w, orig_h] * 2, dtype=torch.float32)
         boxes = box_convert(outputs["pred_boxes"][i].float().cpu() * scale, "cxcywh", "xywh")
         for box, score, label in zip(boxes.tolist(), scores[i].tolist(), labels[i].tolist()):
-            results.append({"image_id": int(target["image_id"]), "category_id": int(label), "bbox": box,
-                            "score": float(score)})
+            results.append(
+                {"image_id": int(target["image_id"]), "category_id": int(label), "bbox": box, "score": float(score)}
+            )
     return results
 
 
@@ -206,13 +248,27 @@ def coco_evaluate(results: list[dict], ground_truth: str) -> dict[str, float]:
     return {name: float(value) for name, value in zip(names, evaluator.stats[:6])}
 
 
-def build_detection_stream(path: str, *, train: bool, batch_size: int, rank: int = 0, world_size: int = 1,
-                           num_workers: int = 2, seed: int = 0, split: Optional[str] = None, scales: Sequence[int],
-                           max_size: int, crop_scales: Sequence[int] = (400, 500, 600),
-                           crop_size: tuple[int, int] = (384, 600), eval_size: Optional[int] = None,
-                           eval_max_size: Optional[int] = None, pad_multiple: int = 16,
-                           buffer_size: int = 1000, base: Optional[str] = None,
-                           pin_memory: bool = False) -> ShardStream:
+def build_detection_stream(
+    path: str,
+    *,
+    train: bool,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    seed: int = 0,
+    split: Optional[str] = None,
+    scales: Sequence[int],
+    max_size: int,
+    crop_scales: Sequence[int] = (400, 500, 600),
+    crop_size: tuple[int, int] = (384, 600),
+    eval_size: Optional[int] = None,
+    eval_max_size: Optional[int] = None,
+    pad_multiple: int = 16,
+    buffer_size: int = 1000,
+    base: Optional[str] = None,
+    pin_memory: bool = False,
+) -> ShardStream:
     """The classification stream's guarantees (equal batches, exact resume, counted skips) for detection.
 
     ``pad_multiple`` (the patch size) is also the multiple YOLOS floors resized sides to. With
@@ -222,11 +278,29 @@ def build_detection_stream(path: str, *, train: bool, batch_size: int, rank: int
     from .shards import ShardIndex
 
     index = ShardIndex.load(path, base)
-    transform = build_detection_transform(train, scales=scales, max_size=max_size, crop_scales=crop_scales,
-                                          crop_size=crop_size, eval_size=eval_size, eval_max_size=eval_max_size,
-                                          multiple=pad_multiple)
+    transform = build_detection_transform(
+        train,
+        scales=scales,
+        max_size=max_size,
+        crop_scales=crop_scales,
+        crop_size=crop_size,
+        eval_size=eval_size,
+        eval_max_size=eval_max_size,
+        multiple=pad_multiple,
+    )
     codec = DetectionCodec(transform, num_classes=len(index.classes()) or None, pad_multiple=pad_multiple)
     split = split or ("train" if train else "val")
-    return ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
-                       num_workers=num_workers, seed=seed, shuffle=train, pad=not train,
-                       buffer_size=buffer_size if train else 0, split_name=split, pin_memory=pin_memory)
+    return ShardStream(
+        index.split(split),
+        codec,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        seed=seed,
+        shuffle=train,
+        pad=not train,
+        buffer_size=buffer_size if train else 0,
+        split_name=split,
+        pin_memory=pin_memory,
+    )

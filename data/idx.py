@@ -4,6 +4,7 @@ An IDX file is a 4-byte magic (two zero bytes, the element type, the number of d
 big-endian uint32 per dimension, then the elements in row-major order (big-endian). Files may be
 gzipped. Only what these data sets use is accepted: uint8 images ``[N, H, W]`` and labels ``[N]``.
 """
+
 from __future__ import annotations
 
 import gzip

@@ -27,6 +27,7 @@ augmented differently: their ``repeat`` index seeds the augmentation. A *cursor*
 state is the cursors of every slot, so the consumed part of an epoch is known exactly, and an
 epoch resumed with another world size (a new *phase*) re-splits exactly the items not consumed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -43,8 +44,9 @@ def rng_for(*keys: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in keys])
 
 
-def epoch_items(split: SplitIndex, seed: int, epoch: int, *, shuffle: bool, repeats: int = 1,
-                subset: Optional[np.ndarray] = None) -> np.ndarray:
+def epoch_items(
+    split: SplitIndex, seed: int, epoch: int, *, shuffle: bool, repeats: int = 1, subset: Optional[np.ndarray] = None
+) -> np.ndarray:
     """``[M, 2]`` int64 ``(position, repeat)`` items of an epoch, in reading order.
 
     ``subset``: boolean mask over positions (a plug-in's example subset); ``repeats``: each
@@ -78,12 +80,12 @@ def split_slots(items: np.ndarray, world: int, workers: int, batch: int, *, pad:
         cut = np.cumsum([0] + [base + (s < extra) for s in range(slots)])
         out = []
         for s in range(slots):
-            chunk = padded[s * length:(s + 1) * length]
-            chunk[: cut[s + 1] - cut[s]] = items[cut[s]:cut[s + 1]]
+            chunk = padded[s * length : (s + 1) * length]
+            chunk[: cut[s + 1] - cut[s]] = items[cut[s] : cut[s + 1]]
             out.append(chunk)
         return out, slots * length - len(items)
     length = (len(items) // slots // batch) * batch
-    return [items[s * length:(s + 1) * length] for s in range(slots)], len(items) - slots * length
+    return [items[s * length : (s + 1) * length] for s in range(slots)], len(items) - slots * length
 
 
 def buffer_order(length: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
@@ -124,8 +126,13 @@ class Phase:
 
     def to_dict(self) -> dict:
         """A snapshot: later progress does not change it, and changing it does not touch the phase."""
-        return {"world": self.world, "workers": self.workers, "batch": self.batch,
-                "cursors": [list(row) for row in self.cursors], "batches": [list(row) for row in self.batches]}
+        return {
+            "world": self.world,
+            "workers": self.workers,
+            "batch": self.batch,
+            "cursors": [list(row) for row in self.cursors],
+            "batches": [list(row) for row in self.batches],
+        }
 
 
 def slot_rng(seed: int, epoch: int, phase: int, rank: int, worker: int) -> np.random.Generator:
@@ -137,8 +144,18 @@ def chunk_rng(seed: int, epoch: int, phase: int, worker: int) -> np.random.Gener
     return rng_for(seed, epoch, phase, worker, 0xC4A2)
 
 
-def train_layout(items: np.ndarray, world: int, workers: int, batch: int, *, seed: int, epoch: int, phase: int,
-                 buffer: int, repeats: int = 1) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+def train_layout(
+    items: np.ndarray,
+    world: int,
+    workers: int,
+    batch: int,
+    *,
+    seed: int,
+    epoch: int,
+    phase: int,
+    buffer: int,
+    repeats: int = 1,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """Every training slot (index ``rank * workers + worker``) as ``(indices, order)``: the indices
     into ``items`` it reads, ascending (the reading order), and its emission order (a permutation of
     them); plus the number of items dropped this epoch. Slots hold ``L = floor(items / slots /
@@ -148,13 +165,17 @@ def train_layout(items: np.ndarray, world: int, workers: int, batch: int, *, see
     length = (len(items) // slots // batch) * batch
     dropped = len(items) - slots * length
     if repeats == 1:
-        return [(np.arange(s * length, (s + 1) * length),
-                 buffer_order(length, buffer, slot_rng(seed, epoch, phase, s // workers, s % workers)))
-                for s in range(slots)], dropped
+        return [
+            (
+                np.arange(s * length, (s + 1) * length),
+                buffer_order(length, buffer, slot_rng(seed, epoch, phase, s // workers, s % workers)),
+            )
+            for s in range(slots)
+        ], dropped
     layout: list = [None] * slots
     for worker in range(workers):
         start = worker * world * length
-        positions = items[start:start + world * length, 0]
+        positions = items[start : start + world * length, 0]
         run_starts = np.flatnonzero(np.r_[True, positions[1:] != positions[:-1]]) if len(positions) else positions
         run_lengths = np.diff(np.r_[run_starts, len(positions)])
         shuffled = buffer_order(len(run_starts), buffer, chunk_rng(seed, epoch, phase, worker))
@@ -167,13 +188,23 @@ def train_layout(items: np.ndarray, world: int, workers: int, batch: int, *, see
     return layout, dropped
 
 
-def remaining_items(items: np.ndarray, phases: list[Phase], seed: int, epoch: int, buffer: int,
-                    repeats: int = 1) -> np.ndarray:
+def remaining_items(
+    items: np.ndarray, phases: list[Phase], seed: int, epoch: int, buffer: int, repeats: int = 1
+) -> np.ndarray:
     """Items of the epoch not consumed by ``phases`` (all but the last being complete or
     interrupted), in the epoch's reading order."""
     for index, phase in enumerate(phases):
-        layout, _ = train_layout(items, phase.world, phase.workers, phase.batch, seed=seed, epoch=epoch,
-                                 phase=index, buffer=buffer, repeats=repeats)
+        layout, _ = train_layout(
+            items,
+            phase.world,
+            phase.workers,
+            phase.batch,
+            seed=seed,
+            epoch=epoch,
+            phase=index,
+            buffer=buffer,
+            repeats=repeats,
+        )
         consumed = np.zeros(len(items), bool)
         for slot, (indices, order) in enumerate(layout):
             consumed[indices[order[: phase.cursors[slot // phase.workers][slot % phase.workers]]]] = True

@@ -23,6 +23,7 @@ least recently used shards are evicted to keep the cache under its size bound.
 
 Nothing here imports the rest of ``data``; ``data/shards.py`` calls it.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -39,19 +40,51 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Optional
 
-__all__ = ["RemoteOptions", "RemoteReader", "ShardCache", "RemoteError", "RemoteNotFound", "RemoteDenied",
-           "RetriesExhausted", "DataLostError", "check_lost_share", "is_remote", "join", "upload_folder", "read_bytes",
-           "check_location", "SCHEMES"]
+__all__ = [
+    "RemoteOptions",
+    "RemoteReader",
+    "ShardCache",
+    "RemoteError",
+    "RemoteNotFound",
+    "RemoteDenied",
+    "RetriesExhausted",
+    "DataLostError",
+    "check_lost_share",
+    "is_remote",
+    "join",
+    "upload_folder",
+    "read_bytes",
+    "check_location",
+    "SCHEMES",
+]
 
 log = logging.getLogger(__name__)
 SCHEMES = ("s3://", "http://", "https://", "pipe:")
 _S3_URL = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(/.*)?$")
 # S3 error codes that mean "try again later" (throttling, a server having a bad moment)
-_S3_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeoutException",
-                 "ServiceUnavailable", "InternalError", "InternalServerError", "RequestLimitExceeded",
-                 "TooManyRequests", "BandwidthLimitExceeded"}
-_S3_DENIED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken",
-              "TokenRefreshRequired", "AllAccessDisabled", "AuthorizationHeaderMalformed"}
+_S3_TRANSIENT = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "ServiceUnavailable",
+    "InternalError",
+    "InternalServerError",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "BandwidthLimitExceeded",
+}
+_S3_DENIED = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+    "AuthorizationHeaderMalformed",
+}
 _CHUNK = 1 << 20
 
 
@@ -68,11 +101,14 @@ def check_location(url: str) -> None:
     """``ValueError`` naming what is wrong with a shard location; local paths and the schemes of
     ``SCHEMES`` pass."""
     if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", url) and not is_remote(url) and not url.startswith("file://"):
-        raise ValueError(f"{url!r}: unsupported scheme; shards are read from a local path, "
-                         f"{', '.join(s + '...' for s in SCHEMES)}")
+        raise ValueError(
+            f"{url!r}: unsupported scheme; shards are read from a local path, {', '.join(s + '...' for s in SCHEMES)}"
+        )
     if url.startswith("s3://") and not _S3_URL.match(url.rstrip("/")):
-        raise ValueError(f"{url!r} is not s3://BUCKET[/PREFIX] with a valid bucket name (3-63 characters: "
-                         f"lower-case letters, digits, '.', '-')")
+        raise ValueError(
+            f"{url!r} is not s3://BUCKET[/PREFIX] with a valid bucket name (3-63 characters: "
+            f"lower-case letters, digits, '.', '-')"
+        )
     if url.startswith("pipe:") and not url[5:].strip():
         raise ValueError("'pipe:' needs a command, e.g. 'pipe:curl -sf https://host/shards'")
 
@@ -108,10 +144,12 @@ def check_lost_share(error: Exception, lost: int, shards: int, max_share: float)
     loss is met, so the job stops within one retry window of an outage. If no reader loses more
     than the share, the epoch as a whole does not either."""
     if lost > max_share * shards:
-        raise DataLostError(f"{error} -- {lost} of the {shards} shards this reader reads this epoch lost after "
-                            f"every retry, more than data.max_lost_share={max_share:g}: stopping rather than "
-                            f"training on part of the data (raise data.remote_retries / data.remote_backoff_max "
-                            f"to ride out longer outages)")
+        raise DataLostError(
+            f"{error} -- {lost} of the {shards} shards this reader reads this epoch lost after "
+            f"every retry, more than data.max_lost_share={max_share:g}: stopping rather than "
+            f"training on part of the data (raise data.remote_retries / data.remote_backoff_max "
+            f"to ride out longer outages)"
+        )
 
 
 class _Transient(Exception):
@@ -161,12 +199,16 @@ def _s3_client(options: RemoteOptions):
         if key not in _CLIENTS:
             import boto3
             from botocore.config import Config
-            config = Config(connect_timeout=options.timeout, read_timeout=options.timeout,
-                            retries={"total_max_attempts": 1}, max_pool_connections=16)
+
+            config = Config(
+                connect_timeout=options.timeout,
+                read_timeout=options.timeout,
+                retries={"total_max_attempts": 1},
+                max_pool_connections=16,
+            )
             # endpoint: the recipe's, else botocore's own resolution (AWS_ENDPOINT_URL[_S3], the profile's
             # endpoint_url, then AWS); credentials: botocore's chain (environment, profile, instance role)
-            _CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=options.s3_endpoint or None,
-                                                           config=config)
+            _CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=options.s3_endpoint or None, config=config)
         return _CLIENTS[key]
 
 
@@ -175,8 +217,10 @@ def _http_pool(options: RemoteOptions):
     with _CLIENTS_LOCK:
         if key not in _CLIENTS:
             import urllib3
-            _CLIENTS[key] = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=options.timeout,
-                                                                                        read=options.timeout))
+
+            _CLIENTS[key] = urllib3.PoolManager(
+                retries=False, timeout=urllib3.Timeout(connect=options.timeout, read=options.timeout)
+            )
         return _CLIENTS[key]
 
 
@@ -189,13 +233,14 @@ def s3_endpoint_of(options: RemoteOptions) -> str:
 
 
 def _split_s3(url: str) -> tuple[str, str]:
-    bucket, _, key = url[len("s3://"):].partition("/")
+    bucket, _, key = url[len("s3://") :].partition("/")
     return bucket, key
 
 
 def _credential_hint(options: RemoteOptions) -> str:
     try:
         import boto3
+
         credentials = boto3.session.Session().get_credentials()  # the chain the client resolved
         if credentials is None:
             return "no credentials found"
@@ -206,8 +251,10 @@ def _credential_hint(options: RemoteOptions) -> str:
 
 # -- one attempt to open an object at a byte position ----------------------------------------------
 
+
 def _open_s3(url: str, start: int, end: Optional[int], options: RemoteOptions):
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+
     bucket, key = _split_s3(url)
     kwargs = {}
     if start or end is not None:
@@ -236,6 +283,7 @@ def _open_s3(url: str, start: int, end: Optional[int], options: RemoteOptions):
 
 def _open_http(url: str, start: int, end: Optional[int], options: RemoteOptions):
     import urllib3
+
     headers = {}
     if start or end is not None:
         headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
@@ -261,6 +309,7 @@ def _open_http(url: str, start: int, end: Optional[int], options: RemoteOptions)
 
 def _open_pipe(url: str, start: int, end: Optional[int], options: RemoteOptions):
     from webdataset.gopen import gopen
+
     try:
         return gopen(url, "rb"), 0, 0
     except OSError as err:
@@ -282,11 +331,13 @@ def _transient_read_errors() -> tuple:
     errors: list = [OSError, EOFError]
     try:
         import urllib3
+
         errors.append(urllib3.exceptions.HTTPError)
     except ImportError:
         pass
     try:
         from botocore.exceptions import BotoCoreError
+
         errors.append(BotoCoreError)
     except ImportError:
         pass
@@ -298,8 +349,15 @@ class RemoteReader(io.RawIOBase):
     stream that retries transient failures, re-opening at the byte reached (module docstring).
     ``counters["remote_retry"]`` counts the retries."""
 
-    def __init__(self, url: str, options: RemoteOptions, *, start: int = 0, end: Optional[int] = None,
-                 counters: Optional[Counter] = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        options: RemoteOptions,
+        *,
+        start: int = 0,
+        end: Optional[int] = None,
+        counters: Optional[Counter] = None,
+    ) -> None:
         super().__init__()
         self.url, self.options, self.position, self.end = url, options, start, end
         self.counters = counters if counters is not None else Counter()
@@ -315,7 +373,7 @@ class RemoteReader(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         return len(data)
 
     def read(self, size: int = -1) -> bytes:
@@ -336,8 +394,10 @@ class RemoteReader(io.RawIOBase):
                 if not data and self._remaining:  # the response ended short of what it announced
                     raise _Transient(f"connection closed {self._remaining} bytes early")
                 if not data and self.end is not None:
-                    raise _Transient(f"object ended at byte {self.position}, {self.end - self.position} bytes "
-                                     f"short of the range asked for")
+                    raise _Transient(
+                        f"object ended at byte {self.position}, {self.end - self.position} bytes "
+                        f"short of the range asked for"
+                    )
                 self.position += len(data)
                 if self._remaining is not None:
                     self._remaining -= len(data)
@@ -375,13 +435,22 @@ class RemoteReader(io.RawIOBase):
         if self._failures == 0:
             self._first_failure = time.monotonic()
         if self._failures >= self.options.retries:
-            raise RetriesExhausted(self.url, f"{cause} (gave up after {self._failures} retries over "
-                                             f"{time.monotonic() - self._first_failure:.1f} s)")
+            raise RetriesExhausted(
+                self.url,
+                f"{cause} (gave up after {self._failures} retries over {time.monotonic() - self._first_failure:.1f} s)",
+            )
         wait = self.options.wait(self._failures) * self._rng.uniform(0.5, 1.0)
         self._failures += 1
         self.counters["remote_retry"] += 1
-        log.warning("%s at byte %d: %s; retry %d of %d in %.1f s", self.url, self.position, cause, self._failures,
-                    self.options.retries, wait)
+        log.warning(
+            "%s at byte %d: %s; retry %d of %d in %.1f s",
+            self.url,
+            self.position,
+            cause,
+            self._failures,
+            self.options.retries,
+            wait,
+        )
         time.sleep(wait)
 
     def close(self) -> None:
@@ -401,6 +470,7 @@ def upload_folder(folder: str, url: str, options: Optional[RemoteOptions] = None
     boto3's managed transfer (multipart for large files, its own retries). Returns the keys."""
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
+
     if not url.startswith("s3://"):
         raise ValueError(f"--upload takes s3://BUCKET/PREFIX, got {url!r} (for HTTP, copy the folder to the server)")
     check_location(url)
@@ -408,8 +478,10 @@ def upload_folder(folder: str, url: str, options: Optional[RemoteOptions] = None
     bucket, prefix = _split_s3(url.rstrip("/"))
     import boto3
     from botocore.config import Config
-    client = boto3.session.Session().client("s3", endpoint_url=options.s3_endpoint or None,
-                                            config=Config(retries={"max_attempts": 8, "mode": "standard"}))
+
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=options.s3_endpoint or None, config=Config(retries={"max_attempts": 8, "mode": "standard"})
+    )
     files = sorted((p for p in Path(folder).iterdir() if p.is_file()), key=lambda p: (p.name == "shards.json", p.name))
     keys = []
     for path in files:
@@ -424,6 +496,7 @@ def upload_folder(folder: str, url: str, options: Optional[RemoteOptions] = None
 
 
 # -- the node-local cache ----------------------------------------------------------------------------
+
 
 class ShardCache:
     """Whole shards on a node-local disk, bounded by ``max_bytes`` with least-recently-used eviction.

@@ -5,6 +5,7 @@ codec of ``data.token_labels``, ``data.detection``, the DALI codec of ``data.dal
 kept here, below all of them, so that they import it and not one another. ``data.stream`` re-exports
 these names.
 """
+
 from __future__ import annotations
 
 import io

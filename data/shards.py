@@ -17,6 +17,7 @@ samples not asked for are skipped without being read (seek) when the shard is a 
 read but never decoded when it is a stream (``pipe:``, ``http``; opened through webdataset's
 ``gopen``).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,17 @@ from webdataset.tariterators import base_plus_ext
 
 from .remote import RemoteError, RemoteNotFound, RemoteOptions, RemoteReader, RetriesExhausted, is_remote, join, read_bytes
 
-__all__ = ["INDEX_NAME", "ShardIndex", "ShardIndexError", "SplitIndex", "check_key", "check_num_classes", "read_samples",
-           "ShardReadError", "ShardLostError"]
+__all__ = [
+    "INDEX_NAME",
+    "ShardIndex",
+    "ShardIndexError",
+    "SplitIndex",
+    "check_key",
+    "check_num_classes",
+    "read_samples",
+    "ShardReadError",
+    "ShardLostError",
+]
 
 INDEX_NAME = "shards.json"
 FORMAT = "toe-shards/1"
@@ -88,8 +98,9 @@ class SplitIndex:
         shard = np.searchsorted(self.starts, positions, side="right") - 1
         return shard, positions - self.starts[shard]
 
-    def read(self, shard: int, offsets: Sequence[int], counters: Optional[Counter] = None
-             ) -> Iterator[tuple[int, dict[str, bytes]]]:
+    def read(
+        self, shard: int, offsets: Sequence[int], counters: Optional[Counter] = None
+    ) -> Iterator[tuple[int, dict[str, bytes]]]:
         """``read_samples`` of shard ``shard``: remote shards through ``data.remote`` (retries, ranged
         reads from the offsets recorded at write time, the node cache); ``counters`` gets its counts."""
         url = self.urls[shard]
@@ -103,6 +114,7 @@ class SplitIndex:
         url, options = self.urls[shard], self.remote
         if options.cache_dir:
             from .remote import ShardCache
+
             handle = ShardCache(options.cache_dir, options.cache_bytes).open(url, options, counters)
             return handle, 0, not isinstance(handle, RemoteReader)
         first, last, start, end = int(offsets[0]), int(offsets[-1]), 0, None
@@ -123,8 +135,7 @@ class ShardIndexError(ValueError):
 class ShardIndex:
     """``shards.json`` of a shard directory (or of any URL prefix the shards are served from)."""
 
-    def __init__(self, root: str, meta: dict, base: Optional[str] = None,
-                 remote: Optional[RemoteOptions] = None) -> None:
+    def __init__(self, root: str, meta: dict, base: Optional[str] = None, remote: Optional[RemoteOptions] = None) -> None:
         self.root = root
         self.meta = meta
         self.base = (base or root).rstrip("/")
@@ -143,7 +154,7 @@ class ShardIndex:
             remote = remote or RemoteOptions()
             root = path.rstrip("/")
             if root.endswith("/" + INDEX_NAME):
-                root = root[:-len(INDEX_NAME) - 1]
+                root = root[: -len(INDEX_NAME) - 1]
             index_url = join(root, INDEX_NAME)
             try:
                 text = read_bytes(index_url, remote).decode()
@@ -164,8 +175,9 @@ class ShardIndex:
         try:
             meta = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ShardIndexError(f"{index_path} is not valid JSON: line {err.lineno}, column {err.colno}: "
-                                  f"{err.msg}") from None
+            raise ShardIndexError(
+                f"{index_path} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}"
+            ) from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             meta = meta if isinstance(meta, dict) else {}
             raise ShardIndexError(f"{index_path}: format {meta.get('format')!r} is not {FORMAT!r}")
@@ -177,12 +189,18 @@ class ShardIndex:
                 offsets, size = shard.get("offsets"), shard.get("bytes")
                 if offsets is None:
                     continue
-                if (not isinstance(offsets, list) or len(offsets) != shard["samples"] or not isinstance(size, int)
-                        or any(not isinstance(o, int) for o in offsets)
-                        or any(b <= a for a, b in zip(offsets, offsets[1:])) or (offsets and not
-                                                                                 0 <= offsets[0] <= offsets[-1] < size)):
-                    raise ShardIndexError(f"{index_path}: shard {shard.get('name')!r} of split {name!r} has bad "
-                                          f"byte offsets (one ascending offset per sample, below 'bytes')")
+                if (
+                    not isinstance(offsets, list)
+                    or len(offsets) != shard["samples"]
+                    or not isinstance(size, int)
+                    or any(not isinstance(o, int) for o in offsets)
+                    or any(b <= a for a, b in zip(offsets, offsets[1:]))
+                    or (offsets and not 0 <= offsets[0] <= offsets[-1] < size)
+                ):
+                    raise ShardIndexError(
+                        f"{index_path}: shard {shard.get('name')!r} of split {name!r} has bad "
+                        f"byte offsets (one ascending offset per sample, below 'bytes')"
+                    )
         if not isinstance(meta.get("shuffled", False), bool):
             raise ShardIndexError(f"{index_path}: 'shuffled' must be true or false, got {meta['shuffled']!r}")
         return meta
@@ -200,8 +218,7 @@ class ShardIndex:
         byte_starts = None  # recorded by the writers since issue 26; ranged reads need every shard's
         if all("offsets" in s for s in shards):
             byte_starts = np.concatenate([np.asarray(s["offsets"], np.int64) for s in shards])
-        return SplitIndex(tuple(f"{self.base}/{s['name']}" for s in shards), counts, starts, byte_starts,
-                          self.remote)
+        return SplitIndex(tuple(f"{self.base}/{s['name']}" for s in shards), counts, starts, byte_starts, self.remote)
 
     @property
     def shuffled(self) -> Optional[bool]:
@@ -225,13 +242,18 @@ class ShardIndex:
         run = self.split(split).total // max(1, readers)
         if buffer_size >= run:
             return None
-        how = ("says it was written unshuffled (--no-shuffle)" if self.shuffled is False else
-               "does not record its write order (written before the writers shuffled, so in folder order)")
-        return (f"{self.root}/{INDEX_NAME} {how}: the stream shuffles only the shard order and a "
-                f"{buffer_size}-sample buffer in each reader's run of {run} samples, so if the folders "
-                f"are class-sorted a batch holds only a few classes. Rewrite the shards with "
-                f"`python -m data.write_shards` (shuffled by default), or raise the shuffle buffer "
-                f"(data.buffer_size, raw samples held in memory per reader) to {run}.")
+        how = (
+            "says it was written unshuffled (--no-shuffle)"
+            if self.shuffled is False
+            else "does not record its write order (written before the writers shuffled, so in folder order)"
+        )
+        return (
+            f"{self.root}/{INDEX_NAME} {how}: the stream shuffles only the shard order and a "
+            f"{buffer_size}-sample buffer in each reader's run of {run} samples, so if the folders "
+            f"are class-sorted a batch holds only a few classes. Rewrite the shards with "
+            f"`python -m data.write_shards` (shuffled by default), or raise the shuffle buffer "
+            f"(data.buffer_size, raw samples held in memory per reader) to {run}."
+        )
 
     def warn_if_unshuffled(self, split: str, *, buffer_size: int, readers: int, rank: int = 0) -> Optional[str]:
         """Log ``order_warning`` once per process and index split, on rank 0 only; returns it."""
@@ -261,7 +283,7 @@ class ShardIndex:
         except json.JSONDecodeError as err:
             raise ShardIndexError(f"{where} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}") from None
         except (KeyError, TypeError):
-            raise ShardIndexError(f"{where} does not hold {{\"names\": [...]}}") from None
+            raise ShardIndexError(f'{where} does not hold {{"names": [...]}}') from None
         if not isinstance(names, list):
             raise ShardIndexError(f"{where}: 'names' must be a list of class names")
         return names
@@ -272,8 +294,14 @@ class ShardIndex:
         return join(self.root, name) if is_remote(self.root) else str(Path(self.root) / name)
 
 
-def check_num_classes(path: str, num_classes: int, *, key: str = "model.num_classes",
-                      base: Optional[str] = None, remote: Optional[RemoteOptions] = None) -> int:
+def check_num_classes(
+    path: str,
+    num_classes: int,
+    *,
+    key: str = "model.num_classes",
+    base: Optional[str] = None,
+    remote: Optional[RemoteOptions] = None,
+) -> int:
     """Refuse (``ShardIndexError``, a start-up refusal) a model with fewer outputs than the shard folder's
     ``classes.json`` has classes: the stream passes every label below the number of classes, so the first
     label >= ``num_classes`` would otherwise fail deep in the loss (``IndexError: Target 17 is out of
@@ -282,8 +310,10 @@ def check_num_classes(path: str, num_classes: int, *, key: str = "model.num_clas
     index = ShardIndex.load(path, base, remote)
     count = len(index.classes())
     if count and num_classes < count:
-        raise ShardIndexError(f"{key}={num_classes}, but {index.classes_location} lists {count} classes (labels "
-                              f"0..{count - 1}): set {key} to {count} or more, or point the data path at other shards")
+        raise ShardIndexError(
+            f"{key}={num_classes}, but {index.classes_location} lists {count} classes (labels "
+            f"0..{count - 1}): set {key} to {count} or more, or point the data path at other shards"
+        )
     return count
 
 
@@ -296,8 +326,9 @@ class ShardLostError(ShardReadError):
     outage rather than bad data; the stream stops the job when too many are (``data.max_lost_share``)."""
 
 
-def read_samples(url: str, offsets: Sequence[int], opener: Optional[Callable[[], tuple[BinaryIO, int, bool]]] = None
-                 ) -> Iterator[tuple[int, dict[str, bytes]]]:
+def read_samples(
+    url: str, offsets: Sequence[int], opener: Optional[Callable[[], tuple[BinaryIO, int, bool]]] = None
+) -> Iterator[tuple[int, dict[str, bytes]]]:
     """Yield ``(offset, {ext: bytes, "__key__": key})`` for the samples at ``offsets`` (ascending) of a shard.
 
     ``opener``: returns ``(file object, samples before its first byte, seekable)`` (a remote shard
@@ -312,7 +343,7 @@ def read_samples(url: str, offsets: Sequence[int], opener: Optional[Callable[[],
         return
     skipped = 0
     local = not re.match(r"^[a-z0-9]+:", url) or url.startswith("file:")
-    path = url[len("file:"):] if url.startswith("file:") else url
+    path = url[len("file:") :] if url.startswith("file:") else url
     try:
         if opener is not None:
             stream, skipped, local = opener()

@@ -24,6 +24,7 @@ Guarantees (``data/plan.py`` has the arithmetic):
   new split's remainder is dropped as above). Skipped samples are never decoded: their bytes
   are not even read from local shards.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -69,8 +70,12 @@ class ClassificationCodec:
         # would allocate the batch and then copy it again into shared memory to send it
         images = default_collate([(d or filler)[0] for d in decoded])
         labels = torch.tensor([d[1] if d is not None else -1 for d in decoded], dtype=torch.long)
-        return {"image": images, "label": labels, "sample_id": torch.tensor(ids, dtype=torch.long),
-                "valid": torch.tensor(valid, dtype=torch.bool)}
+        return {
+            "image": images,
+            "label": labels,
+            "sample_id": torch.tensor(ids, dtype=torch.long),
+            "valid": torch.tensor(valid, dtype=torch.bool),
+        }
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -172,8 +177,13 @@ class _SlotReader:
                         counters["lost_shard"] += 1
                         check_lost_share(err, counters["lost_shard"], self.shard_count, self.split.max_lost_share)
                     # one line per shard: its samples are counted (unreadable_sample), not logged one by one
-                    log.warning("skipping the rest of a shard: %d of the %d samples wanted from it here are "
-                                "unreadable (counted as unreadable_sample): %s", len(unique) - given, len(unique), err)
+                    log.warning(
+                        "skipping the rest of a shard: %d of the %d samples wanted from it here are "
+                        "unreadable (counted as unreadable_sample): %s",
+                        len(unique) - given,
+                        len(unique),
+                        err,
+                    )
             while g is not None:  # what the shard could not give
                 yield int(indices[g]), None
                 g = next(pending, None)
@@ -188,9 +198,19 @@ class _PhaseDataset(IterableDataset):
     readable sample raises instead of spinning.
     """
 
-    def __init__(self, stream: "ShardStream", items: np.ndarray, slots: list[np.ndarray], slot_starts: list[int],
-                 orders: list[np.ndarray], cursors: list[int], batches: list[int], rotation: int,
-                 per_worker_batches: int, first_batch: int = 0) -> None:
+    def __init__(
+        self,
+        stream: "ShardStream",
+        items: np.ndarray,
+        slots: list[np.ndarray],
+        slot_starts: list[int],
+        orders: list[np.ndarray],
+        cursors: list[int],
+        batches: list[int],
+        rotation: int,
+        per_worker_batches: int,
+        first_batch: int = 0,
+    ) -> None:
         self.stream, self.items, self.slots, self.slot_starts = stream, items, slots, slot_starts
         self.orders, self.cursors, self.batches = orders, cursors, batches
         self.rotation, self.per_worker_batches = rotation, per_worker_batches
@@ -240,8 +260,10 @@ class _PhaseDataset(IterableDataset):
                     if s.pad:  # evaluation: keep the slot aligned, mark the hole
                         entries.append((None, position, False))
                     elif failures > give_up:
-                        raise RuntimeError(f"{s.split_name}: no readable sample in a whole pass over the epoch "
-                                           f"({dict(counters)}); check the shards")
+                        raise RuntimeError(
+                            f"{s.split_name}: no readable sample in a whole pass over the epoch "
+                            f"({dict(counters)}); check the shards"
+                        )
             produced += 1
             decoded, ids, valid = (list(column) for column in zip(*entries))
             batch = s.codec.collate(decoded, ids, valid)
@@ -261,7 +283,7 @@ class _PhaseDataset(IterableDataset):
             return True
         if not hasattr(self, "_spare"):
             s = self.stream
-            tail = self.items[len(self.items) - s.dropped:] if s.dropped and not s.pad else self.items[:0]
+            tail = self.items[len(self.items) - s.dropped :] if s.dropped and not s.pad else self.items[:0]
             self._spare, self._counted = {int(p) for p, r in tail if r == 0}, set()
         if position in self._spare and position not in self._counted:
             self._counted.add(position)
@@ -292,13 +314,28 @@ class _PhaseDataset(IterableDataset):
 class ShardStream:
     """An epoch-aware, resumable stream of batches for one rank."""
 
-    def __init__(self, split: SplitIndex, codec, *, batch_size: int, rank: int, world_size: int,
-                 num_workers: int, seed: int, shuffle: bool, pad: bool, buffer_size: int = 1000,
-                 repeats: int = 1, pin_memory: bool = False, split_name: str = "train",
-                 prefetch_factor: int = 2) -> None:
+    def __init__(
+        self,
+        split: SplitIndex,
+        codec,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        seed: int,
+        shuffle: bool,
+        pad: bool,
+        buffer_size: int = 1000,
+        repeats: int = 1,
+        pin_memory: bool = False,
+        split_name: str = "train",
+        prefetch_factor: int = 2,
+    ) -> None:
         if batch_size < 1 or num_workers < 0 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"bad stream geometry: batch_size={batch_size} num_workers={num_workers} "
-                             f"rank={rank} world_size={world_size}")
+            raise ValueError(
+                f"bad stream geometry: batch_size={batch_size} num_workers={num_workers} rank={rank} world_size={world_size}"
+            )
         if repeats < 1 or buffer_size < 0:
             raise ValueError(f"repeats must be >= 1 and buffer_size >= 0, got {repeats} and {buffer_size}")
         self.split, self.codec, self.split_name = split, codec, split_name
@@ -326,7 +363,8 @@ class ShardStream:
         if not self.pad and self.split.total // self.repeats < slots * self.batch_size:
             raise ValueError(
                 f"{self.split_name} has {self.split.total} samples: fewer than world_size x workers x batch "
-                f"= {self.world_size} x {self.slots_per_rank} x {self.batch_size}; lower one of them")
+                f"= {self.world_size} x {self.slots_per_rank} x {self.batch_size}; lower one of them"
+            )
 
     def set_subset(self, mask: Optional[np.ndarray]) -> None:
         """Restrict the stream to a subset of sample positions (``sample_id``, the split's index space; e.g. a
@@ -336,13 +374,16 @@ class ShardStream:
         if mask is not None:
             mask = np.asarray(mask, bool)
             if mask.shape != (self.split.total,):
-                raise ValueError(f"subset mask has shape {mask.shape}, the {self.split_name} split has "
-                                 f"{self.split.total} samples")
+                raise ValueError(
+                    f"subset mask has shape {mask.shape}, the {self.split_name} split has {self.split.total} samples"
+                )
             if not mask.any():
                 raise ValueError(f"an empty subset of the {self.split_name} split")
         if self._pass_total is not None and not self._pass_done():
-            raise RuntimeError(f"set_subset during epoch {self.epoch} of {self.split_name}: a subset changes only "
-                               f"between passes (call it from on_epoch, before the pass is planned)")
+            raise RuntimeError(
+                f"set_subset during epoch {self.epoch} of {self.split_name}: a subset changes only "
+                f"between passes (call it from on_epoch, before the pass is planned)"
+            )
         self.subset = mask
 
     def set_augmentation_schedule(self, schedule: Callable[[int, dict], dict], batches_per_step: int = 1) -> None:
@@ -356,8 +397,10 @@ class ShardStream:
         from .transforms import ScheduledTransform
 
         if self.pad or self.transform_options is None:
-            raise ValueError(f"the {self.split_name} stream has no step-aware augmentation: it needs a training "
-                             f"stream built by build_train_stream with its own timm transform (no custom transform)")
+            raise ValueError(
+                f"the {self.split_name} stream has no step-aware augmentation: it needs a training "
+                f"stream built by build_train_stream with its own timm transform (no custom transform)"
+            )
         if not isinstance(batches_per_step, int) or batches_per_step < 1:
             raise ValueError(f"batches_per_step must be an int >= 1 (gradient accumulation), got {batches_per_step!r}")
         options = dict(self.transform_options)
@@ -376,32 +419,44 @@ class ShardStream:
         """The phase's items; this rank's slots, where they start among the items, their emission
         orders; batches per worker."""
         phase = self._current_phase()
-        items = epoch_items(self.split, self.seed, self.epoch, shuffle=self.shuffle, repeats=self.repeats,
-                            subset=self.subset)
+        items = epoch_items(
+            self.split, self.seed, self.epoch, shuffle=self.shuffle, repeats=self.repeats, subset=self.subset
+        )
         items = remaining_items(items, self.phases[:-1], self.seed, self.epoch, self.buffer_size, self.repeats)
         first = self.rank * phase.workers
         if self.pad:  # evaluation: contiguous padded slots, read in order
             slots, self.dropped = split_slots(items, phase.world, phase.workers, phase.batch, pad=True)
-            mine = slots[first:first + phase.workers]
+            mine = slots[first : first + phase.workers]
             orders = [np.arange(len(slot)) for slot in mine]
         else:
-            layout, self.dropped = train_layout(items, phase.world, phase.workers, phase.batch, seed=self.seed,
-                                                epoch=self.epoch, phase=len(self.phases) - 1,
-                                                buffer=self.buffer_size, repeats=self.repeats)
-            mine = [items[indices] for indices, _ in layout[first:first + phase.workers]]
-            orders = [order for _, order in layout[first:first + phase.workers]]
+            layout, self.dropped = train_layout(
+                items,
+                phase.world,
+                phase.workers,
+                phase.batch,
+                seed=self.seed,
+                epoch=self.epoch,
+                phase=len(self.phases) - 1,
+                buffer=self.buffer_size,
+                repeats=self.repeats,
+            )
+            mine = [items[indices] for indices, _ in layout[first : first + phase.workers]]
+            orders = [order for _, order in layout[first : first + phase.workers]]
         length = len(mine[0]) if mine else 0
         per_worker = length // self.batch_size
         if per_worker == 0:
-            raise ValueError(f"{len(items)} samples left in epoch {self.epoch} cannot give every one of "
-                             f"{phase.world * phase.workers} workers a batch of {self.batch_size}")
+            raise ValueError(
+                f"{len(items)} samples left in epoch {self.epoch} cannot give every one of "
+                f"{phase.world * phase.workers} workers a batch of {self.batch_size}"
+            )
         starts = [(first + w) * length for w in range(phase.workers)]  # where a slot's refill pass starts
         return items, mine, starts, orders, per_worker
 
     def __len__(self) -> int:
         """Batches this rank yields in a whole epoch (the same on every rank)."""
-        items = epoch_items(self.split, self.seed, self.epoch, shuffle=self.shuffle, repeats=self.repeats,
-                            subset=self.subset)
+        items = epoch_items(
+            self.split, self.seed, self.epoch, shuffle=self.shuffle, repeats=self.repeats, subset=self.subset
+        )
         slots, _ = split_slots(items, self.world_size, self.slots_per_rank, self.batch_size, pad=self.pad)
         return self.slots_per_rank * (len(slots[0]) // self.batch_size)
 
@@ -419,16 +474,39 @@ class ShardStream:
             yield from self.__iter__()
             return
         if self.dropped and done == 0 and len(self.phases) == 1:
-            log.info("epoch %d of %s: %d samples left over after equal %s-sample batches on %d ranks x %d "
-                     "workers (%s)", self.epoch, self.split_name, self.dropped, self.batch_size, phase.world,
-                     phase.workers, "padded" if self.pad else "dropped this epoch")
+            log.info(
+                "epoch %d of %s: %d samples left over after equal %s-sample batches on %d ranks x %d workers (%s)",
+                self.epoch,
+                self.split_name,
+                self.dropped,
+                self.batch_size,
+                phase.world,
+                phase.workers,
+                "padded" if self.pad else "dropped this epoch",
+            )
         self._pass_total = total
-        dataset = _PhaseDataset(self, items, slots, starts, orders, list(cursors), list(batches),
-                                done % phase.workers, per_worker, first_batch=self.batches_yielded - done)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            persistent_workers=False, worker_init_fn=_ignore_stop_signals,
-                            generator=torch.Generator())  # leave the global RNG alone
+        dataset = _PhaseDataset(
+            self,
+            items,
+            slots,
+            starts,
+            orders,
+            list(cursors),
+            list(batches),
+            done % phase.workers,
+            per_worker,
+            first_batch=self.batches_yielded - done,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
+            generator=torch.Generator(),
+        )  # leave the global RNG alone
         batches_iter = iter(loader)
         if self.num_workers:
             atexit.unregister(_end_live_workers)
@@ -455,8 +533,9 @@ class ShardStream:
             self.batches_yielded += 1
             worker_counters[worker] = batch.pop("_counters")
             for key, position, reason in batch.pop("_skips"):
-                log.warning("%s epoch %d: skipped sample %s (position %d): %s", self.split_name, self.epoch, key,
-                            position, reason)
+                log.warning(
+                    "%s epoch %d: skipped sample %s (position %d): %s", self.split_name, self.epoch, key, position, reason
+                )
             self.counters = base + sum((Counter(c) for c in worker_counters.values()), Counter())
             yield batch
 
@@ -468,8 +547,11 @@ class ShardStream:
     def _pass_done(self) -> bool:
         """Every batch of the pass being read was yielded (the consumer holds the last one; the pass's
         generator has not yet moved to the next epoch)."""
-        return (self._pass_total is not None and bool(self.phases)
-                and sum(self.phases[-1].batches[self.rank]) >= self._pass_total)
+        return (
+            self._pass_total is not None
+            and bool(self.phases)
+            and sum(self.phases[-1].batches[self.rank]) >= self._pass_total
+        )
 
     # -- state -------------------------------------------------------------------------------
 
@@ -484,25 +566,43 @@ class ShardStream:
             epoch, phases = epoch + 1, []
         if phases and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (self.rank, phases[-1]["cursors"][self.rank],
-                                              phases[-1]["batches"][self.rank]))
+            dist.all_gather_object(gathered, (self.rank, phases[-1]["cursors"][self.rank], phases[-1]["batches"][self.rank]))
             for rank, cursors, batches in gathered:
                 phases[-1]["cursors"][rank], phases[-1]["batches"][rank] = cursors, batches
-        return {"epoch": epoch, "phases": phases, "seed": self.seed, "split": self.split_name,
-                "total": self.split.total, "repeats": self.repeats, "buffer_size": self.buffer_size,
-                "shuffle": self.shuffle, "repeat_layout": REPEAT_LAYOUT, "batches_yielded": self.batches_yielded}
+        return {
+            "epoch": epoch,
+            "phases": phases,
+            "seed": self.seed,
+            "split": self.split_name,
+            "total": self.split.total,
+            "repeats": self.repeats,
+            "buffer_size": self.buffer_size,
+            "shuffle": self.shuffle,
+            "repeat_layout": REPEAT_LAYOUT,
+            "batches_yielded": self.batches_yielded,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = {"seed": self.seed, "split": self.split_name, "total": self.split.total, "repeats": self.repeats,
-                    "buffer_size": self.buffer_size, "shuffle": self.shuffle}
+        expected = {
+            "seed": self.seed,
+            "split": self.split_name,
+            "total": self.split.total,
+            "repeats": self.repeats,
+            "buffer_size": self.buffer_size,
+            "shuffle": self.shuffle,
+        }
         for key, value in expected.items():
             if state.get(key) != value:
-                raise ValueError(f"stream state has {key}={state.get(key)!r} but this stream has {value!r}: "
-                                 f"resuming needs the same data, seed and stream options")
+                raise ValueError(
+                    f"stream state has {key}={state.get(key)!r} but this stream has {value!r}: "
+                    f"resuming needs the same data, seed and stream options"
+                )
         if self.repeats > 1 and state.get("repeat_layout") != REPEAT_LAYOUT:
-            raise ValueError("stream state was saved with the earlier placement of repeated augmentation (copies "
-                             "on one rank); resuming it here would repeat or skip samples: finish that run with "
-                             "the version that started it, or start the epoch afresh")
+            raise ValueError(
+                "stream state was saved with the earlier placement of repeated augmentation (copies "
+                "on one rank); resuming it here would repeat or skip samples: finish that run with "
+                "the version that started it, or start the epoch afresh"
+            )
         self.epoch = int(state["epoch"])
         self.phases = [Phase(**p) for p in state["phases"]]
         self._pass_total = None
@@ -512,11 +612,25 @@ class ShardStream:
         self.counters = Counter()
 
 
-def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                       seed: int = 0, image_size: int = 224, split: str = "train", transform: Optional[Callable] = None,
-                       buffer_size: int = 1000, repeats: int = 1, base: Optional[str] = None,
-                       pin_memory: bool = False, token_labels: bool = False, remote: Optional[RemoteOptions] = None,
-                       **transform_options) -> ShardStream:
+def build_train_stream(
+    path: str,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    seed: int = 0,
+    image_size: int = 224,
+    split: str = "train",
+    transform: Optional[Callable] = None,
+    buffer_size: int = 1000,
+    repeats: int = 1,
+    base: Optional[str] = None,
+    pin_memory: bool = False,
+    token_labels: bool = False,
+    remote: Optional[RemoteOptions] = None,
+    **transform_options,
+) -> ShardStream:
     """Training stream: shuffled, augmented (DeiT recipe through timm unless ``transform`` is given).
     ``token_labels``: the samples' dense token labels too, flipped and cropped with the image
     (``data.token_labels.TokenLabelCodec``; the index's ``token_labels`` block is checked here).
@@ -528,32 +642,69 @@ def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size:
     classes = index.classes()
     if token_labels:
         from .token_labels import TokenLabelCodec, check_index
+
         if transform is not None:
             raise ValueError("token_labels=True builds its own paired image / map transform: pass no transform")
         block = check_index(index.meta, f"{index.root}/shards.json", len(classes) or None)
         codec = TokenLabelCodec(image_size, block, num_classes=len(classes) or None, **transform_options)
     else:
-        codec = ClassificationCodec(transform or build_transform(True, image_size, **transform_options),
-                                    num_classes=len(classes) or None)
-    stream = ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
-                         num_workers=num_workers, seed=seed, shuffle=True, pad=False, buffer_size=buffer_size,
-                         repeats=repeats, pin_memory=pin_memory, split_name=split)
+        codec = ClassificationCodec(
+            transform or build_transform(True, image_size, **transform_options), num_classes=len(classes) or None
+        )
+    stream = ShardStream(
+        index.split(split),
+        codec,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        seed=seed,
+        shuffle=True,
+        pad=False,
+        buffer_size=buffer_size,
+        repeats=repeats,
+        pin_memory=pin_memory,
+        split_name=split,
+    )
     if transform is None and not token_labels:  # the stream's own transform: a step-aware schedule may rebuild it
         stream.transform_options = {"image_size": image_size, **transform_options}
     return stream
 
 
-def build_eval_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                      image_size: int = 224, split: str = "val", transform: Optional[Callable] = None,
-                      base: Optional[str] = None, pin_memory: bool = False, remote: Optional[RemoteOptions] = None,
-                      **transform_options) -> ShardStream:
+def build_eval_stream(
+    path: str,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    image_size: int = 224,
+    split: str = "val",
+    transform: Optional[Callable] = None,
+    base: Optional[str] = None,
+    pin_memory: bool = False,
+    remote: Optional[RemoteOptions] = None,
+    **transform_options,
+) -> ShardStream:
     """Evaluation stream: every sample exactly once across ranks, padding marked ``valid = False``."""
     from .transforms import build_transform
 
     index = ShardIndex.load(path, base, remote)
     classes = index.classes()
-    codec = ClassificationCodec(transform or build_transform(False, image_size, **transform_options),
-                                num_classes=len(classes) or None)
-    return ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
-                       num_workers=num_workers, seed=0, shuffle=False, pad=True, buffer_size=0,
-                       pin_memory=pin_memory, split_name=split)
+    codec = ClassificationCodec(
+        transform or build_transform(False, image_size, **transform_options), num_classes=len(classes) or None
+    )
+    return ShardStream(
+        index.split(split),
+        codec,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        seed=0,
+        shuffle=False,
+        pad=True,
+        buffer_size=0,
+        pin_memory=pin_memory,
+        split_name=split,
+    )

@@ -24,6 +24,7 @@ Deviation (said): RandAugment's geometric ops (Rotate, ShearX/Y, TranslateX/YRel
 the policy when token labels are on, instead of being applied to the map too (the official
 ``random_augment_label.py`` warps the map with scipy); applying them to the map is left for later.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,15 +35,31 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["TOKEN_LOGITS", "TOKEN_IDS", "GEOMETRIC_OPS", "TokenLabelCodec", "encode_maps", "decode_maps",
-           "check_index", "index_block", "topk_maps", "oracle_maps", "dense_maps", "token_targets",
-           "smooth_targets", "with_ground_truth", "paired_flip", "box_of_crop"]
+__all__ = [
+    "TOKEN_LOGITS",
+    "TOKEN_IDS",
+    "GEOMETRIC_OPS",
+    "TokenLabelCodec",
+    "encode_maps",
+    "decode_maps",
+    "check_index",
+    "index_block",
+    "topk_maps",
+    "oracle_maps",
+    "dense_maps",
+    "token_targets",
+    "smooth_targets",
+    "with_ground_truth",
+    "paired_flip",
+    "box_of_crop",
+]
 
 TOKEN_LOGITS, TOKEN_IDS = "tlv.npy", "tli.npy"  # WebDataset splits a member name at the first dot of its base
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")  # timm's RandAugment names
 
 
 # -- shard members and the index block -----------------------------------------------------------
+
 
 def encode_maps(logits: np.ndarray, ids: np.ndarray) -> dict[str, bytes]:
     """``{tlv.npy, tli.npy}`` members of one sample (``np.save``: byte-reproducible)."""
@@ -59,8 +76,9 @@ def encode_maps(logits: np.ndarray, ids: np.ndarray) -> dict[str, bytes]:
     return out
 
 
-def decode_maps(sample: dict[str, bytes], block: Optional[dict] = None,
-                num_classes: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+def decode_maps(
+    sample: dict[str, bytes], block: Optional[dict] = None, num_classes: Optional[int] = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(logits float32 [k, h, w], ids int64 [k, h, w])`` of a raw sample; ``SkipSample`` with
     ``missing_token_label`` when a member is missing and ``bad_token_label`` when it does not parse,
     does not have the index block's shape, or names a class id >= ``num_classes``."""
@@ -74,17 +92,21 @@ def decode_maps(sample: dict[str, bytes], block: Optional[dict] = None,
     except (ValueError, OSError, EOFError):
         raise SkipSample("bad_token_label") from None
     shape = None if block is None else (block["k"], block["h"], block["w"])
-    if logits.shape != ids.shape or logits.ndim != 3 or (shape is not None and logits.shape != shape) or \
-            ids.dtype != np.uint16 or not np.isfinite(logits).all() or \
-            (num_classes is not None and ids.size and int(ids.max()) >= num_classes):
+    if (
+        logits.shape != ids.shape
+        or logits.ndim != 3
+        or (shape is not None and logits.shape != shape)
+        or ids.dtype != np.uint16
+        or not np.isfinite(logits).all()
+        or (num_classes is not None and ids.size and int(ids.max()) >= num_classes)
+    ):
         raise SkipSample("bad_token_label")
     return logits.astype(np.float32), ids.astype(np.int64)
 
 
 def index_block(teacher: str, input_size: int, k: int, h: int, w: int) -> dict[str, Any]:
     """The ``token_labels`` block of ``shards.json``."""
-    return {"teacher": str(teacher), "input_size": int(input_size), "k": int(k), "h": int(h), "w": int(w),
-            "kind": "logits"}
+    return {"teacher": str(teacher), "input_size": int(input_size), "k": int(k), "h": int(h), "w": int(w), "kind": "logits"}
 
 
 def check_index(meta: dict, where: str, num_classes: Optional[int] = None) -> dict[str, Any]:
@@ -93,9 +115,11 @@ def check_index(meta: dict, where: str, num_classes: Optional[int] = None) -> di
 
     block = meta.get("token_labels")
     if not isinstance(block, dict):
-        raise Refused(f"{where} has no 'token_labels' block: these shards carry no dense token labels. Write "
-                         f"them with `python -m launcher.label --oracle --shards DIR --out DIR_labelled` (synthetic "
-                         f"data) or `--teacher RUN` (a trained run of this engine)")
+        raise Refused(
+            f"{where} has no 'token_labels' block: these shards carry no dense token labels. Write "
+            f"them with `python -m launcher.label --oracle --shards DIR --out DIR_labelled` (synthetic "
+            f"data) or `--teacher RUN` (a trained run of this engine)"
+        )
     for key in ("k", "h", "w", "input_size"):
         if not isinstance(block.get(key), int) or isinstance(block.get(key), bool) or block[key] < 1:
             raise Refused(f"{where}: token_labels.{key} must be an int >= 1, got {block.get(key)!r}")
@@ -107,6 +131,7 @@ def check_index(meta: dict, where: str, num_classes: Optional[int] = None) -> di
 
 
 # -- maps from logits and from the synthetic shapes ---------------------------------------------
+
 
 def topk_maps(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``[K, h, w]`` logits -> the top-k ``(logits, ids)`` per cell, each ``[k, h, w]`` (largest first)."""
@@ -139,9 +164,11 @@ def oracle_maps(region: np.ndarray, label: int, num_classes: int, grid: int, k: 
 
 # -- the paired transform -----------------------------------------------------------------------
 
+
 def paired_flip(image, logits: np.ndarray, ids: np.ndarray):
     """Horizontal flip of the image and of the maps' W axis."""
     from PIL import Image
+
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), logits[:, :, ::-1].copy(), ids[:, :, ::-1].copy()
 
 
@@ -156,8 +183,10 @@ def _photometric_rand_augment(auto_augment: str, mean: Sequence[float]):
 
     sections = auto_augment.split("-")
     if sections[0] != "rand" or any(part.startswith("t") for part in sections[1:]):
-        raise ValueError(f"auto_augment {auto_augment!r}: token labelling supports RandAugment strings "
-                         f"('rand-m9-mstd0.5-inc1') without a transform set ('t...')")
+        raise ValueError(
+            f"auto_augment {auto_augment!r}: token labelling supports RandAugment strings "
+            f"('rand-m9-mstd0.5-inc1') without a transform set ('t...')"
+        )
     increasing = any(re.fullmatch(r"inc1", part) for part in sections[1:])
     ops = [op for op in (_RAND_INCREASING_TRANSFORMS if increasing else _RAND_TRANSFORMS) if op not in GEOMETRIC_OPS]
     hparams = {"img_mean": tuple(min(255, round(255 * m)) for m in mean)}
@@ -170,21 +199,43 @@ class TokenLabelCodec:
     ``[B, 4]``, ``sample_id``, ``valid``). Randomness from Python's ``random`` and torch's global RNG,
     which the stream seeds per sample (``_decode_seeded``), so a resumed stream repeats it exactly."""
 
-    def __init__(self, image_size: int, block: dict, *, num_classes: Optional[int] = None,
-                 scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
-                 vflip: float = 0.0, auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
-                 color_jitter: float = 0.3, interpolation: str = "bicubic",
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        block: dict,
+        *,
+        num_classes: Optional[int] = None,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        color_jitter: float = 0.3,
+        interpolation: str = "bicubic",
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+    ) -> None:
         from timm.data.random_erasing import RandomErasing
         from torchvision import transforms as T
 
         from .transforms import check_transform_options
 
-        check_transform_options(scale=scale, ratio=ratio, hflip=hflip, vflip=vflip, interpolation=interpolation,
-                                mean=mean, std=std, re_prob=re_prob, color_jitter=color_jitter)
+        check_transform_options(
+            scale=scale,
+            ratio=ratio,
+            hflip=hflip,
+            vflip=vflip,
+            interpolation=interpolation,
+            mean=mean,
+            std=std,
+            re_prob=re_prob,
+            color_jitter=color_jitter,
+        )
         if vflip:
-            raise ValueError("token labelling has no vertical flip of the maps (the official pipeline has none): "
-                             "set data.vflip to 0")
+            raise ValueError(
+                "token labelling has no vertical flip of the maps (the official pipeline has none): set data.vflip to 0"
+            )
         self.image_size, self.block, self.num_classes = int(image_size), block, num_classes
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), float(hflip)
         self.interpolation = T.InterpolationMode(interpolation)
@@ -222,14 +273,19 @@ class TokenLabelCodec:
         if filler is None:
             raise RuntimeError("a batch without a single readable sample")
         rows = [d or filler for d in decoded]
-        return {"image": torch.stack([r[0] for r in rows]),
-                "label": torch.tensor([d[1] if d is not None else -1 for d in decoded], dtype=torch.long),
-                "token_logits": torch.stack([r[2] for r in rows]), "token_ids": torch.stack([r[3] for r in rows]),
-                "token_box": torch.stack([r[4] for r in rows]),
-                "sample_id": torch.tensor(ids, dtype=torch.long), "valid": torch.tensor(valid, dtype=torch.bool)}
+        return {
+            "image": torch.stack([r[0] for r in rows]),
+            "label": torch.tensor([d[1] if d is not None else -1 for d in decoded], dtype=torch.long),
+            "token_logits": torch.stack([r[2] for r in rows]),
+            "token_ids": torch.stack([r[3] for r in rows]),
+            "token_box": torch.stack([r[4] for r in rows]),
+            "sample_id": torch.tensor(ids, dtype=torch.long),
+            "valid": torch.tensor(valid, dtype=torch.bool),
+        }
 
 
 # -- targets on the device ----------------------------------------------------------------------
+
 
 def dense_maps(logits: torch.Tensor, ids: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Top-k ``[B, k, h, w]`` -> dense ``[B, K, h, w]`` logits, 0 for the classes not in a cell's top-k
@@ -240,8 +296,14 @@ def dense_maps(logits: torch.Tensor, ids: torch.Tensor, num_classes: int) -> tor
     return dense.scatter_(1, ids, logits)
 
 
-def token_targets(logits: torch.Tensor, ids: torch.Tensor, boxes: torch.Tensor, num_classes: int,
-                  grid: tuple[int, int], official_box_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def token_targets(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    boxes: torch.Tensor,
+    num_classes: int,
+    grid: tuple[int, int],
+    official_box_order: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(t_cls [B, K], t_tok [B, gh * gw, K])``: softmax of the box's teacher logits pooled to 1 x 1 and
     to the token grid (row-major, the ViT's patch order) by ``roi_align(aligned=False)``, box scaled to
     map pixels minus 0.5 (naver-ai/relabel_imagenet #13). ``official_box_order`` passes the box as
@@ -254,8 +316,7 @@ def token_targets(logits: torch.Tensor, ids: torch.Tensor, boxes: torch.Tensor, 
     if official_box_order:
         boxes = boxes[:, [1, 0, 3, 2]]
     scale = boxes.new_tensor([width, height, width, height])
-    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None],
-                      boxes * scale - 0.5], dim=1)
+    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes * scale - 0.5], dim=1)
     cls = roi_align(dense, rois, output_size=(1, 1), spatial_scale=1.0, sampling_ratio=-1, aligned=False)
     tok = roi_align(dense, rois, output_size=tuple(grid), spatial_scale=1.0, sampling_ratio=-1, aligned=False)
     t_cls = cls.flatten(1).softmax(-1)
@@ -274,5 +335,3 @@ def with_ground_truth(t_cls: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     one_hot = torch.nn.functional.one_hot(labels, t_cls.shape[-1]).to(t_cls.dtype)
     ratio = 0.9 - 0.4 * (t_cls.argmax(-1) == labels).to(t_cls.dtype)[:, None]
     return ratio * t_cls + (1 - ratio) * one_hot
-
-

@@ -3,6 +3,7 @@
 torch and timm are imported where used: ``launcher.config`` checks the transform options at
 start-up (``check_transform_options``) without loading them.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,16 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["build_transform", "check_transform_options", "StepMixup", "ScheduledTransform", "with_rand_magnitude",
-           "INTERPOLATIONS", "DEIT_MEAN", "DEIT_STD"]
+__all__ = [
+    "build_transform",
+    "check_transform_options",
+    "StepMixup",
+    "ScheduledTransform",
+    "with_rand_magnitude",
+    "INTERPOLATIONS",
+    "DEIT_MEAN",
+    "DEIT_STD",
+]
 
 # what timm's str_to_interp_mode knows, minus 'random' (the eval transform needs one fixed mode)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "hamming", "box")
@@ -20,19 +29,31 @@ DEIT_MEAN, DEIT_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm IMAGE
 
 
 def _numbers(value, count: int) -> bool:
-    return (isinstance(value, (list, tuple)) and len(value) == count and
-            all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == count
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
 
 
 def _probability(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
-def check_transform_options(prefix: str = "", *, scale: Sequence[float] = (0.08, 1.0),
-                            ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5, vflip: float = 0.0,
-                            interpolation: str = "bicubic", mean: Sequence[float] = DEIT_MEAN,
-                            std: Sequence[float] = DEIT_STD, re_prob: float = 0.25, color_jitter: float = 0.3,
-                            crop_pct: float = 0.875) -> None:
+def check_transform_options(
+    prefix: str = "",
+    *,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    vflip: float = 0.0,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = DEIT_MEAN,
+    std: Sequence[float] = DEIT_STD,
+    re_prob: float = 0.25,
+    color_jitter: float = 0.3,
+    crop_pct: float = 0.875,
+) -> None:
     """Raise ``ValueError`` naming ``prefix + option`` for the first option timm would misuse or refuse late."""
     if not _numbers(scale, 2) or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"{prefix}scale must be [min, max] area fractions with 0 < min <= max <= 1, got {scale!r}")
@@ -53,26 +74,61 @@ def check_transform_options(prefix: str = "", *, scale: Sequence[float] = (0.08,
         raise ValueError(f"{prefix}crop_pct must be in (0, 1], got {crop_pct!r}")
 
 
-def build_transform(train: bool, image_size: int, *, auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
-                    re_prob: float = 0.25, color_jitter: float = 0.3, interpolation: str = "bicubic",
-                    crop_pct: float = 0.875, mean: Sequence[float] = DEIT_MEAN, std: Sequence[float] = DEIT_STD,
-                    scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                    hflip: float = 0.5, vflip: float = 0.0):
+def build_transform(
+    train: bool,
+    image_size: int,
+    *,
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
+    re_prob: float = 0.25,
+    color_jitter: float = 0.3,
+    interpolation: str = "bicubic",
+    crop_pct: float = 0.875,
+    mean: Sequence[float] = DEIT_MEAN,
+    std: Sequence[float] = DEIT_STD,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    vflip: float = 0.0,
+):
     """DeiT's training transform (random resized crop ``scale`` / ``ratio`` + flips, RandAugment m9,
     colour jitter 0.3, random erasing 0.25, bicubic) or its eval transform (resize, centre crop
     ``crop_pct``); both resize with ``interpolation`` and normalise with ``mean`` / ``std``. The
     defaults are DeiT's (facebookresearch/deit ``datasets.build_transform``, timm's defaults)."""
     from timm.data import create_transform
 
-    check_transform_options(scale=scale, ratio=ratio, hflip=hflip, vflip=vflip, interpolation=interpolation,
-                            mean=mean, std=std, re_prob=re_prob, color_jitter=color_jitter, crop_pct=crop_pct)
+    check_transform_options(
+        scale=scale,
+        ratio=ratio,
+        hflip=hflip,
+        vflip=vflip,
+        interpolation=interpolation,
+        mean=mean,
+        std=std,
+        re_prob=re_prob,
+        color_jitter=color_jitter,
+        crop_pct=crop_pct,
+    )
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if train:
-        return create_transform(image_size, is_training=True, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
-                                vflip=vflip, auto_augment=auto_augment, re_prob=re_prob, re_mode="pixel", re_count=1,
-                                color_jitter=color_jitter, interpolation=interpolation, mean=mean, std=std)
-    return create_transform(image_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct,
-                            mean=mean, std=std)
+        return create_transform(
+            image_size,
+            is_training=True,
+            scale=tuple(scale),
+            ratio=tuple(ratio),
+            hflip=hflip,
+            vflip=vflip,
+            auto_augment=auto_augment,
+            re_prob=re_prob,
+            re_mode="pixel",
+            re_count=1,
+            color_jitter=color_jitter,
+            interpolation=interpolation,
+            mean=mean,
+            std=std,
+        )
+    return create_transform(
+        image_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct, mean=mean, std=std
+    )
 
 
 def with_rand_magnitude(auto_augment: str, magnitude: float) -> str:
@@ -81,8 +137,10 @@ def with_rand_magnitude(auto_augment: str, magnitude: float) -> str:
     ``ValueError`` for a policy that is not RandAugment (``v0``, ``augmix``, ...): it has no magnitude."""
     sections = auto_augment.split("-") if isinstance(auto_augment, str) else []
     if not sections or sections[0] != "rand":
-        raise ValueError(f"auto_augment {auto_augment!r} is not a RandAugment string ('rand-m9-mstd0.5-inc1'): "
-                         f"it has no magnitude to follow a schedule")
+        raise ValueError(
+            f"auto_augment {auto_augment!r} is not a RandAugment string ('rand-m9-mstd0.5-inc1'): "
+            f"it has no magnitude to follow a schedule"
+        )
     if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float)) or not 0 <= magnitude <= 10:
         raise ValueError(f"RandAugment magnitude must be a number in [0, 10] (timm's level range), got {magnitude!r}")
     kept = [part for part in sections[1:] if re.split(r"(\d.*)", part)[0] != "m"]  # timm's own key split
@@ -135,13 +193,29 @@ class StepMixup:
     restored afterwards. Like timm's, it mixes ``images`` in place.
     """
 
-    def __init__(self, num_classes: int, *, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
-                 prob: float = 1.0, switch_prob: float = 0.5, label_smoothing: float = 0.1, seed: int = 0,
-                 rank: int = 0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+        seed: int = 0,
+        rank: int = 0,
+    ) -> None:
         from timm.data import Mixup
 
-        self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
-                           mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)
+        self.mixup = Mixup(
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            prob=prob,
+            switch_prob=switch_prob,
+            mode="batch",
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+        )
         self.seed, self.rank = seed, rank
 
     def __call__(self, images, labels, step: int):

@@ -34,6 +34,7 @@ split name (``--no-shuffle``: folder / id / index order); ``shards.json`` record
 buffer, so a class-sorted folder written in folder order would give batches of a few classes.
 Shards are byte-for-byte reproducible for a given seed (fixed order, member times and owners).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,6 +66,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
     from tqdm import tqdm
+
     return tqdm(iterable, total=total, desc=desc, unit="shard", file=sys.stderr)
 
 
@@ -72,8 +74,10 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     existing = sorted(p.name for p in out.glob("*.tar")) + ([INDEX_NAME] if (out / INDEX_NAME).exists() else [])
     if existing:
         if not overwrite:
-            raise FileExistsError(f"{out} already holds shards ({', '.join(existing[:3])}"
-                                  f"{', ...' if len(existing) > 3 else ''}); choose an empty directory or pass --overwrite")
+            raise FileExistsError(
+                f"{out} already holds shards ({', '.join(existing[:3])}"
+                f"{', ...' if len(existing) > 3 else ''}); choose an empty directory or pass --overwrite"
+            )
         for name in existing:
             (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -88,13 +92,21 @@ def write_order(items: Sequence, split: str, seed: Optional[int]) -> list:
     return [items[i] for i in permutation]
 
 
-def write_split(out: Path, split: str, items: Sequence, encode: Callable, shard_size: int, workers: int,
-                progress: bool, seed: Optional[int] = None) -> tuple[list[dict], list[tuple[str, str]]]:
+def write_split(
+    out: Path,
+    split: str,
+    items: Sequence,
+    encode: Callable,
+    shard_size: int,
+    workers: int,
+    progress: bool,
+    seed: Optional[int] = None,
+) -> tuple[list[dict], list[tuple[str, str]]]:
     """Write ``items`` into shards of ``shard_size`` samples, in ``write_order(items, split, seed)``;
     ``encode(item) -> sample dict`` may raise ``ValueError`` to skip an item. Returns the shard
     entries and the skipped (item, reason) pairs."""
     items = write_order(items, split, seed)
-    chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    chunks = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
     jobs = [(str(out / f"{split}-{n:06d}.tar"), chunk, encode) for n, chunk in enumerate(chunks)]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -145,20 +157,30 @@ def _write_shard(job) -> tuple[int, list[tuple[str, str]]]:
     return count, skipped
 
 
-def write_index(out: Path, splits: dict[str, list[dict]], classes: Sequence[str], extra: Optional[dict] = None, *,
-                shuffle_seed: Optional[int]) -> dict:
+def write_index(
+    out: Path,
+    splits: dict[str, list[dict]],
+    classes: Sequence[str],
+    extra: Optional[dict] = None,
+    *,
+    shuffle_seed: Optional[int],
+) -> dict:
     """``shuffle_seed``: the seed the samples were ordered with (``write_order``), None for as given."""
     (out / "classes.json").write_text(json.dumps({"names": list(classes)}, indent=1))
-    meta = {"format": FORMAT, "classes": "classes.json",
-            "shuffled": shuffle_seed is not None, "shuffle_seed": shuffle_seed,
-            "splits": {name: {"shards": shards, "total": sum(s["samples"] for s in shards)}
-                       for name, shards in splits.items()}}
+    meta = {
+        "format": FORMAT,
+        "classes": "classes.json",
+        "shuffled": shuffle_seed is not None,
+        "shuffle_seed": shuffle_seed,
+        "splits": {name: {"shards": shards, "total": sum(s["samples"] for s in shards)} for name, shards in splits.items()},
+    }
     meta.update(extra or {})
     (out / INDEX_NAME).write_text(json.dumps(meta, indent=1))
     return meta
 
 
 # -- imagefolder --------------------------------------------------------------------------------
+
 
 def _sanitize(part: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", part) or "_"
@@ -170,8 +192,7 @@ def scan_imagefolder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         raise ValueError(f"{root} has no class directories (expected {root}/CLASS_NAME/*.jpg)")
     files = []
     for index, name in enumerate(classes):
-        files += [(p, index) for p in sorted((root / name).rglob("*"))
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+        files += [(p, index) for p in sorted((root / name).rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
     if not files:
         raise ValueError(f"{root} has class directories but no .jpg/.jpeg/.png images")
     return classes, files
@@ -195,8 +216,9 @@ def check_unique_keys(items: dict[str, list]) -> None:
         seen: dict[str, str] = {}
         for path, _, key in split_items:
             if key in seen:
-                raise ValueError(f"{seen[key]} and {path} map to the same sample key {key!r} in split {split!r}; "
-                                 f"rename one of them")
+                raise ValueError(
+                    f"{seen[key]} and {path} map to the same sample key {key!r} in split {split!r}; rename one of them"
+                )
             seen[key] = path
 
 
@@ -244,16 +266,26 @@ def imagefolder(args) -> dict:
     check_unique_keys(items)
     splits, skipped = {}, []
     for split, split_items in sorted(items.items()):
-        splits[split], bad = write_split(out, split, split_items, _EncodeImageFile(), args.shard_size,
-                                         args.workers, not args.no_progress, _order_seed(args))
+        splits[split], bad = write_split(
+            out,
+            split,
+            split_items,
+            _EncodeImageFile(),
+            args.shard_size,
+            args.workers,
+            not args.no_progress,
+            _order_seed(args),
+        )
         skipped += bad
-    meta = write_index(out, splits, classes, {"skipped": [{"item": i, "reason": r} for i, r in skipped]},
-                       shuffle_seed=_order_seed(args))
+    meta = write_index(
+        out, splits, classes, {"skipped": [{"item": i, "reason": r} for i, r in skipped]}, shuffle_seed=_order_seed(args)
+    )
     _report(out, meta, skipped)
     return meta
 
 
 # -- synthetic ----------------------------------------------------------------------------------
+
 
 class _EncodeSynthetic:
     def __init__(self, seed: int, size: int, objects: int, token_grid: int = 0, token_k: int = 5) -> None:
@@ -267,13 +299,23 @@ class _EncodeSynthetic:
         sample = draw_sample(index, self.seed, self.size, self.objects)
         png = io.BytesIO()
         Image.fromarray(sample.image).save(png, format="PNG")
-        boxes = {"boxes": sample.boxes.round(2).tolist(), "labels": sample.box_labels.tolist(),
-                 "width": self.size, "height": self.size, "image_id": index}
-        out = {"__key__": f"{split}_{index:08d}", "png": png.getvalue(), "cls": str(sample.label).encode(),
-               "json": json.dumps(boxes).encode()}
+        boxes = {
+            "boxes": sample.boxes.round(2).tolist(),
+            "labels": sample.box_labels.tolist(),
+            "width": self.size,
+            "height": self.size,
+            "image_id": index,
+        }
+        out = {
+            "__key__": f"{split}_{index:08d}",
+            "png": png.getvalue(),
+            "cls": str(sample.label).encode(),
+            "json": json.dumps(boxes).encode(),
+        }
         if self.token_grid:
             from .synthetic import oracle_token_maps
             from .token_labels import encode_maps
+
             out.update(encode_maps(*oracle_token_maps(index, self.seed, self.size, self.token_grid, self.token_k)))
         return out
 
@@ -288,8 +330,16 @@ def coco_ground_truth(split: str, indices: Iterable[int], seed: int, size: int, 
         images.append({"id": index, "file_name": f"{split}_{index:08d}.png", "width": size, "height": size})
         for box, label in zip(sample.boxes.tolist(), sample.box_labels.tolist()):
             x0, y0, x1, y1 = box
-            annotations.append({"id": len(annotations) + 1, "image_id": index, "category_id": int(label),
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index,
+                    "category_id": int(label),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": i, "name": name} for i, name in enumerate(classes)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -304,13 +354,22 @@ def synthetic(args) -> dict:
     splits = {}
     for split, indices in ranges.items():
         if len(indices):
-            splits[split], _ = write_split(out, split, [(split, i) for i in indices], encode, args.shard_size,
-                                           args.workers, not args.no_progress, _order_seed(args))
+            splits[split], _ = write_split(
+                out,
+                split,
+                [(split, i) for i in indices],
+                encode,
+                args.shard_size,
+                args.workers,
+                not args.no_progress,
+                _order_seed(args),
+            )
             gt = coco_ground_truth(split, indices, args.seed, args.size, args.objects, CLASS_NAMES)
             (out / f"{split}_coco.json").write_text(json.dumps(gt))
     extra = {"synthetic": {"seed": args.seed, "size": args.size, "objects": args.objects}}
     if args.token_labels:
         from .token_labels import index_block
+
         extra["token_labels"] = index_block("oracle", args.size, args.token_k, args.token_labels, args.token_labels)
     meta = write_index(out, splits, CLASS_NAMES, extra, shuffle_seed=_order_seed(args))
     _report(out, meta, [])
@@ -330,17 +389,28 @@ def synthetic_holds(path: str, *, size: int, objects: int, token_labels: int = 0
     found = index.meta.get("synthetic") or {}
     wanted = {"size": size, "objects": objects}
     if any(found.get(key) != value for key, value in wanted.items()):
-        raise ShardIndexError(f"{path} holds synthetic shards with {found}, but the recipe wants {wanted}: "
-                              f"point data.path elsewhere or delete the folder")
+        raise ShardIndexError(
+            f"{path} holds synthetic shards with {found}, but the recipe wants {wanted}: "
+            f"point data.path elsewhere or delete the folder"
+        )
     block = index.meta.get("token_labels")
     if token_labels and not isinstance(block, dict):
-        raise ShardIndexError(f"{path} holds synthetic shards without token labels, but the recipe wants them "
-                              f"(data.synthetic_token_labels={token_labels}): delete the folder to have them "
-                              f"written, or point data.path elsewhere")
+        raise ShardIndexError(
+            f"{path} holds synthetic shards without token labels, but the recipe wants them "
+            f"(data.synthetic_token_labels={token_labels}): delete the folder to have them "
+            f"written, or point data.path elsewhere"
+        )
     if token_labels and (block.get("teacher"), block.get("h"), block.get("w")) != ("oracle", token_labels, token_labels):
-        log.info("%s carries token labels from %s on a %sx%s grid (the recipe would write oracle maps on %dx%d): "
-                 "using them as they are", path, block.get("teacher"), block.get("h"), block.get("w"), token_labels,
-                 token_labels)
+        log.info(
+            "%s carries token labels from %s on a %sx%s grid (the recipe would write oracle maps on %dx%d): "
+            "using them as they are",
+            path,
+            block.get("teacher"),
+            block.get("h"),
+            block.get("w"),
+            token_labels,
+            token_labels,
+        )
 
 
 def write_synthetic_once(path: str, *, size: int, objects: int, token_labels: int = 0) -> None:
@@ -371,8 +441,18 @@ def write_synthetic_once(path: str, *, size: int, objects: int, token_labels: in
 
 IDX_SPLITS = {"train": "train", "val": "t10k"}  # shard split -> file prefix (the test set is the eval split)
 IDX_CLASSES = {
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                      "Ankle boot"],  # zalandoresearch/fashion-mnist README, labels 0-9
+    "fashion-mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],  # zalandoresearch/fashion-mnist README, labels 0-9
     "mnist": [str(d) for d in range(10)],
 }
 _IDX_CACHE: dict = {}
@@ -423,19 +503,32 @@ def idx(args) -> dict:
         _, y = read_idx_pair(images, labels)  # checked before anything is written
         all_labels[split] = y
         if args.classes in IDX_CLASSES and y.max() >= len(IDX_CLASSES[args.classes]):
-            raise ValueError(f"{labels} has label {y.max()}, but {args.classes} has {len(IDX_CLASSES[args.classes])} "
-                             f"classes")
+            raise ValueError(
+                f"{labels} has label {y.max()}, but {args.classes} has {len(IDX_CLASSES[args.classes])} classes"
+            )
     indices, relabel, kept_names, block = class_filter(all_labels, args.keep_classes, names)
     prepare_out(out, args.overwrite)
     encode = _EncodeIdx(files, relabel)
-    splits = {split: write_split(out, split, [(split, i) for i in chosen], encode, args.shard_size, args.workers,
-                                 not args.no_progress, _order_seed(args))[0] for split, chosen in indices.items()}
+    splits = {
+        split: write_split(
+            out,
+            split,
+            [(split, i) for i in chosen],
+            encode,
+            args.shard_size,
+            args.workers,
+            not args.no_progress,
+            _order_seed(args),
+        )[0]
+        for split, chosen in indices.items()
+    }
     meta = write_index(out, splits, kept_names, {"source": {"idx": str(src)}, **block}, shuffle_seed=_order_seed(args))
     _report(out, meta, [])
     return meta
 
 
 # -- class filter (idx, cifar) ------------------------------------------------------------------
+
 
 def parse_class_list(text: str, num_classes: int) -> list[int]:
     """``"0-4"`` / ``"5,7,9"`` / ``"0-2,8"`` -> original labels in that order; each in [0, num_classes), no repeats."""
@@ -471,13 +564,20 @@ def class_filter(labels_by_split: dict[str, np.ndarray], keep: Optional[str], na
 
 # -- cifar (python pickles) ---------------------------------------------------------------------
 
+
 class _NumpyOnlyUnpickler:
     """Reads the CIFAR pickles (dicts of bytes keys, lists and numpy arrays) and refuses any other global:
     a pickle may name any callable, and these files come from the internet."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
 
     @classmethod
     def load(cls, path: Path) -> dict:
@@ -500,19 +600,34 @@ class _NumpyOnlyUnpickler:
 
 
 CIFAR_LAYOUTS = {  # folder -> (train files, eval files, meta file, names key, labels key by --label)
-    "cifar-10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta", {"fine": "label_names"},
-                 {"fine": "labels"}),
-    "cifar-100": (["train"], ["test"], "meta", {"fine": "fine_label_names", "coarse": "coarse_label_names"},
-                  {"fine": "fine_labels", "coarse": "coarse_labels"}),
+    "cifar-10": (
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        {"fine": "label_names"},
+        {"fine": "labels"},
+    ),
+    "cifar-100": (
+        ["train"],
+        ["test"],
+        "meta",
+        {"fine": "fine_label_names", "coarse": "coarse_label_names"},
+        {"fine": "fine_labels", "coarse": "coarse_labels"},
+    ),
 }
 
 
 def cifar_layout(src: Path) -> str:
-    found = [name for name, (train, test, meta, _, _) in CIFAR_LAYOUTS.items()
-             if all((src / f).is_file() for f in [*train, *test, meta])]
+    found = [
+        name
+        for name, (train, test, meta, _, _) in CIFAR_LAYOUTS.items()
+        if all((src / f).is_file() for f in [*train, *test, meta])
+    ]
     if not found:
-        raise FileNotFoundError(f"{src} is neither cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta) "
-                                f"nor cifar-100-python (train, test, meta)")
+        raise FileNotFoundError(
+            f"{src} is neither cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta) "
+            f"nor cifar-100-python (train, test, meta)"
+        )
     return found[0]
 
 
@@ -525,8 +640,10 @@ def read_cifar_split(src: Path, files: Sequence[str], labels_key: str) -> tuple[
             raise ValueError(f"{src / name} has no 'data' / {labels_key!r} entries (keys: {sorted(batch)})")
         data, y = np.asarray(batch["data"]), np.asarray(batch[labels_key])
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(y) != len(data):
-            raise ValueError(f"{src / name}: expected uint8 data [N, 3072] and N labels, got {data.dtype} "
-                             f"{list(data.shape)} and {len(y)} labels")
+            raise ValueError(
+                f"{src / name}: expected uint8 data [N, 3072] and N labels, got {data.dtype} "
+                f"{list(data.shape)} and {len(y)} labels"
+            )
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # R, G, B planes of 1024 each
         labels.append(y.astype(np.int64))
     return np.concatenate(images), np.concatenate(labels)
@@ -572,15 +689,28 @@ def cifar(args) -> dict:
     indices, relabel, kept_names, block = class_filter(labels, args.keep_classes, names)
     prepare_out(out, args.overwrite)
     encode = _EncodeCifar(str(src), files, labels_keys[args.label], relabel)
-    splits = {split: write_split(out, split, [(split, i) for i in chosen], encode, args.shard_size, args.workers,
-                                 not args.no_progress, _order_seed(args))[0] for split, chosen in indices.items()}
-    meta_out = write_index(out, splits, kept_names, {"source": {layout: str(src), "label": args.label}, **block},
-                           shuffle_seed=_order_seed(args))
+    splits = {
+        split: write_split(
+            out,
+            split,
+            [(split, i) for i in chosen],
+            encode,
+            args.shard_size,
+            args.workers,
+            not args.no_progress,
+            _order_seed(args),
+        )[0]
+        for split, chosen in indices.items()
+    }
+    meta_out = write_index(
+        out, splits, kept_names, {"source": {layout: str(src), "label": args.label}, **block}, shuffle_seed=_order_seed(args)
+    )
     _report(out, meta_out, [])
     return meta_out
 
 
 # -- coco ---------------------------------------------------------------------------------------
+
 
 class _EncodeCocoImage:
     """Picklable: (image record, its annotations) -> sample with the original image bytes and boxes."""
@@ -608,8 +738,14 @@ class _EncodeCocoImage:
             boxes.append([x, y, x + w, y + h])
             labels.append(int(ann["category_id"]))
             crowd.append(int(ann.get("iscrowd", 0)))
-        meta = {"boxes": boxes, "labels": labels, "iscrowd": crowd, "image_id": int(image["id"]),
-                "width": int(image["width"]), "height": int(image["height"])}
+        meta = {
+            "boxes": boxes,
+            "labels": labels,
+            "iscrowd": crowd,
+            "image_id": int(image["id"]),
+            "width": int(image["width"]),
+            "height": int(image["height"]),
+        }
         key = f"{int(image['id']):012d}"
         return {"__key__": key, IMAGE_EXTS[suffix]: data, "json": json.dumps(meta).encode()}
 
@@ -629,14 +765,27 @@ def coco(args) -> dict:
     for ann in ground_truth["annotations"]:
         by_image.setdefault(int(ann["image_id"]), []).append(ann)
     items = [(image, by_image.get(int(image["id"]), [])) for image in sorted(ground_truth["images"], key=lambda i: i["id"])]
-    shards, skipped = write_split(out, args.split, items, _EncodeCocoImage(str(image_dir)), args.shard_size,
-                                  args.workers, not args.no_progress, _order_seed(args))
+    shards, skipped = write_split(
+        out,
+        args.split,
+        items,
+        _EncodeCocoImage(str(image_dir)),
+        args.shard_size,
+        args.workers,
+        not args.no_progress,
+        _order_seed(args),
+    )
     names = [""] * (max(c["id"] for c in ground_truth["categories"]) + 1)  # class ids are kept as they are
     for category in ground_truth["categories"]:
         names[int(category["id"])] = category["name"]
     (out / f"{args.split}_coco.json").write_text(annotation_file.read_text())
-    meta = write_index(out, {args.split: shards}, names,
-                       {"skipped": [{"item": i, "reason": r} for i, r in skipped]}, shuffle_seed=_order_seed(args))
+    meta = write_index(
+        out,
+        {args.split: shards},
+        names,
+        {"skipped": [{"item": i, "reason": r} for i, r in skipped]},
+        shuffle_seed=_order_seed(args),
+    )
     _report(out, meta, skipped)
     return meta
 
@@ -648,8 +797,12 @@ def _order_seed(args) -> Optional[int]:
 def _report(out: Path, meta: dict, skipped) -> None:
     for split, info in meta["splits"].items():
         log.info("%s: %d samples in %d shards", split, info["total"], len(info["shards"]))
-    log.info("order: %s", f"shuffled across shards (seed {meta['shuffle_seed']})" if meta["shuffled"] else
-             "as listed (--no-shuffle): mind class-sorted folders, the stream only mixes within its buffer")
+    log.info(
+        "order: %s",
+        f"shuffled across shards (seed {meta['shuffle_seed']})"
+        if meta["shuffled"]
+        else "as listed (--no-shuffle): mind class-sorted folders, the stream only mixes within its buffer",
+    )
     if skipped:
         log.warning("skipped %d unreadable images:", len(skipped))
         for item, reason in skipped[:20]:
@@ -660,49 +813,73 @@ def _report(out: Path, meta: dict, skipped) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m data.write_shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m data.write_shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     common.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
     common.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
-    common.add_argument("--no-shuffle", action="store_true",
-                        help="write samples in folder / image-id / index order instead of a seeded random order")
-    common.add_argument("--upload", metavar="s3://BUCKET/PREFIX",
-                        help="then copy OUT to object storage (boto3: credentials and AWS_ENDPOINT_URL as the aws CLI "
-                             "takes them); shards.json goes last")
+    common.add_argument(
+        "--no-shuffle",
+        action="store_true",
+        help="write samples in folder / image-id / index order instead of a seeded random order",
+    )
+    common.add_argument(
+        "--upload",
+        metavar="s3://BUCKET/PREFIX",
+        help="then copy OUT to object storage (boto3: credentials and AWS_ENDPOINT_URL as the aws CLI "
+        "takes them); shards.json goes last",
+    )
     common.add_argument("--s3-endpoint", help="S3 endpoint URL for --upload (default: AWS_ENDPOINT_URL, then AWS)")
     order_seed = argparse.ArgumentParser(add_help=False)
     order_seed.add_argument("--seed", type=int, default=0, help="seed of the random write order")
     folder = sub.add_parser("imagefolder", parents=[common, order_seed], help="SRC/class_name/*.jpg -> shards")
     folder.add_argument("src")
     folder.add_argument("out")
-    folder.add_argument("--val-fraction", type=float, default=0.0,
-                        help="share of images put in a val split (by key hash); ignored when SRC has train/ and val/")
-    coco_parser = sub.add_parser("coco", parents=[common, order_seed],
-                                 help="COCO images + instances json -> detection shards")
+    folder.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="share of images put in a val split (by key hash); ignored when SRC has train/ and val/",
+    )
+    coco_parser = sub.add_parser(
+        "coco", parents=[common, order_seed], help="COCO images + instances json -> detection shards"
+    )
     coco_parser.add_argument("images", help="the image folder (file_name in the json is relative to it)")
     coco_parser.add_argument("annotations", help="instances_*.json")
     coco_parser.add_argument("out")
     coco_parser.add_argument("--split", default="train", help="split name for the shards (train, val, ...)")
-    idx_parser = sub.add_parser("idx", parents=[common, order_seed],
-                                help="MNIST-style IDX files (train-* and t10k-*) -> train and val shards")
-    idx_parser.add_argument("src", help="the folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], e.g. "
-                                        "/usr/share/datasets/fashion-mnist (Debian: dataset-fashion-mnist)")
+    idx_parser = sub.add_parser(
+        "idx", parents=[common, order_seed], help="MNIST-style IDX files (train-* and t10k-*) -> train and val shards"
+    )
+    idx_parser.add_argument(
+        "src",
+        help="the folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], e.g. "
+        "/usr/share/datasets/fashion-mnist (Debian: dataset-fashion-mnist)",
+    )
     idx_parser.add_argument("out")
-    idx_parser.add_argument("--classes", default="fashion-mnist",
-                            help="fashion-mnist, mnist, or comma-separated class names in label order")
-    keep_help = ("only these classes, e.g. 0-4 or 5,7,9 (original labels), relabelled 0..K-1 in the order given "
-                 "(a disjoint pre-training / fine-tuning split)")
+    idx_parser.add_argument(
+        "--classes", default="fashion-mnist", help="fashion-mnist, mnist, or comma-separated class names in label order"
+    )
+    keep_help = (
+        "only these classes, e.g. 0-4 or 5,7,9 (original labels), relabelled 0..K-1 in the order given "
+        "(a disjoint pre-training / fine-tuning split)"
+    )
     idx_parser.add_argument("--keep-classes", metavar="LABELS", help=keep_help)
-    cifar_parser = sub.add_parser("cifar", parents=[common, order_seed],
-                                  help="CIFAR-10 / CIFAR-100 python pickles -> train and val shards")
+    cifar_parser = sub.add_parser(
+        "cifar", parents=[common, order_seed], help="CIFAR-10 / CIFAR-100 python pickles -> train and val shards"
+    )
     cifar_parser.add_argument("src", help="cifar-10-batches-py or cifar-100-python (the folders in the downloaded tar.gz)")
     cifar_parser.add_argument("out")
-    cifar_parser.add_argument("--label", default="fine", choices=("fine", "coarse"),
-                              help="CIFAR-100: the 100 fine classes or the 20 coarse superclasses")
+    cifar_parser.add_argument(
+        "--label",
+        default="fine",
+        choices=("fine", "coarse"),
+        help="CIFAR-100: the 100 fine classes or the 20 coarse superclasses",
+    )
     cifar_parser.add_argument("--keep-classes", metavar="LABELS", help=keep_help)
     synth = sub.add_parser("synthetic", parents=[common], help="the embedded default data set")
     synth.add_argument("out")
@@ -711,9 +888,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     synth.add_argument("--size", type=int, default=32)
     synth.add_argument("--objects", type=int, default=1, help="objects per image (1 for classification)")
     synth.add_argument("--seed", type=int, default=0, help="seed of the images and of the random write order")
-    synth.add_argument("--token-labels", type=int, default=0, metavar="GRID",
-                       help="also write exact (oracle) dense token labels on a GRID x GRID map (KEY.tlv.npy / "
-                            "KEY.tli.npy, LV-ViT token labelling); 0: none")
+    synth.add_argument(
+        "--token-labels",
+        type=int,
+        default=0,
+        metavar="GRID",
+        help="also write exact (oracle) dense token labels on a GRID x GRID map (KEY.tlv.npy / "
+        "KEY.tli.npy, LV-ViT token labelling); 0: none",
+    )
     synth.add_argument("--token-k", type=int, default=5, help="classes kept per map cell (top-k) with --token-labels")
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.workers < 1:
@@ -722,8 +904,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--val-fraction must be in [0, 1)")
     if args.command == "synthetic" and (args.train < 0 or args.val < 0 or args.train + args.val == 0 or args.objects < 1):
         parser.error("--train/--val must be >= 0 (not both 0) and --objects >= 1")
-    if args.command == "synthetic" and args.token_labels and (
-            args.objects != 1 or args.size % args.token_labels or not 1 <= args.token_k <= 32):
+    if (
+        args.command == "synthetic"
+        and args.token_labels
+        and (args.objects != 1 or args.size % args.token_labels or not 1 <= args.token_k <= 32)
+    ):
         parser.error("--token-labels GRID needs --objects 1, a GRID that divides --size, and 1 <= --token-k <= 32")
     return args
 
@@ -733,6 +918,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.upload:
         from .remote import check_location
+
         try:
             check_location(args.upload)
         except ValueError as err:
@@ -746,6 +932,7 @@ def main(argv=None) -> int:
         return 2
     if args.upload:
         from .remote import RemoteError, RemoteOptions, upload_folder
+
         try:
             keys = upload_folder(args.out, args.upload, RemoteOptions(s3_endpoint=args.s3_endpoint))
         except (RemoteError, ValueError) as err:

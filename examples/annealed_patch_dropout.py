@@ -6,6 +6,7 @@ by module path (from the repository root) and lists it under ``methods:`` like a
     method_modules: [examples.annealed_patch_dropout]
     methods: {annealed_patch_dropout: {start: 0.5, until: 0.8}}
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -8,6 +8,7 @@ and stop within seconds, naming the rank and the difference, instead of training
 or hanging in a collective until the timeout (different step counts: the rank with fewer steps
 leaves while the others wait in an all-reduce).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,13 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-_WHAT = {"recipe": "resolved recipe", "shards": "shard index", "plan": "step plan",
-         "run_folder": "run folder (token rank 0 wrote at this start)", "checkpoints": "checkpoints in the run folder"}
+_WHAT = {
+    "recipe": "resolved recipe",
+    "shards": "shard index",
+    "plan": "step plan",
+    "run_folder": "run folder (token rank 0 wrote at this start)",
+    "checkpoints": "checkpoints in the run folder",
+}
 
 
 class DisagreementError(ConfigError):
@@ -61,8 +67,7 @@ class DisagreementError(ConfigError):
         super().__init__(message, collective=True)
 
 
-def agree(facts: dict[str, str], *, recipe: str, rank: int, world: int,
-          error: Optional[BaseException] = None) -> None:
+def agree(facts: dict[str, str], *, recipe: str, rank: int, world: int, error: Optional[BaseException] = None) -> None:
     """Collective. ``facts``: this rank's ``{name: short text}``; ``recipe``: its resolved recipe
     (YAML), compared key by key only when the digests differ; ``error``: the refusal this rank met
     while preparing (its facts are then ignored). Raises on every rank alike: the refusal itself when
@@ -86,15 +91,20 @@ def agree(facts: dict[str, str], *, recipe: str, rank: int, world: int,
         for r, other in enumerate(gathered[1:], start=1):
             for name in reference:
                 if other.get(name) != reference[name] and name != "recipe":
-                    problems.append(f"rank {r}'s {_WHAT.get(name, name)} differs from rank 0's: "
-                                    f"{other.get(name)} vs {reference[name]}")
+                    problems.append(
+                        f"rank {r}'s {_WHAT.get(name, name)} differs from rank 0's: {other.get(name)} vs {reference[name]}"
+                    )
         if any(f.get("recipe") != reference.get("recipe") for f in gathered):
             problems = _recipe_problems(recipe, rank, world) + problems  # the error path only: name the keys
     if problems:
         more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
-        raise DisagreementError("the ranks disagree before training: " + "; ".join(problems[:4]) + more +
-                                ". Every rank must run the same recipe on the same data and see the same run "
-                                "folder (out_dir on storage all nodes share)")
+        raise DisagreementError(
+            "the ranks disagree before training: "
+            + "; ".join(problems[:4])
+            + more
+            + ". Every rank must run the same recipe on the same data and see the same run "
+            "folder (out_dir on storage all nodes share)"
+        )
 
 
 def _recipe_problems(recipe: str, rank: int, world: int) -> list[str]:

@@ -16,6 +16,7 @@ Resuming with another world size goes through DeepSpeed's universal checkpoint: 
 ``step-N`` to ``step-N_universal`` (``python -m deepspeed.checkpoint.ds_to_universal
 --inject_missing_state``) and the engine loads that with ``checkpoint.load_universal``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Checkpointer", "CheckpointError", "ResumePoint", "find_resume_point", "select_resume_point",
-           "verify_checkpoint", "file_record", "MANIFEST", "checkpoint_state_dict", "checkpoints_folder"]
+__all__ = [
+    "Checkpointer",
+    "CheckpointError",
+    "ResumePoint",
+    "find_resume_point",
+    "select_resume_point",
+    "verify_checkpoint",
+    "file_record",
+    "MANIFEST",
+    "checkpoint_state_dict",
+    "checkpoints_folder",
+]
 
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step-(\d+)$")
@@ -120,8 +131,7 @@ def verify_checkpoint(folder: Path, *, rank: int = 0, world: int = 1) -> tuple[l
                     continue
                 size = path.stat().st_size
                 if size != want["size"]:
-                    problems.append(f"{path} has {size} bytes, the manifest says {want['size']} (truncated or "
-                                    f"overwritten)")
+                    problems.append(f"{path} has {size} bytes, the manifest says {want['size']} (truncated or overwritten)")
                     continue
                 got = file_record(path)["crc32"]
                 if got != want["crc32"]:
@@ -160,8 +170,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return _complete(Path(run_dir) / "checkpoints")
 
 
-def select_resume_point(path: Path, *, rank: int = 0, world: int = 1,
-                        required: bool = False) -> Optional[ResumePoint]:
+def select_resume_point(path: Path, *, rank: int = 0, world: int = 1, required: bool = False) -> Optional[ResumePoint]:
     """The checkpoint to resume from, verified; collective when a process group is up.
 
     ``path``: one checkpoint (``step-N``: that one, intact, or ``CheckpointError``), or a run folder
@@ -174,8 +183,9 @@ def select_resume_point(path: Path, *, rank: int = 0, world: int = 1,
     single = (path / "meta.json").is_file() or _STEP.match(path.name) is not None
     if single:
         if not (path / "meta.json").is_file():
-            raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json: its save did not finish)",
-                                  collective=True)
+            raise CheckpointError(
+                f"{path} is not a complete checkpoint (no meta.json: its save did not finish)", collective=True
+            )
         candidates = [path]
     else:
         candidates = _complete(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
@@ -184,8 +194,9 @@ def select_resume_point(path: Path, *, rank: int = 0, world: int = 1,
         problems, verified = verify_checkpoint(folder, rank=rank, world=world)
         if not problems:
             if not verified and rank == 0:
-                log.warning("%s has no %s (written before checkpoints recorded checksums): loading it unverified",
-                            folder, MANIFEST)
+                log.warning(
+                    "%s has no %s (written before checkpoints recorded checksums): loading it unverified", folder, MANIFEST
+                )
             if damaged and rank == 0:
                 log.warning("resuming from %s, the newest checkpoint that verifies", folder)
             return ResumePoint(folder)
@@ -198,8 +209,11 @@ def select_resume_point(path: Path, *, rank: int = 0, world: int = 1,
                 log.error("checkpoint %s is damaged: %s", folder, problem)
             log.warning("passing over %s; trying the previous checkpoint", folder)
     if damaged:
-        raise CheckpointError(f"no checkpoint under {path} verifies (damaged: {', '.join(p.name for p in damaged)}); "
-                              f"repair or remove them, or start afresh with --no-resume", collective=True)
+        raise CheckpointError(
+            f"no checkpoint under {path} verifies (damaged: {', '.join(p.name for p in damaged)}); "
+            f"repair or remove them, or start afresh with --no-resume",
+            collective=True,
+        )
     claimed = _claimed_latest(path)
     if claimed is not None:  # the folder says it has progress it cannot show: never start over silently
         raise CheckpointError(claimed, collective=True)
@@ -220,9 +234,11 @@ def _claimed_latest(run: Path) -> Optional[str]:
     except OSError as err:
         tag = f"<unreadable: {err}>"
     found = sorted(p.name for p in folder.iterdir() if p.name != "latest")
-    return (f"{pointer} names {tag!r}, but {folder} holds no complete checkpoint (found: "
-            f"{', '.join(found[:8]) or 'nothing'}{' ...' if len(found) > 8 else ''}): is this the right folder "
-            f"(a mount missing, a folder deleted or not synced)? Pass --no-resume to start this run afresh")
+    return (
+        f"{pointer} names {tag!r}, but {folder} holds no complete checkpoint (found: "
+        f"{', '.join(found[:8]) or 'nothing'}{' ...' if len(found) > 8 else ''}): is this the right folder "
+        f"(a mount missing, a folder deleted or not synced)? Pass --no-resume to start this run afresh"
+    )
 
 
 def find_resume_point(path: Path) -> Optional[ResumePoint]:
@@ -253,15 +269,17 @@ def checkpoint_state_dict(source: str):
         folder = point.folder
         if point.meta["zero_stage"] > 0:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
             state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
         else:
-            state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu",
-                               weights_only=False)["module"]
+            state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
     bad = first_nonfinite(state.items())
     if bad is not None:  # written before the non-finite guard existed: never hand such weights on
-        raise RuntimeError(f"{folder} holds non-finite weights ({bad} has NaN or inf): not exporting it; export an "
-                           f"earlier checkpoint (RUN/checkpoints/step-N)")
+        raise RuntimeError(
+            f"{folder} holds non-finite weights ({bad} has NaN or inf): not exporting it; export an "
+            f"earlier checkpoint (RUN/checkpoints/step-N)"
+        )
     return state, point
 
 
@@ -291,12 +309,17 @@ def _naming_write_errors(target: Path):
         if isinstance(err, CheckpointError):
             raise
         free = _free_bytes(target)
-        full = getattr(err, "errno", None) == errno.ENOSPC or "unexpected pos" in str(err) or (
-            free is not None and free < 1 << 20)
+        full = (
+            getattr(err, "errno", None) == errno.ENOSPC
+            or "unexpected pos" in str(err)
+            or (free is not None and free < 1 << 20)
+        )
         if full:
-            raise CheckpointError(f"no space left on the device (ENOSPC) writing checkpoint {target} "
-                                  f"({_size(free)} free there): free space or point out_dir elsewhere; 'latest' "
-                                  f"still names the previous checkpoint") from err
+            raise CheckpointError(
+                f"no space left on the device (ENOSPC) writing checkpoint {target} "
+                f"({_size(free)} free there): free space or point out_dir elsewhere; 'latest' "
+                f"still names the previous checkpoint"
+            ) from err
         raise CheckpointError(f"writing checkpoint {target} failed: {type(err).__name__}: {err}") from err
 
 
@@ -321,8 +344,17 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, engine, *, rank: int, world_size: int, zero_stage: int, keep: int,
-                 before_save: Optional[Callable[[int], None]] = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        engine,
+        *,
+        rank: int,
+        world_size: int,
+        zero_stage: int,
+        keep: int,
+        before_save: Optional[Callable[[int], None]] = None,
+    ) -> None:
         self.folder = Path(run_dir) / "checkpoints"
         self.engine, self.rank, self.world_size = engine, rank, world_size
         self.zero_stage, self.keep = zero_stage, keep
@@ -341,8 +373,7 @@ class Checkpointer:
             self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
             torch.save(_rng_state(), target / f"rng-rank{self.rank}.pt")
         dist.barrier()  # every file is written and closed
-        mine = {p.name: file_record(p) for p in sorted(target.iterdir())
-                if p.is_file() and _writer(p.name) == self.rank}
+        mine = {p.name: file_record(p) for p in sorted(target.iterdir()) if p.is_file() and _writer(p.name) == self.rank}
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, mine)
         verdict = [self._check_shared(target, gathered) if self.rank == 0 else None]
@@ -352,8 +383,7 @@ class Checkpointer:
         if self.rank == 0:
             files = {name: record for part in gathered for name, record in part.items()}
             with _naming_write_errors(target):
-                _write_atomic(target / MANIFEST, json.dumps({"checksum": "crc32", "files": files}, indent=1,
-                                                            sort_keys=True))
+                _write_atomic(target / MANIFEST, json.dumps({"checksum": "crc32", "files": files}, indent=1, sort_keys=True))
                 meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage}
                 _write_atomic(target / "meta.json", json.dumps(meta))
                 _write_atomic(self.folder / "latest", tag)
@@ -372,19 +402,21 @@ class Checkpointer:
                 size = path.stat().st_size if path.is_file() else None
                 if size != record["size"]:
                     seen = "is missing there" if size is None else f"has {size} bytes there, not {record['size']}"
-                    return (f"checkpoint {target} is incomplete: rank {rank} wrote {name}, but on rank 0 it {seen}. "
-                            f"Is the run folder (out_dir) on storage that every node shares? Not moving "
-                            f"'latest'; the checkpoint cannot be resumed from")
+                    return (
+                        f"checkpoint {target} is incomplete: rank {rank} wrote {name}, but on rank 0 it {seen}. "
+                        f"Is the run folder (out_dir) on storage that every node shares? Not moving "
+                        f"'latest'; the checkpoint cannot be resumed from"
+                    )
         return None
 
     def _prune(self) -> None:
         from .runlock import READERS_LOCK, rotation_lock
+
         with rotation_lock(self.folder) as free:  # a reader (launcher.export) keeps what it verified
             if not free:
-                log.info("checkpoint rotation deferred to the next save: a reader holds %s",
-                         self.folder / READERS_LOCK)
+                log.info("checkpoint rotation deferred to the next save: a reader holds %s", self.folder / READERS_LOCK)
                 return
-            for path in _complete(self.folder)[self.keep:]:
+            for path in _complete(self.folder)[self.keep :]:
                 shutil.rmtree(path, ignore_errors=True)
                 shutil.rmtree(path.with_name(path.name + "_universal"), ignore_errors=True)
 
@@ -394,10 +426,22 @@ class Checkpointer:
         universal = point.folder.with_name(point.folder.name + "_universal")
         if rank == 0 and not (universal / "done").is_file():
             shutil.rmtree(universal, ignore_errors=True)
-            log.info("world size changed (%d -> %d): converting %s to a universal checkpoint",
-                     point.meta["world_size"], dist.get_world_size(), point.folder)
-            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                       str(point.folder), "--output_folder", str(universal), "--inject_missing_state"]
+            log.info(
+                "world size changed (%d -> %d): converting %s to a universal checkpoint",
+                point.meta["world_size"],
+                dist.get_world_size(),
+                point.folder,
+            )
+            command = [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(point.folder),
+                "--output_folder",
+                str(universal),
+                "--inject_missing_state",
+            ]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"universal conversion of {point.folder} failed:\n{result.stderr[-3000:]}")
@@ -427,15 +471,14 @@ class Checkpointer:
         needed = ([] if universal else self._needed_files(point)) + ([rng_file] if same_world else [])
         for path in needed:
             if not path.is_file():
-                raise CheckpointError(f"cannot resume from {point.folder}: rank {self.rank} needs {path}, which is "
-                                      f"missing")
+                raise CheckpointError(f"cannot resume from {point.folder}: rank {self.rank} needs {path}, which is missing")
         tag = self.prepare_universal(point, self.rank) if universal else point.folder.name
         try:
-            path, client_state = self.engine.load_checkpoint(str(point.folder.parent), tag=tag,
-                                                             load_module_strict=True)
+            path, client_state = self.engine.load_checkpoint(str(point.folder.parent), tag=tag, load_module_strict=True)
         except (AssertionError, FileNotFoundError, RuntimeError, EOFError, OSError) as err:
-            raise CheckpointError(f"rank {self.rank}: DeepSpeed could not load {point.folder.parent / tag}: "
-                                  f"{type(err).__name__}: {err}") from err
+            raise CheckpointError(
+                f"rank {self.rank}: DeepSpeed could not load {point.folder.parent / tag}: {type(err).__name__}: {err}"
+            ) from err
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {point.folder.parent / tag}")
         if same_world:

@@ -15,6 +15,7 @@ is refused before anything runs.
 The report (speed-ups against the first recipe) goes to ``OUT/report``. A method that arrives as a
 plug-in is just another recipe here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,7 @@ def estimate_total(cfg, world: int = 1) -> tuple[Optional[int], bool]:
     if cfg.train.steps:
         return cfg.train.steps, True
     from .run_plan import plan_from_index
+
     try:
         planned = plan_from_index(cfg, world=world)
     except ConfigError:  # e.g. a budget the data cannot meet: launcher.train names it when the run starts
@@ -83,13 +85,16 @@ def plan(recipes: list[str], seeds: int, out: Path, overrides: list[str], world:
             base = load_config(recipe, overrides)
             name = f"{base.name}_s{seed}"
             if names.setdefault(name, recipe) != recipe:
-                raise ConfigError(f"{recipe} and {names[name]} both have name '{base.name}': give each recipe its "
-                                  f"own name (the run folders would collide)")
+                raise ConfigError(
+                    f"{recipe} and {names[name]} both have name '{base.name}': give each recipe its "
+                    f"own name (the run folders would collide)"
+                )
             run_overrides = [*overrides, f"train.seed={seed}", f"name={name}", f"out_dir={out / 'runs'}"]
             cfg = load_config(recipe, run_overrides)
             total, exact = estimate_total(cfg, world)
-            runs.append(PlannedRun(Path(recipe), seed, name, run_overrides, cfg.run_dir,
-                                   yaml.safe_load(resolved(cfg)), total, exact))
+            runs.append(
+                PlannedRun(Path(recipe), seed, name, run_overrides, cfg.run_dir, yaml.safe_load(resolved(cfg)), total, exact)
+            )
             check_folder(runs[-1])
     return runs
 
@@ -106,14 +111,18 @@ def check_folder(run: PlannedRun) -> None:
         raise ConfigError(f"{path} is not valid YAML ({err}): delete the run folder or use another --out") from err
     if not isinstance(found, dict) or not found:
         what = "is empty" if found is None or found == {} else f"holds a {type(found).__name__}, not a recipe mapping"
-        raise ConfigError(f"{path} {what}: the run folder's config cannot be compared with the plan; delete the run "
-                          f"folder or use another --out")
+        raise ConfigError(
+            f"{path} {what}: the run folder's config cannot be compared with the plan; delete the run "
+            f"folder or use another --out"
+        )
     from .config import recipe_changes
 
     changed = [key for key, _, _ in recipe_changes(found, run.config)]
     if changed:
-        raise ConfigError(f"{run.run_dir} was trained with another config ({', '.join(changed[:5])} differ): "
-                          f"use another --out, the same overrides, or delete that run folder")
+        raise ConfigError(
+            f"{run.run_dir} was trained with another config ({', '.join(changed[:5])} differ): "
+            f"use another --out, the same overrides, or delete that run folder"
+        )
 
 
 def run_state(run: PlannedRun) -> str:
@@ -188,11 +197,23 @@ def train_command(run: PlannedRun, ranks: int) -> list[str]:
         prefix = [sys.executable, "-m", "launcher.train"]
     else:
         import socket
+
         with socket.socket() as sock:  # a free rendezvous port, so two comparisons can share a machine
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-                  "127.0.0.1", "--master_port", str(port), "-m", "launcher.train"]
+        prefix = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "-m",
+            "launcher.train",
+        ]
     return [*prefix, "--config", str(run.recipe.resolve()), *run.overrides]
 
 
@@ -218,9 +239,16 @@ def run_local(runs: list[PlannedRun], ranks: int, every: float) -> int:
         with open(run.run_dir / "train.log", "a") as log_file:
             log_file.write(f"\n$ {shlex.join(command)}\n")
             log_file.flush()
-            process = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                           [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+                },
+            )
             child["process"] = process
             progress, started, last = Progress(run.run_dir / "metrics.jsonl"), time.time(), time.time()
             while process.poll() is None:
@@ -232,8 +260,10 @@ def run_local(runs: list[PlannedRun], ranks: int, every: float) -> int:
         code = process.returncode
         if code != 0:
             tail = (run.run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
-            say(f"{tag}: launcher.train exited with {code} after {fmt_duration(time.time() - started)}; the last "
-                f"lines of {run.run_dir / 'train.log'}:\n" + "\n".join(tail))
+            say(
+                f"{tag}: launcher.train exited with {code} after {fmt_duration(time.time() - started)}; the last "
+                f"lines of {run.run_dir / 'train.log'}:\n" + "\n".join(tail)
+            )
             say("run the same command again to resume from the checkpoints")
             return code
         say(f"{tag}: done, {progress.line(run.total, run.exact_total)}, {fmt_duration(time.time() - started)}")
@@ -242,8 +272,11 @@ def run_local(runs: list[PlannedRun], ranks: int, every: float) -> int:
 
 def _queued_job(name: str) -> Optional[str]:
     """A queued or running job of this user with the run's name (two jobs on one run folder would clash)."""
-    result = subprocess.run(["squeue", "-h", "-u", os.environ.get("USER", str(os.getuid())), "-n", name, "-o", "%i"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["squeue", "-h", "-u", os.environ.get("USER", str(os.getuid())), "-n", name, "-o", "%i"],
+        capture_output=True,
+        text=True,
+    )
     ids = result.stdout.split()
     return ids[0] if result.returncode == 0 and ids else None
 
@@ -257,6 +290,7 @@ def _live_jobs(ids: list[str]) -> set[str]:
 
 def run_slurm(runs: list[PlannedRun], args: argparse.Namespace) -> int:
     from .submit import build_command
+
     jobs: dict[str, PlannedRun] = {}
     for i, run in enumerate(runs, 1):
         tag = f"[{i}/{len(runs)}] {run.name}"
@@ -268,8 +302,7 @@ def run_slurm(runs: list[PlannedRun], args: argparse.Namespace) -> int:
             say(f"{tag}: already queued as job {queued}: waiting on it")
             jobs[queued] = run
             continue
-        submit_args = argparse.Namespace(**{**vars(args), "config": str(run.recipe.resolve()),
-                                            "overrides": run.overrides})
+        submit_args = argparse.Namespace(**{**vars(args), "config": str(run.recipe.resolve()), "overrides": run.overrides})
         command = build_command(submit_args)
         command.insert(1, "--parsable")  # prints "jobid[;cluster]"
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -292,8 +325,7 @@ def run_slurm(runs: list[PlannedRun], args: argparse.Namespace) -> int:
         time.sleep(min(args.progress_every, args.poll_seconds))
     unfinished = [r for r in jobs.values() if run_state(r) != "done"]
     for run in unfinished:
-        say(f"{run.name} left the queue unfinished (see {run.run_dir}/slurm-*.out); run the same command again "
-            f"to resume it")
+        say(f"{run.name} left the queue unfinished (see {run.run_dir}/slurm-*.out); run the same command again to resume it")
     return 1 if unfinished else 0
 
 
@@ -328,6 +360,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--no-wait goes with --slurm")
     if args.slurm:
         from .submit import check_geometry
+
         try:
             check_geometry(args)
         except ConfigError as err:

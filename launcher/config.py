@@ -5,6 +5,7 @@ A recipe may start from another (``base: deit_small.yaml``, relative to the reci
 are YAML). Unknown keys and bad values are errors that name the key, raised before any process
 group starts. ``resolved(cfg)`` is what gets written to the run folder.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,16 @@ from typing import Any, Optional
 
 import yaml
 
-__all__ = ["RunConfig", "ConfigError", "load_config", "resolved", "deepspeed_config", "recipe_changes",
-           "RESUMABLE", "remote_options"]
+__all__ = [
+    "RunConfig",
+    "ConfigError",
+    "load_config",
+    "resolved",
+    "deepspeed_config",
+    "recipe_changes",
+    "RESUMABLE",
+    "remote_options",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("launcher.config")
@@ -196,6 +205,7 @@ CHOICES = {
 class Range:
     """The allowed values of a numeric option: ``low``/``high`` bounds, each inclusive unless ``*_open``;
     ``each``: the option is a list and every element must lie in the range."""
+
     low: Optional[float] = None
     high: Optional[float] = None
     low_open: bool = False
@@ -210,9 +220,11 @@ class Range:
     def describe(self) -> str:
         def number(v) -> str:
             return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
         if self.low is not None and self.high is not None:
-            text = (f"in {'(' if self.low_open else '['}{number(self.low)}, {number(self.high)}"
-                    f"{')' if self.high_open else ']'}")
+            text = (
+                f"in {'(' if self.low_open else '['}{number(self.low)}, {number(self.high)}{')' if self.high_open else ']'}"
+            )
         elif self.low is not None:
             text = f"{'>' if self.low_open else '>='} {number(self.low)}"
         else:
@@ -233,25 +245,58 @@ PROBABILITY, FRACTION = Range(0, 1), Range(0, 1, high_open=True)
 # numbers with a structure of their own (data.scale, data.mean, detection.scales, ...) are checked
 # in ``_validate`` / ``check_transform_options``.
 RANGES: dict[str, Range] = {
-    "model.num_classes": COUNT, "model.img_size": COUNT, "model.drop_path": FRACTION,
-    "data.synthetic_objects": COUNT, "data.workers": NONNEGATIVE, "data.buffer_size": NONNEGATIVE,
+    "model.num_classes": COUNT,
+    "model.img_size": COUNT,
+    "model.drop_path": FRACTION,
+    "data.synthetic_objects": COUNT,
+    "data.workers": NONNEGATIVE,
+    "data.buffer_size": NONNEGATIVE,
     "data.synthetic_token_labels": NONNEGATIVE,
-    "data.repeats": COUNT, "data.re_prob": PROBABILITY, "data.color_jitter": NONNEGATIVE,
-    "data.crop_pct": Range(0, 1, low_open=True), "data.hflip": PROBABILITY, "data.vflip": PROBABILITY,
-    "data.mixup": NONNEGATIVE, "data.cutmix": NONNEGATIVE, "data.mixup_prob": PROBABILITY,
-    "data.label_smoothing": FRACTION, "data.remote_retries": NONNEGATIVE, "data.remote_backoff": NONNEGATIVE,
-    "data.remote_backoff_max": NONNEGATIVE, "data.remote_timeout": POSITIVE, "data.max_lost_share": PROBABILITY,
+    "data.repeats": COUNT,
+    "data.re_prob": PROBABILITY,
+    "data.color_jitter": NONNEGATIVE,
+    "data.crop_pct": Range(0, 1, low_open=True),
+    "data.hflip": PROBABILITY,
+    "data.vflip": PROBABILITY,
+    "data.mixup": NONNEGATIVE,
+    "data.cutmix": NONNEGATIVE,
+    "data.mixup_prob": PROBABILITY,
+    "data.label_smoothing": FRACTION,
+    "data.remote_retries": NONNEGATIVE,
+    "data.remote_backoff": NONNEGATIVE,
+    "data.remote_backoff_max": NONNEGATIVE,
+    "data.remote_timeout": POSITIVE,
+    "data.max_lost_share": PROBABILITY,
     "data.cache_size_gb": POSITIVE,
-    "optim.base_lr": POSITIVE, "optim.lr": POSITIVE, "optim.min_lr": NONNEGATIVE, "optim.warmup_lr": NONNEGATIVE,
-    "optim.warmup_epochs": NONNEGATIVE, "optim.weight_decay": NONNEGATIVE,
-    "optim.betas": Range(0, 1, high_open=True, each=True), "optim.eps": POSITIVE, "optim.clip_grad": POSITIVE,
-    "train.epochs": POSITIVE, "train.steps": COUNT, "train.global_batch": COUNT, "train.grad_accum": COUNT,
-    "train.seed": Range(0, 2**32 - 1), "train.ema_decay": FRACTION, "train.eval_every": NONNEGATIVE,
-    "train.log_every": COUNT, "train.collective_timeout_minutes": POSITIVE, "train.signal_check_every": COUNT,
-    "checkpoint.every": NONNEGATIVE, "checkpoint.keep": COUNT,
-    "detection.num_det_tokens": COUNT, "detection.max_size": COUNT, "detection.eval_size": COUNT,
-    "detection.eval_max_size": COUNT, "detection.eos_coef": Range(0, 1, low_open=True),
-    "detection.weight_ce": NONNEGATIVE, "detection.weight_bbox": NONNEGATIVE, "detection.weight_giou": NONNEGATIVE,
+    "optim.base_lr": POSITIVE,
+    "optim.lr": POSITIVE,
+    "optim.min_lr": NONNEGATIVE,
+    "optim.warmup_lr": NONNEGATIVE,
+    "optim.warmup_epochs": NONNEGATIVE,
+    "optim.weight_decay": NONNEGATIVE,
+    "optim.betas": Range(0, 1, high_open=True, each=True),
+    "optim.eps": POSITIVE,
+    "optim.clip_grad": POSITIVE,
+    "train.epochs": POSITIVE,
+    "train.steps": COUNT,
+    "train.global_batch": COUNT,
+    "train.grad_accum": COUNT,
+    "train.seed": Range(0, 2**32 - 1),
+    "train.ema_decay": FRACTION,
+    "train.eval_every": NONNEGATIVE,
+    "train.log_every": COUNT,
+    "train.collective_timeout_minutes": POSITIVE,
+    "train.signal_check_every": COUNT,
+    "checkpoint.every": NONNEGATIVE,
+    "checkpoint.keep": COUNT,
+    "detection.num_det_tokens": COUNT,
+    "detection.max_size": COUNT,
+    "detection.eval_size": COUNT,
+    "detection.eval_max_size": COUNT,
+    "detection.eos_coef": Range(0, 1, low_open=True),
+    "detection.weight_ce": NONNEGATIVE,
+    "detection.weight_bbox": NONNEGATIVE,
+    "detection.weight_giou": NONNEGATIVE,
 }
 
 
@@ -331,8 +376,11 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         except ValueError:
             pass
     expected = {list: list, dict: dict}.get(origin or hint, hint)
-    if expected is bool and not isinstance(value, bool) or (
-            expected is not bool and (isinstance(value, bool) or not isinstance(value, expected))):
+    if (
+        expected is bool
+        and not isinstance(value, bool)
+        or (expected is not bool and (isinstance(value, bool) or not isinstance(value, expected)))
+    ):
         raise ConfigError(f"{key} must be {getattr(expected, '__name__', expected)}, got {value!r}")
     return value
 
@@ -344,8 +392,9 @@ def _build(cls, data: dict, prefix: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; {prefix.rstrip('.') or 'the recipe'} has: "
-                          f"{', '.join(sorted(known))}")
+        raise ConfigError(
+            f"unknown key '{prefix}{unknown[0]}'; {prefix.rstrip('.') or 'the recipe'} has: {', '.join(sorted(known))}"
+        )
     kwargs = {}
     for name, value in data.items():
         key = prefix + name
@@ -365,14 +414,24 @@ def _whole(value: Any) -> bool:
 def _validate(cfg: RunConfig) -> None:
     _check_ranges(cfg, {"model", "data", "optim", "train", "checkpoint"})  # detection.*: for task: detection
     t, o, d, c = cfg.train, cfg.optim, cfg.data, cfg.checkpoint
-    positive = {"train.global_batch": t.global_batch, "train.grad_accum": t.grad_accum, "model.img_size": cfg.model.img_size,
-                "model.num_classes": cfg.model.num_classes, "checkpoint.keep": c.keep, "data.repeats": d.repeats,
-                "train.log_every": t.log_every}
+    positive = {
+        "train.global_batch": t.global_batch,
+        "train.grad_accum": t.grad_accum,
+        "model.img_size": cfg.model.img_size,
+        "model.num_classes": cfg.model.num_classes,
+        "checkpoint.keep": c.keep,
+        "data.repeats": d.repeats,
+        "train.log_every": t.log_every,
+    }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    for key, value in {"train.eval_every": t.eval_every, "checkpoint.every": c.every, "data.workers": d.workers,
-                       "data.buffer_size": d.buffer_size}.items():
+    for key, value in {
+        "train.eval_every": t.eval_every,
+        "checkpoint.every": c.every,
+        "data.workers": d.workers,
+        "data.buffer_size": d.buffer_size,
+    }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if t.steps is None and t.epochs is None:
@@ -388,66 +447,95 @@ def _validate(cfg: RunConfig) -> None:
     if d.synthetic_objects < 1 or (cfg.task == "classification" and d.synthetic_objects != 1):
         raise ConfigError(f"data.synthetic_objects must be >= 1 (and 1 for classification), got {d.synthetic_objects}")
     from data.synthetic import check_synthetic_options  # light: numpy only
+
     try:
         check_synthetic_options(cfg.model.img_size, d.synthetic_objects, d.synthetic_token_labels)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     _validate_remote(cfg)
     from data.transforms import check_transform_options  # light: no torch / timm import
+
     try:  # timm would refuse some of these only inside a DataLoader worker, or not at all
-        check_transform_options("data.", scale=d.scale, ratio=d.ratio, hflip=d.hflip, vflip=d.vflip,
-                                interpolation=d.interpolation, mean=d.mean, std=d.std, re_prob=d.re_prob,
-                                color_jitter=d.color_jitter, crop_pct=d.crop_pct)
+        check_transform_options(
+            "data.",
+            scale=d.scale,
+            ratio=d.ratio,
+            hflip=d.hflip,
+            vflip=d.vflip,
+            interpolation=d.interpolation,
+            mean=d.mean,
+            std=d.std,
+            re_prob=d.re_prob,
+            color_jitter=d.color_jitter,
+            crop_pct=d.crop_pct,
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if d.backend == "dali":  # data/dali/: what of the transform the DALI path implements
         from data.dali import check_dali_options, dali_available  # light: no DALI / torch import
+
         if cfg.task != "classification":
             raise ConfigError("data.backend=dali is for task: classification (detection reads through PIL)")
         if not dali_available():
-            raise ConfigError("data.backend=dali needs NVIDIA DALI: pip install -r requirements-dali.txt "
-                              "(or set data.backend=pil)")
+            raise ConfigError(
+                "data.backend=dali needs NVIDIA DALI: pip install -r requirements-dali.txt (or set data.backend=pil)"
+            )
         try:
-            check_dali_options("data.", auto_augment=d.auto_augment, interpolation=d.interpolation,
-                               color_jitter=d.color_jitter)
+            check_dali_options(
+                "data.", auto_augment=d.auto_augment, interpolation=d.interpolation, color_jitter=d.color_jitter
+            )
         except ValueError as err:
             raise ConfigError(str(err)) from err
     det = cfg.detection
     if cfg.task == "detection":
         if det.num_det_tokens < 1 or not det.scales or len(det.crop_size) != 2 or det.max_size <= max(det.scales):
-            raise ConfigError("detection: num_det_tokens >= 1, non-empty scales all below max_size (the cap on the "
-                              "longer side), crop_size [min, max]")
+            raise ConfigError(
+                "detection: num_det_tokens >= 1, non-empty scales all below max_size (the cap on the "
+                "longer side), crop_size [min, max]"
+            )
         _check_ranges(cfg, {"detection"})
         patch = cfg.model.kwargs.get("patch_size", 16)  # what DetectionTask pads and floors sizes to
         for key in ("init_pe_size", "mid_pe_size"):
             size = getattr(det, key)
             if size is not None and (len(size) != 2 or not all(_whole(v) and v >= patch for v in size)):
-                raise ConfigError(f"detection.{key} must be null or [height, width] in pixels, each an int >= the "
-                                  f"patch size {patch}, got {size!r}")
+                raise ConfigError(
+                    f"detection.{key} must be null or [height, width] in pixels, each an int >= the "
+                    f"patch size {patch}, got {size!r}"
+                )
         if det.mid_pe_size is not None and not det.mid_pos_embed:
             raise ConfigError("detection.mid_pe_size is set but detection.mid_pos_embed is false")
         eval_size = det.scales[-1] if det.eval_size is None else det.eval_size
         eval_max = det.max_size if det.eval_max_size is None else det.eval_max_size
         if not all(_whole(v) and v >= patch for v in [*det.scales, *det.crop_scales, eval_size]) or eval_max <= eval_size:
-            raise ConfigError(f"detection: scales, crop_scales and eval_size must be ints >= the patch size {patch}, and "
-                              f"eval_max_size ({eval_max}) above eval_size ({eval_size})")
+            raise ConfigError(
+                f"detection: scales, crop_scales and eval_size must be ints >= the patch size {patch}, and "
+                f"eval_max_size ({eval_max}) above eval_size ({eval_size})"
+            )
         if d.mixup > 0 or d.cutmix > 0:
             raise ConfigError("data.mixup and data.cutmix must be 0 for task: detection")
     if t.ema and t.zero_stage == 3:
-        raise ConfigError("train.ema with train.zero_stage=3 is not supported: ZeRO-3 partitions the weights the "
-                          "EMA averages; use stage 0-2 or turn the EMA off")
+        raise ConfigError(
+            "train.ema with train.zero_stage=3 is not supported: ZeRO-3 partitions the weights the "
+            "EMA averages; use stage 0-2 or turn the EMA off"
+        )
     if t.compile and t.zero_stage == 3:
-        raise ConfigError("train.compile with train.zero_stage=3 is not supported: ZeRO-3's parameter fetch hooks "
-                          "are excluded from tracing, so the model cannot compile to one graph (launcher/perf.py); "
-                          "use stage 0-2 or train.compile=false")
+        raise ConfigError(
+            "train.compile with train.zero_stage=3 is not supported: ZeRO-3's parameter fetch hooks "
+            "are excluded from tracing, so the model cannot compile to one graph (launcher/perf.py); "
+            "use stage 0-2 or train.compile=false"
+        )
     if t.grad_precision is not None and t.precision != "bf16" and t.grad_precision != t.precision:
-        raise ConfigError(f"train.grad_precision={t.grad_precision} is for train.precision=bf16 (fp32 runs keep fp32 "
-                          f"gradients, fp16 runs DeepSpeed's loss-scaled fp16 ones); got train.precision={t.precision}: "
-                          f"leave it null")
+        raise ConfigError(
+            f"train.grad_precision={t.grad_precision} is for train.precision=bf16 (fp32 runs keep fp32 "
+            f"gradients, fp16 runs DeepSpeed's loss-scaled fp16 ones); got train.precision={t.precision}: "
+            f"leave it null"
+        )
     if t.grad_precision == "fp32" and t.zero_stage == 0:
-        raise ConfigError("train.grad_precision=fp32 with train.precision=bf16 needs train.zero_stage 1-3: DeepSpeed "
-                          "0.19.8 has no fp32 gradient accumulation for bf16 without ZeRO (NotImplementedError in "
-                          "engine._do_optimizer_sanity_check); set train.grad_precision=bf16 or a ZeRO stage")
+        raise ConfigError(
+            "train.grad_precision=fp32 with train.precision=bf16 needs train.zero_stage 1-3: DeepSpeed "
+            "0.19.8 has no fp32 gradient accumulation for bf16 without ZeRO (NotImplementedError in "
+            "engine._do_optimizer_sanity_check); set train.grad_precision=bf16 or a ZeRO stage"
+        )
     if t.ds_config is not None and not _ds_path(cfg).is_file():
         raise ConfigError(f"train.ds_config {t.ds_config} does not exist")
     cfg.methods = _methods(cfg.methods, cfg.method_modules)
@@ -457,12 +545,14 @@ def _validate(cfg: RunConfig) -> None:
 def _validate_remote(cfg: RunConfig) -> None:
     """data.path / data.eval_path locations and the remote options (data/remote.py)."""
     from data.remote import check_location, is_remote  # light: no boto3 import
+
     d = cfg.data
     if not _whole(d.remote_retries):
         raise ConfigError(f"data.remote_retries must be an int >= 0, got {d.remote_retries!r}")
     if d.remote_backoff_max < d.remote_backoff:
-        raise ConfigError(f"data.remote_backoff_max ({d.remote_backoff_max}) must be >= data.remote_backoff "
-                          f"({d.remote_backoff})")
+        raise ConfigError(
+            f"data.remote_backoff_max ({d.remote_backoff_max}) must be >= data.remote_backoff ({d.remote_backoff})"
+        )
     if d.s3_endpoint is not None and not re.match(r"^https?://[^/\s]+", d.s3_endpoint):
         raise ConfigError(f"data.s3_endpoint must be an http(s):// URL, got {d.s3_endpoint!r}")
     if d.cache_dir is not None and not d.cache_dir.strip():
@@ -479,13 +569,18 @@ def _validate_remote(cfg: RunConfig) -> None:
     if not remote:
         return
     if d.synthetic:
-        raise ConfigError(f"data.synthetic writes the embedded shards to a local folder; {remote[0]} is remote: "
-                          f"write them with `python -m data.write_shards synthetic DIR --upload URL` instead")
+        raise ConfigError(
+            f"data.synthetic writes the embedded shards to a local folder; {remote[0]} is remote: "
+            f"write them with `python -m data.write_shards synthetic DIR --upload URL` instead"
+        )
     if cfg.task != "classification":
-        raise ConfigError(f"{remote[0]} is remote, but task: {cfg.task} reads its COCO ground truth from a local "
-                          f"folder: remote shards are for task: classification")
+        raise ConfigError(
+            f"{remote[0]} is remote, but task: {cfg.task} reads its COCO ground truth from a local "
+            f"folder: remote shards are for task: classification"
+        )
     if any(str(location).startswith("s3://") for location in locations.values() if location):
         import importlib.util
+
         if importlib.util.find_spec("boto3") is None:
             raise ConfigError(f"{remote[0]} is on S3, which needs boto3: pip install -r requirements.txt")
 
@@ -493,9 +588,17 @@ def _validate_remote(cfg: RunConfig) -> None:
 def remote_options(d: DataConfig):
     """The recipe's ``data.*`` remote keys as ``data.remote.RemoteOptions``."""
     from data.remote import RemoteOptions
-    return RemoteOptions(s3_endpoint=d.s3_endpoint, retries=d.remote_retries, backoff=d.remote_backoff,
-                         backoff_max=d.remote_backoff_max, timeout=d.remote_timeout, max_lost_share=d.max_lost_share,
-                         cache_dir=d.cache_dir, cache_bytes=int(d.cache_size_gb * 2**30))
+
+    return RemoteOptions(
+        s3_endpoint=d.s3_endpoint,
+        retries=d.remote_retries,
+        backoff=d.remote_backoff,
+        backoff_max=d.remote_backoff_max,
+        timeout=d.remote_timeout,
+        max_lost_share=d.max_lost_share,
+        cache_dir=d.cache_dir,
+        cache_bytes=int(d.cache_size_gb * 2**30),
+    )
 
 
 def _methods(sections: dict, modules: list) -> dict:
@@ -504,6 +607,7 @@ def _methods(sections: dict, modules: list) -> dict:
     import importlib
 
     import methods as registry  # registers the built-in methods
+
     for module in modules:
         try:
             importlib.import_module(module)
@@ -537,6 +641,7 @@ def _check_declarations(cfg: RunConfig) -> None:
     that cannot fine-tune, docs/finetuning.md), ``model.grad_checkpointing``, and any other recipe value
     a method cannot run with (its ``recipe_check``), each with the method's reason."""
     from methods.registry import check_pretrained, grad_checkpointing_refusals, recipe_refusals
+
     if cfg.model.checkpoint is not None:
         try:
             check_pretrained(cfg.methods)
@@ -554,6 +659,7 @@ def _legacy_sections(data: dict) -> None:
     """Recipes and run folders written before the method registry have a top-level section named after
     the method, with ``enabled: true`` (``toe:``): read as ``methods: {name: ...}``, ahead of the others."""
     import methods as registry  # registers the built-in methods
+
     for name in reversed(registry.registered()):
         if name not in data:
             continue
@@ -586,13 +692,32 @@ def resolved(cfg: RunConfig) -> str:
 # checkpointing, the pretrained file and head choice a resume does not re-apply). The world size is not a recipe
 # key: another one resumes through a universal checkpoint. Any other change on resume is refused unless
 # --allow-recipe-change.
-RESUMABLE = ("name", "out_dir", "model.checkpoint", "model.reinit_head", "data.workers", "train.log_every",
-             "train.eval_every", "train.eval_on_start", "train.collective_timeout_minutes", "train.signal_check_every",
-             "train.compile", "train.compile_backend", "checkpoint.every", "checkpoint.keep",
-             "model.grad_checkpointing",  # recomputes activations: the same numbers, less memory
-             # how remote shards are reached, retried and cached (data/remote.py), not which data is read
-             "data.s3_endpoint", "data.remote_retries", "data.remote_backoff", "data.remote_backoff_max",
-             "data.remote_timeout", "data.max_lost_share", "data.cache_dir", "data.cache_size_gb")
+RESUMABLE = (
+    "name",
+    "out_dir",
+    "model.checkpoint",
+    "model.reinit_head",
+    "data.workers",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_on_start",
+    "train.collective_timeout_minutes",
+    "train.signal_check_every",
+    "train.compile",
+    "train.compile_backend",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "model.grad_checkpointing",  # recomputes activations: the same numbers, less memory
+    # how remote shards are reached, retried and cached (data/remote.py), not which data is read
+    "data.s3_endpoint",
+    "data.remote_retries",
+    "data.remote_backoff",
+    "data.remote_backoff_max",
+    "data.remote_timeout",
+    "data.max_lost_share",
+    "data.cache_dir",
+    "data.cache_size_gb",
+)
 
 _MISSING = object()
 
@@ -610,6 +735,7 @@ def _absent_value(key: str, defaults: dict[str, Any]) -> Any:
     parts = key.split(".")
     if parts[0] == "methods" and len(parts) == 3:
         import methods as registry
+
         try:
             config = registry.method(parts[1]).config
             legacy = getattr(config, "legacy", {})
@@ -643,8 +769,7 @@ def _ds_path(cfg: RunConfig) -> Path:
 
 
 # keys the recipe owns: a DeepSpeed JSON may repeat them only with the same value
-_RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                 "gradient_clipping")
+_RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 
 
 def grad_precision(cfg: RunConfig) -> Optional[str]:
@@ -661,22 +786,31 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     t = cfg.train
     micro, rest = divmod(t.global_batch, world_size * t.grad_accum)
     if rest or micro < 1:
-        raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by world size {world_size} x "
-                          f"train.grad_accum={t.grad_accum}")
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by world size {world_size} x "
+            f"train.grad_accum={t.grad_accum}"
+        )
     path = _ds_path(cfg)
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} (train.ds_config) is not valid JSON: line {err.lineno}, column {err.colno}: "
-                          f"{err.msg}") from None
+        raise ConfigError(
+            f"{path} (train.ds_config) is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
     # gradient_clipping is always written: DeepSpeed's own default is 1.0 (GRADIENT_CLIPPING_DEFAULT in
     # deepspeed/runtime/constants.py), which would clip every recipe that, like DeiT, trains unclipped
-    owned = {"train_batch_size": t.global_batch, "train_micro_batch_size_per_gpu": micro,
-             "gradient_accumulation_steps": t.grad_accum, "gradient_clipping": cfg.optim.clip_grad or 0.0}
+    owned = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": cfg.optim.clip_grad or 0.0,
+    }
     for key in _RECIPE_OWNED:
         if key in ds and ds[key] != owned[key]:
-            raise ConfigError(f"{path} sets {key}={ds[key]} but the recipe gives {owned[key]}: "
-                              f"set it in the recipe only (optim.clip_grad for gradient_clipping)")
+            raise ConfigError(
+                f"{path} sets {key}={ds[key]} but the recipe gives {owned[key]}: "
+                f"set it in the recipe only (optim.clip_grad for gradient_clipping)"
+            )
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage != t.zero_stage:
         raise ConfigError(f"{path} has ZeRO stage {stage}, the recipe says train.zero_stage={t.zero_stage}")
@@ -688,8 +822,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     if fp32_grads:  # recipe-owned too: a JSON that says otherwise is an error
         for key, value in (("data_types", {"grad_accum_dtype": "fp32"}), ("communication_data_type", "fp32")):
             if key in ds and ds[key] != value:
-                raise ConfigError(f"{path} sets {key}={ds[key]} but the recipe's train.grad_precision=fp32 gives "
-                                  f"{value}: set train.grad_precision=bf16 in the recipe instead")
+                raise ConfigError(
+                    f"{path} sets {key}={ds[key]} but the recipe's train.grad_precision=fp32 gives "
+                    f"{value}: set train.grad_precision=bf16 in the recipe instead"
+                )
             ds[key] = value
     ds.update(owned)
     ds.setdefault("steps_per_print", 10**9)

@@ -5,6 +5,7 @@ SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR = first host of the allocation); OpenMP
 (OMPI_COMM_WORLD_*; MASTER_ADDR from the environment, else DeepSpeed's mpi4py discovery);
 otherwise a single process on 127.0.0.1. DeepSpeed itself reads only the first set.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -37,8 +38,9 @@ def _slurm_master() -> str:
     if not nodes:
         return "127.0.0.1"
     try:
-        hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                               check=True, timeout=30).stdout.split()
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.split()
         return hosts[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return nodes.split(",")[0].split("[")[0]
@@ -61,6 +63,7 @@ def discover() -> DistEnv:
         env.setdefault("LOCAL_RANK", env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
         if "MASTER_ADDR" not in env:  # rank 0's address through mpi4py, as DeepSpeed's discovery does
             from mpi4py import MPI
+
             comm = MPI.COMM_WORLD
             addr = comm.bcast(socket.gethostbyname(socket.gethostname()) if comm.rank == 0 else None, root=0)
             port = comm.bcast(_free_port() if comm.rank == 0 else None, root=0)
@@ -88,8 +91,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(dist_env.local_rank)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
     return dist_env
 
 
@@ -108,11 +112,13 @@ def abort_and_exit(code: int) -> None:
     try:
         if dist.is_initialized() and dist.get_backend() == "nccl":
             from torch.distributed.distributed_c10d import _abort_process_group  # torch >= 2.3
+
             _abort_process_group()
     except Exception:  # noqa: BLE001 -- best effort: exiting matters more
         pass
     try:
         from data.stream import _end_live_workers  # the stream's own clean-up of suspended workers
+
         _end_live_workers()
     except Exception:  # noqa: BLE001
         pass

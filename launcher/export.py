@@ -15,6 +15,7 @@ During training: export holds a reader's lock on ``RUN/checkpoints/.readers.lock
 checkpoint to loading it, and the run's checkpoint rotation leaves old checkpoints for its next save
 while a reader holds it (``launcher.runlock``), so the checkpoint is not deleted under the export.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ def export(source: str, out: str) -> Path:
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(plain.state_dict(), out_path)
-    out_path.with_suffix(".json").write_text(json.dumps(
-        {"model": config["model"], "step": point.step, "source": str(folder)}, indent=2))
+    out_path.with_suffix(".json").write_text(
+        json.dumps({"model": config["model"], "step": point.step, "source": str(folder)}, indent=2)
+    )
     return out_path
 
 

@@ -19,6 +19,7 @@ raises on a NaN loss; torchtitan has no guard of its own):
   non-finite loss there is counted (``nonfinite/loss_steps`` in the log) and the run goes on; the
   weight check before every checkpoint still applies.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,8 +98,9 @@ class NonFiniteGuard:
             self._raise(step)
         if flags[1]:
             where = f" ({weights} on this rank)" if weights else " (on another rank)"
-            raise DivergedError(f"the weights are not finite after step {step - 1}{where}: not writing a "
-                                f"checkpoint; {_ADVICE}")
+            raise DivergedError(
+                f"the weights are not finite after step {step - 1}{where}: not writing a checkpoint; {_ADVICE}"
+            )
 
     def _raise(self, step: int) -> None:
         first = self._first.clone()
@@ -106,12 +108,13 @@ class NonFiniteGuard:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
         first_step = int(first.item())
         when = f"at step {first_step}" if first_step != _NONE else f"by step {step}"
-        raise DivergedError(f"the loss is not finite {when} (NaN or inf); stopped without checkpointing it. "
-                            f"{_ADVICE}")
+        raise DivergedError(f"the loss is not finite {when} (NaN or inf); stopped without checkpointing it. {_ADVICE}")
 
 
-_ADVICE = ("The newest checkpoint (if any) holds the last finite weights: lower optim.lr, set optim.clip_grad, "
-           "or resume from an earlier one with --resume RUN/checkpoints/step-N")
+_ADVICE = (
+    "The newest checkpoint (if any) holds the last finite weights: lower optim.lr, set optim.clip_grad, "
+    "or resume from an earlier one with --resume RUN/checkpoints/step-N"
+)
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:

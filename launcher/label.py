@@ -18,6 +18,7 @@ kept. The log reports the teacher's map accuracy: argmax of the map's mean logit
 Oracle: ``data.synthetic.oracle_token_maps`` from the shard index's ``synthetic`` block (seed, size).
 Exit codes: 0 done, 2 refused (bad arguments, missing checkpoint or shards, an existing output).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,9 @@ class TeacherMaps:
         mean, std = data.get("mean", (0.485, 0.456, 0.406)), data.get("std", (0.229, 0.224, 0.225))
         interpolation = T.InterpolationMode(data.get("interpolation", "bicubic"))
         # the whole image warped to the teacher's square input: map coordinates are image coordinates
-        self.prepare = T.Compose([T.Resize((size, size), interpolation=interpolation), T.ToTensor(),
-                                  T.Normalize(tuple(mean), tuple(std))])
+        self.prepare = T.Compose(
+            [T.Resize((size, size), interpolation=interpolation), T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
+        )
         self.size = size
         self.grid = tuple(int(g) for g in model.patch_embed.grid_size)
         self.dense_head = model.aux_head if isinstance(getattr(model, "aux_head", None), torch.nn.Linear) else model.head
@@ -76,27 +78,35 @@ class TeacherMaps:
     @torch.no_grad()
     def __call__(self, images: list) -> torch.Tensor:
         x = torch.stack([self.prepare(image) for image in images])
-        tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens:]
-        tokens = tokens[:, :self.grid[0] * self.grid[1]]
+        tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens :]
+        tokens = tokens[:, : self.grid[0] * self.grid[1]]
         logits = self.dense_head(tokens)  # [B, N, K]
         return logits.transpose(1, 2).reshape(len(images), -1, *self.grid)
 
 
 def _samples(url: str, count: int) -> Iterator[dict]:
     from data.shards import read_samples
+
     for _, sample in read_samples(url, list(range(count))):
         yield sample
 
 
 def _write(path: Path, samples: list[dict]) -> None:
     from webdataset import TarWriter
+
     with TarWriter(str(path), encoder=False, mtime=0, user="toe", group="toe") as writer:
         for sample in samples:
             writer.write(sample)
 
 
-def label_shards(shards: str, out: str, maps: Callable[[list[dict]], list[tuple[np.ndarray, np.ndarray]]],
-                 block: dict, splits: Optional[list[str]] = None, overwrite: bool = False) -> dict:
+def label_shards(
+    shards: str,
+    out: str,
+    maps: Callable[[list[dict]], list[tuple[np.ndarray, np.ndarray]]],
+    block: dict,
+    splits: Optional[list[str]] = None,
+    overwrite: bool = False,
+) -> dict:
     """Write ``out``: ``shards``' samples with ``maps(samples) -> [(logits, ids)]`` added to each of the
     given splits (default all; the others are copied as they are). Returns the new index."""
     from data.samples import SkipSample, read_label
@@ -122,7 +132,7 @@ def label_shards(shards: str, out: str, maps: Callable[[list[dict]], list[tuple[
             samples = list(_samples(url, entry["samples"]))
             results = []
             for start in range(0, len(samples), 64):
-                results += maps(samples[start:start + 64])
+                results += maps(samples[start : start + 64])
             labelled = []
             for sample, (logits, ids) in zip(samples, results):
                 labelled.append({**sample, **encode_maps(logits, ids)})
@@ -180,8 +190,10 @@ def oracle(shards: str, grid: int, k: int) -> tuple[Callable, dict]:
 
     synthetic = ShardIndex.load(shards).meta.get("synthetic")
     if not synthetic or synthetic.get("objects") != 1:
-        raise ValueError(f"--oracle needs the embedded synthetic classification shards (an index with a "
-                         f"'synthetic' block, objects 1); {shards} has {synthetic!r}")
+        raise ValueError(
+            f"--oracle needs the embedded synthetic classification shards (an index with a "
+            f"'synthetic' block, objects 1); {shards} has {synthetic!r}"
+        )
     seed, size = int(synthetic["seed"]), int(synthetic["size"])
     if size % grid:
         raise ValueError(f"--grid {grid} must divide the image size {size}")
@@ -198,8 +210,9 @@ def oracle(shards: str, grid: int, k: int) -> tuple[Callable, dict]:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m launcher.label", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m launcher.label", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--teacher", help="a run folder or checkpoint folder of this engine")
     source.add_argument("--oracle", action="store_true", help="exact maps for the embedded synthetic shapes")

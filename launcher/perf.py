@@ -28,6 +28,7 @@ FLOPs per multiply-add) per second and device, against the device's dense peak i
 precision (``PEAK_TFLOPS``). Unknown devices (and CPUs) get TFLOP/s only. Note that timm's and
 fvcore's "GFLOPs" of a ViT are multiply-adds: ViT-B/16's 17.6 is about 35 GFLOPs here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -77,8 +78,11 @@ def compile_engine(engine: Any, backend: str, graphs: Optional[int] = None) -> N
     torch._dynamo.config.recompile_limit = limit
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, limit)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    log.info("torch.compile of the model's forward (backend %s, dynamic=False, fullgraph=True): one graph per "
-             "method stage and input size, compiled the first time the run gets there", backend)
+    log.info(
+        "torch.compile of the model's forward (backend %s, dynamic=False, fullgraph=True): one graph per "
+        "method stage and input size, compiled the first time the run gets there",
+        backend,
+    )
     module = engine.module
     module.forward = torch.compile(module.forward, backend=backend, dynamic=False, fullgraph=True)
 

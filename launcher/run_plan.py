@@ -3,6 +3,7 @@ method configs resolved against them. ``launcher.train`` plans from its open tra
 ``launcher.compare`` from the shard index; both through ``plan_run``, so a comparison's step counts are
 the runs' own (a method's example subset and run length included).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,14 @@ class RunPlan:
         return f"{self.total_steps} steps, {self.steps_per_epoch} per epoch over {self.examples} examples"
 
 
-def plan_run(cfg: RunConfig, split_total: int, *, world: int, batches: Callable[[Optional[np.ndarray], int], int],
-             meta_model: Callable[[], Any]) -> RunPlan:
+def plan_run(
+    cfg: RunConfig,
+    split_total: int,
+    *,
+    world: int,
+    batches: Callable[[Optional[np.ndarray], int], int],
+    meta_model: Callable[[], Any],
+) -> RunPlan:
     """The run of ``cfg`` on a training split of ``split_total`` examples over ``world`` ranks.
 
     ``batches(subset, micro_batch)``: this rank's micro-batches per epoch over the subset (``None``: all):
@@ -53,8 +60,7 @@ def plan_run(cfg: RunConfig, split_total: int, *, world: int, batches: Callable[
         run_steps, methods = run_length(cfg.methods, steps_per_epoch, recipe_steps, meta_model)
     except ValueError as err:  # a budget the data cannot meet: the same on every rank
         raise ConfigError(str(err)) from err
-    return RunPlan(examples, subset, micro, steps_per_epoch * t.grad_accum, steps_per_epoch, t.steps or run_steps,
-                   methods)
+    return RunPlan(examples, subset, micro, steps_per_epoch * t.grad_accum, steps_per_epoch, t.steps or run_steps, methods)
 
 
 def plan_from_index(cfg: RunConfig, *, world: int) -> Optional[RunPlan]:
@@ -77,6 +83,7 @@ def plan_from_index(cfg: RunConfig, *, world: int) -> Optional[RunPlan]:
         import torch
 
         from .tasks import make_task
+
         with torch.device("meta"):
             return make_task(cfg).build_model(pretrained=False)[0]
 

@@ -9,6 +9,7 @@ descriptor of the lock file in the holding process drops the lock, so the holder
 file a second time. The file's content names the holder (host, PID, start time, SLURM job) for
 the error message of the job that is refused; it is informational, the lock itself is the truth.
 """
+
 from __future__ import annotations
 
 import errno
@@ -49,15 +50,25 @@ class RunLock:
         except OSError as err:
             os.close(fd)
             if err.errno in _NO_LOCKS:  # availability over strictness, said loudly
-                log.warning("run folder %s is NOT locked against a second job: its filesystem refuses fcntl locks "
-                            "(%s; NFS needs lockd, Lustre the 'flock' mount option)", self.run_dir, err)
+                log.warning(
+                    "run folder %s is NOT locked against a second job: its filesystem refuses fcntl locks "
+                    "(%s; NFS needs lockd, Lustre the 'flock' mount option)",
+                    self.run_dir,
+                    err,
+                )
                 return self
             if err.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
-            raise RunLockedError(f"run folder {self.run_dir} is in use by another job ({self.holder()}); "
-                                 f"wait for it to end, or give this run another name= or out_dir=") from None
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "slurm_job": os.environ.get("SLURM_JOB_ID")}
+            raise RunLockedError(
+                f"run folder {self.run_dir} is in use by another job ({self.holder()}); "
+                f"wait for it to end, or give this run another name= or out_dir="
+            ) from None
+        holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self._fd = fd
@@ -109,8 +120,12 @@ def checkpoint_readers(folder: Path) -> Iterator[bool]:
     if fd is None:  # a read-only mount: lock the file if the trainer created it
         fd = _open_lock_file(path, write=False)
     if fd is None:
-        log.warning("reading checkpoints of %s without a reader's lock (cannot open %s): a training run's "
-                    "rotation may delete them meanwhile", folder, path)
+        log.warning(
+            "reading checkpoints of %s without a reader's lock (cannot open %s): a training run's "
+            "rotation may delete them meanwhile",
+            folder,
+            path,
+        )
         yield False
         return
     try:
@@ -119,8 +134,12 @@ def checkpoint_readers(folder: Path) -> Iterator[bool]:
         except OSError as err:
             if err.errno not in _NO_LOCKS:
                 raise
-            log.warning("reading checkpoints of %s without a reader's lock (%s): a training run's rotation may "
-                        "delete them meanwhile", folder, err)
+            log.warning(
+                "reading checkpoints of %s without a reader's lock (%s): a training run's rotation may "
+                "delete them meanwhile",
+                folder,
+                err,
+            )
             yield False
             return
         yield True

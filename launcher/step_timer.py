@@ -15,6 +15,7 @@ waiting for data) and ``memory/peak_gib``, then starts the next window.
 - Memory: CUDA ``max_memory_allocated`` over the window (reset at each read); CPU the process's
   peak resident set since it started (``getrusage``: Linux has no reset).
 """
+
 from __future__ import annotations
 
 import resource

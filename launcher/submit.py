@@ -16,6 +16,7 @@ this command is run from. The job is given them absolute (as overrides), and ``-
 run-folder lock check use the same absolute run folder. ``--config`` itself is an ordinary file argument
 (relative to the current folder).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,13 @@ PATH_KEYS = ("out_dir", "data.path", "data.eval_path", "model.checkpoint", "trai
 def check_geometry(args: argparse.Namespace) -> int:
     """Tasks per node, or ``ConfigError`` naming the option: counts that would divide by zero or make an
     empty job are refused here."""
-    for flag, value, low in (("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 0),
-                             ("--tasks-per-node", args.tasks_per_node, 0), ("--cpus-per-task", args.cpus_per_task, 1),
-                             ("--signal-seconds", args.signal_seconds, 0)):
+    for flag, value, low in (
+        ("--nodes", args.nodes, 1),
+        ("--gpus-per-node", args.gpus_per_node, 0),
+        ("--tasks-per-node", args.tasks_per_node, 0),
+        ("--cpus-per-task", args.cpus_per_task, 1),
+        ("--signal-seconds", args.signal_seconds, 0),
+    ):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
     tasks = args.tasks_per_node or args.gpus_per_node
@@ -80,9 +85,15 @@ def plan_job(args: argparse.Namespace) -> tuple[list[str], Path]:
     cfg = load_config(args.config, overrides)
     deepspeed_config(cfg, args.nodes * tasks)  # the global batch must split over every task
     run_dir = Path(cfg.run_dir)
-    options = [f"--job-name={cfg.name}", f"--nodes={args.nodes}", f"--ntasks-per-node={tasks}",
-               f"--cpus-per-task={args.cpus_per_task}", f"--time={args.time}",
-               f"--output={run_dir}/slurm-%j.out", f"--signal=B:USR1@{args.signal_seconds}"]
+    options = [
+        f"--job-name={cfg.name}",
+        f"--nodes={args.nodes}",
+        f"--ntasks-per-node={tasks}",
+        f"--cpus-per-task={args.cpus_per_task}",
+        f"--time={args.time}",
+        f"--output={run_dir}/slurm-%j.out",
+        f"--signal=B:USR1@{args.signal_seconds}",
+    ]
     if args.gpus_per_node:
         options.append(f"--gpus-per-node={args.gpus_per_node}")
     for flag in ("partition", "account", "qos", "mem", "constraint"):
@@ -90,8 +101,7 @@ def plan_job(args: argparse.Namespace) -> tuple[list[str], Path]:
         if value:
             options.append(f"--{flag}={value}")
     options += args.sbatch_option
-    return ["sbatch", *options, str(ROOT / "slurm" / "train.sbatch"), str(Path(args.config).resolve()),
-            *overrides], run_dir
+    return ["sbatch", *options, str(ROOT / "slurm" / "train.sbatch"), str(Path(args.config).resolve()), *overrides], run_dir
 
 
 def build_command(args: argparse.Namespace) -> list[str]:

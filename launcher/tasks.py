@@ -4,6 +4,7 @@ The step loop in ``launcher.train`` is the same for both; it asks its task for t
 changes them only through its declaration (``stream_fields``: what the training stream reads) and its
 events (``loss``: a method that owns the loss replaces the task's); this module names no method.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 class ClassificationTask:
     def __init__(self, cfg: RunConfig) -> None:
         from methods.registry import stream_fields
+
         self.cfg = cfg
         self.mixup = None
         self.stream_fields = stream_fields(cfg.methods)  # extra per-sample fields a method reads ("token_labels")
@@ -33,36 +35,78 @@ class ClassificationTask:
         """The model and its suffix-token count; ``pretrained``: with ``model.checkpoint``'s weights (a run
         that resumes from its own checkpoint builds without them)."""
         from models import create_classifier
+
         m = self.cfg.model
         with pretrained_refusals():
-            return create_classifier(m.name, num_classes=m.num_classes, img_size=m.img_size, drop_path=m.drop_path,
-                                     checkpoint=pretrained_source(m.checkpoint) if pretrained else None,
-                                     reinit_head=m.reinit_head, **m.kwargs), 0
+            return create_classifier(
+                m.name,
+                num_classes=m.num_classes,
+                img_size=m.img_size,
+                drop_path=m.drop_path,
+                checkpoint=pretrained_source(m.checkpoint) if pretrained else None,
+                reinit_head=m.reinit_head,
+                **m.kwargs,
+            ), 0
 
     def build_streams(self, *, micro: int, rank: int, world: int, pin_memory: bool):
         from data.stream import build_eval_stream, build_train_stream
         from data.transforms import StepMixup
+
         cfg, d = self.cfg, self.cfg.data
         _check_num_classes(cfg)
         if d.backend == "dali":  # the same stream; images made by DALI (GPU when there is one), data/dali/
             from data.dali import build_eval_stream, build_train_stream  # noqa: F811
         common = dict(interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std))  # train and eval alike
-        options = dict(auto_augment=d.auto_augment, re_prob=d.re_prob, color_jitter=d.color_jitter,
-                       scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip, vflip=d.vflip, **common)
+        options = dict(
+            auto_augment=d.auto_augment,
+            re_prob=d.re_prob,
+            color_jitter=d.color_jitter,
+            scale=tuple(d.scale),
+            ratio=tuple(d.ratio),
+            hflip=d.hflip,
+            vflip=d.vflip,
+            **common,
+        )
         remote = {"remote": remote_options(d)}  # data/remote.py: s3://, http(s)://, retries, the node cache
-        train = build_train_stream(d.path, batch_size=micro, rank=rank, world_size=world, num_workers=d.workers,
-                                   seed=cfg.train.seed, image_size=cfg.model.img_size, split=d.train_split,
-                                   buffer_size=d.buffer_size, repeats=d.repeats, pin_memory=pin_memory,
-                                   **({"token_labels": True} if "token_labels" in self.stream_fields else {}),
-                                   **remote, **options)
-        evaluation = build_eval_stream(d.eval_path or d.path, batch_size=micro, rank=rank, world_size=world,
-                                       num_workers=d.workers,
-                                       image_size=cfg.model.img_size, split=d.eval_split, crop_pct=d.crop_pct,
-                                       pin_memory=pin_memory, **remote, **common)
+        train = build_train_stream(
+            d.path,
+            batch_size=micro,
+            rank=rank,
+            world_size=world,
+            num_workers=d.workers,
+            seed=cfg.train.seed,
+            image_size=cfg.model.img_size,
+            split=d.train_split,
+            buffer_size=d.buffer_size,
+            repeats=d.repeats,
+            pin_memory=pin_memory,
+            **({"token_labels": True} if "token_labels" in self.stream_fields else {}),
+            **remote,
+            **options,
+        )
+        evaluation = build_eval_stream(
+            d.eval_path or d.path,
+            batch_size=micro,
+            rank=rank,
+            world_size=world,
+            num_workers=d.workers,
+            image_size=cfg.model.img_size,
+            split=d.eval_split,
+            crop_pct=d.crop_pct,
+            pin_memory=pin_memory,
+            **remote,
+            **common,
+        )
         if d.mixup > 0 or d.cutmix > 0:  # per rank: each rank draws its own lambda and box, as timm does
-            self.mixup = StepMixup(cfg.model.num_classes, mixup_alpha=d.mixup, cutmix_alpha=d.cutmix,
-                                   prob=d.mixup_prob, label_smoothing=d.label_smoothing, seed=cfg.train.seed,
-                                   rank=rank)
+            self.mixup = StepMixup(
+                cfg.model.num_classes,
+                mixup_alpha=d.mixup,
+                cutmix_alpha=d.cutmix,
+                prob=d.mixup_prob,
+                label_smoothing=d.label_smoothing,
+                seed=cfg.train.seed,
+                rank=rank,
+            )
         return train, evaluation
 
     def to_device(self, batch: dict, device) -> dict:
@@ -84,8 +128,13 @@ class ClassificationTask:
         return F.cross_entropy(logits, batch["label"], label_smoothing=self.cfg.data.label_smoothing)
 
     @torch.no_grad()
-    def evaluate(self, models: dict[str, tuple[Any, torch.dtype]], stream, device,
-                 transform: Callable[[dict], dict] = lambda batch: batch) -> dict[str, float]:
+    def evaluate(
+        self,
+        models: dict[str, tuple[Any, torch.dtype]],
+        stream,
+        device,
+        transform: Callable[[dict], dict] = lambda batch: batch,
+    ) -> dict[str, float]:
         """Top-1 / top-5 of every model over the eval stream; ``transform`` edits each batch on the
         device first (the plug-ins' ``on_eval_batch``)."""
         totals = torch.zeros(len(models), 3, device=device)  # correct top-1, correct top-5, count
@@ -109,6 +158,7 @@ def _check_num_classes(cfg: RunConfig) -> None:
     start-up refusal naming both numbers instead of an ``IndexError`` in the loss at the first label
     it cannot hold."""
     from data.shards import check_num_classes
+
     for path in dict.fromkeys(filter(None, (cfg.data.path, cfg.data.eval_path))):
         check_num_classes(path, cfg.model.num_classes, remote=remote_options(cfg.data))
 
@@ -124,31 +174,58 @@ class DetectionTask:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         from models.detection import SetCriterion
+
         det = cfg.detection
-        self.criterion = SetCriterion(cfg.model.num_classes, eos_coef=det.eos_coef, weight_ce=det.weight_ce,
-                                      weight_bbox=det.weight_bbox, weight_giou=det.weight_giou)
+        self.criterion = SetCriterion(
+            cfg.model.num_classes,
+            eos_coef=det.eos_coef,
+            weight_ce=det.weight_ce,
+            weight_bbox=det.weight_bbox,
+            weight_giou=det.weight_giou,
+        )
 
     def build_model(self, pretrained: bool = True):
         from models.yolos import create_yolos
+
         m, det = self.cfg.model, self.cfg.detection
         with pretrained_refusals():
-            model = create_yolos(m.name, num_classes=m.num_classes, num_det_tokens=det.num_det_tokens,
-                                 img_size=m.img_size, init_pe_size=det.init_pe_size, mid_pos_embed=det.mid_pos_embed,
-                                 mid_pe_size=det.mid_pe_size, drop_path=m.drop_path,
-                                 checkpoint=pretrained_source(m.checkpoint) if pretrained else None, **m.kwargs)
+            model = create_yolos(
+                m.name,
+                num_classes=m.num_classes,
+                num_det_tokens=det.num_det_tokens,
+                img_size=m.img_size,
+                init_pe_size=det.init_pe_size,
+                mid_pos_embed=det.mid_pos_embed,
+                mid_pe_size=det.mid_pe_size,
+                drop_path=m.drop_path,
+                checkpoint=pretrained_source(m.checkpoint) if pretrained else None,
+                **m.kwargs,
+            )
         return model, det.num_det_tokens
 
     def build_streams(self, *, micro: int, rank: int, world: int, pin_memory: bool):
         from data.detection import build_detection_stream
+
         cfg, d, det = self.cfg, self.cfg.data, self.cfg.detection
         _check_num_classes(cfg)
         patch = self.cfg.model.kwargs.get("patch_size", 16)
-        common = dict(batch_size=micro, rank=rank, world_size=world, num_workers=d.workers, scales=det.scales,
-                      max_size=det.max_size, crop_scales=det.crop_scales, crop_size=tuple(det.crop_size),
-                      eval_size=det.eval_size, eval_max_size=det.eval_max_size, pad_multiple=patch,
-                      pin_memory=pin_memory)
-        train = build_detection_stream(d.path, train=True, seed=cfg.train.seed, split=d.train_split,
-                                       buffer_size=d.buffer_size, **common)
+        common = dict(
+            batch_size=micro,
+            rank=rank,
+            world_size=world,
+            num_workers=d.workers,
+            scales=det.scales,
+            max_size=det.max_size,
+            crop_scales=det.crop_scales,
+            crop_size=tuple(det.crop_size),
+            eval_size=det.eval_size,
+            eval_max_size=det.eval_max_size,
+            pad_multiple=patch,
+            pin_memory=pin_memory,
+        )
+        train = build_detection_stream(
+            d.path, train=True, seed=cfg.train.seed, split=d.train_split, buffer_size=d.buffer_size, **common
+        )
         evaluation = build_detection_stream(d.eval_path or d.path, train=False, split=d.eval_split, **common)
         return train, evaluation
 
@@ -163,11 +240,17 @@ class DetectionTask:
         return self.criterion(outputs, batch["targets"])["loss"]
 
     @torch.no_grad()
-    def evaluate(self, models: dict[str, tuple[Any, torch.dtype]], stream, device,
-                 transform: Callable[[dict], dict] = lambda batch: batch) -> dict[str, float]:
+    def evaluate(
+        self,
+        models: dict[str, tuple[Any, torch.dtype]],
+        stream,
+        device,
+        transform: Callable[[dict], dict] = lambda batch: batch,
+    ) -> dict[str, float]:
         """COCO AP of every model over the eval stream; ``transform`` edits each batch's images on the
         device first (the plug-ins' ``on_eval_batch``; boxes are normalised, so a resize keeps them)."""
         from data.detection import coco_evaluate, postprocess
+
         predictions: dict[str, list] = {prefix: [] for prefix in models}
         samples = 0
         for batch in stream:
@@ -198,6 +281,7 @@ def pretrained_source(checkpoint: Optional[str]):
     from models.pretrained import NamedStateDict, PretrainedError
 
     from .checkpoint import checkpoint_state_dict
+
     try:
         state, point = checkpoint_state_dict(checkpoint)
     except RuntimeError as err:  # damaged or non-finite checkpoints: named, a start-up refusal
@@ -213,6 +297,7 @@ def pretrained_refusals():
 
     from .checkpoint import CheckpointError
     from .config import ConfigError
+
     try:
         yield
     except (PretrainedError, CheckpointError, FileNotFoundError) as err:

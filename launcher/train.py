@@ -13,6 +13,7 @@ loss or weights went non-finite (launcher/guard.py; not requeued), 1 failed (a r
 rank; the job ends without waiting in a collective). Rank 0 also writes the code to $TOE_EXIT_FILE when set
 (torchrun turns any worker's non-zero code into 1).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,11 @@ def _exit_during_start_up(signum, frame) -> None:
     nothing to checkpoint yet, so leave at once with 75 (the batch script requeues; the run resumes
     from its newest checkpoint). Plain writes only: this may interrupt anything, logging included."""
     rank = _launcher_rank()
-    os.write(2, f"rank {rank}: signal {signum} during start-up: exiting with {EXIT_PREEMPTED} (nothing to "
-                f"checkpoint yet)\n".encode())
+    os.write(
+        2,
+        f"rank {rank}: signal {signum} during start-up: exiting with {EXIT_PREEMPTED} (nothing to "
+        f"checkpoint yet)\n".encode(),
+    )
     if rank == 0:
         _write_exit_file(EXIT_PREEMPTED)
     os._exit(EXIT_PREEMPTED)
@@ -82,12 +86,17 @@ log = logging.getLogger("launcher.train")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe YAML (configs/)")
-    parser.add_argument("--resume", help="a checkpoint folder (it must verify) or a run folder (its newest "
-                                         "checkpoint that verifies) to resume from")
+    parser.add_argument(
+        "--resume",
+        help="a checkpoint folder (it must verify) or a run folder (its newest checkpoint that verifies) to resume from",
+    )
     parser.add_argument("--no-resume", action="store_true", help="start fresh even if the run folder has checkpoints")
-    parser.add_argument("--allow-recipe-change", action="store_true",
-                        help="resume although the recipe differs from the run folder's config.yaml in options "
-                             "outside launcher.config.RESUMABLE (the change is recorded in RUN/recipe_changes.jsonl)")
+    parser.add_argument(
+        "--allow-recipe-change",
+        action="store_true",
+        help="resume although the recipe differs from the run folder's config.yaml in options "
+        "outside launcher.config.RESUMABLE (the change is recorded in RUN/recipe_changes.jsonl)",
+    )
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.steps=100")
     return parser.parse_intermixed_args(argv)  # overrides may come before and after the options
@@ -106,6 +115,7 @@ class EMA:
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
         import copy
+
         self.module = copy.deepcopy(module).float().eval().requires_grad_(False)
         self.decay = decay
 
@@ -149,6 +159,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)  # before any process group: a bad recipe fails here
         _check_resume_args(args)
         from .distributed import init_distributed
+
         env = init_distributed(cfg.train.collective_timeout_minutes)
     except ConfigError as err:
         log.error("%sbad recipe: %s", _rank_prefix(), err)  # every rank that refuses says why
@@ -180,8 +191,10 @@ def _startup_refusal(err: BaseException) -> bool:
 
     from .checkpoint import CheckpointError
     from .runlock import RunLockedError
+
     return isinstance(err, (ConfigError, ShardIndexError, RunLockedError)) or (
-        isinstance(err, CheckpointError) and err.collective)
+        isinstance(err, CheckpointError) and err.collective
+    )
 
 
 def _rank_prefix(env=None) -> str:
@@ -200,14 +213,24 @@ def _fail(err: BaseException, env) -> None:
     refusal by each rank that meets it."""
     from .checkpoint import CheckpointError
     from .guard import EXIT_DIVERGED, DivergedError
+
     collective = bool(getattr(err, "collective", False))
     if _startup_refusal(err) or isinstance(err, DivergedError):
         code = EXIT_DIVERGED if isinstance(err, DivergedError) else 2
         if env.rank == 0 or not collective:
             from .agreement import DisagreementError
-            what = "refused" if isinstance(err, DisagreementError) else "bad recipe" if isinstance(
-                err, ConfigError) else "bad checkpoint" if isinstance(
-                err, CheckpointError) else "diverged" if isinstance(err, DivergedError) else "refused"
+
+            what = (
+                "refused"
+                if isinstance(err, DisagreementError)
+                else "bad recipe"
+                if isinstance(err, ConfigError)
+                else "bad checkpoint"
+                if isinstance(err, CheckpointError)
+                else "diverged"
+                if isinstance(err, DivergedError)
+                else "refused"
+            )
             log.error("%s%s: %s", "" if collective else _rank_prefix(env), what, err)
     elif isinstance(err, KeyboardInterrupt):
         code = 130
@@ -220,6 +243,7 @@ def _fail(err: BaseException, env) -> None:
     if env.rank == 0:
         _write_exit_file(code)
     from .distributed import abort_and_exit
+
     abort_and_exit(code)
 
 
@@ -230,13 +254,19 @@ def _note_grad_precision(state: dict, now) -> None:
     other equal, tests/test_grad_precision.py). The numerics change from the resumed step on: say so."""
     saved = state.get("grad_precision", "bf16" if now is not None else None)  # older bf16 checkpoints: bf16
     if saved != now:
-        log.warning("the checkpoint was trained with %s gradients (train.grad_precision), this run continues with "
-                    "%s ones from here on; set train.grad_precision=%s to continue as it was", saved, now, saved)
+        log.warning(
+            "the checkpoint was trained with %s gradients (train.grad_precision), this run continues with "
+            "%s ones from here on; set train.grad_precision=%s to continue as it was",
+            saved,
+            now,
+            saved,
+        )
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, env, args) -> None:
         from .tasks import make_task
+
         self.cfg, self.env, self.args = cfg, env, args
         self.task = make_task(cfg)
         self.rank, self.world = env.rank, env.world_size
@@ -254,8 +284,12 @@ class Trainer:
         d, t = self.cfg.data, self.cfg.train
         if d.synthetic:
             from data.write_shards import synthetic_holds, write_synthetic_once
-            wanted = {"size": self.cfg.model.img_size, "objects": d.synthetic_objects,
-                      "token_labels": d.synthetic_token_labels}
+
+            wanted = {
+                "size": self.cfg.model.img_size,
+                "objects": d.synthetic_objects,
+                "token_labels": d.synthetic_token_labels,
+            }
             if self.rank == 0 and not (Path(d.path) / INDEX_NAME).is_file():
                 write_synthetic_once(d.path, **wanted)  # one complete copy even when two jobs start at once
             dist.barrier()  # on every rank, whatever it sees: a rank-local condition here would hang the job
@@ -263,7 +297,8 @@ class Trainer:
         micro = deepspeed_config(self.cfg, self.world)["train_micro_batch_size_per_gpu"]
         self.images_per_step = micro * t.grad_accum  # this rank's; every batch is full (the stream drops the rest)
         self.train_stream, self.eval_stream = self.task.build_streams(
-            micro=micro, rank=self.rank, world=self.world, pin_memory=self.device.type == "cuda")
+            micro=micro, rank=self.rank, world=self.world, pin_memory=self.device.type == "cuda"
+        )
         stream = self.train_stream
 
         def batches(subset, micro_batch: int) -> int:  # a method's example subset (Tri-Level E-ViT) on the stream
@@ -292,16 +327,21 @@ class Trainer:
         except FileNotFoundError as err:  # no shard index at the path (on this node)
             error = ShardIndexError(str(err))
         else:
-            splits = {name: (list(split.urls), split.counts.tolist())
-                      for name, stream in (("train", self.train_stream), ("eval", self.eval_stream))
-                      if (split := getattr(stream, "split", None)) is not None}
-            facts = {"recipe": digest(recipe),
-                     "shards": digest({k: ([u.rsplit("/", 1)[-1] for u in urls], counts)
-                                       for k, (urls, counts) in splits.items()}),
-                     "plan": f"{self.total_steps} steps of {self.images_per_step} images per rank, "
-                             f"{self.steps_per_epoch} per epoch",
-                     "run_folder": read_run_token(self.cfg.run_dir),
-                     "checkpoints": ", ".join(p.name for p in complete_checkpoints(self.cfg.run_dir)) or "none"}
+            splits = {
+                name: (list(split.urls), split.counts.tolist())
+                for name, stream in (("train", self.train_stream), ("eval", self.eval_stream))
+                if (split := getattr(stream, "split", None)) is not None
+            }
+            facts = {
+                "recipe": digest(recipe),
+                "shards": digest(
+                    {k: ([u.rsplit("/", 1)[-1] for u in urls], counts) for k, (urls, counts) in splits.items()}
+                ),
+                "plan": f"{self.total_steps} steps of {self.images_per_step} images per rank, "
+                f"{self.steps_per_epoch} per epoch",
+                "run_folder": read_run_token(self.cfg.run_dir),
+                "checkpoints": ", ".join(p.name for p in complete_checkpoints(self.cfg.run_dir)) or "none",
+            }
         agree(facts, recipe=recipe, rank=self.rank, world=self.world, error=error)
 
     def _settle_recipe(self, point) -> None:
@@ -325,17 +365,23 @@ class Trainer:
             refused = [c for c in changes if c[0] not in RESUMABLE]
             if refused and not self.args.allow_recipe_change:
                 listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in refused)
-                raise ConfigError(f"the run in {run_dir} was trained with another recipe: {listed}. Resume with "
-                                  f"the run's own recipe ({path}), start a new run (another name or out_dir), or "
-                                  f"pass --allow-recipe-change to continue with the new values (recorded)",
-                                  collective=True)
+                raise ConfigError(
+                    f"the run in {run_dir} was trained with another recipe: {listed}. Resume with "
+                    f"the run's own recipe ({path}), start a new run (another name or out_dir), or "
+                    f"pass --allow-recipe-change to continue with the new values (recorded)",
+                    collective=True,
+                )
         if self.rank == 0:
             if changes:
                 allowed = "--allow-recipe-change" if any(c[0] not in RESUMABLE for c in changes) else "resumable"
                 for key, old, new in changes:
                     log.warning("recipe change at step %d: %s %r -> %r (%s)", point.step, key, old, new, allowed)
-                entry = {"step": point.step, "time": time.time(), "allowed": allowed,
-                         "changes": [{"key": k, "old": o, "new": n} for k, o, n in changes]}
+                entry = {
+                    "step": point.step,
+                    "time": time.time(),
+                    "allowed": allowed,
+                    "changes": [{"key": k, "old": o, "new": n} for k, o, n in changes],
+                }
                 with open(run_dir / "recipe_changes.jsonl", "a") as f:
                     f.write(json.dumps(entry, default=str) + "\n")
             tmp = run_dir / "config.yaml.tmp"  # a signal mid-write never leaves half a recipe
@@ -363,9 +409,16 @@ class Trainer:
             log.info("model.checkpoint %s is not applied: the run resumes from its own checkpoint", cfg.model.checkpoint)
         if cfg.model.grad_checkpointing:  # before the plug-ins attach: they see the model as it will run
             model.set_grad_checkpointing(True)
-        context = MethodContext(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-                                num_suffix=num_suffix, task=cfg.task, rank=self.rank, world_size=self.world,
-                                seed=cfg.train.seed, grad_accum=cfg.train.grad_accum)
+        context = MethodContext(
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            num_suffix=num_suffix,
+            task=cfg.task,
+            rank=self.rank,
+            world_size=self.world,
+            seed=cfg.train.seed,
+            grad_accum=cfg.train.grad_accum,
+        )
         self.plugins = build_stack(cfg.methods, context)
         self.plugins.attach(model, num_suffix=num_suffix)
         if self.rank == 0:
@@ -374,8 +427,9 @@ class Trainer:
         o = cfg.optim
         self.peak_lr = o.lr if o.lr is not None else o.base_lr * cfg.train.global_batch / 512
         fused = self.device.type == "cuda" if o.fused is None else o.fused
-        optimizer = torch.optim.AdamW(weight_decay_groups(model, o.weight_decay), lr=self.peak_lr,
-                                      betas=tuple(o.betas), eps=o.eps, fused=fused)
+        optimizer = torch.optim.AdamW(
+            weight_decay_groups(model, o.weight_decay), lr=self.peak_lr, betas=tuple(o.betas), eps=o.eps, fused=fused
+        )
         ds_config = deepspeed_config(cfg, self.world)
         self.universal = bool(point and point.needs_universal(self.world, cfg.train.zero_stage))
         if self.universal:
@@ -408,23 +462,43 @@ class Trainer:
             write_run_token(run_dir)
         dist.barrier()
         self._prepare_data_agreed()
-        point = None if self.args.no_resume else select_resume_point(
-            Path(self.args.resume or run_dir), rank=self.rank, world=self.world, required=bool(self.args.resume))
+        point = (
+            None
+            if self.args.no_resume
+            else select_resume_point(
+                Path(self.args.resume or run_dir), rank=self.rank, world=self.world, required=bool(self.args.resume)
+            )
+        )
         self._settle_recipe(point)
         self._build(point)
         self.guard = NonFiniteGuard(self.device, loss_scaling=cfg.train.precision == "fp16")
         models = {"": self.engine.module, **({"ema.": self.ema.module} if self.ema is not None else {})}
-        self.checkpointer = Checkpointer(run_dir, self.engine, rank=self.rank, world_size=self.world,
-                                         zero_stage=cfg.train.zero_stage, keep=cfg.checkpoint.keep,
-                                         before_save=lambda step: self._check_finite(step, models))
+        self.checkpointer = Checkpointer(
+            run_dir,
+            self.engine,
+            rank=self.rank,
+            world_size=self.world,
+            zero_stage=cfg.train.zero_stage,
+            keep=cfg.checkpoint.keep,
+            before_save=lambda step: self._check_finite(step, models),
+        )
         from methods.registry import progress_keys
 
         from .perf import peak_tflops
-        self.run_log = RunLog(run_dir, rank=self.rank, world=self.world, total_steps=self.total_steps,
-                              log_every=cfg.train.log_every, device=self.device, guard=self.guard,
-                              progress_keys=progress_keys(cfg.methods),
-                              peak_tflops=peak_tflops(self.device, cfg.train.precision),
-                              counters=lambda: self.train_stream.counters, epoch=lambda: self.train_stream.epoch)
+
+        self.run_log = RunLog(
+            run_dir,
+            rank=self.rank,
+            world=self.world,
+            total_steps=self.total_steps,
+            log_every=cfg.train.log_every,
+            device=self.device,
+            guard=self.guard,
+            progress_keys=progress_keys(cfg.methods),
+            peak_tflops=peak_tflops(self.device, cfg.train.precision),
+            counters=lambda: self.train_stream.counters,
+            epoch=lambda: self.train_stream.epoch,
+        )
         step = 0
         if point is not None:
             state = self.checkpointer.load(point, universal=self.universal)
@@ -434,8 +508,12 @@ class Trainer:
             if self.ema is not None and "ema" in state:
                 self.ema.module.load_state_dict(state["ema"])
             _note_grad_precision(state, grad_precision(cfg))
-            log.info("resumed at step %d of %d (SLURM_RESTART_COUNT=%s)", step, self.total_steps,
-                     os.environ.get("SLURM_RESTART_COUNT", "-"))
+            log.info(
+                "resumed at step %d of %d (SLURM_RESTART_COUNT=%s)",
+                step,
+                self.total_steps,
+                os.environ.get("SLURM_RESTART_COUNT", "-"),
+            )
             if step >= self.total_steps:
                 log.info("the run is already complete")
                 return self._announce_exit(0)
@@ -449,6 +527,7 @@ class Trainer:
     def _check_finite(self, step: int, models: dict) -> None:
         """Before every checkpoint (collective): no non-finite loss since the last log step, finite weights."""
         from .guard import DivergedError
+
         try:
             self.guard.check(step, models)
         except DivergedError as err:
@@ -456,16 +535,28 @@ class Trainer:
             raise
 
     def _client_state(self, step: int) -> dict:
-        state = {"step": step, "stream": self.train_stream.state_dict(), "plugins": self.plugins.state_dict(),
-                 "seed": self.cfg.train.seed, "lr": self._lr(step), "grad_precision": grad_precision(self.cfg)}
+        state = {
+            "step": step,
+            "stream": self.train_stream.state_dict(),
+            "plugins": self.plugins.state_dict(),
+            "seed": self.cfg.train.seed,
+            "lr": self._lr(step),
+            "grad_precision": grad_precision(self.cfg),
+        }
         if self.ema is not None:
             state["ema"] = self.ema.module.state_dict()
         return state
 
     def _lr(self, step: int) -> float:
         o = self.cfg.optim
-        return lr_at(step, peak=self.peak_lr, warmup_steps=round(o.warmup_epochs * self.steps_per_epoch),
-                     total_steps=self.total_steps, warmup_lr=o.warmup_lr, min_lr=o.min_lr)
+        return lr_at(
+            step,
+            peak=self.peak_lr,
+            warmup_steps=round(o.warmup_epochs * self.steps_per_epoch),
+            total_steps=self.total_steps,
+            warmup_lr=o.warmup_lr,
+            min_lr=o.min_lr,
+        )
 
     def _loop(self, step: int) -> int:
         """The step loop: the plug-ins' events, the task's loss, the engine; logging, evaluation and
@@ -495,8 +586,14 @@ class Trainer:
             plugins.after_step(step)
             if self.ema is not None:
                 self.ema.update(self.engine.module)
-            run_log.step(step, loss, lr=lr, images=self.images_per_step, flops=plugins.take_flops(),
-                         metrics=lambda: {**metrics, **plugins.step_metrics(), **timer.window()})
+            run_log.step(
+                step,
+                loss,
+                lr=lr,
+                images=self.images_per_step,
+                flops=plugins.take_flops(),
+                metrics=lambda: {**metrics, **plugins.step_metrics(), **timer.window()},
+            )
             step += 1
             if due(step, t.eval_every, self.total_steps):
                 self._evaluate(step)
@@ -557,12 +654,16 @@ class Trainer:
         # a method may evaluate the models in several ways (Tri-Level: sparse, the primary "", and dense)
         for prefix, setting in self.plugins.eval_variants().items():
             with setting():
-                found = self.task.evaluate(models, self.eval_stream, self.device,
-                                           transform=lambda batch: self.plugins.on_eval_batch(step, batch))
+                found = self.task.evaluate(
+                    models, self.eval_stream, self.device, transform=lambda batch: self.plugins.on_eval_batch(step, batch)
+                )
             results.update({prefix + key: value for key, value in found.items()})
         self.engine.train()
-        log.info("eval at step %d: %s", step, " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                        for k, v in results.items()))
+        log.info(
+            "eval at step %d: %s",
+            step,
+            " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()),
+        )
         self.run_log.evaluation(step, results)
         return results
 

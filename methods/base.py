@@ -17,6 +17,7 @@ The table of events (when each fires, in what order, which methods use it) is ``
 sit in the model's forward as Python bookkeeping (hooks that count, host reads): the forward is
 compiled (``train.compile``), and ``tests/compile_check.py`` asserts 0 graph breaks for every method.
 """
+
 from __future__ import annotations
 
 import math
@@ -187,8 +188,10 @@ def check_token_sites(claims: Iterable[tuple[str, Iterable[int]]]) -> None:
     for name, sites in claims:
         for site in sorted(sites):
             if site in owner:
-                raise ValueError(f"methods {owner[site]!r} and {name!r} both set the token count before block "
-                                 f"{site}: use one of them there, or move one to another block")
+                raise ValueError(
+                    f"methods {owner[site]!r} and {name!r} both set the token count before block "
+                    f"{site}: use one of them there, or move one to another block"
+                )
             owner[site] = name
 
 

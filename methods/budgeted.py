@@ -22,6 +22,7 @@ model of ``models.cost``) equal the budget. The contract is ``../shared/BUDGETED
     methods: {budgeted: {budget: 0.75}}                  # DeiT defaults [spec: Stages, Durations]
     methods: {budgeted: {budget: 0.8, tokens: false}, toe: {r1: 0.5}}   # heads/MLP + ToE tokens
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,20 @@ from models.cost import BlockLoad
 from .base import Declaration, MethodContext, TrainingPlugin
 from .registry import register
 
-__all__ = ["StageModel", "BudgetSchedule", "BudgetedConfig", "BudgetedTraining", "SlicedLinear", "round_half_up",
-           "stage_models", "stage_share", "solve_durations", "stage_of", "slice_model", "growth_seed"]
+__all__ = [
+    "StageModel",
+    "BudgetSchedule",
+    "BudgetedConfig",
+    "BudgetedTraining",
+    "SlicedLinear",
+    "round_half_up",
+    "stage_models",
+    "stage_share",
+    "solve_durations",
+    "stage_of",
+    "slice_model",
+    "growth_seed",
+]
 
 from .budgeted_schedule import (  # noqa: F401  (names tests and users import from here)
     BudgetSchedule,
@@ -74,8 +87,8 @@ MOMENTS = ("mean_active", "zero")
 EVALS = ("stage", "full")  # mid-run evaluation: the current stage's sub-network, or the full model
 
 
-
 # -- the config and the plug-in -----------------------------------------------------------------
+
 
 @dataclass
 class BudgetedConfig:
@@ -98,39 +111,54 @@ class BudgetedConfig:
         that sets one, its budget is priced on its own grids. Growth re-draws (``redraw``) or zeroes
         (``zero_out``) the newly active slices: from pretrained weights that would erase the part of them each
         stage grows into. The run's length is the budget's (``run_steps``)."""
-        refusal = None if self.init == "keep" else (
-            f"its growth {'re-draws' if self.init == 'redraw' else 'zeroes'} the newly active head and MLP "
-            f"slices at every stage boundary (init: {self.init}), which would erase those pretrained weights; "
-            f"set methods.budgeted.init: keep to grow into them")
-        return Declaration(token_sites=frozenset({0}) if self.tokens else frozenset(),  # the grid: tokens from block 0
-                           input_grid="tokens" if self.tokens else None, exclusive_tokens=self.tokens,
-                           refuses_pretrained=refusal, run_steps=self.run_steps, progress=("budget/stage",))
+        refusal = (
+            None
+            if self.init == "keep"
+            else (
+                f"its growth {'re-draws' if self.init == 'redraw' else 'zeroes'} the newly active head and MLP "
+                f"slices at every stage boundary (init: {self.init}), which would erase those pretrained weights; "
+                f"set methods.budgeted.init: keep to grow into them"
+            )
+        )
+        return Declaration(
+            token_sites=frozenset({0}) if self.tokens else frozenset(),  # the grid: tokens from block 0
+            input_grid="tokens" if self.tokens else None,
+            exclusive_tokens=self.tokens,
+            refuses_pretrained=refusal,
+            run_steps=self.run_steps,
+            progress=("budget/stage",),
+        )
 
     def __post_init__(self) -> None:
         if self.budget is not None and not 0 < self.budget <= 1:
-            raise ValueError(f"budget must be in (0, 1] (a fraction of the dense run's training FLOPs), "
-                             f"got {self.budget}")
+            raise ValueError(f"budget must be in (0, 1] (a fraction of the dense run's training FLOPs), got {self.budget}")
         if (self.budget is None) == (self.epochs is None):
-            raise ValueError(f"budget and epochs: set exactly one (budget {self.budget}, epochs {self.epochs}); "
-                             f"explicit epochs need budget: null")
+            raise ValueError(
+                f"budget and epochs: set exactly one (budget {self.budget}, epochs {self.epochs}); "
+                f"explicit epochs need budget: null"
+            )
         if self.stages is not None:
-            if not all(isinstance(s, list) and len(s) == 3 and all(_whole(v) and v >= 1 for v in s)
-                       for s in self.stages):
+            if not all(isinstance(s, list) and len(s) == 3 and all(_whole(v) and v >= 1 for v in s) for s in self.stages):
                 raise ValueError(f"stages must be a list of [heads, mlp, grid] lists of ints >= 1, got {self.stages}")
             count = len(self.stages)
         else:
-            if not all(_number(r) and 0 < r <= 1 for r in self.rho) or sorted(self.rho) != list(self.rho) \
-                    or not self.rho or self.rho[-1] != 1:
-                raise ValueError(f"rho must be non-decreasing rates in (0, 1] ending at 1 (the full model), "
-                                 f"got {self.rho}")
+            if (
+                not all(_number(r) and 0 < r <= 1 for r in self.rho)
+                or sorted(self.rho) != list(self.rho)
+                or not self.rho
+                or self.rho[-1] != 1
+            ):
+                raise ValueError(f"rho must be non-decreasing rates in (0, 1] ending at 1 (the full model), got {self.rho}")
             count = len(self.rho)
-        if self.epochs is not None and (len(self.epochs) != count
-                                        or not all(_number(e) and e > 0 for e in self.epochs)):
+        if self.epochs is not None and (len(self.epochs) != count or not all(_number(e) and e > 0 for e in self.epochs)):
             raise ValueError(f"epochs must be {count} positive numbers (one per stage), got {self.epochs}")
         if len(self.weights) != count or not all(_number(w) and w > 0 for w in self.weights):
             raise ValueError(f"weights must be {count} positive numbers (one per stage), got {self.weights}")
-        for key, value, allowed in (("init", self.init, INITS), ("moments", self.moments, MOMENTS),
-                                    ("eval", self.eval, EVALS)):
+        for key, value, allowed in (
+            ("init", self.init, INITS),
+            ("moments", self.moments, MOMENTS),
+            ("eval", self.eval, EVALS),
+        ):
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
         if self.dense_steps is not None and (not _whole(self.dense_steps) or self.dense_steps < 1):
@@ -141,19 +169,28 @@ class BudgetedConfig:
         shape, num_heads, hidden, grid = model_dims(model)
         if self.stages is not None:
             stages = tuple(StageModel(*s) for s in self.stages)
-            stages = tuple(StageModel(s.heads if self.heads else num_heads, s.mlp if self.mlp else hidden,
-                                      s.grid if self.tokens else grid) for s in stages)
+            stages = tuple(
+                StageModel(
+                    s.heads if self.heads else num_heads, s.mlp if self.mlp else hidden, s.grid if self.tokens else grid
+                )
+                for s in stages
+            )
         else:
-            stages = stage_models(self.rho, num_heads=num_heads, hidden=hidden, grid=grid, heads=self.heads,
-                                  mlp=self.mlp, tokens=self.tokens)
-        check_stage_models(stages, num_heads=num_heads, hidden=hidden, grid=grid,
-                           key="stages" if self.stages else "rho")
+            stages = stage_models(
+                self.rho, num_heads=num_heads, hidden=hidden, grid=grid, heads=self.heads, mlp=self.mlp, tokens=self.tokens
+            )
+        check_stage_models(stages, num_heads=num_heads, hidden=hidden, grid=grid, key="stages" if self.stages else "rho")
         shares = tuple(stage_share(shape, s, num_heads, hidden) for s in stages)
-        durations = solve_durations(shares, dense_steps=dense_steps, steps_per_epoch=steps_per_epoch,
-                                    budget=self.budget, weights=self.weights, epochs=self.epochs,
-                                    key="epochs" if self.epochs is not None else "budget")
-        return BudgetSchedule(stages, shares, durations, dense_steps, steps_per_epoch, shape.patch_size, num_heads,
-                              hidden)
+        durations = solve_durations(
+            shares,
+            dense_steps=dense_steps,
+            steps_per_epoch=steps_per_epoch,
+            budget=self.budget,
+            weights=self.weights,
+            epochs=self.epochs,
+            key="epochs" if self.epochs is not None else "budget",
+        )
+        return BudgetSchedule(stages, shares, durations, dense_steps, steps_per_epoch, shape.patch_size, num_heads, hidden)
 
     def run_steps(self, steps_per_epoch: int, default_total: int, model: nn.Module) -> tuple[int, "BudgetedConfig"]:
         """The declared run length (``methods.registry.run_length``): ``T_1 + ... + T_M`` replaces the
@@ -181,11 +218,15 @@ class BudgetedTraining(TrainingPlugin):
 
     def __init__(self, config: BudgetedConfig, context: MethodContext) -> None:
         if config.dense_steps is None:
-            raise ValueError("methods.budgeted.dense_steps is unset: the engine fills it in before building the stack "
-                             "(methods.registry.run_length); set it to build the plug-in directly")
+            raise ValueError(
+                "methods.budgeted.dense_steps is unset: the engine fills it in before building the stack "
+                "(methods.registry.run_length); set it to build the plug-in directly"
+            )
         if config.tokens and context.task != "classification":
-            raise ValueError(f"methods.budgeted.tokens resizes classification inputs; the task is {context.task!r}: "
-                             f"set methods.budgeted.tokens: false")
+            raise ValueError(
+                f"methods.budgeted.tokens resizes classification inputs; the task is {context.task!r}: "
+                f"set methods.budgeted.tokens: false"
+            )
         self.config, self.context = config, context
         self.schedule: Optional[BudgetSchedule] = None
         self.blocks: list[BlockSlices] = []
@@ -198,8 +239,10 @@ class BudgetedTraining(TrainingPlugin):
 
     def attach(self, model: nn.Module) -> None:
         if self.config.tokens and not getattr(model, "dynamic_img_size", False):
-            raise ValueError("methods.budgeted.tokens resizes the input, so the model must resample its position "
-                             "embedding: set model.kwargs.dynamic_img_size: true (or methods.budgeted.tokens: false)")
+            raise ValueError(
+                "methods.budgeted.tokens resizes the input, so the model must resample its position "
+                "embedding: set model.kwargs.dynamic_img_size: true (or methods.budgeted.tokens: false)"
+            )
         self.schedule = self.config.schedule(model, self.config.dense_steps, self.context.steps_per_epoch)
         self.model = model
         self.blocks = slice_model(model)
@@ -227,9 +270,14 @@ class BudgetedTraining(TrainingPlugin):
             self.grow(stage - 1, stage)
         self._set_all(s.stages[stage - 1])
         model = s.stages[stage - 1]
-        return {"budget/stage": float(stage), "budget/heads": float(model.heads), "budget/mlp": float(model.mlp),
-                "budget/size": float(model.grid * s.patch_size), "budget/share": s.shares[stage - 1],
-                "budget/spent": s.spent(step)}
+        return {
+            "budget/stage": float(stage),
+            "budget/heads": float(model.heads),
+            "budget/mlp": float(model.mlp),
+            "budget/size": float(model.grid * s.patch_size),
+            "budget/share": s.shares[stage - 1],
+            "budget/spent": s.spent(step),
+        }
 
     def on_batch(self, step: int, batch: dict) -> dict:
         return self._resized(batch, self.schedule.size(step)) if self.config.tokens else batch
@@ -261,8 +309,17 @@ class BudgetedTraining(TrainingPlugin):
         the same order (the ZeRO gathers inside are collectives)."""
         s = self.schedule
         before, after = s.stages[old - 1], s.stages[new - 1]
-        log.info("budgeted: stage %d -> %d: heads %d -> %d, MLP %d -> %d, size %d -> %d px", old, new, before.heads,
-                 after.heads, before.mlp, after.mlp, before.grid * s.patch_size, after.grid * s.patch_size)
+        log.info(
+            "budgeted: stage %d -> %d: heads %d -> %d, MLP %d -> %d, size %d -> %d px",
+            old,
+            new,
+            before.heads,
+            after.heads,
+            before.mlp,
+            after.mlp,
+            before.grid * s.patch_size,
+            after.grid * s.patch_size,
+        )
         if self.engine is not None:
             _relink_optimizer_states(self.engine.optimizer)
         named = {id(p): n for n, p in self.model.named_parameters()}
@@ -271,8 +328,12 @@ class BudgetedTraining(TrainingPlugin):
             old_spans = block.spans(before, s.num_heads, s.hidden)
             new_spans = block.spans(after, s.num_heads, s.hidden)
             writes = []
-            for part, linear in (("attn.qkv", block.qkv), ("attn.proj", block.proj), ("mlp.fc1", block.fc1),
-                                 ("mlp.fc2", block.fc2)):
+            for part, linear in (
+                ("attn.qkv", block.qkv),
+                ("attn.proj", block.proj),
+                ("mlp.fc1", block.fc1),
+                ("mlp.fc2", block.fc2),
+            ):
                 if old_spans[part] == new_spans[part]:
                     continue
                 for kind, param in (("weight", linear.weight), ("bias", linear.bias)):
@@ -280,8 +341,9 @@ class BudgetedTraining(TrainingPlugin):
                         continue
                     fresh = linear.active_mask(kind, *new_spans[part]) & ~linear.active_mask(kind, *old_spans[part])
                     if fresh.any():
-                        writes.append((named[id(param)], part, kind, param, fresh,
-                                       linear.active_mask(kind, *old_spans[part])))
+                        writes.append(
+                            (named[id(param)], part, kind, param, fresh, linear.active_mask(kind, *old_spans[part]))
+                        )
             self._write(writes, new, ema_params)
 
     def _write(self, writes: list, stage: int, ema_params: dict) -> None:
@@ -316,6 +378,7 @@ class BudgetedTraining(TrainingPlugin):
         masks = {name: fresh for name, _, _, _, fresh, _ in writes}
         if any(_partitioned(p) for p in params):  # ZeRO-3: the module parameters are partitioned
             import deepspeed
+
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
                 self._write_modules(writes, values, masks)
         else:
@@ -342,12 +405,21 @@ class BudgetedTraining(TrainingPlugin):
 
     def describe(self) -> str:
         c = self.config
-        what = (f"budget {c.budget:g} of the dense run" if c.budget is not None else f"explicit epochs {c.epochs}")
+        what = f"budget {c.budget:g} of the dense run" if c.budget is not None else f"explicit epochs {c.epochs}"
         parts = ", ".join(p for p, on in (("heads", c.heads), ("MLP", c.mlp), ("tokens", c.tokens)) if on)
-        note = "" if c.tokens else ("\n(the budget counts this method's saving only: another method's token saving, "
-                                    "e.g. ToE's, comes on top; cost/flops_share in the log prices both)")
-        return (f"Budgeted Training ({what}; grows {parts or 'nothing'}; init {c.init}, moments {c.moments}):\n"
-                + self.schedule.describe() + note)
+        note = (
+            ""
+            if c.tokens
+            else (
+                "\n(the budget counts this method's saving only: another method's token saving, "
+                "e.g. ToE's, comes on top; cost/flops_share in the log prices both)"
+            )
+        )
+        return (
+            f"Budgeted Training ({what}; grows {parts or 'nothing'}; init {c.init}, moments {c.moments}):\n"
+            + self.schedule.describe()
+            + note
+        )
 
 
 def build(config: BudgetedConfig, context: MethodContext) -> BudgetedTraining:

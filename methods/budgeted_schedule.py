@@ -1,6 +1,7 @@
 """Budgeted Training's schedule: the stage models, what each costs, and the stage lengths that meet the
 budget. Pure functions of the step and the model's shape, tested directly (``methods.budgeted`` is the
 plug-in; ``methods.budgeted_slicing`` the surgery)."""
+
 from __future__ import annotations
 
 import math
@@ -11,14 +12,26 @@ import torch.nn as nn
 
 from models.cost import BlockLoad, ViTShape, forward_flops
 
-__all__ = ["StageModel", "BudgetSchedule", "round_half_up", "stage_models", "check_stage_models", "stage_plan",
-           "stage_share", "solve_durations", "stage_of", "model_dims", "MLP_MULTIPLE"]
+__all__ = [
+    "StageModel",
+    "BudgetSchedule",
+    "round_half_up",
+    "stage_models",
+    "check_stage_models",
+    "stage_plan",
+    "stage_share",
+    "solve_durations",
+    "stage_of",
+    "model_dims",
+    "MLP_MULTIPLE",
+]
 
 
 MLP_MULTIPLE = 64  # [spec: Stages] MLP widths in multiples of 64 "for efficient kernels"
 
 
 # -- the pure-function core ---------------------------------------------------------------------
+
 
 def round_half_up(x: float) -> int:
     """``floor(x + 0.5)``: the spec's rounding (Python's ``round`` goes to even on ties)."""
@@ -34,8 +47,16 @@ class StageModel:
     grid: int
 
 
-def stage_models(rho: Sequence[float], *, num_heads: int, hidden: int, grid: int, heads: bool = True,
-                 mlp: bool = True, tokens: bool = True) -> tuple[StageModel, ...]:
+def stage_models(
+    rho: Sequence[float],
+    *,
+    num_heads: int,
+    hidden: int,
+    grid: int,
+    heads: bool = True,
+    mlp: bool = True,
+    tokens: bool = True,
+) -> tuple[StageModel, ...]:
     """The stage models from one rate per stage [spec: Stages and activation]:
     ``h = max(1, round(rho H))``, ``m = 64 round(rho hidden / 64)`` (>= 64, <= hidden),
     ``g = round(grid sqrt(rho))`` (``grid``: the model's nominal grid, 14 at 224 px / patch 16). A
@@ -43,8 +64,7 @@ def stage_models(rho: Sequence[float], *, num_heads: int, hidden: int, grid: int
     out = []
     for rate in rho:
         h = max(1, min(num_heads, round_half_up(rate * num_heads))) if heads else num_heads
-        m = (min(hidden, max(MLP_MULTIPLE, MLP_MULTIPLE * round_half_up(rate * hidden / MLP_MULTIPLE)))
-             if mlp else hidden)
+        m = min(hidden, max(MLP_MULTIPLE, MLP_MULTIPLE * round_half_up(rate * hidden / MLP_MULTIPLE))) if mlp else hidden
         g = max(1, min(grid, round_half_up(grid * math.sqrt(rate)))) if tokens else grid
         out.append(StageModel(h, m, g))
     return tuple(out)
@@ -54,18 +74,22 @@ def check_stage_models(stages: Sequence[StageModel], *, num_heads: int, hidden: 
     """Non-decreasing, within the model, the last one the full model (``ValueError`` naming ``key``)."""
     for s, stage in enumerate(stages, 1):
         if not (1 <= stage.heads <= num_heads and 1 <= stage.mlp <= hidden and 1 <= stage.grid <= grid):
-            raise ValueError(f"{key}: stage {s} is {stage}, outside 1 <= heads <= {num_heads}, 1 <= mlp <= {hidden}, "
-                             f"1 <= grid <= {grid} (the model's)")
+            raise ValueError(
+                f"{key}: stage {s} is {stage}, outside 1 <= heads <= {num_heads}, 1 <= mlp <= {hidden}, "
+                f"1 <= grid <= {grid} (the model's)"
+            )
     for s, (a, b) in enumerate(zip(stages, stages[1:]), 2):
         if b.heads < a.heads or b.mlp < a.mlp or b.grid < a.grid:
             raise ValueError(f"{key}: stage {s} ({b}) is smaller than stage {s - 1} ({a}): stages never shrink")
     if stages[-1] != StageModel(num_heads, hidden, grid):
-        raise ValueError(f"{key}: the last stage must be the full model {StageModel(num_heads, hidden, grid)}, got "
-                         f"{stages[-1]}")
+        raise ValueError(
+            f"{key}: the last stage must be the full model {StageModel(num_heads, hidden, grid)}, got {stages[-1]}"
+        )
 
 
-def stage_plan(shape: ViTShape, stage: StageModel, num_heads: int, hidden: int,
-               plan: Optional[Sequence[BlockLoad]] = None) -> list[BlockLoad]:
+def stage_plan(
+    shape: ViTShape, stage: StageModel, num_heads: int, hidden: int, plan: Optional[Sequence[BlockLoad]] = None
+) -> list[BlockLoad]:
     """``plan`` (default: the dense plan of ``shape``) with every block's heads and MLP at ``stage``'s."""
     plan = shape.dense_plan() if plan is None else plan
     return [replace(load, head_frac=stage.heads / num_heads, mlp_frac=stage.mlp / hidden) for load in plan]
@@ -74,13 +98,20 @@ def stage_plan(shape: ViTShape, stage: StageModel, num_heads: int, hidden: int,
 def stage_share(shape: ViTShape, stage: StageModel, num_heads: int, hidden: int) -> float:
     """Training FLOPs of one step of ``stage`` against the dense model at its nominal grid (``models.cost``;
     the patch embedding and every block priced at the stage's ``grid ** 2`` patches)."""
-    small = shape.with_patches(stage.grid ** 2)
+    small = shape.with_patches(stage.grid**2)
     return forward_flops(small, stage_plan(small, stage, num_heads, hidden)) / forward_flops(shape)
 
 
-def solve_durations(shares: Sequence[float], *, dense_steps: int, steps_per_epoch: int, budget: Optional[float] = None,
-                    weights: Optional[Sequence[float]] = None, epochs: Optional[Sequence[float]] = None,
-                    key: str = "budget") -> tuple[int, ...]:
+def solve_durations(
+    shares: Sequence[float],
+    *,
+    dense_steps: int,
+    steps_per_epoch: int,
+    budget: Optional[float] = None,
+    weights: Optional[Sequence[float]] = None,
+    epochs: Optional[Sequence[float]] = None,
+    key: str = "budget",
+) -> tuple[int, ...]:
     """Stage lengths in optimizer steps [spec: Durations and the budget].
 
     ``epochs`` given: ``T_s = round(E_s S_e)`` (the budget is then an output). Else ``budget`` with
@@ -101,8 +132,9 @@ def solve_durations(shares: Sequence[float], *, dense_steps: int, steps_per_epoc
         where = f"budget {budget} of a dense run of {dense_steps} steps"
     for s, steps in enumerate(durations, 1):
         if steps < 1:
-            raise ValueError(f"{key}: {where} leaves stage {s} with {steps} steps (durations {durations}); "
-                             f"raise it or lengthen the run")
+            raise ValueError(
+                f"{key}: {where} leaves stage {s} with {steps} steps (durations {durations}); raise it or lengthen the run"
+            )
     return tuple(durations)
 
 
@@ -151,7 +183,7 @@ class BudgetSchedule:
     def rates(self, step: int) -> tuple[float, float, float]:
         """Activation rates of heads, MLP channels and patch tokens at ``step`` (non-decreasing in the step)."""
         stage, full = self.model(step), self.stages[-1]
-        return stage.heads / full.heads, stage.mlp / full.mlp, stage.grid ** 2 / full.grid ** 2
+        return stage.heads / full.heads, stage.mlp / full.mlp, stage.grid**2 / full.grid**2
 
     @property
     def cost(self) -> float:
@@ -175,11 +207,15 @@ class BudgetSchedule:
         rows = ["stage  steps            epochs   heads  mlp    size px  tokens  share"]
         start = 0
         for s, (model, t, c) in enumerate(zip(self.stages, self.durations, self.shares), 1):
-            rows.append(f"{s:<6} {start:>6} - {start + t - 1:<7} {t / self.steps_per_epoch:<8.3g} {model.heads:<6} "
-                        f"{model.mlp:<6} {model.grid * self.patch_size:<8} {model.grid ** 2:<7} {c:.3f}")
+            rows.append(
+                f"{s:<6} {start:>6} - {start + t - 1:<7} {t / self.steps_per_epoch:<8.3g} {model.heads:<6} "
+                f"{model.mlp:<6} {model.grid * self.patch_size:<8} {model.grid**2:<7} {c:.3f}"
+            )
             start += t
-        rows.append(f"run: {self.total_steps} steps; training FLOPs {self.budget:.4f} of the dense run's "
-                    f"{self.dense_steps} steps ({self.dense_steps / self.steps_per_epoch:.4g} epochs)")
+        rows.append(
+            f"run: {self.total_steps} steps; training FLOPs {self.budget:.4f} of the dense run's "
+            f"{self.dense_steps} steps ({self.dense_steps / self.steps_per_epoch:.4g} epochs)"
+        )
         return "\n".join(rows)
 
 
@@ -191,5 +227,3 @@ def model_dims(model: nn.Module) -> tuple[ViTShape, int, int, int]:
     if grid * grid != shape.num_patches:
         raise ValueError(f"methods.budgeted needs a square patch grid, the model has {shape.num_patches} patches")
     return shape, int(block.attn.num_heads), int(block.mlp.fc1.out_features), grid
-
-

@@ -1,6 +1,7 @@
 """Budgeted Training's surgery: ``SlicedLinear`` (full parameters, the forward uses the active rows /
 columns), the per-block slices, the seeded growth values, and the access to full fp32 weights and Adam
 moments under ZeRO that growth needs (``methods.budgeted`` is the plug-in)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,6 +21,7 @@ INIT_STD, INIT_LOW, INIT_HIGH = 0.02, -2.0, 2.0  # timm init_weights_vit_timm: t
 
 
 # -- surgery ------------------------------------------------------------------------------------
+
 
 class SlicedLinear(nn.Linear):
     """An ``nn.Linear`` whose forward uses only its first ``active_out`` rows (in each of ``groups``
@@ -42,23 +44,23 @@ class SlicedLinear(nn.Linear):
         weight, bias = self.weight, self.bias
         if self.active_out is not None:
             rows = self.out_features // self.groups
-            weight = weight.view(self.groups, rows, self.in_features)[:, :self.active_out].reshape(-1, self.in_features)
+            weight = weight.view(self.groups, rows, self.in_features)[:, : self.active_out].reshape(-1, self.in_features)
             if bias is not None:
-                bias = bias.view(self.groups, rows)[:, :self.active_out].reshape(-1)
+                bias = bias.view(self.groups, rows)[:, : self.active_out].reshape(-1)
         if self.active_in is not None:
-            weight = weight[:, :self.active_in]
+            weight = weight[:, : self.active_in]
         return F.linear(x, weight, bias)
 
     def active_mask(self, name: str, active_out: Optional[int], active_in: Optional[int]) -> torch.Tensor:
         """Boolean mask of the entries of parameter ``name`` (``weight`` / ``bias``) a forward with these spans uses."""
         rows = self.out_features // self.groups
         out = torch.zeros(self.groups, rows, dtype=torch.bool)
-        out[:, :rows if active_out is None else active_out] = True
+        out[:, : rows if active_out is None else active_out] = True
         out = out.reshape(-1)
         if name == "bias":
             return out
         cols = torch.zeros(self.in_features, dtype=torch.bool)
-        cols[:self.in_features if active_in is None else active_in] = True
+        cols[: self.in_features if active_in is None else active_in] = True
         return out[:, None] & cols[None, :]
 
 
@@ -95,15 +97,21 @@ def slice_model(model: nn.Module) -> list[BlockSlices]:
     out = []
     for i, block in enumerate(model.blocks):
         attn, mlp = block.attn, block.mlp
-        problems = [what for what, bad in (
-            ("attention with a scale norm", not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity)),
-            ("a gated attention", getattr(attn, "gate", None) is not None),
-            ("an MLP norm", not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)),
-            ("heads of another width than embed_dim / num_heads", attn.attn_dim != attn.num_heads * attn.head_dim),
-        ) if bad]
+        problems = [
+            what
+            for what, bad in (
+                ("attention with a scale norm", not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity)),
+                ("a gated attention", getattr(attn, "gate", None) is not None),
+                ("an MLP norm", not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)),
+                ("heads of another width than embed_dim / num_heads", attn.attn_dim != attn.num_heads * attn.head_dim),
+            )
+            if bad
+        ]
         if problems or not all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "head_dim")):
-            raise TypeError(f"methods.budgeted: block {i} ({type(block).__name__}) is not a timm ViT block it can "
-                            f"slice: {', '.join(problems) or 'no qkv / proj / num_heads / head_dim'}")
+            raise TypeError(
+                f"methods.budgeted: block {i} ({type(block).__name__}) is not a timm ViT block it can "
+                f"slice: {', '.join(problems) or 'no qkv / proj / num_heads / head_dim'}"
+            )
         pieces = []
         for linear, groups in ((attn.qkv, 3), (attn.proj, 1), (mlp.fc1, 1), (mlp.fc2, 1)):
             pieces.append(linear if isinstance(linear, SlicedLinear) else SlicedLinear.convert(linear, groups))
@@ -114,7 +122,7 @@ def slice_model(model: nn.Module) -> list[BlockSlices]:
 def growth_seed(seed: int, stage: int, name: str) -> int:
     """The generator seed of parameter ``name``'s draws at the start of ``stage``: the same on every rank."""
     digest = hashlib.sha256(f"budgeted/{seed}/{stage}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def initial_values(param_shape: torch.Size, name: str, seed: int, stage: int) -> torch.Tensor:
@@ -127,8 +135,8 @@ def initial_values(param_shape: torch.Size, name: str, seed: int, stage: int) ->
     return values
 
 
-
 # -- optimizer and ZeRO access --------------------------------------------------------------------
+
 
 def _partitioned(param: nn.Parameter) -> bool:
     """The fp32 master lives in DeepSpeed's partitions (ZeRO 1-3, or the bf16 optimizer), not in the parameter."""
@@ -137,8 +145,7 @@ def _partitioned(param: nn.Parameter) -> bool:
 
 def _torch_optimizer(engine: Any):
     optimizer = getattr(engine, "optimizer", None)
-    while (optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer)
-           and hasattr(optimizer, "optimizer")):
+    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
 
@@ -158,6 +165,7 @@ def _relink_optimizer_states(optimizer: Any) -> None:
     if groups is None or flats is None or inner is None:
         return
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
     for params, flat in zip(groups, flats):
         if flat in inner.state:
             lazy_init_hp_params_optimizer_state(params, flat, inner.state)
@@ -166,6 +174,7 @@ def _relink_optimizer_states(optimizer: Any) -> None:
 def _full_fp32(param: nn.Parameter) -> torch.Tensor:
     if _partitioned(param):
         from deepspeed.utils import safe_get_full_fp32_param
+
         return safe_get_full_fp32_param(param)
     return param.data.float()
 
@@ -173,6 +182,7 @@ def _full_fp32(param: nn.Parameter) -> torch.Tensor:
 def _set_full_fp32(param: nn.Parameter, value: torch.Tensor) -> None:
     if _partitioned(param):
         from deepspeed.utils import safe_set_full_fp32_param
+
         safe_set_full_fp32_param(param, value)
     # ZeRO-0 fp32: the parameter is the master; written with the module parameters
 
@@ -180,6 +190,7 @@ def _set_full_fp32(param: nn.Parameter, value: torch.Tensor) -> None:
 def _full_state(param: nn.Parameter, optimizer: Any, key: str) -> Optional[torch.Tensor]:
     if _partitioned(param):
         from deepspeed.utils import safe_get_full_optimizer_state
+
         return safe_get_full_optimizer_state(param, key)
     state = optimizer.state.get(param, {}) if optimizer is not None else {}
     return state.get(key)
@@ -188,8 +199,7 @@ def _full_state(param: nn.Parameter, optimizer: Any, key: str) -> Optional[torch
 def _set_full_state(param: nn.Parameter, optimizer: Any, key: str, value: torch.Tensor) -> None:
     if _partitioned(param):
         from deepspeed.utils import safe_set_full_optimizer_state
+
         safe_set_full_optimizer_state(param, value, key)
     else:
         optimizer.state[param][key].copy_(value)
-
-

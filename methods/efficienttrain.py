@@ -23,6 +23,7 @@ LeapLabTHU/EfficientTrain at 552b73c, ``ET_training.py``), which ToE's Table 4 r
     model: {kwargs: {dynamic_img_size: true}}
     methods: {efficienttrain: {}}          # 5 stages over the run: B 160,160,160,192,224; m 1,3,5,7,9
 """
+
 from __future__ import annotations
 
 import bisect
@@ -40,8 +41,16 @@ from models.cost import BlockLoad, ViTShape, forward_flops, keep_patches_after
 from .base import Declaration, MethodContext, TrainingPlugin
 from .registry import register
 
-__all__ = ["low_frequency_crop", "EfficientTrainConfig", "EfficientTrainSchedule", "EfficientTrainPlugin",
-           "MagnitudeSchedule", "run_flops_share", "ET_GRIDS", "ET_MAGNITUDES"]
+__all__ = [
+    "low_frequency_crop",
+    "EfficientTrainConfig",
+    "EfficientTrainSchedule",
+    "EfficientTrainPlugin",
+    "MagnitudeSchedule",
+    "run_flops_share",
+    "ET_GRIDS",
+    "ET_MAGNITUDES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,7 @@ def _is_int(value) -> bool:
 
 
 # -- the op ------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def low_frequency_crop(images: torch.Tensor, size: int, *, patch_size: int = 1) -> torch.Tensor:
@@ -83,13 +93,14 @@ def low_frequency_crop(images: torch.Tensor, size: int, *, patch_size: int = 1) 
         return images
     half = size // 2
     spectrum = torch.fft.fft2(images.float())
-    top = torch.cat([spectrum[..., :half, :half], spectrum[..., :half, full - half:]], dim=-1)
-    bottom = torch.cat([spectrum[..., full - half:, :half], spectrum[..., full - half:, full - half:]], dim=-1)
+    top = torch.cat([spectrum[..., :half, :half], spectrum[..., :half, full - half :]], dim=-1)
+    bottom = torch.cat([spectrum[..., full - half :, :half], spectrum[..., full - half :, full - half :]], dim=-1)
     cropped = torch.cat([top, bottom], dim=-2) * ((size / full) ** 2)
     return torch.fft.ifft2(cropped).real.contiguous()
 
 
 # -- the schedule ------------------------------------------------------------------------------
+
 
 class EfficientTrainSchedule:
     """Stage, image size and RandAugment magnitude of every 0-based global optimizer step.
@@ -108,9 +119,16 @@ class EfficientTrainSchedule:
             divides ``E`` (a run shorter than the stage count has empty stages).
     """
 
-    def __init__(self, total_steps: int, image_size: int, patch_size: int, *,
-                 sizes: Optional[Sequence[int]] = None, magnitudes: Sequence[float] = ET_MAGNITUDES,
-                 boundaries: Optional[Sequence[Union[int, float]]] = None) -> None:
+    def __init__(
+        self,
+        total_steps: int,
+        image_size: int,
+        patch_size: int,
+        *,
+        sizes: Optional[Sequence[int]] = None,
+        magnitudes: Sequence[float] = ET_MAGNITUDES,
+        boundaries: Optional[Sequence[Union[int, float]]] = None,
+    ) -> None:
         if not _is_int(total_steps) or total_steps < 1:
             raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
         if not _is_int(patch_size) or patch_size < 1 or not _is_int(image_size) or image_size % patch_size:
@@ -125,12 +143,16 @@ class EfficientTrainSchedule:
             where = f"sizes {list(sizes)!r}"
         self.sizes = tuple(sizes)
         if len(self.sizes) != len(self.magnitudes) or len(self.sizes) < 2:
-            raise ValueError(f"sizes and magnitudes need one entry per stage (2 or more), got {list(self.sizes)} "
-                             f"and {list(self.magnitudes)}")
+            raise ValueError(
+                f"sizes and magnitudes need one entry per stage (2 or more), got {list(self.sizes)} "
+                f"and {list(self.magnitudes)}"
+            )
         for size in self.sizes:
             if not _is_int(size) or size < 2 or size % 2 or size % patch_size or size > image_size:
-                raise ValueError(f"{where}: every stage size must be an even multiple of the patch size "
-                                 f"{patch_size} and at most {image_size}, got {size!r}")
+                raise ValueError(
+                    f"{where}: every stage size must be an even multiple of the patch size "
+                    f"{patch_size} and at most {image_size}, got {size!r}"
+                )
         if list(self.sizes) != sorted(self.sizes) or self.sizes[-1] != image_size:
             raise ValueError(f"{where}: stage sizes must not decrease and the last must be the full size {image_size}")
         self.starts = self._starts(boundaries)
@@ -141,18 +163,22 @@ class EfficientTrainSchedule:
             return [-(-(i * total) // stages) for i in range(1, stages)]  # ceil(i * T / stages)
         boundaries = list(boundaries)
         if len(boundaries) != stages - 1:
-            raise ValueError(f"boundaries must give the first step of stages 2..{stages} ({stages - 1} values), "
-                             f"got {boundaries!r}")
+            raise ValueError(
+                f"boundaries must give the first step of stages 2..{stages} ({stages - 1} values), got {boundaries!r}"
+            )
         if all(_is_int(b) for b in boundaries):
             starts = [int(b) for b in boundaries]
         elif all(isinstance(b, float) and 0.0 < b < 1.0 for b in boundaries):
             starts = [math.ceil(Fraction(b).limit_denominator(10**6) * total) for b in boundaries]
         else:
-            raise ValueError(f"boundaries must be all ints (steps) or all floats in (0, 1) (fractions of the run), "
-                             f"got {boundaries!r}")
+            raise ValueError(
+                f"boundaries must be all ints (steps) or all floats in (0, 1) (fractions of the run), got {boundaries!r}"
+            )
         if not all(a < b for a, b in zip([0] + starts, starts)) or starts[-1] >= total:
-            raise ValueError(f"boundaries {boundaries!r} give stage starts {starts}: each must be after the previous "
-                             f"one, after step 0 and before total_steps={total}")
+            raise ValueError(
+                f"boundaries {boundaries!r} give stage starts {starts}: each must be after the previous "
+                f"one, after step 0 and before total_steps={total}"
+            )
         return starts
 
     @property
@@ -184,8 +210,11 @@ class EfficientTrainSchedule:
         return min(edges[stage], self.total_steps), min(edges[stage + 1], self.total_steps)
 
     def describe(self, shape: Optional[ViTShape] = None) -> str:
-        lines = ["EfficientTrain schedule (stage: steps, image size, patch tokens, RandAugment magnitude"
-                 + (", training FLOPs share vs the full-size model" if shape else "") + "):"]
+        lines = [
+            "EfficientTrain schedule (stage: steps, image size, patch tokens, RandAugment magnitude"
+            + (", training FLOPs share vs the full-size model" if shape else "")
+            + "):"
+        ]
         for stage in range(self.num_stages):
             first, end = self.stage_range(stage)
             size = self.sizes[stage]
@@ -193,8 +222,9 @@ class EfficientTrainSchedule:
             share = ""
             if shape is not None:
                 share = f", {forward_flops(shape.with_patches(patches)) / forward_flops(shape):.3f}"
-            lines.append(f"  {stage + 1}: [{first}, {end}), {size} px, {patches} patches, m{self.magnitudes[stage]:g}"
-                         + share)
+            lines.append(
+                f"  {stage + 1}: [{first}, {end}), {size} px, {patches} patches, m{self.magnitudes[stage]:g}" + share
+            )
         if shape is not None:
             lines.append(f"  whole run: {run_flops_share(shape, self):.3f} of the full-size training FLOPs")
         return "\n".join(lines)
@@ -219,14 +249,14 @@ class MagnitudeSchedule:
 
 # -- the cost of a whole run ---------------------------------------------------------------------
 
+
 def _attention_matmul_flops(shape: ViTShape, plan: Sequence[BlockLoad]) -> float:
     """The ``q @ k^T`` and ``attn @ v`` terms of ``models.cost.forward_flops`` (functional matmuls that a
     module counter such as thop, which the ToE authors used, does not see)."""
-    return sum(4.0 * load.tokens ** 2 * shape.embed_dim * load.head_frac for load in plan)
+    return sum(4.0 * load.tokens**2 * shape.embed_dim * load.head_frac for load in plan)
 
 
-def run_flops_share(shape: ViTShape, schedule: EfficientTrainSchedule, toe: Any = None, *,
-                    attention: bool = True) -> float:
+def run_flops_share(shape: ViTShape, schedule: EfficientTrainSchedule, toe: Any = None, *, attention: bool = True) -> float:
     """Theoretical training FLOPs of the whole run against the dense full-size run.
 
     ``shape`` is the full-size model; ``toe`` an optional ``toe.ToESchedule`` over the same steps
@@ -257,6 +287,7 @@ def run_flops_share(shape: ViTShape, schedule: EfficientTrainSchedule, toe: Any 
 
 # -- the plug-in ---------------------------------------------------------------------------------
 
+
 @dataclass
 class EfficientTrainConfig:
     summary = ()  # the options a report names the method by (not a recipe key: no annotation); ET's are fixed
@@ -267,16 +298,24 @@ class EfficientTrainConfig:
 
     def __post_init__(self) -> None:
         magnitudes = self.magnitudes
-        if not isinstance(magnitudes, list) or len(magnitudes) < 2 or not all(
-                isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m <= 10 for m in magnitudes):
-            raise ValueError(f"magnitudes must be a list of 2 or more RandAugment magnitudes in [0, 10] (one per "
-                             f"stage), got {magnitudes!r}")
+        if (
+            not isinstance(magnitudes, list)
+            or len(magnitudes) < 2
+            or not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m <= 10 for m in magnitudes)
+        ):
+            raise ValueError(
+                f"magnitudes must be a list of 2 or more RandAugment magnitudes in [0, 10] (one per "
+                f"stage), got {magnitudes!r}"
+            )
         if self.sizes is not None and (not isinstance(self.sizes, list) or len(self.sizes) != len(magnitudes)):
-            raise ValueError(f"sizes must be null or a list with one image size per stage ({len(magnitudes)}, as "
-                             f"magnitudes), got {self.sizes!r}")
+            raise ValueError(
+                f"sizes must be null or a list with one image size per stage ({len(magnitudes)}, as "
+                f"magnitudes), got {self.sizes!r}"
+            )
         if self.sizes is None and len(magnitudes) != len(ET_GRIDS):
-            raise ValueError(f"magnitudes has {len(magnitudes)} stages; ET's default sizes have {len(ET_GRIDS)}: "
-                             f"give sizes too")
+            raise ValueError(
+                f"magnitudes has {len(magnitudes)} stages; ET's default sizes have {len(ET_GRIDS)}: give sizes too"
+            )
         if self.sizes is not None and not all(_is_int(v) and v >= 2 and v % 2 == 0 for v in self.sizes):
             raise ValueError(f"sizes must be even ints (image sizes in px, multiples of the patch size), got {self.sizes!r}")
         if self.sizes is not None and self.sizes != sorted(self.sizes):
@@ -287,8 +326,9 @@ class EfficientTrainConfig:
             if not isinstance(self.boundaries, list):
                 raise ValueError(f"boundaries must be null or a list, got {self.boundaries!r}")
             # their count, kind and order now (against the run's length at attach)
-            EfficientTrainSchedule(10**9, 2, 2, sizes=[2] * len(magnitudes), magnitudes=magnitudes,
-                                   boundaries=self.boundaries)
+            EfficientTrainSchedule(
+                10**9, 2, 2, sizes=[2] * len(magnitudes), magnitudes=magnitudes, boundaries=self.boundaries
+            )
 
     def declare(self) -> Declaration:
         """The input grid changes by stage (no token count before a block: ToE composes, the paper's Table 4);
@@ -296,8 +336,9 @@ class EfficientTrainConfig:
         return Declaration(input_grid="", progress=("et/stage", "et/size"))
 
     def schedule(self, total_steps: int, image_size: int, patch_size: int) -> EfficientTrainSchedule:
-        return EfficientTrainSchedule(total_steps, image_size, patch_size, sizes=self.sizes,
-                                      magnitudes=self.magnitudes, boundaries=self.boundaries)
+        return EfficientTrainSchedule(
+            total_steps, image_size, patch_size, sizes=self.sizes, magnitudes=self.magnitudes, boundaries=self.boundaries
+        )
 
 
 def _square(value, what: str) -> int:
@@ -320,9 +361,11 @@ class EfficientTrainPlugin(TrainingPlugin):
 
     def attach(self, model: nn.Module) -> None:
         if not getattr(model, "dynamic_img_size", False):
-            raise ValueError("methods.efficienttrain: the model must resample its position embedding to each "
-                             "stage's input size: build it with timm's dynamic_img_size (recipe: "
-                             "model.kwargs: {dynamic_img_size: true})")
+            raise ValueError(
+                "methods.efficienttrain: the model must resample its position embedding to each "
+                "stage's input size: build it with timm's dynamic_img_size (recipe: "
+                "model.kwargs: {dynamic_img_size: true})"
+            )
         embed = model.patch_embed
         image_size, patch_size = _square(embed.img_size, "input"), _square(embed.patch_size, "patch")
         try:
@@ -336,8 +379,10 @@ class EfficientTrainPlugin(TrainingPlugin):
         if stream is None:
             raise ValueError("efficienttrain sets the training stream's augmentation schedule: on_engine needs it")
         if not (stream.transform_options or {}).get("auto_augment"):
-            log.info("EfficientTrain: RandAugment is off in this recipe (data.auto_augment: null), so only the "
-                     "input size follows the schedule")
+            log.info(
+                "EfficientTrain: RandAugment is off in this recipe (data.auto_augment: null), so only the "
+                "input size follows the schedule"
+            )
         stream.set_augmentation_schedule(MagnitudeSchedule(self._schedule()), batches_per_step=self.context.grad_accum)
 
     def _schedule(self) -> EfficientTrainSchedule:
@@ -349,19 +394,31 @@ class EfficientTrainPlugin(TrainingPlugin):
         schedule = self._schedule()
         stage = schedule.stage(step)
         if stage != self._stage:
-            log.info("EfficientTrain stage %d of %d from step %d: %d px (%d patch tokens), RandAugment m%g",
-                     stage + 1, schedule.num_stages, step, schedule.size(step), schedule.patches(step),
-                     schedule.magnitude(step))
+            log.info(
+                "EfficientTrain stage %d of %d from step %d: %d px (%d patch tokens), RandAugment m%g",
+                stage + 1,
+                schedule.num_stages,
+                step,
+                schedule.size(step),
+                schedule.patches(step),
+                schedule.magnitude(step),
+            )
             self._stage = stage
-        return {"et/stage": float(stage + 1), "et/size": float(schedule.size(step)),
-                "et/magnitude": float(schedule.magnitude(step)), "et/patches": float(schedule.patches(step))}
+        return {
+            "et/stage": float(stage + 1),
+            "et/size": float(schedule.size(step)),
+            "et/magnitude": float(schedule.magnitude(step)),
+            "et/patches": float(schedule.patches(step)),
+        }
 
     def on_batch(self, step: int, batch: dict) -> dict:
         augmented = batch.get("augment_step")
         if augmented is not None and int(augmented) != step:
-            raise RuntimeError(f"EfficientTrain: a batch of step {step} was augmented for step {augmented} (the "
-                               f"stream's batch count and the run's step disagree: was train.grad_accum changed "
-                               f"on resume?)")
+            raise RuntimeError(
+                f"EfficientTrain: a batch of step {step} was augmented for step {augmented} (the "
+                f"stream's batch count and the run's step disagree: was train.grad_accum changed "
+                f"on resume?)"
+            )
         return self._crop(batch, self._schedule().size(step))
 
     def on_eval_batch(self, step: int, batch: dict) -> dict:
@@ -372,8 +429,10 @@ class EfficientTrainPlugin(TrainingPlugin):
     def _crop(self, batch: dict, size: int) -> dict:
         images = batch["image"]
         if images.shape[-1] != self.schedule.image_size or images.shape[-2] != self.schedule.image_size:
-            raise ValueError(f"EfficientTrain expects {self.schedule.image_size} px inputs (model.img_size), got "
-                             f"{tuple(images.shape[-2:])}")
+            raise ValueError(
+                f"EfficientTrain expects {self.schedule.image_size} px inputs (model.img_size), got "
+                f"{tuple(images.shape[-2:])}"
+            )
         if size == images.shape[-1]:
             return batch
         return {**batch, "image": low_frequency_crop(images, size, patch_size=self.schedule.patch_size)}
@@ -384,8 +443,10 @@ class EfficientTrainPlugin(TrainingPlugin):
 
 def build(config: EfficientTrainConfig, context: MethodContext) -> EfficientTrainPlugin:
     if context.task != "classification" or context.num_suffix:
-        raise ValueError(f"methods.efficienttrain: low-frequency cropping is defined for classifiers (the "
-                         f"{context.task} task's boxes and detection tokens are not handled)")
+        raise ValueError(
+            f"methods.efficienttrain: low-frequency cropping is defined for classifiers (the "
+            f"{context.task} task's boxes and detection tokens are not handled)"
+        )
     return EfficientTrainPlugin(config, context)
 
 

@@ -9,6 +9,7 @@ patches from torch's global RNG, whose per-rank state the checkpoint saves, so r
 
     methods: {patch_dropout: {rate: 0.5}}
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ class PatchDropoutConfig:
             raise ValueError(f"rate must be in [0, 1) (timm's PatchDropout), got {self.rate}")
 
     def declare(self) -> Declaration:
-        return Declaration(token_sites=frozenset({0}),  # right after the patch embedding, before block 0
-                           progress=("patch_dropout/kept_tokens",))
+        return Declaration(
+            token_sites=frozenset({0}),  # right after the patch embedding, before block 0
+            progress=("patch_dropout/kept_tokens",),
+        )
 
 
 class PatchDropoutPlugin(TrainingPlugin):
@@ -52,8 +55,10 @@ class PatchDropoutPlugin(TrainingPlugin):
 
     def attach(self, model: nn.Module) -> None:
         if not isinstance(getattr(model, "patch_drop", None), nn.Identity):
-            raise TypeError(f"{type(model).__name__} has no empty patch_drop slot (a timm VisionTransformer built "
-                            f"without patch_drop_rate): PatchDropout cannot be inserted")
+            raise TypeError(
+                f"{type(model).__name__} has no empty patch_drop slot (a timm VisionTransformer built "
+                f"without patch_drop_rate): PatchDropout cannot be inserted"
+            )
         self.shape = ViTShape.from_model(model)
         if self.shape.num_suffix:
             raise ValueError("PatchDropout would drop suffix tokens (YOLOS detection tokens): not supported")
@@ -68,8 +73,10 @@ class PatchDropoutPlugin(TrainingPlugin):
 
 def build(config: PatchDropoutConfig, context: MethodContext) -> PatchDropoutPlugin:
     if context.num_suffix:
-        raise ValueError("methods.patch_dropout: the model has suffix tokens (YOLOS detection tokens), which "
-                         "timm's PatchDropout would drop; use it on classifiers only")
+        raise ValueError(
+            "methods.patch_dropout: the model has suffix tokens (YOLOS detection tokens), which "
+            "timm's PatchDropout would drop; use it on classifiers only"
+        )
     return PatchDropoutPlugin(config.rate)
 
 

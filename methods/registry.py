@@ -13,6 +13,7 @@ A method registers once, at import of its module (``methods/__init__.py`` import
 The engine never names a method: it asks this module for whatever the recipe lists, in the
 recipe's order (the order the plug-ins' events fire in).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,9 +21,23 @@ from typing import Any, Callable, Mapping, Optional
 
 from .base import Declaration, check_token_sites
 
-__all__ = ["Method", "register", "registered", "method", "declarations", "check_combination", "check_pretrained",
-           "grad_checkpointing_refusals", "recipe_refusals", "stream_fields", "progress_keys", "phase_key",
-           "build_stack", "run_length", "initial_subset"]
+__all__ = [
+    "Method",
+    "register",
+    "registered",
+    "method",
+    "declarations",
+    "check_combination",
+    "check_pretrained",
+    "grad_checkpointing_refusals",
+    "recipe_refusals",
+    "stream_fields",
+    "progress_keys",
+    "phase_key",
+    "build_stack",
+    "run_length",
+    "initial_subset",
+]
 
 
 @dataclass(frozen=True)
@@ -59,8 +74,9 @@ def declarations(configs: Mapping[str, Any]) -> dict[str, Declaration]:
     for name, config in configs.items():
         declared = config.declare()
         if not isinstance(declared, Declaration):
-            raise TypeError(f"methods.{name}: {type(config).__name__}.declare() returned {type(declared).__name__}, "
-                            f"not a Declaration")
+            raise TypeError(
+                f"methods.{name}: {type(config).__name__}.declare() returned {type(declared).__name__}, not a Declaration"
+            )
         found[name] = declared
     return found
 
@@ -78,11 +94,15 @@ def check_combination(configs: Mapping[str, Any]) -> None:
                 raise ValueError(f"methods {name!r} and {other!r} do not compose: {mine.refuses[other]}")
             if mine.input_grid is not None and theirs.input_grid is not None:
                 first, second = ((other, theirs), (name, mine)) if theirs.input_grid else ((name, mine), (other, theirs))
-                raise ValueError(f"methods {name!r} and {other!r} both set the input grid (the image size each step "
-                                 f"trains at): {_turn_off(*first)}, or drop {second[0]!r}")
+                raise ValueError(
+                    f"methods {name!r} and {other!r} both set the input grid (the image size each step "
+                    f"trains at): {_turn_off(*first)}, or drop {second[0]!r}"
+                )
             if mine.exclusive_tokens and theirs.token_sites:
-                raise ValueError(f"methods {name!r} and {other!r} both set the token count: {name!r} sets the input "
-                                 f"grid (so every block's tokens); {_turn_off(name, mine)}, or drop {other!r}")
+                raise ValueError(
+                    f"methods {name!r} and {other!r} both set the token count: {name!r} sets the input "
+                    f"grid (so every block's tokens); {_turn_off(name, mine)}, or drop {other!r}"
+                )
     check_token_sites((name, d.token_sites) for name, d in declared.items())
     owners = [name for name, d in declared.items() if d.owns_loss]
     if len(owners) > 1:
@@ -103,15 +123,17 @@ def check_pretrained(configs: Mapping[str, Any]) -> None:
 
 def grad_checkpointing_refusals(configs: Mapping[str, Any]) -> dict[str, str]:
     """``{method: reason}`` for the methods that cannot run with the model's activation checkpointing."""
-    return {name: d.refuses_grad_checkpointing for name, d in declarations(configs).items()
-            if d.refuses_grad_checkpointing}
+    return {name: d.refuses_grad_checkpointing for name, d in declarations(configs).items() if d.refuses_grad_checkpointing}
 
 
 def recipe_refusals(configs: Mapping[str, Any], recipe: Any) -> dict[str, str]:
     """``{method: reason}`` for the methods whose ``recipe_check`` refuses the rest of the recipe (token
     labelling: Mixup / CutMix off, the PIL path, a model with a dense head)."""
-    return {name: reason for name, d in declarations(configs).items()
-            if d.recipe_check is not None and (reason := d.recipe_check(recipe))}
+    return {
+        name: reason
+        for name, d in declarations(configs).items()
+        if d.recipe_check is not None and (reason := d.recipe_check(recipe))
+    }
 
 
 def stream_fields(configs: Mapping[str, Any]) -> frozenset[str]:
@@ -129,8 +151,9 @@ def phase_key(configs: Mapping[str, Any]) -> Optional[str]:
     return next((d.phase for d in declarations(configs).values() if d.phase), None)
 
 
-def run_length(configs: Mapping[str, Any], steps_per_epoch: int, default_total: int,
-               model: Callable[[], Any]) -> tuple[int, dict[str, Any]]:
+def run_length(
+    configs: Mapping[str, Any], steps_per_epoch: int, default_total: int, model: Callable[[], Any]
+) -> tuple[int, dict[str, Any]]:
     """The run's optimizer steps and the configs resolved against it: ``default_total`` unless a method
     declares ``run_steps`` (Budgeted Training: the stage lengths that meet its budget); ``model()``
     builds the recipe's model for its shapes, once, only when some method asks. Two methods that both
@@ -148,16 +171,21 @@ def run_length(configs: Mapping[str, Any], steps_per_epoch: int, default_total: 
         if steps is not None:
             setters.append((name, int(steps)))
     if len(setters) > 1:
-        raise ValueError(f"methods {setters[0][0]!r} and {setters[1][0]!r} both set the run's length "
-                         f"({setters[0][1]} and {setters[1][1]} steps): use one of them")
+        raise ValueError(
+            f"methods {setters[0][0]!r} and {setters[1][0]!r} both set the run's length "
+            f"({setters[0][1]} and {setters[1][1]} steps): use one of them"
+        )
     return (setters[0][1] if setters else default_total), resolved
 
 
 def initial_subset(configs: Mapping[str, Any], num_samples: int, seed: int):
     """The training examples the run starts on: the one method's declared ``initial_subset`` mask, or
     ``None`` (all of them). Two methods that both set one are refused."""
-    masks = [(name, mask) for name, d in declarations(configs).items()
-             if d.initial_subset is not None and (mask := d.initial_subset(num_samples, seed)) is not None]
+    masks = [
+        (name, mask)
+        for name, d in declarations(configs).items()
+        if d.initial_subset is not None and (mask := d.initial_subset(num_samples, seed)) is not None
+    ]
     if len(masks) > 1:
         raise ValueError(f"methods {masks[0][0]!r} and {masks[1][0]!r} both choose the training examples: use one")
     return masks[0][1] if masks else None
@@ -166,5 +194,6 @@ def initial_subset(configs: Mapping[str, Any], num_samples: int, seed: int):
 def build_stack(configs: Mapping[str, Any], context: Any):
     """The ``PluginStack`` of a recipe's validated method configs, in the recipe's order."""
     from .base import PluginStack
+
     check_combination(configs)
     return PluginStack([method(name).factory(config, context) for name, config in configs.items()])

@@ -6,6 +6,7 @@ its schedule and the surgery are in ``toe/`` (``toe.expand_tokens``, ``toe.ToESc
 
     methods: {toe: {r1: 0.5}}          # 3 stages over the run, k = 2, after block 1
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,33 +62,47 @@ class ToEConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         warm = self.warmup_epochs
         if warm is not None and (not 0 <= warm < math.inf or self.warmup_steps):  # NaN fails the test too
-            raise ValueError(f"warmup_epochs must be a finite number >= 0, with warmup_steps left at 0 (set one of "
-                             f"them), got {warm} and {self.warmup_steps}")
+            raise ValueError(
+                f"warmup_epochs must be a finite number >= 0, with warmup_steps left at 0 (set one of "
+                f"them), got {warm} and {self.warmup_steps}"
+            )
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         epochs = self.boundary_epochs
         if epochs is not None:
             if self.boundaries is not None:
                 raise ValueError("boundary_epochs and boundaries exclude each other: set one of them")
-            if (len(epochs) != self.num_stages - 1 or not all(
-                    isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e < math.inf for e in epochs)
-                    or any(b <= a for a, b in zip(epochs, epochs[1:]))):
-                raise ValueError(f"boundary_epochs must give the first epoch of stages 2..{self.num_stages} "
-                                 f"({self.num_stages - 1} increasing numbers > 0), got {epochs!r}")
+            if (
+                len(epochs) != self.num_stages - 1
+                or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e < math.inf for e in epochs)
+                or any(b <= a for a, b in zip(epochs, epochs[1:]))
+            ):
+                raise ValueError(
+                    f"boundary_epochs must give the first epoch of stages 2..{self.num_stages} "
+                    f"({self.num_stages - 1} increasing numbers > 0), got {epochs!r}"
+                )
         self.schedule(max(self.warmup_steps + self.num_stages, 10**9), steps_per_epoch=1)  # validates the numbers
 
     def declare(self) -> Declaration:
-        return Declaration(token_sites=frozenset({self.block}), progress=("toe/stage", "toe/kept_tokens"),
-                           phase="toe/stage")
+        return Declaration(token_sites=frozenset({self.block}), progress=("toe/stage", "toe/kept_tokens"), phase="toe/stage")
 
     def schedule(self, total_steps: int, steps_per_epoch: int) -> ToESchedule:
         warmup = self.warmup_steps if self.warmup_epochs is None else round(self.warmup_epochs * steps_per_epoch)
         boundaries = self.boundaries
         if self.boundary_epochs is not None:
             boundaries = [round(epoch * steps_per_epoch) for epoch in self.boundary_epochs]
-        return ToESchedule(r1=self.r1, r0=self.r0, num_stages=self.num_stages, total_steps=total_steps, k=self.k,
-                           boundaries=boundaries, block=self.block, warmup_steps=warmup,
-                           seed_stride=self.seed_stride, counting=self.counting)
+        return ToESchedule(
+            r1=self.r1,
+            r0=self.r0,
+            num_stages=self.num_stages,
+            total_steps=total_steps,
+            k=self.k,
+            boundaries=boundaries,
+            block=self.block,
+            warmup_steps=warmup,
+            seed_stride=self.seed_stride,
+            counting=self.counting,
+        )
 
 
 class ToEPlugin(TrainingPlugin):
@@ -122,10 +137,17 @@ class ToEPlugin(TrainingPlugin):
             raise RuntimeError("ToEPlugin.attach(model) must run before on_step()")
         stage = self.module.stage
         if self.module.set_step(step):
-            log.info("ToE stage %s -> %d at step %d: kept rate %.4g of the patch tokens after block %d "
-                     "(%d of %d at the model's nominal grid)", stage, self.module.stage, step,
-                     float(self.schedule.rate(self.module.stage)), self.schedule.block, self.kept_tokens(step),
-                     self.shape.num_patches)
+            log.info(
+                "ToE stage %s -> %d at step %d: kept rate %.4g of the patch tokens after block %d "
+                "(%d of %d at the model's nominal grid)",
+                stage,
+                self.module.stage,
+                step,
+                float(self.schedule.rate(self.module.stage)),
+                self.schedule.block,
+                self.kept_tokens(step),
+                self.shape.num_patches,
+            )
         return {"toe/stage": float(self.module.stage), "toe/kept_tokens": float(self.kept_tokens(step))}
 
     def step_metrics(self) -> dict[str, float]:
@@ -143,14 +165,22 @@ class ToEPlugin(TrainingPlugin):
         return keep_patches_after(self.shape, plan, self.schedule.block, self.kept_tokens(step, patches))
 
     def describe(self) -> str:
-        return ("ToE schedule at the model's nominal grid (the log's toe/kept_tokens and cost/flops_share follow "
-                "each step's actual input):\n" + self.schedule.describe(self.shape.num_patches, self.shape))
+        return (
+            "ToE schedule at the model's nominal grid (the log's toe/kept_tokens and cost/flops_share follow "
+            "each step's actual input):\n" + self.schedule.describe(self.shape.num_patches, self.shape)
+        )
 
 
 def build(config: ToEConfig, context: MethodContext) -> ToEPlugin:
-    return ToEPlugin(config.schedule(context.total_steps, context.steps_per_epoch), num_suffix=context.num_suffix,
-                     distance=config.distance, init=config.init, expand=config.expand, merge=config.merge,
-                     sparse_eval=config.sparse_eval)
+    return ToEPlugin(
+        config.schedule(context.total_steps, context.steps_per_epoch),
+        num_suffix=context.num_suffix,
+        distance=config.distance,
+        init=config.init,
+        expand=config.expand,
+        merge=config.merge,
+        sparse_eval=config.sparse_eval,
+    )
 
 
 register("toe", ToEConfig, build)

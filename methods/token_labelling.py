@@ -20,6 +20,7 @@ Contract: ``/work/shared/LVVIT_SPEC.md`` ("MixToken", "The token-labeling object
 
     methods: {token_labelling: {w_dense: 1.0}}     # model.name: lvvit_s
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,14 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1)
 
 
-def token_label_loss(cls_logits: torch.Tensor, aux_logits: torch.Tensor, t_cls: torch.Tensor, t_tok: torch.Tensor,
-                     w_cls: float = 1.0, w_dense: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_label_loss(
+    cls_logits: torch.Tensor,
+    aux_logits: torch.Tensor,
+    t_cls: torch.Tensor,
+    t_tok: torch.Tensor,
+    w_cls: float = 1.0,
+    w_dense: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, class term, dense term)``; the dense mean runs over all ``B x N`` positions (ToE's
     zero-padded ones included, LVVIT_SPEC)."""
     cls_term = soft_cross_entropy(cls_logits, t_cls).mean()
@@ -51,8 +58,9 @@ def token_label_loss(cls_logits: torch.Tensor, aux_logits: torch.Tensor, t_cls: 
     return w_cls * cls_term + w_dense * dense_term, cls_term, dense_term
 
 
-def mix_token_box(grid: tuple[int, int], seed: int, step: int, micro: int,
-                  rank: int) -> tuple[tuple[int, int, int, int], float]:
+def mix_token_box(
+    grid: tuple[int, int], seed: int, step: int, micro: int, rank: int
+) -> tuple[tuple[int, int, int, int], float]:
     """MixToken's box ``(row0, row1, col0, col1)`` on the token grid and ``lam' = 1 - area / N``.
 
     ``lvvit.py`` ``rand_bbox``: ``lam ~ Beta(1, 1)``, ``cut = int(side * sqrt(1 - lam))``, centre uniform
@@ -106,8 +114,10 @@ class TokenLabellingPlugin(TrainingPlugin):
 
     def attach(self, model: nn.Module) -> None:
         if not isinstance(getattr(model, "aux_head", None), nn.Linear) or not hasattr(model, "mix_mask"):
-            raise TypeError(f"methods.token_labelling needs a model with a dense aux head and a MixToken mask "
-                            f"(LV-ViT: model.name lvvit_t / lvvit_s / lvvit_m), got {type(model).__name__}")
+            raise TypeError(
+                f"methods.token_labelling needs a model with a dense aux head and a MixToken mask "
+                f"(LV-ViT: model.name lvvit_t / lvvit_s / lvvit_m), got {type(model).__name__}"
+            )
         self.model = model
         model.dense_outputs = True  # training forwards return (cls_logits, aux_logits)
         self.grid = tuple(int(g) for g in model.patch_embed.grid_size)
@@ -122,12 +132,15 @@ class TokenLabellingPlugin(TrainingPlugin):
         """Targets and MixToken for one training micro-batch (on the device)."""
         for key in ("token_logits", "token_ids", "token_box"):
             if key not in batch:
-                raise KeyError(f"methods.token_labelling: the batch has no {key!r}: the training stream must read "
-                               f"dense token labels (the method's declared stream_fields)")
+                raise KeyError(
+                    f"methods.token_labelling: the batch has no {key!r}: the training stream must read "
+                    f"dense token labels (the method's declared stream_fields)"
+                )
         c = self.config
         t_cls, t_tok = _targets(batch, self.num_classes, self.grid)
         if c.ground_truth:
             from data.token_labels import with_ground_truth
+
             t_cls = with_ground_truth(t_cls, batch["label"])
         mask = self.model.mix_mask
         if c.mix_token:
@@ -142,13 +155,18 @@ class TokenLabellingPlugin(TrainingPlugin):
             mask.zero_()
         self._micro += 1
         from data.token_labels import smooth_targets
-        return {**batch, "cls_target": smooth_targets(t_cls, c.smoothing),
-                "token_target": smooth_targets(t_tok, c.smoothing)}
+
+        return {
+            **batch,
+            "cls_target": smooth_targets(t_cls, c.smoothing),
+            "token_target": smooth_targets(t_tok, c.smoothing),
+        }
 
     def after_step(self, step: int) -> None:
         """The stem's BatchNorm statistics from rank 0 on every rank (``models.lvvit.broadcast_batchnorm``):
         evaluation then agrees across ranks and a checkpoint resumes every rank exactly."""
         from models.lvvit import broadcast_batchnorm
+
         broadcast_batchnorm(self.model)
 
     def loss(self, step: int, batch: dict, outputs: Any) -> torch.Tensor:
@@ -158,8 +176,9 @@ class TokenLabellingPlugin(TrainingPlugin):
             raise KeyError("methods.token_labelling: the batch has no 'cls_target' (its on_batch builds it)")
         cls_logits, aux_logits = outputs
         c = self.config
-        loss, cls_term, dense_term = token_label_loss(cls_logits.float(), aux_logits.float(), batch["cls_target"],
-                                                      batch["token_target"], c.w_cls, c.w_dense)
+        loss, cls_term, dense_term = token_label_loss(
+            cls_logits.float(), aux_logits.float(), batch["cls_target"], batch["token_target"], c.w_cls, c.w_dense
+        )
         self._window.append(torch.stack([cls_term, dense_term]).detach())
         return loss
 
@@ -172,9 +191,11 @@ class TokenLabellingPlugin(TrainingPlugin):
 
     def describe(self) -> str:
         c = self.config
-        return (f"token labelling: w_cls {c.w_cls} w_dense {c.w_dense} smoothing {c.smoothing} MixToken "
-                f"{'on' if c.mix_token else 'off'} ground truth {'on' if c.ground_truth else 'off'}; token grid "
-                f"{self.grid[0]}x{self.grid[1]}, {self.num_classes} classes")
+        return (
+            f"token labelling: w_cls {c.w_cls} w_dense {c.w_dense} smoothing {c.smoothing} MixToken "
+            f"{'on' if c.mix_token else 'off'} ground truth {'on' if c.ground_truth else 'off'}; token grid "
+            f"{self.grid[0]}x{self.grid[1]}, {self.num_classes} classes"
+        )
 
 
 def _recipe_refusal(recipe: Any) -> Optional[str]:
@@ -185,8 +206,7 @@ def _recipe_refusal(recipe: Any) -> Optional[str]:
     if d.backend != "pil":
         return "it reads its maps through the PIL path: set data.backend=pil"
     if not recipe.model.name.startswith("lvvit_"):
-        return (f"it needs a model with a dense aux head (model.name lvvit_t, lvvit_s or lvvit_m), "
-                f"got {recipe.model.name!r}")
+        return f"it needs a model with a dense aux head (model.name lvvit_t, lvvit_s or lvvit_m), got {recipe.model.name!r}"
     if d.vflip:
         return "it has no vertical flip of the label maps: set data.vflip to 0"
     return None
@@ -194,6 +214,7 @@ def _recipe_refusal(recipe: Any) -> Optional[str]:
 
 def _targets(batch: dict, num_classes: int, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     from data.token_labels import token_targets
+
     return token_targets(batch["token_logits"], batch["token_ids"], batch["token_box"], num_classes, grid)
 
 

@@ -33,6 +33,7 @@ again); restore exactly as many as removed (official: ``remove_n`` even with few
 fractions instead of the hard-coded ImageNet counts; a seeded tie-break. Not built: the spec's
 ``margin`` / ``cls_var`` tie-breaks and the ``dominant_label`` correctness switch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,15 @@ import torch.distributed as dist
 from .base import Declaration, MethodContext, TrainingPlugin
 from .registry import register
 
-__all__ = ["TriLevelExamplesConfig", "TriLevelExamples", "initial_mask", "forgetting_scores", "swap_subset",
-           "ForgettingStats", "swap_epochs"]
+__all__ = [
+    "TriLevelExamplesConfig",
+    "TriLevelExamples",
+    "initial_mask",
+    "forgetting_scores",
+    "swap_subset",
+    "ForgettingStats",
+    "swap_epochs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,7 @@ _SUBSET_STREAM, _TIE_STREAM, _RESTORE_STREAM = 0x5B5E7, 0x71E5, 0x4E57  # rng st
 
 
 # -- pure core -----------------------------------------------------------------------------------
+
 
 def initial_mask(num_samples: int, drop: float, seed: int) -> np.ndarray:
     """The run's first subset: a uniformly random ``num_samples - floor(drop * num_samples)`` samples
@@ -82,8 +91,9 @@ def forgetting_scores(forgets: np.ndarray, ever_correct: np.ndarray, window: int
     return np.where(ever_correct, forgets, window).astype(np.int64)
 
 
-def swap_subset(subset: np.ndarray, presented: np.ndarray, scores: np.ndarray, count: int, *, seed: int,
-                swap: int, restore: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+def swap_subset(
+    subset: np.ndarray, presented: np.ndarray, scores: np.ndarray, count: int, *, seed: int, swap: int, restore: bool = True
+) -> tuple[np.ndarray, dict[str, Any]]:
     """One swap: the new subset and what happened (``removed``, ``restored`` sample ids, counts).
 
     Candidates are the subset's presented members; the ``min(count, #candidates)`` with the lowest
@@ -94,19 +104,22 @@ def swap_subset(subset: np.ndarray, presented: np.ndarray, scores: np.ndarray, c
     candidates = np.flatnonzero(subset & presented)
     ties = np.random.default_rng([seed, swap, _TIE_STREAM]).random(len(subset))
     order = candidates[np.lexsort((ties[candidates], scores[candidates]))]
-    removed = np.sort(order[:min(count, len(order))])
+    removed = np.sort(order[: min(count, len(order))])
     pool = np.flatnonzero(~subset)
     restored = np.zeros(0, np.int64)
     if restore:
         if len(pool) < len(removed):
             raise ValueError(f"swap {swap}: {len(removed)} samples leave but the held-out pool has {len(pool)}")
-        restored = np.sort(np.random.default_rng([seed, swap, _RESTORE_STREAM]).choice(pool, len(removed),
-                                                                                         replace=False))
+        restored = np.sort(np.random.default_rng([seed, swap, _RESTORE_STREAM]).choice(pool, len(removed), replace=False))
     new = subset.copy()
     new[removed] = False
     new[restored] = True
-    info = {"candidates": len(candidates), "zero_score": int((scores[candidates] == 0).sum()),
-            "removed": removed, "restored": restored}
+    info = {
+        "candidates": len(candidates),
+        "zero_score": int((scores[candidates] == 0).sum()),
+        "removed": removed,
+        "restored": restored,
+    }
     return new, info
 
 
@@ -143,24 +156,35 @@ class ForgettingStats:
 
     def host(self) -> dict[str, np.ndarray]:
         n = self.num_samples
-        return {"presented": (self.count[:n] > 0).cpu().numpy(), "forgets": self.forgets[:n].cpu().numpy(),
-                "ever": self.ever[:n].cpu().numpy(), "count": self.count[:n].cpu().numpy()}
+        return {
+            "presented": (self.count[:n] > 0).cpu().numpy(),
+            "forgets": self.forgets[:n].cpu().numpy(),
+            "ever": self.ever[:n].cpu().numpy(),
+            "count": self.count[:n].cpu().numpy(),
+        }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         n = self.num_samples
-        return {"last": self.last[:n].cpu(), "forgets": self.forgets[:n].cpu(), "ever": self.ever[:n].cpu(),
-                "count": self.count[:n].cpu()}
+        return {
+            "last": self.last[:n].cpu(),
+            "forgets": self.forgets[:n].cpu(),
+            "ever": self.ever[:n].cpu(),
+            "count": self.count[:n].cpu(),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for key in ("last", "forgets", "ever", "count"):
             value = state[key]
             if value.shape != (self.num_samples,):
-                raise ValueError(f"trilevel_examples state {key!r} covers {value.shape[0]} samples, the training "
-                                 f"split has {self.num_samples}: resuming needs the same data")
-            getattr(self, key)[:self.num_samples] = value.to(self.device)
+                raise ValueError(
+                    f"trilevel_examples state {key!r} covers {value.shape[0]} samples, the training "
+                    f"split has {self.num_samples}: resuming needs the same data"
+                )
+            getattr(self, key)[: self.num_samples] = value.to(self.device)
 
 
 # -- the plug-in ---------------------------------------------------------------------------------
+
 
 @dataclass
 class TriLevelExamplesConfig:
@@ -184,7 +208,7 @@ class TriLevelExamplesConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "swaps" else 1):
                 raise ValueError(f"{key} must be an int >= {0 if key == 'swaps' else 1}, got {value!r}")
-        if self.window > 2 ** 15 - 1:
+        if self.window > 2**15 - 1:
             raise ValueError(f"window must be < 32768 (int16 counters), got {self.window}")
 
     def declare(self) -> Declaration:
@@ -217,8 +241,10 @@ class TriLevelExamples(TrainingPlugin):
         total = stream.split.total
         expected = initial_mask(total, self.config.drop, self.seed)
         if stream.subset is None or not np.array_equal(stream.subset, expected):
-            raise RuntimeError("trilevel_examples: the training stream does not hold the initial subset (the "
-                               "engine applies methods.registry.initial_subset before the step count)")
+            raise RuntimeError(
+                "trilevel_examples: the training stream does not hold the initial subset (the "
+                "engine applies methods.registry.initial_subset before the step count)"
+            )
         self.stream, self.subset = stream, expected
         self.swap_count = math.floor(self.config.swap * total)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -227,9 +253,11 @@ class TriLevelExamples(TrainingPlugin):
     def describe(self) -> Optional[str]:
         c = self.config
         epochs = swap_epochs(c.period, c.swaps)
-        return (f"Tri-Level examples: a random {1 - c.drop:.0%} of the data, swapping floor({c.swap} N) of the "
-                f"lowest forgetting scores (window {c.window}) for held-out samples at the start of epochs "
-                f"{epochs or 'none'}")
+        return (
+            f"Tri-Level examples: a random {1 - c.drop:.0%} of the data, swapping floor({c.swap} N) of the "
+            f"lowest forgetting scores (window {c.window}) for held-out samples at the start of epochs "
+            f"{epochs or 'none'}"
+        )
 
     # -- the run --
 
@@ -244,18 +272,28 @@ class TriLevelExamples(TrainingPlugin):
         self._flush()
         found = self.stats.host()
         scores = forgetting_scores(found["forgets"], found["ever"], self.config.window)
-        self.subset, info = swap_subset(self.subset, found["presented"], scores, self.swap_count, seed=self.seed,
-                                        swap=index, restore=self.config.restore)
+        self.subset, info = swap_subset(
+            self.subset, found["presented"], scores, self.swap_count, seed=self.seed, swap=index, restore=self.config.restore
+        )
         self.swaps_done = index
         self.stats.reset()
         self._check_agreement(index)
-        self._last_swap = {"trilevel/swap_candidates": float(info["candidates"]),
-                           "trilevel/swap_zero_score": float(info["zero_score"]),
-                           "trilevel/swap_removed": float(len(info["removed"])),
-                           "trilevel/swap_restored": float(len(info["restored"]))}
-        log.info("trilevel examples: swap %d at epoch %d: %d candidates (%d with score 0), %d removed, %d "
-                 "restored, subset %d", index, epoch, info["candidates"], info["zero_score"], len(info["removed"]),
-                 len(info["restored"]), int(self.subset.sum()))
+        self._last_swap = {
+            "trilevel/swap_candidates": float(info["candidates"]),
+            "trilevel/swap_zero_score": float(info["zero_score"]),
+            "trilevel/swap_removed": float(len(info["removed"])),
+            "trilevel/swap_restored": float(len(info["restored"])),
+        }
+        log.info(
+            "trilevel examples: swap %d at epoch %d: %d candidates (%d with score 0), %d removed, %d restored, subset %d",
+            index,
+            epoch,
+            info["candidates"],
+            info["zero_score"],
+            len(info["removed"]),
+            len(info["restored"]),
+            int(self.subset.sum()),
+        )
 
     def _check_agreement(self, index: int) -> None:
         """Every rank must have made the same swap (same statistics, same seed): a CRC-32 of the new subset,
@@ -267,8 +305,10 @@ class TriLevelExamples(TrainingPlugin):
         dist.all_reduce(bounds, op=dist.ReduceOp.MAX)  # [max crc, -min crc]: one collective
         high, low = bounds.tolist()
         if high != -low:
-            raise RuntimeError(f"trilevel_examples: the ranks made different subsets at swap {index} (their "
-                               f"statistics differ): a bug, not a data problem")
+            raise RuntimeError(
+                f"trilevel_examples: the ranks made different subsets at swap {index} (their "
+                f"statistics differ): a bug, not a data problem"
+            )
 
     def on_step(self, step: int) -> dict[str, float]:
         metrics = {"trilevel/subset_size": float(self.subset.sum()), "trilevel/swaps": float(self.swaps_done)}
@@ -304,16 +344,22 @@ class TriLevelExamples(TrainingPlugin):
 
     def state_dict(self) -> dict[str, Any]:
         self._flush()
-        return {"subset": torch.from_numpy(np.packbits(self.subset)), "samples": int(len(self.subset)),
-                "swaps_done": self.swaps_done, "stats": self.stats.state_dict()}
+        return {
+            "subset": torch.from_numpy(np.packbits(self.subset)),
+            "samples": int(len(self.subset)),
+            "swaps_done": self.swaps_done,
+            "stats": self.stats.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             raise ValueError("the checkpoint holds no trilevel_examples state (was the run started without it?)")
         total = len(self.subset)
         if int(state["samples"]) != total:
-            raise ValueError(f"trilevel_examples state covers {state['samples']} samples, the training split has "
-                             f"{total}: resuming needs the same data")
+            raise ValueError(
+                f"trilevel_examples state covers {state['samples']} samples, the training split has "
+                f"{total}: resuming needs the same data"
+            )
         self.subset = np.unpackbits(state["subset"].numpy(), count=total).astype(bool)
         self.swaps_done = int(state["swaps_done"])
         self.stats.load_state_dict(state["stats"])

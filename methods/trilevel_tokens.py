@@ -31,6 +31,7 @@ plug-in adds nothing to the weights) under the ``dense_`` prefix.
 
     methods: {trilevel_examples: {...}, trilevel_tokens: {keep_ratio: 0.9, attn_ratio: 0.1}}
 """
+
 from __future__ import annotations
 
 import math
@@ -49,9 +50,21 @@ from models.cost import BlockLoad, ViTShape, forward_flops, keep_patches_after, 
 from .base import Declaration, MethodContext, TrainingPlugin
 from .registry import register
 
-__all__ = ["TriLevelTokensConfig", "TriLevelTokensPlugin", "TriLevelBlocks", "ratio", "kept_count", "kept_counts",
-           "connection_count", "attention_scores", "keep_index", "drop_tokens", "connection_mask", "location_forward",
-           "build"]
+__all__ = [
+    "TriLevelTokensConfig",
+    "TriLevelTokensPlugin",
+    "TriLevelBlocks",
+    "ratio",
+    "kept_count",
+    "kept_counts",
+    "connection_count",
+    "attention_scores",
+    "keep_index",
+    "drop_tokens",
+    "connection_mask",
+    "location_forward",
+    "build",
+]
 
 CEIL_TOLERANCE = 1e-9  # spec "Count": 25 * 0.28 is 7.000000000000001 in floats and must give 7
 SCORES = ("attention", "random")
@@ -61,8 +74,10 @@ EVALUATIONS = ("sparse", "dense", "both")
 
 # -- the pure core ------------------------------------------------------------------------------------
 
-def ratio(step: int, total_steps: int, target: float, warmup: float = 1 / 30, decay_end: float = 11 / 30,
-          constant: bool = False) -> float:
+
+def ratio(
+    step: int, total_steps: int, target: float, warmup: float = 1 / 30, decay_end: float = 11 / 30, constant: bool = False
+) -> float:
     """The keep (or connection) ratio at the 0-based global ``step`` of a ``total_steps`` run (spec
     "Schedules"): 1 before ``t_w = warmup T``, ``target`` from ``t_e = decay_end T``, a half cosine
     between. Official ``engine.py`` ``adjust_keep_rate`` (after EViT's ``helpers.py``) with
@@ -102,9 +117,14 @@ def connection_count(n: int, attn: float) -> int:
     return min(n, max(1, _robust_ceil(n * attn)))
 
 
-def attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int,
-                     mask: Optional[torch.Tensor] = None, patch_probs: bool = True
-                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    num_prefix: int,
+    mask: Optional[torch.Tensor] = None,
+    patch_probs: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """From a block's ``q, k`` (``[B, H, N, D]``): the class token's head-mean attention on the patch
     keys ``[B, n]`` and (``patch_probs``) the head-mean patch x patch probabilities ``[B, n, n]``, both
     under the boolean ``mask`` (``[B, 1, N, N]``, True = attend; masked entries get exactly 0).
@@ -152,8 +172,9 @@ def connection_mask(probs: torch.Tensor, k: torch.Tensor, num_prefix: int, ties:
     return full.unsqueeze(1)
 
 
-def _attention(attn: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor], num_prefix: int,
-               patch_probs: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def _attention(
+    attn: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor], num_prefix: int, patch_probs: bool
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """timm 1.0.31 ``Attention.forward`` (same ops, same order) that also returns the no-gradient
     scores of ``attention_scores`` from the same ``q, k`` (no second qkv projection). Fused: SDPA
     for the output and a separate ``q k^T`` for the scores (the class row only when no patch
@@ -164,8 +185,7 @@ def _attention(attn: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor], n
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
         with torch.no_grad():
             cls_scores, probs = attention_scores(q.detach(), k.detach(), attn.scale, num_prefix, mask, patch_probs)
     else:
@@ -185,9 +205,17 @@ def _attention(attn: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor], n
     return attn.proj_drop(attn.proj(out)), cls_scores, probs
 
 
-def location_forward(block: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor], n_out: int,
-                     k: Optional[torch.Tensor], num_prefix: int, score: str = "attention", ties: str = "exact_k",
-                     order: str = "index") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def location_forward(
+    block: nn.Module,
+    x: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    n_out: int,
+    k: Optional[torch.Tensor],
+    num_prefix: int,
+    score: str = "attention",
+    ties: str = "exact_k",
+    order: str = "index",
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """A timm ``Block`` at a location: attention over all incoming tokens (under the incoming ``mask``),
     residual and drop path, then keep ``n_out`` patch tokens, then the MLP on the kept ones. Returns
     the tokens and the connection mask for the blocks after it (``k`` None: no mask). With nothing
@@ -217,8 +245,9 @@ class TriLevelBlocks(nn.Sequential):
     location: a guard, one graph per tuple), ``connect`` (bool), ``k`` (int64 ``[L]`` tensor, filled
     in place: not a buffer, so neither the state_dict nor the graph changes with it)."""
 
-    def __init__(self, blocks: Sequence[nn.Module], locations: Sequence[int], num_prefix: int, score: str,
-                 ties: str, num_patches: int) -> None:
+    def __init__(
+        self, blocks: Sequence[nn.Module], locations: Sequence[int], num_prefix: int, score: str, ties: str, num_patches: int
+    ) -> None:
         super().__init__(*blocks)
         self.locations = tuple(locations)
         self.num_prefix = num_prefix
@@ -240,10 +269,19 @@ class TriLevelBlocks(nn.Sequential):
                     raise RuntimeError(
                         f"trilevel_tokens set its kept counts for {self.n_in[location]} patch tokens into block "
                         f"{index}, but {x.shape[1] - self.num_prefix} arrive: the input grid differs from the one "
-                        f"the plug-in saw in on_batch / on_eval_batch, or another method changes the tokens")
-                x, mask = location_forward(block, x, mask, self.n_out[location],
-                                           self.k[location] if self.connect else None, self.num_prefix,
-                                           self.score, self.ties, self.order)
+                        f"the plug-in saw in on_batch / on_eval_batch, or another method changes the tokens"
+                    )
+                x, mask = location_forward(
+                    block,
+                    x,
+                    mask,
+                    self.n_out[location],
+                    self.k[location] if self.connect else None,
+                    self.num_prefix,
+                    self.score,
+                    self.ties,
+                    self.order,
+                )
                 location += 1
             else:
                 x = block(x) if mask is None else block(x, attn_mask=mask)
@@ -251,6 +289,7 @@ class TriLevelBlocks(nn.Sequential):
 
 
 # -- the config -------------------------------------------------------------------------------------------
+
 
 @dataclass
 class TriLevelTokensConfig:
@@ -275,45 +314,62 @@ class TriLevelTokensConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ValueError(f"{key} must be a number in (0, 1], got {value!r}")
-        if not isinstance(self.locations, list) or not self.locations or not all(
-                isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in self.locations) \
-                or self.locations != sorted(set(self.locations)):
-            raise ValueError(f"locations must be a non-empty increasing list of distinct 0-based block indices, "
-                             f"got {self.locations!r}")
+        if (
+            not isinstance(self.locations, list)
+            or not self.locations
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in self.locations)
+            or self.locations != sorted(set(self.locations))
+        ):
+            raise ValueError(
+                f"locations must be a non-empty increasing list of distinct 0-based block indices, got {self.locations!r}"
+            )
         for key in ("warmup", "decay_end"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"{key} must be a fraction of the run in [0, 1], got {value!r}")
         if not self.warmup < self.decay_end:
-            raise ValueError(f"warmup must be below decay_end (fractions of the run), got {self.warmup} and "
-                             f"{self.decay_end}")
+            raise ValueError(
+                f"warmup must be below decay_end (fractions of the run), got {self.warmup} and {self.decay_end}"
+            )
         for key, allowed in (("score", SCORES), ("mask_ties", MASK_TIES), ("evaluation", EVALUATIONS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not (self.tokens or self.connections):
-            raise ValueError("tokens must be true when connections is false (both off leaves nothing to do: drop "
-                             "the trilevel_tokens section instead)")
+            raise ValueError(
+                "tokens must be true when connections is false (both off leaves nothing to do: drop "
+                "the trilevel_tokens section instead)"
+            )
 
     def declare(self) -> Declaration:
         return Declaration(
             token_sites=frozenset(b + 1 for b in self.locations) if self.tokens else frozenset(),  # after a location
             refuses=REFUSES,
-            refuses_grad_checkpointing=("timm's checkpointed forward calls the blocks one by one, past the token drop "
-                                        "and the attention mask this method threads through them"))
+            refuses_grad_checkpointing=(
+                "timm's checkpointed forward calls the blocks one by one, past the token drop "
+                "and the attention mask this method threads through them"
+            ),
+        )
 
 
 REFUSES = {  # the methods Tri-Level's tokens / connections do not run next to, and why
-    "toe": ("ToE's pre-hook refuses an attn_mask and changes the token count the kept counts are set for "
-            "(spec 'What it needs from the engine' item 5); trilevel_examples composes with ToE"),
-    "token_labelling": ("token labelling's dense head scores every patch position at the output, which the token drop "
-                        "removes, and LV-ViT's blocks scale their residuals, which the location forward re-stating "
-                        "timm's Block does not"),
-    "patch_dropout": ("PatchDropout changes the patch count inside the model in training only, so the kept counts "
-                      "set for the input grid would not match; drop one of them"),
+    "toe": (
+        "ToE's pre-hook refuses an attn_mask and changes the token count the kept counts are set for "
+        "(spec 'What it needs from the engine' item 5); trilevel_examples composes with ToE"
+    ),
+    "token_labelling": (
+        "token labelling's dense head scores every patch position at the output, which the token drop "
+        "removes, and LV-ViT's blocks scale their residuals, which the location forward re-stating "
+        "timm's Block does not"
+    ),
+    "patch_dropout": (
+        "PatchDropout changes the patch count inside the model in training only, so the kept counts "
+        "set for the input grid would not match; drop one of them"
+    ),
 }
 
 
 # -- the plug-in -----------------------------------------------------------------------------------------
+
 
 class TriLevelTokensPlugin(TrainingPlugin):
     """Tokens and attention connections of Tri-Level E-ViT: surgery at ``attach``, ratios from the step."""
@@ -337,12 +393,10 @@ class TriLevelTokensPlugin(TrainingPlugin):
         """``(r(t), a(t))``; a level that is off stays at 1."""
         c = self.config
         keep = ratio(step, self.total_steps, c.keep_ratio, c.warmup, c.decay_end, c.constant) if c.tokens else 1.0
-        attn = ratio(step, self.total_steps, c.attn_ratio, c.warmup, c.decay_end, c.constant) \
-            if c.connections else 1.0
+        attn = ratio(step, self.total_steps, c.attn_ratio, c.warmup, c.decay_end, c.constant) if c.connections else 1.0
         return keep, attn
 
-    def counts(self, num_patches: int, keep: float, attn: float) -> tuple[tuple[int, ...], tuple[int, ...],
-                                                                          tuple[int, ...]]:
+    def counts(self, num_patches: int, keep: float, attn: float) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """``(n_in, n_out, k)`` per location for ``num_patches`` input patches at ratios ``(r, a)``."""
         n_out = kept_counts(num_patches, keep, len(self.config.locations))
         n_in = (num_patches,) + n_out[:-1]
@@ -372,30 +426,40 @@ class TriLevelTokensPlugin(TrainingPlugin):
     def attach(self, model: nn.Module) -> None:
         blocks = getattr(model, "blocks", None)
         if type(blocks) is not nn.Sequential:
-            raise TypeError(f"trilevel_tokens needs a timm VisionTransformer with model.blocks an nn.Sequential, "
-                            f"got {type(blocks).__name__} in {type(model).__name__}")
+            raise TypeError(
+                f"trilevel_tokens needs a timm VisionTransformer with model.blocks an nn.Sequential, "
+                f"got {type(blocks).__name__} in {type(model).__name__}"
+            )
         self.shape = ViTShape.from_model(model)
         depth, locations = len(blocks), self.config.locations
         if locations[-1] >= depth:
-            raise ValueError(f"methods.trilevel_tokens.locations {locations} must be blocks of the model (0-based, "
-                             f"the model has {depth}: 0..{depth - 1})")
+            raise ValueError(
+                f"methods.trilevel_tokens.locations {locations} must be blocks of the model (0-based, "
+                f"the model has {depth}: 0..{depth - 1})"
+            )
         if getattr(model, "grad_checkpointing", False):
-            raise ValueError("trilevel_tokens cannot run with the model's gradient checkpointing: timm's "
-                             "checkpoint_seq calls the blocks one by one, past the token drop")
+            raise ValueError(
+                "trilevel_tokens cannot run with the model's gradient checkpointing: timm's "
+                "checkpoint_seq calls the blocks one by one, past the token drop"
+            )
         for index in locations:
             block = blocks[index]
             # location_forward re-states timm 1.0.31's Block and Attention forwards: a block that changes
             # them (LV-ViT's scaled residuals) would silently get timm's
-            if getattr(type(block), "forward", None) is not Block.forward or \
-                    getattr(type(getattr(block, "attn", None)), "forward", None) is not Attention.forward:
-                raise TypeError(f"trilevel_tokens: block {index} ({type(block).__name__} with "
-                                f"{type(getattr(block, 'attn', None)).__name__}) does not run timm's Block and "
-                                f"Attention forwards, which the token drop re-states")
+            if (
+                getattr(type(block), "forward", None) is not Block.forward
+                or getattr(type(getattr(block, "attn", None)), "forward", None) is not Attention.forward
+            ):
+                raise TypeError(
+                    f"trilevel_tokens: block {index} ({type(block).__name__} with "
+                    f"{type(getattr(block, 'attn', None)).__name__}) does not run timm's Block and "
+                    f"Attention forwards, which the token drop re-states"
+                )
             if block._forward_hooks or block._forward_pre_hooks:
-                raise ValueError(f"trilevel_tokens: block {index} has forward hooks, which its replaced forward "
-                                 f"would skip")
-        model.blocks = TriLevelBlocks(list(blocks), locations, self.shape.num_prefix, self.config.score,
-                                      self.config.mask_ties, self.shape.num_patches)
+                raise ValueError(f"trilevel_tokens: block {index} has forward hooks, which its replaced forward would skip")
+        model.blocks = TriLevelBlocks(
+            list(blocks), locations, self.shape.num_prefix, self.config.score, self.config.mask_ties, self.shape.num_patches
+        )
         self.copies = [model.blocks]
         self._grid = self.shape.num_patches
 
@@ -451,8 +515,9 @@ class TriLevelTokensPlugin(TrainingPlugin):
         tokens of the location, so the batch's own grid)."""
         for i, block in enumerate(self.config.locations):
             load = plan[block]
-            self._window[i] += ((load.tokens if load.mlp_tokens is None else load.mlp_tokens)
-                                - self.shape.num_prefix) * samples
+            self._window[i] += (
+                (load.tokens if load.mlp_tokens is None else load.mlp_tokens) - self.shape.num_prefix
+            ) * samples
         self._window[-1] += samples
 
     def step_metrics(self) -> dict[str, float]:
@@ -460,8 +525,7 @@ class TriLevelTokensPlugin(TrainingPlugin):
         window, self._window = self._window, [0] * (len(self.config.locations) + 1)
         if not window[-1]:
             return {}
-        return {f"trilevel/kept_patches_{block}": window[i] / window[-1]
-                for i, block in enumerate(self.config.locations)}
+        return {f"trilevel/kept_patches_{block}": window[i] / window[-1] for i, block in enumerate(self.config.locations)}
 
     def _patches(self, images: torch.Tensor) -> int:
         p = self.shape.patch_size
@@ -482,8 +546,7 @@ class TriLevelTokensPlugin(TrainingPlugin):
         """Every copy at the targets (sparse) or dense for the evaluation; the step's settings after."""
         saved = self._ratios
         c = self.config
-        self._ratios = (c.keep_ratio if c.tokens else 1.0, c.attn_ratio if c.connections else 1.0) if sparse \
-            else (1.0, 1.0)
+        self._ratios = (c.keep_ratio if c.tokens else 1.0, c.attn_ratio if c.connections else 1.0) if sparse else (1.0, 1.0)
         try:
             self.apply()
             yield
@@ -494,8 +557,7 @@ class TriLevelTokensPlugin(TrainingPlugin):
     def eval_variants(self) -> dict[str, Callable[[], ContextManager]]:
         """``{"": sparse}`` / ``{"": dense}`` / ``{"": sparse, "dense_": dense}`` (``evaluation``)."""
         sparse, dense = (lambda: self._evaluating(True)), (lambda: self._evaluating(False))
-        return {"sparse": {"": sparse}, "dense": {"": dense}, "both": {"": sparse, "dense_": dense}}[
-            self.config.evaluation]
+        return {"sparse": {"": sparse}, "dense": {"": dense}, "both": {"": sparse, "dense_": dense}}[self.config.evaluation]
 
     # -- cost ------------------------------------------------------------------------------------
 
@@ -519,27 +581,35 @@ class TriLevelTokensPlugin(TrainingPlugin):
         t_w, t_e = c.warmup * self.total_steps, c.decay_end * self.total_steps
         _, n_out, k = self.counts(n, *self.ratios(self.total_steps))
         dense = forward_flops(self.shape)
-        lines = [f"Tri-Level tokens {'on' if c.tokens else 'off'} (r_T {c.keep_ratio}, score {c.score}), connections "
-                 f"{'on' if c.connections else 'off'} (a_T {c.attn_ratio}, ties {c.mask_ties}) at blocks "
-                 f"{c.locations}; " + ("constant ratios" if c.constant else
-                                       f"ratios 1 before step {t_w:.0f}, cosine to the targets at step {t_e:.0f} "
-                                       f"of {self.total_steps}"),
-                 f"at the targets, of {n} patches: kept {list(n_out)}, keys per patch query {list(k)}; "
-                 f"evaluation {c.evaluation}; compiled graphs over the run: {self.shape_variants()}",
-                 "step      r       a       kept patches      FLOPs share (connections save 0)"]
+        lines = [
+            f"Tri-Level tokens {'on' if c.tokens else 'off'} (r_T {c.keep_ratio}, score {c.score}), connections "
+            f"{'on' if c.connections else 'off'} (a_T {c.attn_ratio}, ties {c.mask_ties}) at blocks "
+            f"{c.locations}; "
+            + (
+                "constant ratios"
+                if c.constant
+                else f"ratios 1 before step {t_w:.0f}, cosine to the targets at step {t_e:.0f} of {self.total_steps}"
+            ),
+            f"at the targets, of {n} patches: kept {list(n_out)}, keys per patch query {list(k)}; "
+            f"evaluation {c.evaluation}; compiled graphs over the run: {self.shape_variants()}",
+            "step      r       a       kept patches      FLOPs share (connections save 0)",
+        ]
         for step in sorted({0, round(t_w), round((t_w + t_e) / 2), round(t_e), self.total_steps - 1}):
             if 0 <= step < self.total_steps:
                 keep, attn = self.ratios(step)
                 share = forward_flops(self.shape, self.plan(step, self.shape.dense_plan())) / dense
-                lines.append(f"{step:<9d} {keep:.4f}  {attn:.4f}  {str(list(self.counts(n, keep, attn)[1])):17s} "
-                             f"{share:.3f}")
+                lines.append(
+                    f"{step:<9d} {keep:.4f}  {attn:.4f}  {str(list(self.counts(n, keep, attn)[1])):17s} {share:.3f}"
+                )
         return "\n".join(lines)
 
 
 def build(config: TriLevelTokensConfig, context: MethodContext) -> TriLevelTokensPlugin:
     if context.num_suffix:
-        raise ValueError("methods.trilevel_tokens: the model has suffix tokens (YOLOS detection tokens), which "
-                         "the token drop and the class-token score do not handle; use it on classifiers only")
+        raise ValueError(
+            "methods.trilevel_tokens: the model has suffix tokens (YOLOS detection tokens), which "
+            "the token drop and the class-token score do not handle; use it on classifiers only"
+        )
     return TriLevelTokensPlugin(config, context.total_steps)
 
 

@@ -7,6 +7,7 @@ fractions; token pruning at several blocks would shrink tokens there), so any co
 methods gets one theoretical FLOPs figure. Backward costs about twice forward for every matmul
 here, so forward FLOPs ratios are training FLOPs ratios.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -14,8 +15,7 @@ from typing import Optional, Sequence
 
 import torch.nn as nn
 
-__all__ = ["BlockLoad", "ViTShape", "forward_flops", "keep_patches_after", "patches_at", "stem_flops",
-           "token_plan_flops"]
+__all__ = ["BlockLoad", "ViTShape", "forward_flops", "keep_patches_after", "patches_at", "stem_flops", "token_plan_flops"]
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def stem_flops(shape: ViTShape) -> float:
     whose cost no token method reduces."""
     dim, n = shape.embed_dim, shape.num_patches
     if not shape.stem_width:
-        return 2.0 * n * dim * shape.in_chans * shape.patch_size ** 2
+        return 2.0 * n * dim * shape.in_chans * shape.patch_size**2
     width, pixels = shape.stem_width, n * (shape.patch_size // 2) ** 2  # positions at half resolution
     return 2.0 * (pixels * (shape.in_chans * width * 49 + 2 * width * width * 9) + pixels * width * dim)
 
@@ -133,9 +133,14 @@ def keep_patches_after(shape: ViTShape, plan: Sequence[BlockLoad], block: int, k
     dropped = patches_at(shape, plan, block) - kept_patches
     if dropped < 0:
         raise ValueError(f"cannot keep {kept_patches} of {patches_at(shape, plan, block)} patch tokens")
-    return [replace(load, tokens=load.tokens - dropped,
-                    mlp_tokens=None if load.mlp_tokens is None else load.mlp_tokens - dropped)
-            if i >= block else load for i, load in enumerate(plan)]
+    return [
+        replace(
+            load, tokens=load.tokens - dropped, mlp_tokens=None if load.mlp_tokens is None else load.mlp_tokens - dropped
+        )
+        if i >= block
+        else load
+        for i, load in enumerate(plan)
+    ]
 
 
 def token_plan_flops(shape: ViTShape, toe: Optional[tuple[int, int]]) -> float:

@@ -4,6 +4,7 @@ Boxes are normalised ``cx, cy, w, h``; box conversions and generalized IoU come 
 ``torchvision.ops``, the assignment from ``scipy.optimize.linear_sum_assignment``. Matching and
 losses run in float32 (autocast off) whatever the model's precision.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,15 @@ def _xyxy(boxes: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hungarian_match(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets: list[dict], *,
-                    cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> list[tuple]:
+def hungarian_match(
+    pred_logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    targets: list[dict],
+    *,
+    cost_class: float = 1.0,
+    cost_bbox: float = 5.0,
+    cost_giou: float = 2.0,
+) -> list[tuple]:
     """Per image, ``(prediction indices, target indices)`` of the minimum-cost one-to-one matching.
 
     Cost = ``-cost_class * p(target class) + cost_bbox * L1 + -cost_giou * GIoU``, as in DETR / YOLOS.
@@ -36,8 +44,11 @@ def hungarian_match(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, targets
         empty = torch.empty(0, dtype=torch.long)
         return [(empty, empty) for _ in targets]
     with torch.autocast(boxes.device.type, enabled=False):  # float32 costs under any autocast
-        cost = (cost_bbox * torch.cdist(boxes, target_boxes, p=1) - cost_class * prob[:, labels]
-                - cost_giou * generalized_box_iou(_xyxy(boxes), _xyxy(target_boxes)))
+        cost = (
+            cost_bbox * torch.cdist(boxes, target_boxes, p=1)
+            - cost_class * prob[:, labels]
+            - cost_giou * generalized_box_iou(_xyxy(boxes), _xyxy(target_boxes))
+        )
     cost = cost.view(batch, queries, -1).cpu()
     sizes = [len(t["labels"]) for t in targets]
     matches = []
@@ -54,8 +65,18 @@ class SetCriterion(nn.Module):
     (all-reduced over ranks, at least 1), so every rank's gradient has the same scale.
     """
 
-    def __init__(self, num_classes: int, *, eos_coef: float = 0.1, weight_ce: float = 1.0, weight_bbox: float = 5.0,
-                 weight_giou: float = 2.0, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        eos_coef: float = 0.1,
+        weight_ce: float = 1.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.weights = {"loss_ce": weight_ce, "loss_bbox": weight_bbox, "loss_giou": weight_giou}

@@ -19,6 +19,7 @@ as ``embed_layer``, a ``Block`` subclass as ``block_fn``), the model works uncha
 
     timm.create_model("lvvit_s", num_classes=1000)  # after ``import models``
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -30,8 +31,16 @@ from timm.layers import trunc_normal_
 from timm.models import VisionTransformer, checkpoint_seq, register_model
 from timm.models.vision_transformer import Block
 
-__all__ = ["LVViT", "ConvStem", "ScaledResidualBlock", "LVVIT_SHAPES", "broadcast_batchnorm", "lvvit_t", "lvvit_s",
-           "lvvit_m"]
+__all__ = [
+    "LVViT",
+    "ConvStem",
+    "ScaledResidualBlock",
+    "LVVIT_SHAPES",
+    "broadcast_batchnorm",
+    "lvvit_t",
+    "lvvit_s",
+    "lvvit_m",
+]
 
 # name -> (embed dim, depth, heads, residual divisor); lvvit.py registrations (TokenLabeling 9dbfd59):
 # lvvit_t / lvvit_s / lvvit_m, all with mlp_ratio 3, qkv_bias False, stem "4_2" of width 64
@@ -52,16 +61,29 @@ class ConvStem(nn.Module):
     ``patch_size`` must be even (the first conv halves the image); the CPU variants use 4 on 32 px.
     """
 
-    def __init__(self, img_size: Any = 224, patch_size: Any = 16, in_chans: int = 3, embed_dim: int = 384,
-                 bias: bool = True, stem_width: int = STEM_WIDTH, dynamic_img_pad: bool = False,
-                 strict_img_size: bool = True, output_fmt: Optional[str] = None, norm_layer=None,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        img_size: Any = 224,
+        patch_size: Any = 16,
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        bias: bool = True,
+        stem_width: int = STEM_WIDTH,
+        dynamic_img_pad: bool = False,
+        strict_img_size: bool = True,
+        output_fmt: Optional[str] = None,
+        norm_layer=None,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         img = img_size if isinstance(img_size, (tuple, list)) else (img_size, img_size)
         patch = patch_size if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
         if patch[0] != patch[1] or patch[0] < 2 or patch[0] % 2:
-            raise ValueError(f"ConvStem needs a square, even patch size >= 2 (a stride-2 conv, then a "
-                             f"patch/2 projection), got {patch_size!r}")
+            raise ValueError(
+                f"ConvStem needs a square, even patch size >= 2 (a stride-2 conv, then a "
+                f"patch/2 projection), got {patch_size!r}"
+            )
         if img[0] % patch[0] or img[1] % patch[1]:
             raise ValueError(f"img_size {img_size!r} is not a multiple of patch_size {patch[0]}")
         if output_fmt not in (None, "NLC") or dynamic_img_pad or norm_layer is not None:
@@ -74,11 +96,14 @@ class ConvStem(nn.Module):
         self.strict_img_size = strict_img_size
         width = self.stem_width
         self.conv = nn.Sequential(
-            nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False, **dd), nn.BatchNorm2d(width, **dd),
+            nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False, **dd),
+            nn.BatchNorm2d(width, **dd),
             nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, stride=1, padding=1, bias=False, **dd), nn.BatchNorm2d(width, **dd),
+            nn.Conv2d(width, width, 3, stride=1, padding=1, bias=False, **dd),
+            nn.BatchNorm2d(width, **dd),
             nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, stride=1, padding=1, bias=False, **dd), nn.BatchNorm2d(width, **dd),
+            nn.Conv2d(width, width, 3, stride=1, padding=1, bias=False, **dd),
+            nn.BatchNorm2d(width, **dd),
             nn.ReLU(inplace=True),
         )
         half = patch[0] // 2
@@ -102,8 +127,11 @@ class ScaledResidualBlock(Block):
         self.residual_divisor = float(residual_divisor)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))) \
+        x = (
+            x
+            + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
             / self.residual_divisor
+        )
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) / self.residual_divisor
 
 
@@ -115,20 +143,49 @@ class LVViT(VisionTransformer):
     # otherwise the training output is the eval rule's, so the model trains as a plain classifier
     dense_outputs = False
 
-    def __init__(self, *, residual_divisor: float = 1.0, stem_width: int = STEM_WIDTH, embed_dim: int = 384,
-                 depth: int = 16, num_heads: int = 6, mlp_ratio: float = 3.0, qkv_bias: bool = False,
-                 num_classes: int = 1000, aux_weight: float = 0.5, **kwargs: Any) -> None:
-        for key in ("embed_layer", "block_fn", "norm_layer", "global_pool", "class_token", "no_embed_class",
-                    "reg_tokens", "pre_norm", "fc_norm", "dynamic_img_size"):
+    def __init__(
+        self,
+        *,
+        residual_divisor: float = 1.0,
+        stem_width: int = STEM_WIDTH,
+        embed_dim: int = 384,
+        depth: int = 16,
+        num_heads: int = 6,
+        mlp_ratio: float = 3.0,
+        qkv_bias: bool = False,
+        num_classes: int = 1000,
+        aux_weight: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        for key in (
+            "embed_layer",
+            "block_fn",
+            "norm_layer",
+            "global_pool",
+            "class_token",
+            "no_embed_class",
+            "reg_tokens",
+            "pre_norm",
+            "fc_norm",
+            "dynamic_img_size",
+        ):
             if key in kwargs:
                 raise ValueError(f"LV-ViT fixes {key!r}; it cannot be set")
         super().__init__(
-            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-            num_classes=num_classes, global_pool="token", class_token=True,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            num_classes=num_classes,
+            global_pool="token",
+            class_token=True,
             embed_layer=partial(ConvStem, stem_width=stem_width),
             block_fn=partial(ScaledResidualBlock, residual_divisor=residual_divisor),
             norm_layer=partial(nn.LayerNorm, eps=1e-5),  # lvvit.py: nn.LayerNorm default eps (timm ViT: 1e-6)
-            weight_init="skip", **kwargs)
+            weight_init="skip",
+            **kwargs,
+        )
         self.residual_divisor = float(residual_divisor)
         self.aux_weight = float(aux_weight)  # lvvit.py eval: x_cls + 0.5 * x_aux.max(1)[0]
         self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -160,8 +217,9 @@ class LVViT(VisionTransformer):
         twice it is the identity, which is how the aux logits are swapped back."""
         return torch.where(self.mix_mask[None, :, None], tokens.flip(0), tokens)
 
-    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                         is_causal: bool = False) -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("LV-ViT takes no attention mask")
         x = self.patch_embed(x)
@@ -177,7 +235,7 @@ class LVViT(VisionTransformer):
 
     def forward_heads(self, x: torch.Tensor):
         cls_logits = self.head(self.head_drop(x[:, 0]))
-        aux_logits = self.aux_head(x[:, self.num_prefix_tokens:])
+        aux_logits = self.aux_head(x[:, self.num_prefix_tokens :])
         if self.training and self.dense_outputs:
             return cls_logits, self._mix(aux_logits)
         return cls_logits + self.aux_weight * aux_logits.max(1).values
@@ -200,8 +258,13 @@ def broadcast_batchnorm(model: nn.Module, src: int = 0) -> int:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return 0
-    tensors = [buffer for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
-               for buffer in (module.running_mean, module.running_var, module.num_batches_tracked) if buffer is not None]
+    tensors = [
+        buffer
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+        if buffer is not None
+    ]
     for tensor in tensors:
         dist.broadcast(tensor, src)
     return len(tensors)

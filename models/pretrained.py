@@ -16,6 +16,7 @@ LV-ViT's ``aux_head``) whose class count differs keep the model's own fresh init
 the run's seed. Anything else that differs (width, depth, another family) is refused with the first
 keys and shapes that do not match. One log line per category: loaded, resampled, re-initialised, ignored.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,14 +60,17 @@ def read_state_dict(path: Union[str, Path], what: str = "model.checkpoint") -> d
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             state: Any = load_file(str(path), device="cpu")
         else:
             # weights only: no code in the file runs; DeiT's training checkpoints also pickle their args
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 -- every reader error means the same to the user: name the file
-        raise PretrainedError(f"{what} {path} cannot be read as a weights file: {type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}") from err
+        raise PretrainedError(
+            f"{what} {path} cannot be read as a weights file: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
     return _unwrap(state, f"{what} {path}")
 
 
@@ -82,7 +86,7 @@ def _unwrap(state: Any, where: str) -> dict[str, torch.Tensor]:
     if not tensors:
         raise PretrainedError(f"{where} holds no tensors")
     if all(key.startswith("module.") for key in tensors):  # saved from a DistributedDataParallel wrapper
-        tensors = {key[len("module."):]: value for key, value in tensors.items()}
+        tensors = {key[len("module.") :]: value for key, value in tensors.items()}
     return tensors
 
 
@@ -91,7 +95,7 @@ def _shape(tensor: torch.Tensor) -> list[int]:
 
 
 def _grid(tokens: int) -> str:
-    side = int(round(tokens ** 0.5))
+    side = int(round(tokens**0.5))
     return f"{side}x{side}" if side * side == tokens else f"{tokens} positions"
 
 
@@ -100,13 +104,19 @@ def _grouped(ignored: dict[str, str]) -> str:
     groups: dict[tuple[str, str], list[str]] = {}
     for key, why in ignored.items():
         groups.setdefault((key.split(".")[0], why), []).append(key)
-    return "; ".join(f"{keys[0] if len(keys) == 1 else f'{name}.* ({len(keys)} tensors)'} ({why})"
-                     for (name, why), keys in groups.items())
+    return "; ".join(
+        f"{keys[0] if len(keys) == 1 else f'{name}.* ({len(keys)} tensors)'} ({why})" for (name, why), keys in groups.items()
+    )
 
 
-def load_pretrained(model: nn.Module, source: Union[str, Path, Mapping[str, torch.Tensor]], *,
-                    what: str = "model.checkpoint", where: Optional[str] = None,
-                    reinit_head: bool = False) -> dict[str, list[str]]:
+def load_pretrained(
+    model: nn.Module,
+    source: Union[str, Path, Mapping[str, torch.Tensor]],
+    *,
+    what: str = "model.checkpoint",
+    where: Optional[str] = None,
+    reinit_head: bool = False,
+) -> dict[str, list[str]]:
     """Load ``source`` (a path, or a state_dict) into ``model`` (a timm ``VisionTransformer``: DeiT / ViT,
     a YOLOS backbone, LV-ViT) as fine-tuning starts from it; returns the keys per category (``loaded``,
     ``resampled``, ``reinitialised``, ``ignored``) and logs one line per category.
@@ -129,7 +139,7 @@ def load_pretrained(model: nn.Module, source: Union[str, Path, Mapping[str, torc
     if "pos_embed" in own and "pos_embed" not in state and "backbone.pos_embed" in state:
         # a detector of this engine (YOLOS export): its backbone is the classifier; the detection parts are not
         ignored.update({key: "not part of the backbone" for key in state if not key.startswith("backbone.")})
-        state = {key[len("backbone."):]: value for key, value in state.items() if key.startswith("backbone.")}
+        state = {key[len("backbone.") :]: value for key, value in state.items() if key.startswith("backbone.")}
     for key in state:
         if "pre_logits" in key:  # timm drops the representation layer of old ViT checkpoints too
             ignored[key] = "timm drops pre_logits"
@@ -145,8 +155,11 @@ def load_pretrained(model: nn.Module, source: Union[str, Path, Mapping[str, torc
             continue
         got, want = state[key], own[key]
         if key in _RESAMPLED:  # the layout may differ (timm resamples it); the width and the channels may not
-            fits = got.ndim == want.ndim and got.shape[-1 if key == "pos_embed" else 0] == want.shape[
-                -1 if key == "pos_embed" else 0] and (key == "pos_embed" or got.shape[1] == want.shape[1])
+            fits = (
+                got.ndim == want.ndim
+                and got.shape[-1 if key == "pos_embed" else 0] == want.shape[-1 if key == "pos_embed" else 0]
+                and (key == "pos_embed" or got.shape[1] == want.shape[1])
+            )
         else:
             fits = got.shape == want.shape
         if not fits:
@@ -154,26 +167,33 @@ def load_pretrained(model: nn.Module, source: Union[str, Path, Mapping[str, torc
     if missing or unexpected or mismatched:
         parts = []
         if mismatched:
-            parts.append(f"shapes differ: {'; '.join(mismatched[:_SHOWN])}"
-                         + (f" (and {len(mismatched) - _SHOWN} more)" if len(mismatched) > _SHOWN else ""))
+            parts.append(
+                f"shapes differ: {'; '.join(mismatched[:_SHOWN])}"
+                + (f" (and {len(mismatched) - _SHOWN} more)" if len(mismatched) > _SHOWN else "")
+            )
         if missing:
-            parts.append(f"the model has keys the file lacks: {', '.join(missing[:_SHOWN])}"
-                         + (f" (and {len(missing) - _SHOWN} more)" if len(missing) > _SHOWN else ""))
+            parts.append(
+                f"the model has keys the file lacks: {', '.join(missing[:_SHOWN])}"
+                + (f" (and {len(missing) - _SHOWN} more)" if len(missing) > _SHOWN else "")
+            )
         if unexpected:
-            parts.append("the file has keys the model lacks: "
-                         + ", ".join(f"{key} {_shape(state[key])}" for key in unexpected[:_SHOWN])
-                         + (f" (and {len(unexpected) - _SHOWN} more)" if len(unexpected) > _SHOWN else ""))
-        raise PretrainedError(f"{where} does not fit the recipe's model ({type(model).__name__}, width "
-                              f"{getattr(model, 'embed_dim', '?')}, depth {len(getattr(model, 'blocks', []))}): "
-                              + "; ".join(parts) + ". Another width, depth or model family cannot be fine-tuned "
-                              "from it: pick the matching model.name / model.kwargs")
+            parts.append(
+                "the file has keys the model lacks: "
+                + ", ".join(f"{key} {_shape(state[key])}" for key in unexpected[:_SHOWN])
+                + (f" (and {len(unexpected) - _SHOWN} more)" if len(unexpected) > _SHOWN else "")
+            )
+        raise PretrainedError(
+            f"{where} does not fit the recipe's model ({type(model).__name__}, width "
+            f"{getattr(model, 'embed_dim', '?')}, depth {len(getattr(model, 'blocks', []))}): "
+            + "; ".join(parts)
+            + ". Another width, depth or model family cannot be fine-tuned "
+            "from it: pick the matching model.name / model.kwargs"
+        )
 
-    reinitialised = sorted(key for key in heads
-                           if reinit_head or key not in state or state[key].shape != own[key].shape)
+    reinitialised = sorted(key for key in heads if reinit_head or key not in state or state[key].shape != own[key].shape)
     for key in file_heads - heads:
         ignored[key] = "the model has no such head"
-    body = {key: value for key, value in state.items() if key not in file_heads or key in heads and key not in
-            reinitialised}
+    body = {key: value for key, value in state.items() if key not in file_heads or key in heads and key not in reinitialised}
     try:  # timm's own fitting: position table to the model's grid, patch kernel to its size
         fitted = checkpoint_filter_fn(body, model)
     except Exception as err:  # noqa: BLE001 -- timm's resampling of an odd table: say which file
@@ -183,25 +203,36 @@ def load_pretrained(model: nn.Module, source: Union[str, Path, Mapping[str, torc
         if key in body and key in fitted and fitted[key].shape != body[key].shape:
             if key == "pos_embed":
                 prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
-                resampled.append(f"pos_embed from grid {_grid(body[key].shape[1] - prefix)} to "
-                                 f"{'x'.join(str(s) for s in model.patch_embed.grid_size)}")
+                resampled.append(
+                    f"pos_embed from grid {_grid(body[key].shape[1] - prefix)} to "
+                    f"{'x'.join(str(s) for s in model.patch_embed.grid_size)}"
+                )
             else:
-                resampled.append(f"{key} from {'x'.join(map(str, body[key].shape[-2:]))} to "
-                                 f"{'x'.join(map(str, fitted[key].shape[-2:]))}")
+                resampled.append(
+                    f"{key} from {'x'.join(map(str, body[key].shape[-2:]))} to {'x'.join(map(str, fitted[key].shape[-2:]))}"
+                )
     result = model.load_state_dict(fitted, strict=False)
     if sorted(result.missing_keys) != reinitialised or result.unexpected_keys:  # the checks above missed a case
-        raise PretrainedError(f"{where}: unexpected fit (missing {result.missing_keys[:_SHOWN]}, unexpected "
-                              f"{result.unexpected_keys[:_SHOWN]})")
+        raise PretrainedError(
+            f"{where}: unexpected fit (missing {result.missing_keys[:_SHOWN]}, unexpected {result.unexpected_keys[:_SHOWN]})"
+        )
     loaded = [key for key in fitted if key in own]
     heads_note = ""
     if reinitialised:
         file_classes = {int(state[k].shape[0]) for k in file_heads if k.endswith(".weight")}
-        heads_note = (f" (the file has {', '.join(map(str, sorted(file_classes)))} classes, the recipe "
-                      f"{getattr(model, 'num_classes', '?')}{'; model.reinit_head' if reinit_head else ''})"
-                      if file_classes else " (the file has no classifier head)")
+        heads_note = (
+            f" (the file has {', '.join(map(str, sorted(file_classes)))} classes, the recipe "
+            f"{getattr(model, 'num_classes', '?')}{'; model.reinit_head' if reinit_head else ''})"
+            if file_classes
+            else " (the file has no classifier head)"
+        )
     log.info("%s: loaded %d of the model's %d tensors", where, len(loaded), len(own))
     log.info("%s: resampled %s", where, "; ".join(resampled) if resampled else "nothing (same grid)")
     log.info("%s: re-initialised %s%s", where, ", ".join(reinitialised) if reinitialised else "nothing", heads_note)
     log.info("%s: ignored %s", where, _grouped(ignored) if ignored else "nothing")
-    return {"loaded": loaded, "resampled": [line.split(" ", 1)[0] for line in resampled],
-            "reinitialised": reinitialised, "ignored": sorted(ignored)}
+    return {
+        "loaded": loaded,
+        "resampled": [line.split(" ", 1)[0] for line in resampled],
+        "reinitialised": reinitialised,
+        "ignored": sorted(ignored),
+    }

@@ -1,4 +1,5 @@
 """DeiT / ViT classifiers through timm, and AdamW parameter groups as DeiT trains them."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Union
@@ -11,21 +12,30 @@ from timm.models import VisionTransformer
 __all__ = ["create_classifier", "weight_decay_groups"]
 
 
-def create_classifier(name: str, *, num_classes: int, img_size: int, drop_path: float = 0.0,
-                      checkpoint: Optional[Union[str, Mapping[str, torch.Tensor]]] = None,
-                      reinit_head: bool = False, **kwargs: Any) -> VisionTransformer:
+def create_classifier(
+    name: str,
+    *,
+    num_classes: int,
+    img_size: int,
+    drop_path: float = 0.0,
+    checkpoint: Optional[Union[str, Mapping[str, torch.Tensor]]] = None,
+    reinit_head: bool = False,
+    **kwargs: Any,
+) -> VisionTransformer:
     """``timm.create_model(name, ...)``; weights only from a local ``checkpoint`` (no downloads).
 
     ``checkpoint``: a weights file or a state_dict, fitted by ``models.pretrained.load_pretrained``:
     position embeddings resampled to this grid, a classifier head of another class count
     re-initialised (always with ``reinit_head``), anything else that differs refused (``PretrainedError``).
     """
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size,
-                              drop_path_rate=drop_path, **kwargs)
+    model = timm.create_model(
+        name, pretrained=False, num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path, **kwargs
+    )
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
     if checkpoint is not None:
         from .pretrained import load_pretrained
+
         load_pretrained(model, checkpoint, reinit_head=reinit_head)
     return model
 

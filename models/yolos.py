@@ -21,6 +21,7 @@ the detection tokens are suffix tokens: never selected, never merged. The mid po
 embeddings of the blocks after ToE are gathered per sample with ToE's ``keep_index``, for any
 batch size. In eval, ToE is off and this is the plain YOLOS.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -94,9 +95,16 @@ class YOLOS(nn.Module):
     backbone's own grid; ``mid_pe_size=None`` with ``mid_pos_embed`` uses the ``init_pe_size`` grid.
     """
 
-    def __init__(self, backbone: nn.Module, *, num_classes: int = 91, num_det_tokens: int = 100,
-                 init_pe_size: Optional[Sequence[int]] = None, mid_pos_embed: bool = False,
-                 mid_pe_size: Optional[Sequence[int]] = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        num_classes: int = 91,
+        num_det_tokens: int = 100,
+        init_pe_size: Optional[Sequence[int]] = None,
+        mid_pos_embed: bool = False,
+        mid_pe_size: Optional[Sequence[int]] = None,
+    ) -> None:
         super().__init__()
         if getattr(backbone, "num_prefix_tokens", None) != 1 or getattr(backbone, "no_embed_class", False):
             raise ValueError("YOLOS needs a backbone with exactly one class token that has a position embedding")
@@ -193,23 +201,39 @@ class YOLOS(nn.Module):
                     pos = toe.gather_kept(pos)  # per sample: follows this forward's selection
                 x = x + pos
             x = checkpoint(block, x) if bb.grad_checkpointing and torch.is_grad_enabled() else block(x)
-        tokens = bb.norm(x)[:, -self.num_det_tokens:]
+        tokens = bb.norm(x)[:, -self.num_det_tokens :]
         with torch.autocast(tokens.device.type, enabled=False):  # heads and sigmoid in float32
             tokens = tokens.float()
             return {"pred_logits": self.class_embed(tokens), "pred_boxes": self.bbox_embed(tokens).sigmoid()}
 
 
-def create_yolos(name: str = "deit_tiny_patch16_224", *, num_classes: int = 91, num_det_tokens: int = 100,
-                 img_size: int = 224, init_pe_size: Optional[Sequence[int]] = None, mid_pos_embed: bool = False,
-                 mid_pe_size: Optional[Sequence[int]] = None, drop_path: float = 0.0,
-                 checkpoint=None, **kwargs) -> YOLOS:
+def create_yolos(
+    name: str = "deit_tiny_patch16_224",
+    *,
+    num_classes: int = 91,
+    num_det_tokens: int = 100,
+    img_size: int = 224,
+    init_pe_size: Optional[Sequence[int]] = None,
+    mid_pos_embed: bool = False,
+    mid_pe_size: Optional[Sequence[int]] = None,
+    drop_path: float = 0.0,
+    checkpoint=None,
+    **kwargs,
+) -> YOLOS:
     """YOLOS on ``timm.create_model(name)``; the backbone's weights only from a local ``checkpoint`` (a file
     or a state_dict: ``models.pretrained.load_pretrained``; a classifier's head is ignored).
 
     ``img_size`` is the grid of the checkpoint's position embeddings (224 for an ImageNet DeiT);
     ``init_pe_size`` the grid YOLOS interpolates them to once and then learns.
     """
-    backbone = create_classifier(name, num_classes=0, img_size=img_size, drop_path=drop_path, checkpoint=checkpoint,
-                                 dynamic_img_size=True, **kwargs)
-    return YOLOS(backbone, num_classes=num_classes, num_det_tokens=num_det_tokens, init_pe_size=init_pe_size,
-                 mid_pos_embed=mid_pos_embed, mid_pe_size=mid_pe_size)
+    backbone = create_classifier(
+        name, num_classes=0, img_size=img_size, drop_path=drop_path, checkpoint=checkpoint, dynamic_img_size=True, **kwargs
+    )
+    return YOLOS(
+        backbone,
+        num_classes=num_classes,
+        num_det_tokens=num_det_tokens,
+        init_pe_size=init_pe_size,
+        mid_pos_embed=mid_pos_embed,
+        mid_pe_size=mid_pe_size,
+    )

@@ -9,13 +9,15 @@ compiled as the engine compiles it (``launcher.perf``: ``dynamic=False``, ``full
 graph break raises with Dynamo's reason). Returns the number of graphs Dynamo compiled (a stage it
 revisits must not add one) and checks that no graph break was recorded.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
 
 
-def assert_compiles(model, stack, steps: Iterable[int], image_size: int, batch: int = 2,
-                    backend: str = "aot_eager", evaluate: bool = True) -> int:
+def assert_compiles(
+    model, stack, steps: Iterable[int], image_size: int, batch: int = 2, backend: str = "aot_eager", evaluate: bool = True
+) -> int:
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -27,8 +29,9 @@ def assert_compiles(model, stack, steps: Iterable[int], image_size: int, batch: 
         model.train()
         for step in steps:
             stack.on_step(step)
-            images = stack.on_batch(step, {"image": torch.randn(batch, 3, image_size, image_size),
-                                           "label": torch.zeros(batch, dtype=torch.long)})["image"]
+            images = stack.on_batch(
+                step, {"image": torch.randn(batch, 3, image_size, image_size), "label": torch.zeros(batch, dtype=torch.long)}
+            )["image"]
             out = model(images)
             (out if isinstance(out, torch.Tensor) else out["pred_logits"]).float().sum().backward()
         if evaluate:

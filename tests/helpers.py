@@ -9,6 +9,7 @@ from here and from no other test module; fixtures live in ``conftest.py``.
 - ``idx_folder``: MNIST-style IDX files;
 - ``reference_toe``: Token Expansion as a per-sample float64 loop of Eq. 2-7 (TOE_SPEC "The op").
 """
+
 import gzip
 import json
 import os
@@ -35,23 +36,50 @@ def free_port() -> int:
 
 # -- launcher.train in real processes ----------------------------------------------------------
 
-TINY = ["model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}", "data.workers=1",
-        "train.global_batch=16", "train.log_every=1", "train.eval_every=0", "checkpoint.keep=5"]
+TINY = [
+    "model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}",
+    "data.workers=1",
+    "train.global_batch=16",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "checkpoint.keep=5",
+]
 
 
 def command(ranks: int, port: int):
     if ranks == 1:
         return [sys.executable, "-m", "launcher.train"]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-            "127.0.0.1", "--master_port", str(port), "-m", "launcher.train"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "launcher.train",
+    ]
 
 
 def start(run_dir: Path, shards: Path, *overrides, ranks=1, extra=()):
-    args = [*command(ranks, free_port()), "--config", str(ROOT / "configs/deit_tiny_toe_cpu.yaml"), *extra,
-            f"out_dir={run_dir.parent}", f"name={run_dir.name}", f"data.path={shards}", *TINY, *overrides]
+    args = [
+        *command(ranks, free_port()),
+        "--config",
+        str(ROOT / "configs/deit_tiny_toe_cpu.yaml"),
+        *extra,
+        f"out_dir={run_dir.parent}",
+        f"name={run_dir.name}",
+        f"data.path={shards}",
+        *TINY,
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def finish(process, timeout=300) -> str:
@@ -103,6 +131,7 @@ def wait_for_step(run_dir: Path, step: int, process, timeout=240) -> None:
 
 def module_state(run_dir: Path, step: int):
     from launcher.export import export
+
     out = export(str(run_dir / "checkpoints" / f"step-{step}"), str(run_dir / f"export-{step}.pth"))
     return torch.load(out, weights_only=True)
 
@@ -122,11 +151,21 @@ def finish_all(processes, timeout=240) -> list[str]:
 
 # -- tests/sync_probe.py -----------------------------------------------------------------------
 
+
 def probe(tmp_path, shards, *overrides) -> list[dict]:
     out = tmp_path / "events.json"
-    args = [sys.executable, str(ROOT / "tests/sync_probe.py"), str(out), "--config",
-            str(ROOT / "configs/deit_tiny_toe_cpu.yaml"), f"out_dir={tmp_path}", "name=run", f"data.path={shards}",
-            *TINY, *overrides]
+    args = [
+        sys.executable,
+        str(ROOT / "tests/sync_probe.py"),
+        str(out),
+        "--config",
+        str(ROOT / "configs/deit_tiny_toe_cpu.yaml"),
+        f"out_dir={tmp_path}",
+        "name=run",
+        f"data.path={shards}",
+        *TINY,
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -134,6 +173,7 @@ def probe(tmp_path, shards, *overrides) -> list[dict]:
 
 
 # -- IDX files (MNIST / Fashion-MNIST) ---------------------------------------------------------
+
 
 def write_idx(path, array: np.ndarray, compress: bool) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -155,6 +195,7 @@ def idx_folder(root, train=12, val=6, compress=True):
 
 
 # -- a straightforward Token Expansion reference: one sample, Python lists, float64 numpy (TOE_SPEC "The op") --
+
 
 def reference_distances(patches: np.ndarray, distance: str) -> np.ndarray:
     n = patches.shape[0]

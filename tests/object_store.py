@@ -8,6 +8,7 @@ caller owns. Not a test module.
 
     python tests/object_store.py http ROOT PORT LOG [--rate BYTES_PER_S] [--no-range] [--fail-first N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,10 @@ class SeaweedS3:
     def __init__(self, workdir: Path) -> None:
         self.workdir = Path(workdir)
         self.process: Optional[subprocess.Popen] = None
-        self.ports = {name: free_port() for name in ("master", "master.grpc", "volume", "volume.grpc", "filer",
-                                                     "filer.grpc", "s3", "s3.grpc")}
+        self.ports = {
+            name: free_port()
+            for name in ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
+        }
 
     @property
     def endpoint(self) -> str:
@@ -80,16 +83,26 @@ class SeaweedS3:
     @property
     def env(self) -> dict:
         """The environment an AWS tool (and this project) reads credentials and the endpoint from."""
-        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_EC2_METADATA_DISABLED": "true"}
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
 
     def client(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY):
         import boto3
         from botocore.config import Config
+
         return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
-            region_name="us-east-1", config=Config(connect_timeout=5, read_timeout=30, retries={"total_max_attempts": 1}))
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            region_name="us-east-1",
+            config=Config(connect_timeout=5, read_timeout=30, retries={"total_max_attempts": 1}),
+        )
 
     def start(self, timeout: float = 90.0, tries: int = 3) -> "SeaweedS3":
         """Start and wait; a start that fails at once (a port taken meanwhile by another process) is
@@ -105,19 +118,46 @@ class SeaweedS3:
     def _start(self, timeout: float) -> "SeaweedS3":
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         config = self.workdir / "s3.json"
-        config.write_text(json.dumps({"identities": [{"name": "tester", "credentials": [
-            {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": ["Admin", "Read", "Write", "List"]}]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "tester",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List"],
+                        }
+                    ]
+                }
+            )
+        )
         p = self.ports
-        args = [weed_binary(), "server", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
-                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
-                f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
-                "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={config}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=16"]
+        args = [
+            weed_binary(),
+            "server",
+            f"-dir={self.workdir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master.grpc']}",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume.grpc']}",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer.grpc']}",
+            "-s3",
+            f"-s3.port={p['s3']}",
+            f"-s3.port.grpc={p['s3.grpc']}",
+            f"-s3.config={config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=16",
+        ]
         self.log = self.workdir / "weed.log"
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+            )
         deadline, last = time.time() + timeout, "not started"
         client = self.client()
         while time.time() < deadline:
@@ -137,8 +177,9 @@ class SeaweedS3:
                 last = f"{type(err).__name__}: {err}"
                 time.sleep(0.3)
         self.stop()
-        raise TimeoutError(f"SeaweedFS S3 at {self.endpoint} not ready within {timeout:.0f} s ({last}):\n"
-                           f"{_log_tail(self.log)}")
+        raise TimeoutError(
+            f"SeaweedFS S3 at {self.endpoint} not ready within {timeout:.0f} s ({last}):\n{_log_tail(self.log)}"
+        )
 
     def upload(self, folder: Path, bucket: str, prefix: str) -> str:
         """Every file of ``folder`` to ``s3://bucket/prefix/`` (the bucket made if needed); the URL."""
@@ -167,8 +208,16 @@ class HttpServer:
     """This file's HTTP server over ``root`` on a free port (or the given one, to restart on it);
     every request is a line of ``log``: ``METHOD PATH RANGE STATUS BYTES``."""
 
-    def __init__(self, root: Path, log: Path, *, port: Optional[int] = None, rate: Optional[int] = None,
-                 ranges: bool = True, fail_first: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        log: Path,
+        *,
+        port: Optional[int] = None,
+        rate: Optional[int] = None,
+        ranges: bool = True,
+        fail_first: int = 0,
+    ) -> None:
         self.root, self.log, self.port, self.rate, self.ranges = Path(root), Path(log), port or free_port(), rate, ranges
         self.fail_first = fail_first  # answer the first N requests for a .tar with 503 (a server having a bad moment)
         self.process: Optional[subprocess.Popen] = None
@@ -186,8 +235,10 @@ class HttpServer:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the HTTP server exited with {self.process.returncode}: "
-                                   f"{self.process.stderr.read().decode(errors='replace')[-2000:]}")
+                raise RuntimeError(
+                    f"the HTTP server exited with {self.process.returncode}: "
+                    f"{self.process.stderr.read().decode(errors='replace')[-2000:]}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                     return self
@@ -213,6 +264,7 @@ class HttpServer:
 
 
 # -- the HTTP server itself (run as a script) ----------------------------------------------------
+
 
 def _serve(root: Path, port: int, log_path: Path, rate: Optional[int], ranges: bool, fail_first: int = 0) -> None:
     import threading
@@ -274,7 +326,7 @@ def _serve(root: Path, port: int, log_path: Path, rate: Optional[int], ranges: b
             sent, chunk = 0, 16384
             try:
                 for at in range(start, end, chunk):
-                    piece = data[at:min(end, at + chunk)]
+                    piece = data[at : min(end, at + chunk)]
                     self.wfile.write(piece)
                     sent += len(piece)
                     if rate:

@@ -4,6 +4,7 @@ Recipes load it with ``method_modules: [tests.recording_method]``; each rank
 appends ``{"event", "step", ...}`` lines to ``RUN/events-rank{R}.jsonl``. It holds state (the
 number of optimizer steps it saw), so a resumed run shows whether the state came back.
 """
+
 import json
 import os
 from dataclasses import dataclass
@@ -34,8 +35,7 @@ class RecordingPlugin(TrainingPlugin):
         self._write("attach", training=model.training)
 
     def on_engine(self, engine, ema, stream):
-        self._write("on_engine", zero_stage=engine.zero_optimization_stage(), ema=ema is not None,
-                    stream_epoch=stream.epoch)
+        self._write("on_engine", zero_stage=engine.zero_optimization_stage(), ema=ema is not None, stream_epoch=stream.epoch)
 
     def on_epoch(self, epoch, stream):
         self._write("on_epoch", epoch=epoch, stream_epoch=stream.epoch)

@@ -4,6 +4,7 @@ Everything lives in one temporary folder (config, munge key and socket, state, s
 on ports of its own; the daemons are stopped by PID when the context ends. Needs the Debian
 packages slurmd, slurmctld, slurm-client and munge (install.sh installs them when run as root).
 """
+
 from __future__ import annotations
 
 import os
@@ -60,9 +61,18 @@ class LocalSlurm:
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
         socket_path = r / "munge" / "munge.socket"
-        self._spawn([_binary("munged"), "-F", "-f", f"--socket={socket_path}", f"--key-file={key}",
-                     f"--pid-file={r / 'munge' / 'munged.pid'}", f"--log-file={r / 'log' / 'munged.log'}",
-                     f"--seed-file={r / 'munge' / 'munged.seed'}"])
+        self._spawn(
+            [
+                _binary("munged"),
+                "-F",
+                "-f",
+                f"--socket={socket_path}",
+                f"--key-file={key}",
+                f"--pid-file={r / 'munge' / 'munged.pid'}",
+                f"--log-file={r / 'log' / 'munged.log'}",
+                f"--seed-file={r / 'munge' / 'munged.seed'}",
+            ]
+        )
         self._wait(lambda: socket_path.exists(), "munged socket")
         conf = r / "slurm.conf"
         conf.write_text(f"""ClusterName=toetest
@@ -74,12 +84,12 @@ SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={socket_path},cred_expire=10
 CredType=cred/munge
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
-SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool"}
+SlurmctldPidFile={r / "slurmctld.pid"}
+SlurmdPidFile={r / "slurmd.pid"}
+SlurmctldLogFile={r / "log" / "slurmctld.log"}
+SlurmdLogFile={r / "log" / "slurmd.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -97,14 +107,16 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             del self.env[key_name]  # a test run inside an allocation must not leak into ours
         self._spawn([_binary("slurmctld"), "-D", "-i", "-f", str(conf)])
         self._spawn([_binary("slurmd"), "-D", "-N", "localhost", "-f", str(conf)])
-        self._wait(lambda: self.run("sinfo", "-h", "-o", "%T").strip() in ("idle", "idle*", "mixed"), "an idle node",
-                   timeout=60)
+        self._wait(
+            lambda: self.run("sinfo", "-h", "-o", "%T").strip() in ("idle", "idle*", "mixed"), "an idle node", timeout=60
+        )
 
     def _spawn(self, command: list[str]) -> None:
         name = Path(command[0]).name
         log = open(self.root / "log" / f"{name}.out", "w")
-        self.processes.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+        self.processes.append(
+            subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
 
     def _wait(self, ready, what: str, timeout: float = 30.0) -> None:
         deadline = time.time() + timeout
@@ -121,8 +133,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         raise TimeoutError(f"no {what} after {timeout} s; logs in {self.root / 'log'}")
 
     def run(self, *command: str, check: bool = True) -> str:
-        result = subprocess.run([_binary(command[0]), *command[1:]], env=self.env, capture_output=True, text=True,
-                                timeout=60)
+        result = subprocess.run(
+            [_binary(command[0]), *command[1:]], env=self.env, capture_output=True, text=True, timeout=60
+        )
         if check and result.returncode != 0:
             raise subprocess.CalledProcessError(result.returncode, command, result.stdout, result.stderr)
         return result.stdout
@@ -131,8 +144,13 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         text = self.run("scontrol", "show", "job", "-o", job_id)
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
-    def wait_job(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
-                 timeout: float = 600.0, release_requeued: bool = True) -> dict[str, str]:
+    def wait_job(
+        self,
+        job_id: str,
+        states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+        timeout: float = 600.0,
+        release_requeued: bool = True,
+    ) -> dict[str, str]:
         """Wait for a final state. A requeued job is held for a restart delay (~120 s by default);
         it is released early, but only once its old credential has expired (``cred_expire=10``):
         slurmctld kills a job restarted before that ("Job credential revoked")."""
@@ -163,8 +181,13 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
 
 def submit(cluster: LocalSlurm, args: list[str], env: Optional[dict] = None) -> str:
-    result = subprocess.run([_binary("sbatch"), "--parsable", *args], env={**cluster.env, **(env or {})},
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [_binary("sbatch"), "--parsable", *args],
+        env={**cluster.env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"sbatch failed: {result.stderr}")
     return result.stdout.strip().split(";")[0]

@@ -9,6 +9,7 @@ them (and the state after them) with torch.save. With --dist-port, joins a gloo 
 127.0.0.1 so that state_dict() gathers every rank's position.
 The callers pass PYTHONPATH=ROOT, so that it imports this checkout's packages.
 """
+
 import argparse
 import os
 import time
@@ -42,15 +43,29 @@ def main() -> None:
     parser.add_argument("--progress", help="a file that gets a line per batch taken")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds per batch taken (a slow consumer)")
     args = parser.parse_args()
-    remote = RemoteOptions(retries=args.remote_retries, backoff=args.remote_backoff,
-                           backoff_max=max(args.remote_backoff, 30.0), max_lost_share=args.max_lost_share,
-                           cache_dir=args.cache_dir, timeout=10.0)
+    remote = RemoteOptions(
+        retries=args.remote_retries,
+        backoff=args.remote_backoff,
+        backoff_max=max(args.remote_backoff, 30.0),
+        max_lost_share=args.max_lost_share,
+        cache_dir=args.cache_dir,
+        timeout=10.0,
+    )
     if args.dist_port:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.dist_port))
         dist.init_process_group("gloo", rank=args.rank, world_size=args.world)
-    stream = build_train_stream(args.shards, batch_size=args.batch, rank=args.rank, world_size=args.world,
-                                num_workers=args.workers, seed=args.seed, image_size=32, buffer_size=args.buffer,
-                                repeats=args.repeats, remote=remote)
+    stream = build_train_stream(
+        args.shards,
+        batch_size=args.batch,
+        rank=args.rank,
+        world_size=args.world,
+        num_workers=args.workers,
+        seed=args.seed,
+        image_size=32,
+        buffer_size=args.buffer,
+        repeats=args.repeats,
+        remote=remote,
+    )
     if args.state:
         stream.load_state_dict(torch.load(args.state, weights_only=False))
     batches = []

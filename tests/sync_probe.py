@@ -12,6 +12,7 @@ made under the DataLoader (its seeds, its workers) are owned by ``dataloader``: 
 per event
 kind, owner, context and step.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,8 +28,18 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]  # the callers run this with PYTHONPATH=ROOT (tests/helpers.py probe)
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-               "broadcast", "barrier", "all_gather_object", "broadcast_object_list", "reduce")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "barrier",
+    "all_gather_object",
+    "broadcast_object_list",
+    "reduce",
+)
 HOST_READS = ("item", "tolist", "__bool__", "cpu", "numpy")
 
 state = {"step": -1, "context": "setup"}
@@ -61,8 +72,9 @@ def count(kind: str) -> None:
         who = owner()
         events[(kind, who, state["context"], state["step"])] += 1
         if os.environ.get("SYNC_PROBE_TRACE") == who and state["context"] == "step":  # e.g. project, deepspeed
-            print(f"sync probe: {kind} at step {state['step']}:\n" + "".join(traceback.format_stack()[-8:-2]),
-                  file=sys.stderr)
+            print(
+                f"sync probe: {kind} at step {state['step']}:\n" + "".join(traceback.format_stack()[-8:-2]), file=sys.stderr
+            )
     finally:
         active[0] = True
 
@@ -74,6 +86,7 @@ def wrap_method(cls, name: str) -> None:
     def counted(self, *args, **kwargs):
         count(name)
         return original(self, *args, **kwargs)
+
     setattr(cls, name, counted)
 
 
@@ -84,6 +97,7 @@ def wrap_function(module, name: str) -> None:
     def counted(*args, **kwargs):
         count(name)
         return original(*args, **kwargs)
+
     setattr(module, name, counted)
 
 
@@ -99,6 +113,7 @@ def in_context(cls, name: str, context: str, when=lambda *a: True) -> None:
             return original(self, *args, **kwargs)
         finally:
             state["context"] = previous
+
     setattr(cls, name, run)
 
 
@@ -120,6 +135,7 @@ def main() -> int:
             return original_step(self, step, loss, **kwargs)
         finally:
             state["step"], state["context"] = step + 1, "step"
+
     run_log.RunLog.step = step
     original_start = run_log.RunLog.start
 
@@ -127,6 +143,7 @@ def main() -> int:
         result = original_start(self, step)
         state["step"], state["context"] = step, "step"
         return result
+
     run_log.RunLog.start = start
     in_context(train.Trainer, "_evaluate", "eval")
     in_context(checkpoint.Checkpointer, "save", "checkpoint")
@@ -139,12 +156,19 @@ def main() -> int:
             return original_loop(self, step)
         finally:
             state["context"] = "end"  # the final evaluation, checkpoint and the exit barriers
+
     train.Trainer._loop = loop
     code = train.main(argv)
     if dist.is_initialized():
         dist.destroy_process_group()
-    Path(out).write_text(json.dumps([{"kind": k, "owner": o, "context": c, "step": s, "count": n}
-                                     for (k, o, c, s), n in sorted(events.items(), key=str)]))
+    Path(out).write_text(
+        json.dumps(
+            [
+                {"kind": k, "owner": o, "context": c, "step": s, "count": n}
+                for (k, o, c, s), n in sorted(events.items(), key=str)
+            ]
+        )
+    )
     return code
 
 

@@ -1,4 +1,5 @@
 """Budgeted Training (methods/budgeted.py): the pure core, the sliced model, growth under ZeRO, the engine."""
+
 import copy
 import json
 import math
@@ -48,20 +49,25 @@ def tiny(seed=0, **kwargs):
 def plugin_for(model, config=None, *, total=None, seed=0, **options):
     config = config or BudgetedConfig(**{"dense_steps": 12, "budget": None, "epochs": [4, 4, 4], **options})
     schedule = config.schedule(model, config.dense_steps, 1)
-    stack = build_stack({"budgeted": config}, MethodContext(total_steps=total or schedule.total_steps,
-                                                              steps_per_epoch=1, seed=seed))
+    stack = build_stack(
+        {"budgeted": config}, MethodContext(total_steps=total or schedule.total_steps, steps_per_epoch=1, seed=seed)
+    )
     stack.attach(model)
     return stack, stack.plugins[0]
 
 
 # -- the pure core ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,table,full_gmacs", [
-    # BUDGETED_SPEC "Stages and activation" table: (h, m, px, share) per stage, full GMACs
-    ("deit_tiny_patch16_224", [(1, 320, 144, 0.153), (2, 512, 176, 0.395), (3, 768, 224, 1.0)], 1.254),
-    ("deit_small_patch16_224", [(2, 640, 144, 0.157), (4, 1024, 176, 0.403), (6, 1536, 224, 1.0)], 4.60),
-    ("deit_base_patch16_224", [(5, 1216, 144, 0.165), (8, 2048, 176, 0.408), (12, 3072, 224, 1.0)], 17.56),
-])
+
+@pytest.mark.parametrize(
+    "name,table,full_gmacs",
+    [
+        # BUDGETED_SPEC "Stages and activation" table: (h, m, px, share) per stage, full GMACs
+        ("deit_tiny_patch16_224", [(1, 320, 144, 0.153), (2, 512, 176, 0.395), (3, 768, 224, 1.0)], 1.254),
+        ("deit_small_patch16_224", [(2, 640, 144, 0.157), (4, 1024, 176, 0.403), (6, 1536, 224, 1.0)], 4.60),
+        ("deit_base_patch16_224", [(5, 1216, 144, 0.165), (8, 2048, 176, 0.408), (12, 3072, 224, 1.0)], 17.56),
+    ],
+)
 def test_stage_models_and_shares_are_the_spec_table(name, table, full_gmacs):
     model = meta(name, dynamic_img_size=True)
     shape, heads, hidden, grid = model_dims(model)
@@ -74,8 +80,10 @@ def test_stage_models_and_shares_are_the_spec_table(name, table, full_gmacs):
 def test_explicit_durations_reproduce_the_slides_deit_tiny_totals():
     model = meta("deit_tiny_patch16_224")
     shape, heads, hidden, grid = model_dims(model)
-    shares = [stage_share(shape, s, heads, hidden) for s in stage_models([0.4, 2 / 3, 1.0], num_heads=heads,
-                                                                       hidden=hidden, grid=grid)]
+    shares = [
+        stage_share(shape, s, heads, hidden)
+        for s in stage_models([0.4, 2 / 3, 1.0], num_heads=heads, hidden=hidden, grid=grid)
+    ]
     gmacs = forward_flops(shape) / 2e9
     # slides (GradMatch comparison): [E1, E2, E3] -> printed cost; the spec's totals with these stages
     slides = (([11, 15, 17], 31.4, 30.9), ([8, 24, 39], 63.23, 62.5), ([22, 51, 127], 190.85, 189.2))
@@ -115,8 +123,11 @@ def test_budget_solver_meets_the_budget_within_one_step_and_rates_grow():
 
 def test_a_budget_the_run_cannot_meet_is_refused_naming_the_value():
     model = meta("deit_tiny_patch16_224", dynamic_img_size=True)
-    with pytest.raises(ValueError, match=r"methods\.budgeted\.budget: budget 0\.01 of a dense run of 20 steps leaves "
-                                         r"stage \d with 0 steps"):
+    with pytest.raises(
+        ValueError,
+        match=r"methods\.budgeted\.budget: budget 0\.01 of a dense run of 20 steps leaves "
+        r"stage \d with 0 steps",
+    ):
         BudgetedConfig(budget=0.01).run_steps(5, 20, model)
 
 
@@ -133,16 +144,20 @@ def test_run_length_comes_from_the_budget_and_two_setters_are_refused():
 
 # -- recipes and combinations -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("override,message", [
-    ("methods.budgeted.budget=1.5", "methods.budgeted.budget must be in (0, 1]"),
-    ("methods.budgeted.epochs=[1, 2, 3]", "methods.budgeted.budget and epochs: set exactly one"),
-    ("methods.budgeted.rho=[0.5, 0.4, 1.0]", "methods.budgeted.rho must be non-decreasing"),
-    ("methods.budgeted.weights=[1, 2]", "methods.budgeted.weights must be 3 positive numbers"),
-    ("methods.budgeted.init=zero", "methods.budgeted.init must be one of"),
-    ("methods.budgeted.stages=[[1, 64]]", "methods.budgeted.stages must be a list of [heads, mlp, grid]"),
-    ("methods.budgeted.dense_steps=0", "methods.budgeted.dense_steps must be an int >= 1"),
-    ("methods.budgeted.heads=maybe", "methods.budgeted.heads must be bool"),
-])
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("methods.budgeted.budget=1.5", "methods.budgeted.budget must be in (0, 1]"),
+        ("methods.budgeted.epochs=[1, 2, 3]", "methods.budgeted.budget and epochs: set exactly one"),
+        ("methods.budgeted.rho=[0.5, 0.4, 1.0]", "methods.budgeted.rho must be non-decreasing"),
+        ("methods.budgeted.weights=[1, 2]", "methods.budgeted.weights must be 3 positive numbers"),
+        ("methods.budgeted.init=zero", "methods.budgeted.init must be one of"),
+        ("methods.budgeted.stages=[[1, 64]]", "methods.budgeted.stages must be a list of [heads, mlp, grid]"),
+        ("methods.budgeted.dense_steps=0", "methods.budgeted.dense_steps must be an int >= 1"),
+        ("methods.budgeted.heads=maybe", "methods.budgeted.heads must be bool"),
+    ],
+)
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(CPU, [override])
@@ -163,13 +178,15 @@ def test_the_model_must_resample_its_position_embedding():
     stack = build_stack({"budgeted": stack_config}, MethodContext(total_steps=12, steps_per_epoch=1))
     with pytest.raises(ValueError, match=re.escape("set model.kwargs.dynamic_img_size: true")):
         stack.attach(tiny())
-    build_stack({"budgeted": BudgetedConfig(dense_steps=12, tokens=False)},
-                MethodContext(total_steps=12, steps_per_epoch=1)).attach(tiny())  # heads / MLP only: fine
+    build_stack(
+        {"budgeted": BudgetedConfig(dense_steps=12, tokens=False)}, MethodContext(total_steps=12, steps_per_epoch=1)
+    ).attach(tiny())  # heads / MLP only: fine
 
 
 def share_of_run(recipe, steps_per_epoch=937):
     """Training FLOPs of a recipe's whole run against its dense run's, step by step through the plug-in stack."""
     from launcher.tasks import make_task
+
     cfg = load_config(str(ROOT / "configs" / recipe))
     dense = math.ceil(cfg.train.epochs * steps_per_epoch)
     task = make_task(cfg)
@@ -192,6 +209,7 @@ def test_the_fashion_mnist_recipes_cost_what_toe_costs():
 
 # -- the sliced model -------------------------------------------------------------------------------
 
+
 def reference_logits(model, x, heads, mlp):
     """The forward written out from the sliced weights: ``heads`` heads of the original head_dim, MLP ``mlp``."""
     x = model._pos_embed(model.patch_embed(x))
@@ -200,11 +218,11 @@ def reference_logits(model, x, heads, mlp):
         width, full = heads * dim, attn.qkv.out_features // 3
         y = block.norm1(x)
         w, b = attn.qkv.weight, attn.qkv.bias
-        q, k, v = (y @ w[i * full:i * full + width].T + b[i * full:i * full + width] for i in range(3))
+        q, k, v = (y @ w[i * full : i * full + width].T + b[i * full : i * full + width] for i in range(3))
         outs = []
         for j in range(heads):
             part = slice(j * dim, (j + 1) * dim)
-            weights = torch.softmax(q[..., part] @ k[..., part].transpose(-1, -2) * dim ** -0.5, dim=-1)
+            weights = torch.softmax(q[..., part] @ k[..., part].transpose(-1, -2) * dim**-0.5, dim=-1)
             outs.append(weights @ v[..., part])
         x = x + torch.cat(outs, -1) @ attn.proj.weight[:, :width].T + attn.proj.bias
         hidden = F.gelu(block.norm2(x) @ block.mlp.fc1.weight[:mlp].T + block.mlp.fc1.bias[:mlp])
@@ -239,8 +257,7 @@ def test_sliced_forward_is_the_small_model_and_inactive_slices_get_no_gradient()
 def test_the_dense_stage_is_plain_timm_and_the_state_dict_loads_strictly():
     model, plain = tiny(dynamic_img_size=True), tiny()  # same seed: same weights
     stack, plugin = plugin_for(model)
-    assert all(isinstance(m, SlicedLinear) for b in model.blocks
-               for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2))
+    assert all(isinstance(m, SlicedLinear) for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2))
     shapes = {k: v.shape for k, v in plain.state_dict().items()}
     for step in (0, 4, 8):  # every stage: the same keys and shapes
         stack.on_step(step)
@@ -274,8 +291,9 @@ def test_hooks_count_the_scheduled_heads_channels_and_tokens_at_every_step():
     stages = stage_models([0.4, 2 / 3, 1.0], num_heads=3, hidden=192, grid=4)
     assert stages == (StageModel(1, 64, 3), StageModel(2, 128, 3), StageModel(3, 192, 4))
     shape = model_dims(model)[0]
-    durations = solve_durations([stage_share(shape, st, 3, 192) for st in stages], dense_steps=20, steps_per_epoch=1,
-                                budget=0.75, weights=[1, 1, 1])
+    durations = solve_durations(
+        [stage_share(shape, st, 3, 192) for st in stages], dense_steps=20, steps_per_epoch=1, budget=0.75, weights=[1, 1, 1]
+    )
     assert s.durations == durations and len(set(durations)) >= 1
     model.train()
     for step in range(s.total_steps):
@@ -325,32 +343,48 @@ def test_growth_redraws_new_slices_from_the_seeded_init_and_the_ema_follows():
 
 # -- growth under ZeRO on two gloo ranks ------------------------------------------------------------
 
+
 def _growth_worker(rank, port, out):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from launcher.train import EMA
     from models import weight_decay_groups
+
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     checked = []
     for zero, precision in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (2, "bf16"), (3, "fp32")):
         model = tiny(dynamic_img_size=True)
         stack, plugin = plugin_for(model, seed=3)
-        config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0,
-                  "zero_optimization": {"stage": zero}, "bf16": {"enabled": precision == "bf16"},
-                  "steps_per_print": 10 ** 9}
+        config = {
+            "train_batch_size": 4,
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_clipping": 0.0,
+            "zero_optimization": {"stage": zero},
+            "bf16": {"enabled": precision == "bf16"},
+            "steps_per_print": 10**9,
+        }
         optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.05), lr=1e-3)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         ema = EMA(engine.module, 0.9) if zero < 3 else None
         stack.on_engine(engine, ema)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         params = dict(engine.module.named_parameters())
-        names = [f"blocks.{i}.{p}" for i in range(2) for p in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight",
-                                                               "mlp.fc1.bias", "mlp.fc2.weight")]
+        names = [
+            f"blocks.{i}.{p}"
+            for i in range(2)
+            for p in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight")
+        ]
 
         def full(name, key=None):
             param = params[name]
@@ -414,6 +448,7 @@ def test_growth_writes_module_master_moments_and_ema_on_two_ranks_under_zero_0_t
     import torch.multiprocessing as mp
 
     from helpers import free_port
+
     out = tmp_path / "checked.json"
     mp.start_processes(_growth_worker, args=(free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
     assert json.loads(out.read_text()) == ["0/fp32", "1/fp32", "2/fp32", "2/bf16", "3/fp32"]
@@ -421,15 +456,24 @@ def test_growth_writes_module_master_moments_and_ema_on_two_ranks_under_zero_0_t
 
 # -- the engine: a 2-rank ZeRO-2 run across stage changes resumes bit-exactly ---------------------------
 
+
 @pytest.mark.slow
 def test_two_ranks_zero2_resume_across_a_stage_change_is_bit_exact(tmp_path, tiny_shards):
     from helpers import module_state, records, train
+
     # 256 samples / batch 16: 16 steps per epoch; stages of 4 steps: boundaries at 4 and 8
-    common = ["methods.toe=null", "methods.budgeted={budget: null, epochs: [0.25, 0.25, 0.25], "
-              "stages: [[1, 64, 3], [2, 128, 4], [2, 192, 4]]}", "model.kwargs.dynamic_img_size=true",
-              "train.epochs=1", "train.zero_stage=2", "train.precision=fp32", "checkpoint.every=1",
-              "checkpoint.keep=20",
-              "train.ema=true", "train.eval_every=0"]
+    common = [
+        "methods.toe=null",
+        "methods.budgeted={budget: null, epochs: [0.25, 0.25, 0.25], stages: [[1, 64, 3], [2, 128, 4], [2, 192, 4]]}",
+        "model.kwargs.dynamic_img_size=true",
+        "train.epochs=1",
+        "train.zero_stage=2",
+        "train.precision=fp32",
+        "checkpoint.every=1",
+        "checkpoint.keep=20",
+        "train.ema=true",
+        "train.eval_every=0",
+    ]
     out = train(tmp_path / "straight", tiny_shards, *common, ranks=2)
     assert "Budgeted Training" in out and "run: 12 steps" in out, out[-3000:]
     straight = records(tmp_path / "straight")
@@ -438,8 +482,13 @@ def test_two_ranks_zero2_resume_across_a_stage_change_is_bit_exact(tmp_path, tin
     final = module_state(tmp_path / "straight", 12)  # the export loads into plain timm strictly
     for resume in (3, 4, 5):  # b - 1, b (before growth), b + 1 (after)
         run = tmp_path / f"from-{resume}"
-        out = train(run, tiny_shards, *common, ranks=2,
-                    extra=["--resume", str(tmp_path / "straight" / "checkpoints" / f"step-{resume}")])
+        out = train(
+            run,
+            tiny_shards,
+            *common,
+            ranks=2,
+            extra=["--resume", str(tmp_path / "straight" / "checkpoints" / f"step-{resume}")],
+        )
         assert f"resumed at step {resume}" in out, out[-3000:]
         resumed = records(run)
         assert [resumed[t]["loss"] for t in range(resume, 12)] == [straight[t]["loss"] for t in range(resume, 12)]
@@ -452,6 +501,7 @@ def test_two_ranks_zero2_resume_across_a_stage_change_is_bit_exact(tmp_path, tin
 @pytest.mark.slow
 def test_the_sliced_model_compiles_to_whole_graphs_one_per_stage():
     from compile_check import assert_compiles
+
     model = tiny(dynamic_img_size=True)
     stack, plugin = plugin_for(model)
     graphs = assert_compiles(model, stack, steps=[0, 1, 4, 5, 8, 9], image_size=32)  # growth at 4 and 8

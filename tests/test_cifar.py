@@ -1,5 +1,6 @@
 """``data.write_shards cifar`` on tiny CIFAR-10 / CIFAR-100 pickles written here in the downloaded layout,
 and ``--keep-classes`` (cifar and idx): counts, labels, pixels, classes.json."""
+
 import io
 import json
 import pickle
@@ -15,8 +16,12 @@ from data import write_shards
 def batch(rng, count, labels_key, num_classes, coarse=False):
     data = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
     labels = rng.integers(0, num_classes, count).tolist()
-    out = {b"batch_label": b"tiny", b"data": data, labels_key.encode(): labels,
-           b"filenames": [f"img_{i}.png".encode() for i in range(count)]}
+    out = {
+        b"batch_label": b"tiny",
+        b"data": data,
+        labels_key.encode(): labels,
+        b"filenames": [f"img_{i}.png".encode() for i in range(count)],
+    }
     if coarse:
         out[b"coarse_labels"] = [label // 5 for label in labels]
     return out
@@ -43,13 +48,20 @@ def cifar100(root, train=30, test=12):
     rng = np.random.default_rng(1)
     src = root / "cifar-100-python"
     src.mkdir()
-    batches = {"train": batch(rng, train, "fine_labels", 100, coarse=True),
-               "test": batch(rng, test, "fine_labels", 100, coarse=True)}
+    batches = {
+        "train": batch(rng, train, "fine_labels", 100, coarse=True),
+        "test": batch(rng, test, "fine_labels", 100, coarse=True),
+    }
     for name, content in batches.items():
         dump(src / name, content)
     fine = [f"fine{i:02d}" for i in range(100)]
-    dump(src / "meta", {b"fine_label_names": [n.encode() for n in fine],
-                        b"coarse_label_names": [f"coarse{i:02d}".encode() for i in range(20)]})
+    dump(
+        src / "meta",
+        {
+            b"fine_label_names": [n.encode() for n in fine],
+            b"coarse_label_names": [f"coarse{i:02d}".encode() for i in range(20)],
+        },
+    )
     return src, batches, fine
 
 
@@ -119,6 +131,7 @@ def test_keep_classes_filters_and_relabels(tmp_path):
 def test_keep_classes_on_idx_splits_fashion_mnist_in_two(tmp_path):
     """Table 5's shape on Fashion-MNIST: classes 0-4 for pre-training, 5-9 for fine-tuning, disjoint."""
     from helpers import idx_folder
+
     src = tmp_path / "src"
     src.mkdir()
     arrays = idx_folder(src, train=60, val=30)
@@ -132,13 +145,20 @@ def test_keep_classes_on_idx_splits_fashion_mnist_in_two(tmp_path):
         assert sorted(samples) == [f"train_{i:06d}" for i in wanted]
         assert all(samples[f"train_{i:06d}"][1] == arrays["train"][1][i] - first for i in wanted)
         names = json.loads((out / "classes.json").read_text())["names"]
-        assert names == write_shards.IDX_CLASSES["fashion-mnist"][first:first + 5]
+        assert names == write_shards.IDX_CLASSES["fashion-mnist"][first : first + 5]
         totals[part] = index["splits"]["train"]["total"] + index["splits"]["val"]["total"]
     assert totals["pre"] + totals["fine"] == 90, "every sample in exactly one of the two parts"
 
 
-@pytest.mark.parametrize("keep,message", [("0-10", "not below the data set's 10 classes"), ("4-2", "is empty"),
-                                          ("1,1", "twice"), ("a", "not a label or a range")])
+@pytest.mark.parametrize(
+    "keep,message",
+    [
+        ("0-10", "not below the data set's 10 classes"),
+        ("4-2", "is empty"),
+        ("1,1", "twice"),
+        ("a", "not a label or a range"),
+    ],
+)
 def test_bad_class_lists_are_refused(tmp_path, keep, message, caplog):
     src, _, _ = cifar10(tmp_path)
     assert write_shards.main(["cifar", str(src), str(tmp_path / "out"), "--keep-classes", keep, "--no-progress"]) == 2

@@ -1,5 +1,6 @@
 """torch.compile of the model: whole graphs, one per ToE stage, the same numbers as eager, and the
 real engine compiled end to end (``train.compile``)."""
+
 import json
 from fractions import Fraction
 
@@ -81,8 +82,7 @@ def test_the_engine_trains_compiled_with_inductor_and_resumes_exactly(tmp_path, 
     compiling keeps the checkpoints' keys and exact resume."""
     from helpers import module_state, records, train
 
-    common = ["train.steps=9", "checkpoint.every=4", "train.precision=fp32", "train.compile=true",
-              "train.log_every=3"]
+    common = ["train.steps=9", "checkpoint.every=4", "train.precision=fp32", "train.compile=true", "train.log_every=3"]
     run = tmp_path / "inductor"
     out = train(run, tiny_shards, *common, "train.steps=3", "methods.toe=null", "train.compile_backend=inductor")
     assert "compiled 1 new graph(s) by step 2 (1 in all" in out
@@ -93,8 +93,14 @@ def test_the_engine_trains_compiled_with_inductor_and_resumes_exactly(tmp_path, 
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, tiny_shards, *common, "train.compile_backend=aot_eager")
-    train(resumed, tiny_shards, *common, "train.compile_backend=aot_eager", "train.steps=9",
-          extra=["--resume", str(straight / "checkpoints" / "step-4")])
+    train(
+        resumed,
+        tiny_shards,
+        *common,
+        "train.compile_backend=aot_eager",
+        "train.steps=9",
+        extra=["--resume", str(straight / "checkpoints" / "step-4")],
+    )
     a, b = module_state(straight, 9), module_state(resumed, 9)
     assert set(a) == set(b) and not any(k.startswith("_orig_mod") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), "a compiled run resumes bit for bit"

@@ -1,4 +1,5 @@
 """Recipes: inheritance, overrides, validation, the DeepSpeed config built from them."""
+
 import json
 from pathlib import Path
 
@@ -22,17 +23,20 @@ def test_base_inheritance_and_overrides():
     assert cfg.optim.lr == 1e-3 and cfg.train.steps == 10
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.batchsize=8", "unknown key 'train.batchsize'"),
-    ("trian.steps=8", "unknown key 'trian'"),
-    ("optim.lr=fast", "optim.lr must be float"),
-    ("train.steps=ten", "train.steps must be int"),
-    ("train.zero_stage=4", "train.zero_stage must be one of"),
-    ("task=segmentation", "task must be one of"),
-    ("train.global_batch=0", "train.global_batch must be >= 1"),
-    ("methods.toe.expand=yes please", "methods.toe.expand must be bool"),
-    ("novalue", "must look like key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.batchsize=8", "unknown key 'train.batchsize'"),
+        ("trian.steps=8", "unknown key 'trian'"),
+        ("optim.lr=fast", "optim.lr must be float"),
+        ("train.steps=ten", "train.steps must be int"),
+        ("train.zero_stage=4", "train.zero_stage must be one of"),
+        ("task=segmentation", "task must be one of"),
+        ("train.global_batch=0", "train.global_batch must be >= 1"),
+        ("methods.toe.expand=yes please", "methods.toe.expand must be bool"),
+        ("novalue", "must look like key.sub=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(str(ROOT / "configs/deit_tiny_toe_cpu.yaml"), [override])
@@ -46,19 +50,22 @@ def test_deepspeed_config_takes_batch_and_clipping_from_the_recipe(tmp_path):
     with pytest.raises(ConfigError, match="not divisible by world size 3"):
         deepspeed_config(cfg, world_size=3)
     conflicting = tmp_path / "ds.json"
-    conflicting.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
-                                       "train_micro_batch_size_per_gpu": 32}))
+    conflicting.write_text(
+        json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 32})
+    )
     cfg = load_config(str(ROOT / "configs/deit_small.yaml"), [f"train.ds_config={conflicting}"])
     with pytest.raises(ConfigError, match="set it in the recipe only"):
         deepspeed_config(cfg, world_size=8)
-    cfg = load_config(str(ROOT / "configs/deit_small.yaml"),
-                      ["train.zero_stage=2", "train.ds_config=ds_configs/zero1_bf16.json"])
+    cfg = load_config(
+        str(ROOT / "configs/deit_small.yaml"), ["train.zero_stage=2", "train.ds_config=ds_configs/zero1_bf16.json"]
+    )
     with pytest.raises(ConfigError, match="ZeRO stage 1"):
         deepspeed_config(cfg, world_size=8)
 
 
-@pytest.mark.parametrize("override", ["detection.max_size=32", "detection.num_det_tokens=0", "detection.scales=[]",
-                                      "detection.crop_size=[40]"])
+@pytest.mark.parametrize(
+    "override", ["detection.max_size=32", "detection.num_det_tokens=0", "detection.scales=[]", "detection.crop_size=[40]"]
+)
 def test_bad_detection_settings_are_refused_at_start_up(override):
     """torchvision refuses max_size == a scale only inside a DataLoader worker: catch it up front."""
     with pytest.raises(ConfigError, match="detection:"):
@@ -91,11 +98,17 @@ def test_the_engine_clips_only_what_the_recipe_asks_for():
     unclipped = deepspeed_config(load_config(str(ROOT / "configs/deit_tiny_cpu.yaml"), fp32), world_size=1)
     clipped = deepspeed_config(load_config(str(ROOT / "configs/yolos_ti_cpu.yaml"), fp32), world_size=1)
     silent = {k: v for k, v in unclipped.items() if k != "gradient_clipping"}  # what the engine wrote before:
-    silent["zero_optimization"] = {k: v for k, v in silent["zero_optimization"].items()
-                                   if k != "compute_grad_norm"}  # nor the norm switch (it needs clipping 0)
+    silent["zero_optimization"] = {
+        k: v for k, v in silent["zero_optimization"].items() if k != "compute_grad_norm"
+    }  # nor the norm switch (it needs clipping 0)
     configs = {"deit": unclipped, "yolos": clipped, "absent": silent}
-    result = subprocess.run([sys.executable, "-c", ENGINE_CLIPPING, str(free_port()), json.dumps(configs)],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", ENGINE_CLIPPING, str(free_port()), json.dumps(configs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     line = next((text for text in result.stdout.splitlines() if text.startswith("CLIPPING ")), None)
     assert line is not None, result.stdout[-2000:] + result.stderr[-3000:]
     used = json.loads(line.removeprefix("CLIPPING "))
@@ -104,8 +117,7 @@ def test_the_engine_clips_only_what_the_recipe_asks_for():
 
 def test_a_json_that_clips_against_the_recipe_is_refused(tmp_path):
     clipping = tmp_path / "ds.json"
-    clipping.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
-                                    "gradient_clipping": 1.0}))
+    clipping.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "gradient_clipping": 1.0}))
     cfg = load_config(str(ROOT / "configs/deit_small.yaml"), [f"train.ds_config={clipping}"])
     with pytest.raises(ConfigError, match="gradient_clipping=1.0 but the recipe gives 0.0"):
         deepspeed_config(cfg, world_size=8)

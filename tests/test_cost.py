@@ -1,4 +1,5 @@
 """The analytic cost model against torch's FLOP counter on real timm models."""
+
 import pytest
 import timm
 import torch
@@ -16,11 +17,14 @@ def counted_flops(fn, *args, **kwargs):
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("deit_tiny_patch16_224", {}),
-    ("deit_small_patch16_224", dict(img_size=96)),
-    ("deit_tiny_distilled_patch16_224", dict(img_size=64, patch_size=8)),
-])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("deit_tiny_patch16_224", {}),
+        ("deit_small_patch16_224", dict(img_size=96)),
+        ("deit_tiny_distilled_patch16_224", dict(img_size=64, patch_size=8)),
+    ],
+)
 @pytest.mark.slow
 def test_cost_model_matches_flop_counter(name, kwargs):
     model = timm.create_model(name, num_classes=10, **kwargs)
@@ -42,8 +46,10 @@ def test_cost_model_matches_flop_counter(name, kwargs):
     for step in range(3):
         stack.on_step(step)
         counts = schedule.kept_counts(shape.num_patches, schedule.stage(step))
-        op = counted_flops(expand_tokens, tokens, counts, num_prefix=shape.num_prefix,
-                           seed_stride=schedule.seed_stride) / batch
+        op = (
+            counted_flops(expand_tokens, tokens, counts, num_prefix=shape.num_prefix, seed_stride=schedule.seed_stride)
+            / batch
+        )
         model_share = (counted_flops(model, x) / batch - op) / dense
         assert abs(stack.flops_share(step) - model_share) < 2e-3, (step, stack.flops_share(step), model_share)
         assert op / dense < 0.02, "the op's own matmuls stay a small share of a forward pass"

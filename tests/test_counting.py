@@ -1,5 +1,6 @@
 """ToE's kept counts as the paper counts them (Sec. 3.3.2, Eq. 1 and 6, Algorithm 1), against a reference
 written from those equations, over many (N, r0, r1, Ng, k); and the earlier rule behind ``counting="rates"``."""
+
 import math
 import random
 from fractions import Fraction
@@ -68,8 +69,7 @@ def test_paper_counts_over_many_configurations(chunk):
 @pytest.mark.parametrize("chunk", range(2))
 def test_rates_counting_keeps_the_earlier_floors(chunk):
     for num_patches, r0, r1, num_stages, k in random_cases(1000, seed=10 + chunk):
-        schedule = ToESchedule(r1=float(r1), r0=float(r0), num_stages=num_stages, k=k, total_steps=10,
-                               counting="rates")
+        schedule = ToESchedule(r1=float(r1), r0=float(r0), num_stages=num_stages, k=k, total_steps=10, counting="rates")
         for stage in range(1, num_stages + 1):
             rates = [r0] + [r1 + (d - 1) * (1 - r1) / (num_stages - 1) for d in range(1, stage + 1)]
             assert schedule.kept_counts(num_patches, stage) == [math.floor(r * num_patches) for r in rates]
@@ -93,11 +93,14 @@ def test_the_issues_examples_and_where_the_two_rules_part():
 def test_the_ops_int_constants_follow_the_counting(counting):
     """The forward's own int arithmetic (traced by torch.compile) gives the schedule's counts, in both modes."""
     import timm
+
     for num_patches, r0, r1, num_stages, k in random_cases(60, seed=20):
-        schedule = ToESchedule(r1=float(r1), r0=float(r0), num_stages=num_stages, k=k, total_steps=num_stages * 10,
-                               counting=counting)
-        model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=16,
-                                  num_heads=2, num_classes=4)
+        schedule = ToESchedule(
+            r1=float(r1), r0=float(r0), num_stages=num_stages, k=k, total_steps=num_stages * 10, counting=counting
+        )
+        model = timm.create_model(
+            "deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=16, num_heads=2, num_classes=4
+        )
         module = apply_token_expansion(model, schedule)
         for step in range(0, num_stages * 10, 10):
             module.set_step(step)
@@ -109,6 +112,7 @@ def test_the_ops_int_constants_follow_the_counting(counting):
 def test_the_op_puts_the_remainder_where_told(remainder, num_patches, r1, k):
     """Against the per-sample reference loop of Eq. 2-7 (test_token_expansion), with either remainder rule."""
     from helpers import reference_toe
+
     counting = "paper" if remainder == "last" else "rates"
     schedule = ToESchedule(r1=r1, total_steps=3, k=k, counting=counting)
     x = torch.randn(2, 1 + num_patches, 6, generator=torch.Generator().manual_seed(num_patches), dtype=torch.float64)

@@ -1,5 +1,6 @@
 """data/dali/: the DALI data path through the real shard stream, on the CPU (the GPU variant differs
 only by the decoder's and operators' device and is not run here)."""
+
 import io
 import math
 import random
@@ -16,8 +17,9 @@ from data import write_shards
 from data.dali import IDENTITY, RAND_OPS, DaliCodec, check_dali_options, dali_available
 from data.stream import _decode_seeded, _sample_seed, build_eval_stream, build_train_stream
 
-pytestmark = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed "
-                                "(pip install -r requirements-dali.txt; install.sh does it)")
+pytestmark = pytest.mark.skipif(
+    not dali_available(), reason="NVIDIA DALI is not installed (pip install -r requirements-dali.txt; install.sh does it)"
+)
 if dali_available():
     from data import dali
 
@@ -34,8 +36,14 @@ def jpeg_shards(tmp_path_factory) -> Path:
         w, h = int(rng.integers(56, 72)), int(rng.integers(42, 54))
         yy, xx = np.mgrid[0:h, 0:w]
         base = rng.integers(0, 255, 3)
-        image = (base + 80 * np.sin(xx[..., None] / rng.uniform(3, 9) + yy[..., None] / rng.uniform(3, 9)
-                                    + rng.uniform(0, 6, 3))).clip(0, 255).astype(np.uint8)
+        image = (
+            (
+                base
+                + 80 * np.sin(xx[..., None] / rng.uniform(3, 9) + yy[..., None] / rng.uniform(3, 9) + rng.uniform(0, 6, 3))
+            )
+            .clip(0, 255)
+            .astype(np.uint8)
+        )
         folder = root / "src" / f"c{i % 4}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"i{i:03d}.jpg", quality=90)
@@ -45,15 +53,15 @@ def jpeg_shards(tmp_path_factory) -> Path:
 
 
 def dali_train(path, **kw):
-    args = dict(batch_size=4, num_workers=2, seed=5, image_size=SIZE, buffer_size=8, num_threads=1, device="cpu",
-                **DEIT)
+    args = dict(batch_size=4, num_workers=2, seed=5, image_size=SIZE, buffer_size=8, num_threads=1, device="cpu", **DEIT)
     return dali.build_train_stream(str(path), **{**args, **kw})
 
 
 def test_train_batches_are_the_pil_streams_in_order_shape_and_scale(jpeg_shards):
     ours = list(dali_train(jpeg_shards))
-    pil = list(build_train_stream(str(jpeg_shards), batch_size=4, num_workers=2, seed=5, image_size=SIZE,
-                                  buffer_size=8, **DEIT))
+    pil = list(
+        build_train_stream(str(jpeg_shards), batch_size=4, num_workers=2, seed=5, image_size=SIZE, buffer_size=8, **DEIT)
+    )
     assert len(ours) == len(pil) == 48 // 8 * 2
     for a, b in zip(ours, pil):
         assert torch.equal(a["sample_id"], b["sample_id"]) and torch.equal(a["label"], b["label"])
@@ -70,10 +78,21 @@ def test_train_batches_are_the_pil_streams_in_order_shape_and_scale(jpeg_shards)
 
 
 def test_eval_stream_matches_the_pil_eval_transform(jpeg_shards, tmp_path):
-    ours = list(dali.build_eval_stream(str(jpeg_shards), batch_size=5, num_workers=2, image_size=SIZE,
-                                       split="train", num_threads=1, device="cpu", crop_pct=0.875))
-    pil = list(build_eval_stream(str(jpeg_shards), batch_size=5, num_workers=2, image_size=SIZE, split="train",
-                                 crop_pct=0.875))
+    ours = list(
+        dali.build_eval_stream(
+            str(jpeg_shards),
+            batch_size=5,
+            num_workers=2,
+            image_size=SIZE,
+            split="train",
+            num_threads=1,
+            device="cpu",
+            crop_pct=0.875,
+        )
+    )
+    pil = list(
+        build_eval_stream(str(jpeg_shards), batch_size=5, num_workers=2, image_size=SIZE, split="train", crop_pct=0.875)
+    )
     valid = [i for b in ours for i in b["sample_id"][b["valid"]].tolist()]
     assert sorted(valid) == list(range(48)), "every sample once, the padding marked"
     for a, b in zip(ours, pil):
@@ -109,10 +128,13 @@ def test_parameters_are_timms_draws_for_the_sample(jpeg_shards):
         def record(img, *args, **kwargs):
             applied.append((name, args))
             return img
+
         return record
 
-    ra = rand_augment_transform("rand-m9-mstd0.5-inc1", {"translate_const": 14, "img_mean": (124, 116, 104),
-                                                         "interpolation": str_to_pil_interp("bicubic")})
+    ra = rand_augment_transform(
+        "rand-m9-mstd0.5-inc1",
+        {"translate_const": 14, "img_mean": (124, 116, 104), "interpolation": str_to_pil_interp("bicubic")},
+    )
     for op in ra.ops:
         op.aug_fn = recorder(op.name)
 
@@ -122,6 +144,7 @@ def test_parameters_are_timms_draws_for_the_sample(jpeg_shards):
         flip = bool(torch.rand(1) < 0.5)
         ra(image)
         return box, flip
+
     seen = Counter()
     for position in range(300):
         seed = _sample_seed(5, 0, position, 0, 0)
@@ -149,12 +172,14 @@ def test_each_randaugment_op_matches_timms_pil_op():
     image[5:20, 8:30] = [250, 20, 40]
     suite = dali._rand_ops(fill)
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None, enable_conditionals=True, exec_dynamic=True,
-                  prefetch_queue_depth=1)
+    @pipeline_def(
+        batch_size=1, num_threads=1, device_id=None, enable_conditionals=True, exec_dynamic=True, prefetch_queue_depth=1
+    )
     def one_op():
         data = fn.external_source(name="image", layout="HWC", dtype=types.UINT8)
         op = fn.external_source(name="op", dtype=types.INT32)
         return select(suite, op, data, fn.external_source(name="arg", dtype=types.FLOAT))
+
     pipe = one_op()
     pipe.build()
     report = {}
@@ -163,8 +188,9 @@ def test_each_randaugment_op_matches_timms_pil_op():
         arg = dali.level_to_arg(name, 9.0, size)
         random.seed(1)
         level_args = LEVEL_TO_ARG[name](9.0, {"translate_pct": 0.45}) if LEVEL_TO_ARG[name] else ()
-        expected = np.asarray(NAME_TO_OP[name](Image.fromarray(image), *level_args, fillcolor=(fill,) * 3,
-                                               resample=Image.BILINEAR)).astype(int)
+        expected = np.asarray(
+            NAME_TO_OP[name](Image.fromarray(image), *level_args, fillcolor=(fill,) * 3, resample=Image.BILINEAR)
+        ).astype(int)
         pipe.feed_input("image", [image])
         pipe.feed_input("op", [np.array(index, np.int32)])
         pipe.feed_input("arg", [np.array(arg, np.float32)])
@@ -262,8 +288,9 @@ def test_a_sample_that_fails_in_dali_is_counted_and_its_slot_filled(jpeg_shards,
     assert all(b["image"].shape == (4, 3, SIZE, SIZE) for b in batches)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU pipeline (mixed decode, GPU ops) "
-                    "is not exercised here")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the GPU pipeline (mixed decode, GPU ops) is not exercised here"
+)
 def test_the_gpu_pipeline_gives_the_cpu_pipelines_batches(jpeg_shards):
     """The same stream on the GPU: same samples, images on the device, close to the CPU pipeline's
     (nvJPEG and the GPU kernels round differently); exact resume holds there too."""
@@ -300,10 +327,12 @@ def test_a_step_aware_schedule_sets_the_draws_of_each_step(jpeg_shards):
 
 def test_options_the_dali_path_does_not_implement_are_refused():
     check_dali_options("data.", **DEIT)
-    for options, message in ((dict(interpolation="box"), "interpolation"),
-                             (dict(auto_augment="rand-m9-mstd0.5"), "increasing"),
-                             (dict(auto_augment="augmix-m5"), "RandAugment"),
-                             (dict(auto_augment=None, color_jitter=0.4), "color_jitter")):
+    for options, message in (
+        (dict(interpolation="box"), "interpolation"),
+        (dict(auto_augment="rand-m9-mstd0.5"), "increasing"),
+        (dict(auto_augment="augmix-m5"), "RandAugment"),
+        (dict(auto_augment=None, color_jitter=0.4), "color_jitter"),
+    ):
         with pytest.raises(ValueError, match=message):
             check_dali_options("data.", **{**DEIT, **options})
     check_dali_options("data.", auto_augment=None, color_jitter=0.0)
@@ -312,9 +341,17 @@ def test_options_the_dali_path_does_not_implement_are_refused():
 @pytest.mark.slow
 def test_launcher_train_runs_with_the_dali_backend(tiny_shards, tmp_path):
     from helpers import records, train
+
     run_dir = tmp_path / "dali"
-    out = train(run_dir, tiny_shards, "data.backend=dali", "train.steps=3", "methods={}",
-                "data.auto_augment=rand-m9-mstd0.5-inc1", "data.re_prob=0.25")
+    out = train(
+        run_dir,
+        tiny_shards,
+        "data.backend=dali",
+        "train.steps=3",
+        "methods={}",
+        "data.auto_augment=rand-m9-mstd0.5-inc1",
+        "data.re_prob=0.25",
+    )
     steps = records(run_dir)
     assert len(steps) == 3 and all(math.isfinite(r["loss"]) for r in steps.values()), out[-2000:]
     assert "DALI train pipeline built on the CPU" in out and "DALI eval pipeline built on the CPU" in out, out[-2000:]

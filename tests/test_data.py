@@ -1,4 +1,5 @@
 """data/: shard writing, the stream's ordering, equal batches, exact resume, bad samples."""
+
 import io
 import json
 import os
@@ -27,8 +28,22 @@ JOB_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # stream_job.py imports this 
 
 
 def synthetic_shards(out: Path, train: int = 77, val: int = 23, shard_size: int = 10) -> Path:
-    assert write_shards.main(["synthetic", str(out), "--train", str(train), "--val", str(val),
-                              "--shard-size", str(shard_size), "--no-progress"]) == 0
+    assert (
+        write_shards.main(
+            [
+                "synthetic",
+                str(out),
+                "--train",
+                str(train),
+                "--val",
+                str(val),
+                "--shard-size",
+                str(shard_size),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -43,6 +58,7 @@ def stream_ids(stream) -> list[list[int]]:
 
 
 # -- writing shards ------------------------------------------------------------------------------
+
 
 def make_tree(root: Path) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
@@ -74,8 +90,9 @@ def test_imagefolder_round_trip(tmp_path, caplog):
     assert split.total == 7 and max(split.counts) <= 3  # --shard-size caps a shard; the broken image is left out
     sources = {write_shards.sample_key(src, path): path for path in src.rglob("*.*") if path.suffix != ".txt"}
     assert "cat/cat_0" in sources, "safe names keep their path as the key"
-    assert sorted(k.split("-")[0] for k in sources if "photo" in k) == ["cat/cat_photo_2", "dog/dog_photo_2"], \
+    assert sorted(k.split("-")[0] for k in sources if "photo" in k) == ["cat/cat_photo_2", "dog/dog_photo_2"], (
         "unsafe names ('cat photo.2.png') get a sanitised key with a hash suffix"
+    )
     seen = {}
     for url, count in zip(split.urls, split.counts):
         for offset, sample in read_samples(url, list(range(count))):
@@ -96,8 +113,23 @@ def test_imagefolder_val_split_and_reproducible_bytes(tmp_path):
     src = tmp_path / "src"
     make_tree(src)
     for out in ("a", "b"):
-        assert write_shards.main(["imagefolder", str(src), str(tmp_path / out), "--val-fraction", "0.4",
-                                  "--shard-size", "2", "--workers", "2", "--no-progress"]) == 0
+        assert (
+            write_shards.main(
+                [
+                    "imagefolder",
+                    str(src),
+                    str(tmp_path / out),
+                    "--val-fraction",
+                    "0.4",
+                    "--shard-size",
+                    "2",
+                    "--workers",
+                    "2",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     index = ShardIndex.load(str(tmp_path / "a"))
     assert index.splits == ["train", "val"] and index.split("train").total + index.split("val").total == 7
     for tar in sorted((tmp_path / "a").glob("*.tar")):
@@ -137,6 +169,7 @@ def test_synthetic_shards_carry_boxes_and_coco_ground_truth(shards):
 
 # -- plan ----------------------------------------------------------------------------------------
 
+
 def test_buffer_order_is_a_bounded_permutation():
     order = buffer_order(500, 16, np.random.default_rng(0))
     assert sorted(order) == list(range(500))
@@ -157,9 +190,14 @@ def test_shard_order_is_shuffled_before_the_rank_split(shards):
 
 # -- the stream ----------------------------------------------------------------------------------
 
+
 def test_two_ranks_two_workers_cover_the_epoch_once_with_equal_batches(shards):
-    streams = [build_train_stream(str(shards), batch_size=4, rank=r, world_size=2, num_workers=2, seed=3,
-                                  image_size=32, buffer_size=8) for r in range(2)]
+    streams = [
+        build_train_stream(
+            str(shards), batch_size=4, rank=r, world_size=2, num_workers=2, seed=3, image_size=32, buffer_size=8
+        )
+        for r in range(2)
+    ]
     for epoch in range(2):
         per_rank = [stream_ids(s) for s in streams]
         assert [len(b) for b in per_rank] == [len(streams[0])] * 2 == [8, 8], "equal batch counts on every rank"
@@ -174,19 +212,22 @@ def test_order_is_reproducible_and_changes_with_epoch(shards):
         stream = build_train_stream(str(shards), batch_size=4, num_workers=2, seed=seed, image_size=32, buffer_size=8)
         first = [b["image"] for b in stream]
         return first, stream_ids(stream)
+
     (images_a, epoch1_a), (images_b, epoch1_b) = run(5), run(5)
     assert all(torch.equal(x, y) for x, y in zip(images_a, images_b)), "same seed: same pixels, same augmentation"
     assert epoch1_a == epoch1_b
     again = build_train_stream(str(shards), batch_size=4, num_workers=2, seed=5, image_size=32, buffer_size=8)
     assert stream_ids(again) != epoch1_a, "epoch 1 differs from epoch 0"
     other = build_train_stream(str(shards), batch_size=4, num_workers=2, seed=6, image_size=32, buffer_size=8)
-    assert stream_ids(other) != stream_ids(build_train_stream(str(shards), batch_size=4, num_workers=2, seed=5,
-                                                              image_size=32, buffer_size=8))
+    assert stream_ids(other) != stream_ids(
+        build_train_stream(str(shards), batch_size=4, num_workers=2, seed=5, image_size=32, buffer_size=8)
+    )
 
 
 def run_job(*args, timeout=120):
-    result = subprocess.run([sys.executable, str(JOB), *map(str, args)], env=JOB_ENV, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(JOB), *map(str, args)], env=JOB_ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -210,19 +251,48 @@ def test_exact_resume_in_a_new_process(shards, tmp_path):
 @pytest.mark.slow
 def test_world_size_change_mid_epoch_sees_each_sample_once(shards, tmp_path):
     port = free_port()
-    jobs = [subprocess.Popen([sys.executable, str(JOB), str(shards), str(tmp_path / f"rank{r}.pt"), "--rank", str(r),
-                              "--world", "2", "--workers", "2", "--batch", "4", "--take", "3",
-                              "--save-state", str(tmp_path / "state.pt"), "--dist-port", str(port)],
-                             env=JOB_ENV, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(JOB),
+                str(shards),
+                str(tmp_path / f"rank{r}.pt"),
+                "--rank",
+                str(r),
+                "--world",
+                "2",
+                "--workers",
+                "2",
+                "--batch",
+                "4",
+                "--take",
+                "3",
+                "--save-state",
+                str(tmp_path / "state.pt"),
+                "--dist-port",
+                str(port),
+            ],
+            env=JOB_ENV,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     for job in jobs:
         _, err = job.communicate(timeout=120)
         assert job.returncode == 0, err[-3000:]
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     assert state["phases"][0]["batches"] == [[2, 1], [2, 1]], "state holds both ranks' positions"
-    run_job(shards, tmp_path / "single.pt", "--world", "1", "--workers", "2", "--batch", "4",
-            "--state", tmp_path / "state.pt")
-    before = [i for r in range(2) for b in torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["batches"]
-              for i in b["sample_id"].tolist()]
+    run_job(
+        shards, tmp_path / "single.pt", "--world", "1", "--workers", "2", "--batch", "4", "--state", tmp_path / "state.pt"
+    )
+    before = [
+        i
+        for r in range(2)
+        for b in torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["batches"]
+        for i in b["sample_id"].tolist()
+    ]
     after = [i for b in torch.load(tmp_path / "single.pt", weights_only=False)["batches"] for i in b["sample_id"].tolist()]
     seen = before + after
     assert len(before) == 24
@@ -250,14 +320,16 @@ def corrupt_shards(tmp_path: Path) -> tuple[Path, str, str]:
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
     last = out / "train-000003.tar"
-    last.write_bytes(last.read_bytes()[:len(last.read_bytes()) // 2])  # truncated mid-shard
+    last.write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])  # truncated mid-shard
     return out, broken, unlabelled
 
 
 def test_bad_samples_are_skipped_counted_and_do_not_shorten_the_epoch(tmp_path, caplog):
     out, broken, unlabelled = corrupt_shards(tmp_path)
-    streams = [build_train_stream(str(out), batch_size=4, rank=r, world_size=2, num_workers=2, seed=0,
-                                  image_size=32, buffer_size=4) for r in range(2)]
+    streams = [
+        build_train_stream(str(out), batch_size=4, rank=r, world_size=2, num_workers=2, seed=0, image_size=32, buffer_size=4)
+        for r in range(2)
+    ]
     with caplog.at_level("WARNING"):
         per_rank = [stream_ids(s) for s in streams]
     assert [len(b) for b in per_rank] == [4, 4], "every rank still yields its full epoch"
@@ -272,8 +344,9 @@ def test_bad_samples_are_skipped_counted_and_do_not_shorten_the_epoch(tmp_path, 
 
 
 def test_eval_stream_sees_every_sample_once_with_padding_marked(shards):
-    streams = [build_eval_stream(str(shards), batch_size=4, rank=r, world_size=2, num_workers=2, image_size=32)
-               for r in range(2)]
+    streams = [
+        build_eval_stream(str(shards), batch_size=4, rank=r, world_size=2, num_workers=2, image_size=32) for r in range(2)
+    ]
     batches = [list(s) for s in streams]
     assert len(batches[0]) == len(batches[1]) == len(streams[0])
     valid = [i for rank in batches for b in rank for i in b["sample_id"][b["valid"]].tolist()]
@@ -310,8 +383,7 @@ def test_stream_refuses_too_little_data_and_foreign_state(shards):
 def test_subset_and_repeats(shards):
     mask = np.zeros(77, bool)
     mask[:40] = True
-    stream = build_train_stream(str(shards), batch_size=4, num_workers=0, seed=0, image_size=32, buffer_size=0,
-                                repeats=2)
+    stream = build_train_stream(str(shards), batch_size=4, num_workers=0, seed=0, image_size=32, buffer_size=0, repeats=2)
     stream.set_subset(mask)
     ids = [i for batch in stream_ids(stream) for i in batch]
     assert set(ids) <= set(range(40)) and len(ids) == 40, "the epoch keeps the subset's length"
@@ -348,12 +420,18 @@ train()
 """
 
 
-@pytest.mark.parametrize("where,message", [("loop", "the training step fails"),
-                                           ("worker", "the transform fails in a worker")])
+@pytest.mark.parametrize(
+    "where,message", [("loop", "the training step fails"), ("worker", "the transform fails in a worker")]
+)
 @pytest.mark.slow
 def test_a_failure_ends_the_process_instead_of_hanging_on_its_workers(shards, where, message):
     """Workers ignore SIGTERM (preemption safety), and multiprocessing's exit handler ends daemonic
     children with SIGTERM and then joins them: an exception anywhere used to hang the process."""
-    run = subprocess.run([sys.executable, "-c", FAILING_RUN, str(shards), where], capture_output=True, text=True,
-                         timeout=90, cwd=Path(__file__).resolve().parents[1])
+    run = subprocess.run(
+        [sys.executable, "-c", FAILING_RUN, str(shards), where],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert run.returncode == 1 and message in run.stderr, run.stderr[-2000:]

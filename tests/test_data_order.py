@@ -1,5 +1,6 @@
 """Write order: writers shuffle samples across shards (seeded, recorded), so class-sorted folders
 still give i.i.d.-like batches; the stream warns about indexes written in folder order."""
+
 import json
 import logging
 from math import comb
@@ -28,15 +29,19 @@ def image_tree(root: Path, classes: int, per_class: int, size: int = 8) -> Path:
 
 
 def write(src: Path, out: Path, *extra: str, shard_size: int = 100) -> ShardIndex:
-    assert write_shards.main(["imagefolder", str(src), str(out), "--shard-size", str(shard_size), "--no-progress",
-                              *extra]) == 0
+    assert (
+        write_shards.main(["imagefolder", str(src), str(out), "--shard-size", str(shard_size), "--no-progress", *extra]) == 0
+    )
     return ShardIndex.load(str(out))
 
 
 def split_keys(out: Path, split: str = "train") -> list[str]:
     index = ShardIndex.load(str(out)).split(split)
-    return [sample["__key__"] for url, count in zip(index.urls, index.counts)
-            for _, sample in read_samples(url, list(range(count)))]
+    return [
+        sample["__key__"]
+        for url, count in zip(index.urls, index.counts)
+        for _, sample in read_samples(url, list(range(count)))
+    ]
 
 
 def label_only(image):  # the order is under test, not the pixels: skip timm's transform
@@ -45,8 +50,19 @@ def label_only(image):  # the order is under test, not the pixels: skip timm's t
 
 def mean_distinct_classes(out: Path, buffer: int) -> float:
     """Mean distinct labels per local batch over one epoch of both ranks' streams."""
-    streams = [build_train_stream(str(out), batch_size=BATCH, rank=r, world_size=RANKS, num_workers=0, seed=0,
-                                  transform=label_only, buffer_size=buffer) for r in range(RANKS)]
+    streams = [
+        build_train_stream(
+            str(out),
+            batch_size=BATCH,
+            rank=r,
+            world_size=RANKS,
+            num_workers=0,
+            seed=0,
+            transform=label_only,
+            buffer_size=buffer,
+        )
+        for r in range(RANKS)
+    ]
     counts = [len(set(batch["label"].tolist())) for stream in streams for batch in stream]
     assert len(counts) == RANKS * (CLASSES * PER_CLASS // RANKS // BATCH)
     return float(np.mean(counts))
@@ -76,8 +92,10 @@ def test_class_sorted_folders_give_batches_like_a_random_permutation(sorted_tree
         got = mean_distinct_classes(tmp_path / "shuffled", BUFFER)
         assert "unshuffled" not in caplog.text
         unshuffled = mean_distinct_classes(tmp_path / "folder", BUFFER)
-    print(f"distinct classes per local batch of {BATCH}: uniform permutation {expected:.2f}, "
-          f"shuffled shards {got:.2f}, --no-shuffle with a {BUFFER}-sample buffer {unshuffled:.2f}")
+    print(
+        f"distinct classes per local batch of {BATCH}: uniform permutation {expected:.2f}, "
+        f"shuffled shards {got:.2f}, --no-shuffle with a {BUFFER}-sample buffer {unshuffled:.2f}"
+    )
     assert abs(got - expected) <= 0.1 * expected
     assert abs(unshuffled - expected) > 0.1 * expected, "folder order through a small buffer: few classes a batch"
     warnings = [r for r in caplog.records if "unshuffled" in r.getMessage()]
@@ -103,8 +121,9 @@ def test_write_order_is_seeded_recorded_and_reproducible(tmp_path):
 
 def test_synthetic_and_splits_are_shuffled_too(tmp_path):
     out = tmp_path / "syn"
-    assert write_shards.main(["synthetic", str(out), "--train", "30", "--val", "10", "--shard-size", "8",
-                              "--no-progress"]) == 0
+    assert (
+        write_shards.main(["synthetic", str(out), "--train", "30", "--val", "10", "--shard-size", "8", "--no-progress"]) == 0
+    )
     keys = split_keys(out)
     assert sorted(keys) == [f"train_{i:08d}" for i in range(30)] and keys != sorted(keys)
     assert sorted(split_keys(out, "val")) == [f"val_{10**7 + i:08d}" for i in range(10)]
@@ -124,8 +143,15 @@ def test_an_old_index_without_the_record_loads_and_is_warned_about(tmp_path, cap
     assert index.order_warning("train", buffer_size=16, readers=2) is None, "a buffer over a reader's run: no warning"
     with caplog.at_level(logging.WARNING, logger="data.shards"):
         for rank in (1, 0, 0):
-            build_train_stream(str(tmp_path / "old"), batch_size=4, rank=rank, world_size=2, num_workers=0,
-                               transform=label_only, buffer_size=4)
+            build_train_stream(
+                str(tmp_path / "old"),
+                batch_size=4,
+                rank=rank,
+                world_size=2,
+                num_workers=0,
+                transform=label_only,
+                buffer_size=4,
+            )
     assert caplog.text.count("does not record its write order") == 1, "rank 0 only, once"
     meta["shuffled"] = "yes"
     path.write_text(json.dumps(meta))
@@ -136,7 +162,6 @@ def test_an_old_index_without_the_record_loads_and_is_warned_about(tmp_path, cap
 def test_synthetic_data_is_never_warned_about(tmp_path):
     """Its classes are drawn per sample from (seed, index): index order is already a random class order."""
     out = tmp_path / "syn"
-    assert write_shards.main(["synthetic", str(out), "--train", "40", "--val", "0", "--no-shuffle",
-                              "--no-progress"]) == 0
+    assert write_shards.main(["synthetic", str(out), "--train", "40", "--val", "0", "--no-shuffle", "--no-progress"]) == 0
     index = ShardIndex.load(str(out))
     assert index.shuffled is False and index.order_warning("train", buffer_size=0, readers=1) is None

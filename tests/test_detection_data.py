@@ -1,4 +1,5 @@
 """Detection data: box-aware transforms, padded batches, the stream's guarantees, COCO AP end to end."""
+
 import io
 import json
 import tarfile
@@ -24,8 +25,26 @@ SIZES = dict(scales=[48, 64, 80], max_size=120, crop_scales=[48, 64], crop_size=
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("det") / "shards"
-    assert write_shards.main(["synthetic", str(out), "--train", "64", "--val", "20", "--size", "64", "--objects", "3",
-                              "--shard-size", "16", "--no-progress"]) == 0
+    assert (
+        write_shards.main(
+            [
+                "synthetic",
+                str(out),
+                "--train",
+                "64",
+                "--val",
+                "20",
+                "--size",
+                "64",
+                "--objects",
+                "3",
+                "--shard-size",
+                "16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -51,8 +70,12 @@ def test_eval_transform_scales_boxes_with_the_image(shards):
 
 
 def test_train_stream_equal_batches_padded_and_boxes_valid(shards):
-    streams = [build_detection_stream(str(shards), train=True, batch_size=4, rank=r, world_size=2, num_workers=2,
-                                      seed=1, buffer_size=8, **SIZES) for r in range(2)]
+    streams = [
+        build_detection_stream(
+            str(shards), train=True, batch_size=4, rank=r, world_size=2, num_workers=2, seed=1, buffer_size=8, **SIZES
+        )
+        for r in range(2)
+    ]
     counts = []
     for stream in streams:
         batches = list(stream)
@@ -70,8 +93,27 @@ def test_train_stream_equal_batches_padded_and_boxes_valid(shards):
 
 def test_bad_boxes_are_skipped_and_counted(shards, tmp_path):
     out = tmp_path / "bad"
-    assert write_shards.main(["synthetic", str(out), "--train", "16", "--val", "0", "--size", "64", "--objects", "2",
-                              "--shard-size", "16", "--no-progress", "--no-shuffle"]) == 0  # position = index
+    assert (
+        write_shards.main(
+            [
+                "synthetic",
+                str(out),
+                "--train",
+                "16",
+                "--val",
+                "0",
+                "--size",
+                "64",
+                "--objects",
+                "2",
+                "--shard-size",
+                "16",
+                "--no-progress",
+                "--no-shuffle",
+            ]
+        )
+        == 0
+    )  # position = index
     tar_path = out / "train-000000.tar"
     with tarfile.open(tar_path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
@@ -92,13 +134,16 @@ def test_bad_boxes_are_skipped_and_counted(shards, tmp_path):
     assert {3, 5}.isdisjoint(i for b in batches for i in b["sample_id"].tolist())
 
 
-@pytest.mark.parametrize("height,width,size,max_size,expected", [
-    (480, 640, 800, 1333, (800, 1056)),   # int(800 * 640 / 480) = 1066, floored to 16
-    (427, 640, 608, 1013, (608, 896)),    # YOLOS-Ti's largest scale: int(608 * 640 / 427) = 911 -> 896
-    (640, 427, 256, 1013, (368, 256)),    # portrait: int(256 * 640 / 427) = 383 -> 368
-    (300, 1200, 800, 1333, (320, 1328)),  # the cap: size round(1333 * 300 / 1200) = 333 -> 333 x 1332 -> floored
-    (512, 512, 512, 853, (512, 512)),     # already at size
-])
+@pytest.mark.parametrize(
+    "height,width,size,max_size,expected",
+    [
+        (480, 640, 800, 1333, (800, 1056)),  # int(800 * 640 / 480) = 1066, floored to 16
+        (427, 640, 608, 1013, (608, 896)),  # YOLOS-Ti's largest scale: int(608 * 640 / 427) = 911 -> 896
+        (640, 427, 256, 1013, (368, 256)),  # portrait: int(256 * 640 / 427) = 383 -> 368
+        (300, 1200, 800, 1333, (320, 1328)),  # the cap: size round(1333 * 300 / 1200) = 333 -> 333 x 1332 -> floored
+        (512, 512, 512, 853, (512, 512)),  # already at size
+    ],
+)
 def test_resize_follows_yolos_rule(height, width, size, max_size, expected):
     assert resized_size(height, width, size, max_size, 16) == expected
 
@@ -120,6 +165,7 @@ def test_resized_sides_are_patch_multiples_within_the_cap(seed):
 
 def synthetic_sample(gen, height, width, boxes):
     from PIL import Image
+
     pixels = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8).numpy()
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
@@ -139,8 +185,9 @@ def test_a_box_survives_the_round_trip_at_any_pad(seed):
         x0, y0 = draw(0, width - 8), draw(0, height - 8)
         boxes.append([x0, y0, draw(x0 + 4, width), draw(y0 + 4, height)])
     eval_size = draw(24, 96)
-    transform = build_detection_transform(False, scales=[64], max_size=100, eval_size=eval_size,
-                                          eval_max_size=eval_size + draw(1, 80), multiple=8)
+    transform = build_detection_transform(
+        False, scales=[64], max_size=100, eval_size=eval_size, eval_max_size=eval_size + draw(1, 80), multiple=8
+    )
     codec = DetectionCodec(transform, num_classes=8, pad_multiple=8)
     decoded = codec.decode(synthetic_sample(gen, height, width, boxes))
     size = decoded[1]["size"].tolist()
@@ -155,7 +202,7 @@ def test_a_box_survives_the_round_trip_at_any_pad(seed):
     outputs["pred_logits"][1, torch.arange(len(boxes)), torch.arange(len(boxes))] = 10.0
     results = postprocess(outputs, padded["targets"])
     assert len(results) == 2 * len(boxes), "two real images; the eval padding gives no results"
-    got = torch.tensor([r["bbox"] for r in results[len(boxes):]])  # slot 1: the confident, exact predictions
+    got = torch.tensor([r["bbox"] for r in results[len(boxes) :]])  # slot 1: the confident, exact predictions
     want = torch.tensor(boxes, dtype=torch.float32)
     want[:, 2:] -= want[:, :2]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
@@ -190,6 +237,7 @@ def test_coco_ap_is_one_for_perfect_predictions_and_drops_for_shifted_ones(shard
 
 def test_coco_writer_keeps_ids_classes_and_crowd(tmp_path):
     from PIL import Image
+
     images = tmp_path / "images"
     images.mkdir()
     coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "person"}, {"id": 90, "name": "toothbrush"}]}
@@ -217,9 +265,11 @@ def test_coco_writer_keeps_ids_classes_and_crowd(tmp_path):
     assert metas[7]["boxes"] == [[2, 3, 12, 15], [5, 5, 25, 15]] and metas[7]["labels"] == [90, 1]
     assert metas[7]["iscrowd"] == [0, 1] and metas[12]["boxes"] == []
     assert json.loads((out / "val_coco.json").read_text()) == coco
-    stream = build_detection_stream(str(out), train=False, batch_size=3, num_workers=0, scales=[30], max_size=60,
-                                    pad_multiple=8)
+    stream = build_detection_stream(
+        str(out), train=False, batch_size=3, num_workers=0, scales=[30], max_size=60, pad_multiple=8
+    )
     targets = {int(t["image_id"]): t for b in stream for t in b["targets"] if int(t["image_id"]) >= 0}
     assert targets[7]["labels"].tolist() == [90], "crowd boxes are not training targets"
-    assert write_shards.main(["coco", str(images), str(tmp_path / "missing.json"), str(tmp_path / "o2"),
-                              "--no-progress"]) == 2
+    assert (
+        write_shards.main(["coco", str(images), str(tmp_path / "missing.json"), str(tmp_path / "o2"), "--no-progress"]) == 2
+    )

@@ -1,4 +1,5 @@
 """The documentation: a short README, links that resolve, nothing that points outside the repository."""
+
 import re
 from pathlib import Path
 
@@ -8,8 +9,16 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 README_MAX_LINES = 320
 # the pages the README must link: each concern has its own page under docs/
-README_LINKS = ["docs/methods.md", "docs/speed.md", "docs/data.md", "docs/reliability.md", "docs/clusters.md",
-                "docs/evidence.md", "docs/finetuning.md", "docs/write_a_method.md"]
+README_LINKS = [
+    "docs/methods.md",
+    "docs/speed.md",
+    "docs/data.md",
+    "docs/reliability.md",
+    "docs/clusters.md",
+    "docs/evidence.md",
+    "docs/finetuning.md",
+    "docs/write_a_method.md",
+]
 SETUP_COMMANDS = ["make demo", "make test"]
 OUTSIDE = ["../shared", "/work/shared", "/tmp/"]
 
@@ -74,8 +83,9 @@ def section(text: str, title_words: tuple[str, ...]) -> str:
 
 def test_the_readme_is_short():
     lines = len(README.read_text(encoding="utf-8").splitlines())
-    assert lines <= README_MAX_LINES, (f"README.md has {lines} lines, more than {README_MAX_LINES}: move the detail "
-                                       "into a page under docs/ and link it")
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines, more than {README_MAX_LINES}: move the detail into a page under docs/ and link it"
+    )
 
 
 @pytest.mark.parametrize("page", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -88,8 +98,11 @@ def test_every_relative_link_names_a_file_of_the_repository(page):
 
 @pytest.mark.parametrize("page", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_anchor_into_a_page_exists(page):
-    missing = [target for target, file, anchor in relative_links(page)
-               if anchor and file.suffix == ".md" and file.exists() and anchor not in anchors(file)]
+    missing = [
+        target
+        for target, file, anchor in relative_links(page)
+        if anchor and file.suffix == ".md" and file.exists() and anchor not in anchors(file)
+    ]
     assert not missing, f"{page.relative_to(ROOT)} links headings that are not there: {missing}"
 
 
@@ -97,8 +110,10 @@ def test_every_anchor_into_a_page_exists(page):
 def test_no_page_points_outside_the_repository(page):
     text = page.read_text(encoding="utf-8")
     found = [(n, word) for n, line in enumerate(text.splitlines(), 1) for word in OUTSIDE if word in line]
-    assert not found, (f"{page.relative_to(ROOT)} refers to files outside the repository (line, text): {found}; "
-                       "say what the source says, or cite the paper or the official repository by name")
+    assert not found, (
+        f"{page.relative_to(ROOT)} refers to files outside the repository (line, text): {found}; "
+        "say what the source says, or cite the paper or the official repository by name"
+    )
 
 
 def test_the_setup_section_gives_exactly_make_demo_and_make_test():

@@ -1,5 +1,6 @@
 """EfficientTrain (+ ToE): the crop, the schedule, the plug-in, the step-aware worker augmentation, the cost model
 (ToE Table 4), and a 2-rank ZeRO-2 run across size changes that resumes exactly."""
+
 import json
 import math
 import os
@@ -39,6 +40,7 @@ def cosine(cycles: int, size: int, axis: int) -> torch.Tensor:
 
 # -- the op ----------------------------------------------------------------------------------------
 
+
 def test_constant_image_and_mean_are_kept_and_full_size_is_the_identity():
     torch.manual_seed(0)
     constant = torch.full((2, 3, 224, 224), 0.7)
@@ -68,18 +70,22 @@ def test_half_precision_input_is_cropped_in_float32():
     assert out.dtype == torch.float32 and torch.equal(out, low_frequency_crop(image.float(), 160))
 
 
-@pytest.mark.parametrize("size,shape,message", [
-    (161, (1, 3, 224, 224), "size must be an even int >= 2, got 161"),
-    (168, (1, 3, 224, 224), "size 168 is not a multiple of the patch size 16"),
-    (256, (1, 3, 224, 224), "size 256 exceeds the image size 224"),
-    (160, (1, 3, 224, 192), "needs square images"),
-])
+@pytest.mark.parametrize(
+    "size,shape,message",
+    [
+        (161, (1, 3, 224, 224), "size must be an even int >= 2, got 161"),
+        (168, (1, 3, 224, 224), "size 168 is not a multiple of the patch size 16"),
+        (256, (1, 3, 224, 224), "size 256 exceeds the image size 224"),
+        (160, (1, 3, 224, 192), "needs square images"),
+    ],
+)
 def test_bad_crops_are_refused_naming_the_value(size, shape, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         low_frequency_crop(torch.zeros(shape), size, patch_size=16)
 
 
 # -- the schedule ----------------------------------------------------------------------------------
+
 
 def test_stages_change_at_the_official_epochs_and_scale_to_small_grids():
     spe = 7
@@ -97,8 +103,7 @@ def test_stages_change_at_the_official_epochs_and_scale_to_small_grids():
 
 def test_the_schedule_is_a_pure_function_of_the_step():
     steps = list(range(0, 500, 7))
-    forward = [(EfficientTrainSchedule(500, 32, 4).size(t), EfficientTrainSchedule(500, 32, 4).magnitude(t))
-               for t in steps]
+    forward = [(EfficientTrainSchedule(500, 32, 4).size(t), EfficientTrainSchedule(500, 32, 4).magnitude(t)) for t in steps]
     schedule = EfficientTrainSchedule(500, 32, 4)
     backward = [(schedule.size(t), schedule.magnitude(t)) for t in reversed(steps)][::-1]
     assert forward == backward
@@ -108,16 +113,19 @@ def test_the_schedule_is_a_pure_function_of_the_step():
     assert custom.eval_size(30) == 16 and custom.eval_size(31) == 32 and custom.eval_size(100) == 32
 
 
-@pytest.mark.parametrize("override,message", [
-    ("methods.efficienttrain.sizes=[24, 26, 28, 30, 32]", "sizes ... every stage size must be an even multiple"),
-    ("methods.efficienttrain.sizes=[24, 25, 28, 30, 32]", "methods.efficienttrain.sizes must be even ints"),
-    ("methods.efficienttrain.sizes=[32, 24, 24, 28, 32]", "methods.efficienttrain.sizes must not decrease"),
-    ("methods.efficienttrain.magnitudes=[1, 3, 5]", "methods.efficienttrain.magnitudes has 3 stages"),
-    ("methods.efficienttrain.magnitudes=[1, 3, 5, 7, 19]", "methods.efficienttrain.magnitudes must be a list"),
-    ("methods.efficienttrain.boundaries=[5, 4, 6, 7]", "methods.efficienttrain.boundaries [5, 4, 6, 7] give stage"),
-    ("methods.efficienttrain.boundaries=[0.2, 0.4]", "methods.efficienttrain.boundaries must give the first step"),
-    ("methods.efficienttrain.eval_crop=maybe", "methods.efficienttrain.eval_crop must be bool"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("methods.efficienttrain.sizes=[24, 26, 28, 30, 32]", "sizes ... every stage size must be an even multiple"),
+        ("methods.efficienttrain.sizes=[24, 25, 28, 30, 32]", "methods.efficienttrain.sizes must be even ints"),
+        ("methods.efficienttrain.sizes=[32, 24, 24, 28, 32]", "methods.efficienttrain.sizes must not decrease"),
+        ("methods.efficienttrain.magnitudes=[1, 3, 5]", "methods.efficienttrain.magnitudes has 3 stages"),
+        ("methods.efficienttrain.magnitudes=[1, 3, 5, 7, 19]", "methods.efficienttrain.magnitudes must be a list"),
+        ("methods.efficienttrain.boundaries=[5, 4, 6, 7]", "methods.efficienttrain.boundaries [5, 4, 6, 7] give stage"),
+        ("methods.efficienttrain.boundaries=[0.2, 0.4]", "methods.efficienttrain.boundaries must give the first step"),
+        ("methods.efficienttrain.eval_crop=maybe", "methods.efficienttrain.eval_crop must be bool"),
+    ],
+)
 def test_bad_settings_name_the_key(override, message):
     if message.startswith("sizes ..."):  # 26 and 30 are even but not multiples of the 4 px patch: found at attach
         cfg = load_config(ET_CPU, [override])
@@ -131,10 +139,10 @@ def test_bad_settings_name_the_key(override, message):
 
 # -- the plug-in -----------------------------------------------------------------------------------
 
+
 def model32(**kwargs):
     torch.manual_seed(0)
-    options = dict(num_classes=10, img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=2,
-                   dynamic_img_size=True)
+    options = dict(num_classes=10, img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=2, dynamic_img_size=True)
     return timm.create_model("deit_tiny_patch16_224", **{**options, **kwargs})
 
 
@@ -215,6 +223,7 @@ def test_parameters_stay_those_of_the_full_size_model_and_load_strictly_into_tim
 
 # -- the cost model: ToE Table 4 --------------------------------------------------------------------
 
+
 def test_table4_ratios_for_deit_s_under_both_countings():
     steps = 300 * 10
     shape = ViTShape.vit_small()
@@ -228,11 +237,18 @@ def test_table4_ratios_for_deit_s_under_both_countings():
     # the spec's segment table: (epoch, patches, kept after block 1, FLOPs share vs dense 224); at 144 patches the
     # paper's counting (and the official code, EFFICIENTTRAIN_SPEC) keeps 114 in stage 2 (the spec's table: 115, 0.584)
     dense = forward_flops(shape)
-    stack = build_stack({"efficienttrain": EfficientTrainConfig(), "toe": ToEConfig(r1=0.6, r0=0.3)},
-                        MethodContext(total_steps=steps, steps_per_epoch=10))
+    stack = build_stack(
+        {"efficienttrain": EfficientTrainConfig(), "toe": ToEConfig(r1=0.6, r0=0.3)},
+        MethodContext(total_steps=steps, steps_per_epoch=10),
+    )
     stack.attach(timm.create_model("deit_small_patch16_224", dynamic_img_size=True))
-    for epoch, patches, kept, share in [(0, 100, 60, 0.312), (100, 100, 80, 0.402), (180, 144, 114, 0.580),
-                                        (200, 144, 144, 0.721), (240, 196, 196, 1.000)]:
+    for epoch, patches, kept, share in [
+        (0, 100, 60, 0.312),
+        (100, 100, 80, 0.402),
+        (180, 144, 114, 0.580),
+        (200, 144, 144, 0.721),
+        (240, 196, 196, 1.000),
+    ]:
         step = epoch * 10
         assert et.patches(step) == patches and toe.kept_tokens(patches, toe.stage(step)) == kept
         assert stack.forward_flops(step, patches) / dense == pytest.approx(share, abs=5e-4)
@@ -240,9 +256,19 @@ def test_table4_ratios_for_deit_s_under_both_countings():
 
 # -- the RandAugment magnitude in the workers -------------------------------------------------------
 
+
 def stream(shards, auto_augment=RAND, workers=2):
-    return build_train_stream(str(shards), batch_size=4, num_workers=workers, seed=3, image_size=32, buffer_size=8,
-                              auto_augment=auto_augment, re_prob=0.0, color_jitter=0.0)
+    return build_train_stream(
+        str(shards),
+        batch_size=4,
+        num_workers=workers,
+        seed=3,
+        image_size=32,
+        buffer_size=8,
+        auto_augment=auto_augment,
+        re_prob=0.0,
+        color_jitter=0.0,
+    )
 
 
 def take(source, count):
@@ -297,16 +323,36 @@ def test_only_a_streams_own_training_transform_follows_a_schedule(tiny_shards):
 
 # -- end to end: 2 ranks, ZeRO-2, across size changes, resumed ---------------------------------------
 
-TINY_ET = ["model.kwargs={patch_size: 4, depth: 2, embed_dim: 48, num_heads: 2, dynamic_img_size: true}",
-           "data.workers=2", f"data.auto_augment={RAND}", "train.global_batch=16", "train.grad_accum=2",
-           "train.log_every=1", "train.eval_every=6", "train.steps=12", "train.zero_stage=2", "train.precision=fp32",
-           "checkpoint.every=6", "checkpoint.keep=5", "methods.toe={r1: 0.5}"]
+TINY_ET = [
+    "model.kwargs={patch_size: 4, depth: 2, embed_dim: 48, num_heads: 2, dynamic_img_size: true}",
+    "data.workers=2",
+    f"data.auto_augment={RAND}",
+    "train.global_batch=16",
+    "train.grad_accum=2",
+    "train.log_every=1",
+    "train.eval_every=6",
+    "train.steps=12",
+    "train.zero_stage=2",
+    "train.precision=fp32",
+    "checkpoint.every=6",
+    "checkpoint.keep=5",
+    "methods.toe={r1: 0.5}",
+]
 
 
 def run_et(run_dir: Path, shards: Path, *extra) -> str:
     from helpers import command
-    args = [*command(2, free_port()), "--config", ET_CPU, *extra, f"out_dir={run_dir.parent}", f"name={run_dir.name}",
-            f"data.path={shards}", *TINY_ET]
+
+    args = [
+        *command(2, free_port()),
+        "--config",
+        ET_CPU,
+        *extra,
+        f"out_dir={run_dir.parent}",
+        f"name={run_dir.name}",
+        f"data.path={shards}",
+        *TINY_ET,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -334,8 +380,9 @@ def test_two_ranks_zero2_across_size_changes_resume_exactly_and_export_to_timm(t
     assert [again[t]["loss"] for t in range(6, 12)] == [steps[t]["loss"] for t in range(6, 12)], "bit-identical"
     a, b = module_state(straight, 12), module_state(resumed, 12)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "identical final weights"
-    plain = timm.create_model("deit_tiny_patch16_224", num_classes=32, img_size=32, patch_size=4, depth=2,
-                              embed_dim=48, num_heads=2)
+    plain = timm.create_model(
+        "deit_tiny_patch16_224", num_classes=32, img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=2
+    )
     plain.load_state_dict(a, strict=True)  # the export is an ordinary full-size timm model
     evals = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines() if "top1" in line]
     assert evals and json.loads((straight / "final.json").read_text())["step"] == 12

@@ -1,6 +1,7 @@
 """Fine-tuning from pretrained weights (models/pretrained.py, model.checkpoint): what is loaded, resampled,
 re-initialised or refused, from every source format; and real fine-tuning runs of the engine (ToE's stages
 from the fine-tuning run's own step 0, resume wins over the pretrained file, SIGKILL + resume bit-identical)."""
+
 import json
 import logging
 import signal
@@ -42,8 +43,7 @@ def test_grid_change_resamples_as_timm_and_a_new_class_count_reinitialises_the_h
     lines = [r.getMessage() for r in caplog.records]
     assert sum(": loaded " in line for line in lines) == 1
     assert any("resampled pos_embed from grid 7x7 to 8x8" in line for line in lines)
-    assert any("re-initialised head.bias, head.weight (the file has 10 classes, the recipe 5)" in line
-               for line in lines)
+    assert any("re-initialised head.bias, head.weight (the file has 10 classes, the recipe 5)" in line for line in lines)
     assert any(": ignored nothing" in line for line in lines)
 
 
@@ -67,11 +67,16 @@ def test_reinit_head_gives_a_new_label_set_of_the_same_size_fresh_heads():
 
 def test_every_file_format_gives_the_same_model(tmp_path):
     source = deit(num_classes=10, seed=3).state_dict()
-    files = {"bare.pth": source, "model.pth": {"model": source, "epoch": 7},
-             "state_dict.pt": {"state_dict": source}, "ddp.pth": {f"module.{k}": v for k, v in source.items()}}
+    files = {
+        "bare.pth": source,
+        "model.pth": {"model": source, "epoch": 7},
+        "state_dict.pt": {"state_dict": source},
+        "ddp.pth": {f"module.{k}": v for k, v in source.items()},
+    }
     for name, content in files.items():
         torch.save(content, tmp_path / name)
     import argparse  # DeiT main.py's training checkpoints also pickle their args namespace
+
     torch.save({"model": source, "args": argparse.Namespace(lr=5e-4)}, tmp_path / "deit_training.pth")
     save_file({k: v.contiguous() for k, v in source.items()}, str(tmp_path / "weights.safetensors"))
     models = []
@@ -84,12 +89,15 @@ def test_every_file_format_gives_the_same_model(tmp_path):
         assert all(torch.equal(state[k], reference[k]) for k in reference), name
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    (dict(embed_dim=64), "cls_token [1, 1, 48] in the file, [1, 1, 64] in the model"),
-    (dict(depth=3), "the model has keys the file lacks: blocks.2.norm1.weight"),
-    (dict(depth=1), "the file has keys the model lacks: blocks.1.norm1.weight [48]"),
-    (dict(mlp_ratio=3.0), "blocks.0.mlp.fc1.weight [192, 48] in the file, [144, 48] in the model"),
-])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (dict(embed_dim=64), "cls_token [1, 1, 48] in the file, [1, 1, 64] in the model"),
+        (dict(depth=3), "the model has keys the file lacks: blocks.2.norm1.weight"),
+        (dict(depth=1), "the file has keys the model lacks: blocks.1.norm1.weight [48]"),
+        (dict(mlp_ratio=3.0), "blocks.0.mlp.fc1.weight [192, 48] in the file, [144, 48] in the model"),
+    ],
+)
 def test_another_width_or_depth_is_refused_naming_keys_and_shapes(overrides, expected):
     source = deit(num_classes=10).state_dict()
     with pytest.raises(PretrainedError, match="does not fit the recipe's model") as err:
@@ -143,15 +151,16 @@ def test_yolos_backbone_from_a_classifier_and_from_a_detector():
     assert all(torch.equal(backbone[k], classifier[k]) for k in backbone), "the backbone is the classifier's"
     assert not any(k.startswith("head.") and v.numel() for k, v in backbone.items())
     # a detector of this engine (launcher.export of a YOLOS run) gives its backbone; detection parts ignored
-    again = create_classifier("deit_tiny_patch16_224", num_classes=10, img_size=32, checkpoint=yolos.state_dict(),
-                              **TINY)
+    again = create_classifier("deit_tiny_patch16_224", num_classes=10, img_size=32, checkpoint=yolos.state_dict(), **TINY)
     assert all(torch.equal(again.state_dict()[k], classifier[k]) for k in backbone)
 
 
 # -- the engine ---------------------------------------------------------------------------------
 
+
 def engine():
     from helpers import finish, kill_tree, module_state, records, start, train, wait_for_step
+
     return finish, kill_tree, module_state, records, start, train, wait_for_step
 
 
@@ -168,14 +177,16 @@ def pretrained_run(tmp_path_factory, tiny_shards):
 def test_finetuning_starts_at_step_0_from_a_run_folder_an_export_or_safetensors(tmp_path, tiny_shards, pretrained_run):
     finish, kill_tree, module_state, records, start, train, wait_for_step = engine()
     from launcher.export import export
+
     exported = export(str(pretrained_run), str(tmp_path / "pre.pth"))
     state = torch.load(exported, weights_only=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "pre.safetensors"))
     starts = {}
     for name, source in (("folder", pretrained_run), ("pth", exported), ("safetensors", tmp_path / "pre.safetensors")):
         run = tmp_path / name
-        out = train(run, tiny_shards, "train.steps=6", f"model.checkpoint={source}", "checkpoint.every=0",
-                    "train.eval_on_start=true")
+        out = train(
+            run, tiny_shards, "train.steps=6", f"model.checkpoint={source}", "checkpoint.every=0", "train.eval_on_start=true"
+        )
         assert "re-initialised head.bias, head.weight (the file has 40 classes, the recipe 32)" in out
         assert "resampled nothing (same grid)" in out
         steps = records(run)
@@ -195,23 +206,36 @@ def test_finetuning_starts_at_step_0_from_a_run_folder_an_export_or_safetensors(
 @pytest.mark.slow
 def test_a_file_that_does_not_fit_is_refused_at_start_up(tmp_path, tiny_shards, pretrained_run):
     *_, train, _ = engine()
-    out = train(tmp_path / "wide", tiny_shards, "train.steps=2", f"model.checkpoint={pretrained_run}",
-                "model.kwargs={patch_size: 8, depth: 3, embed_dim: 64, num_heads: 2}", expect=2)
+    out = train(
+        tmp_path / "wide",
+        tiny_shards,
+        "train.steps=2",
+        f"model.checkpoint={pretrained_run}",
+        "model.kwargs={patch_size: 8, depth: 3, embed_dim: 64, num_heads: 2}",
+        expect=2,
+    )
     assert "bad recipe" in out and "cls_token [1, 1, 48] in the file, [1, 1, 64] in the model" in out
-    out = train(tmp_path / "gone", tiny_shards, "train.steps=2", f"model.checkpoint={tmp_path / 'gone.pth'}",
-                expect=2)
+    out = train(tmp_path / "gone", tiny_shards, "train.steps=2", f"model.checkpoint={tmp_path / 'gone.pth'}", expect=2)
     assert "gone.pth: no such file or directory" in out
 
 
 @pytest.mark.slow
 def test_sigkill_and_resume_of_a_finetuning_run_is_bit_identical_and_never_reloads_the_file(
-        tmp_path, tiny_shards, pretrained_run):
+    tmp_path, tiny_shards, pretrained_run
+):
     finish, kill_tree, module_state, records, start, train, wait_for_step = engine()
     from launcher.export import export
+
     weights = export(str(pretrained_run), str(tmp_path / "weights" / "pre.pth"))
     total = 16
-    common = [f"train.steps={total}", "checkpoint.every=4", "train.zero_stage=1", "train.precision=fp32",
-              "model.drop_path=0.1", f"model.checkpoint={weights}"]
+    common = [
+        f"train.steps={total}",
+        "checkpoint.every=4",
+        "train.zero_stage=1",
+        "train.precision=fp32",
+        "model.drop_path=0.1",
+        f"model.checkpoint={weights}",
+    ]
     train(tmp_path / "straight", tiny_shards, *common, ranks=2)
     victim = tmp_path / "killed"
     process = start(victim, tiny_shards, *common, ranks=2)
@@ -236,9 +260,12 @@ def test_a_method_that_cannot_fine_tune_refuses_with_its_reason(tmp_path):
     from pathlib import Path
 
     from launcher.config import ConfigError, load_config
+
     recipe = str(Path(__file__).resolve().parents[1] / "configs/deit_tiny_budgeted_cpu.yaml")
-    with pytest.raises(ConfigError, match="methods.budgeted cannot start from model.checkpoint: its growth "
-                                          "re-draws .* set methods.budgeted.init: keep"):
+    with pytest.raises(
+        ConfigError,
+        match="methods.budgeted cannot start from model.checkpoint: its growth re-draws .* set methods.budgeted.init: keep",
+    ):
         load_config(recipe, ["model.checkpoint=pre.pth"])
     assert load_config(recipe, ["model.checkpoint=pre.pth", "methods.budgeted.init=keep"]).model.checkpoint
     assert load_config(recipe).model.checkpoint is None  # no pretrained weights: nothing to refuse

@@ -1,5 +1,6 @@
 """``bench/gpu_check.sh --dry-run``: every step of the GPU check runs on the CPU at tiny sizes and the table
 has every row, so the script a GPU holder runs first cannot rot unseen."""
+
 import json
 import os
 import subprocess
@@ -17,8 +18,14 @@ def test_the_gpu_check_dry_run_runs_every_step_and_writes_its_table(tmp_path):
     from bench.gpu_check_table import FIGURES  # bench/ through pytest's pythonpath (the rootdir)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     logs = {p.name: p.read_text()[-1500:] for p in (tmp_path / "logs").glob("*.log")}
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:] + json.dumps(logs, indent=1)
     result = json.loads((tmp_path / "gpu_check.json").read_text())

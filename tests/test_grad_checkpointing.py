@@ -1,6 +1,7 @@
 """``model.grad_checkpointing``: timm's activation checkpointing of the blocks gives the same losses and
 gradients (CPU, fp32) with every method that accepts it, for every model family; a method that cannot run
 with it refuses the recipe at start-up, with its reason."""
+
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,7 @@ def outputs_sum(out) -> torch.Tensor:
 
 
 def losses_and_grads(recipe: str, checkpointing: bool, overrides=()):
-    cfg = load_config(str(ROOT / "configs" / recipe), [f"model.grad_checkpointing={str(checkpointing).lower()}",
-                                                       *overrides])
+    cfg = load_config(str(ROOT / "configs" / recipe), [f"model.grad_checkpointing={str(checkpointing).lower()}", *overrides])
     task = make_task(cfg)
     torch.manual_seed(0)
     model, num_suffix = task.build_model()
@@ -32,8 +32,9 @@ def losses_and_grads(recipe: str, checkpointing: bool, overrides=()):
         model.set_grad_checkpointing(True)
     total, configs = run_length(cfg.methods, 10, TOTAL, lambda: task.build_model()[0])  # Budgeted sets its own
     steps = [0, total // 2, total - 1]  # first, middle and last stage of every method's schedule
-    stack = build_stack(configs, MethodContext(total_steps=total, steps_per_epoch=10, num_suffix=num_suffix,
-                                                   task=cfg.task, seed=0))
+    stack = build_stack(
+        configs, MethodContext(total_steps=total, steps_per_epoch=10, num_suffix=num_suffix, task=cfg.task, seed=0)
+    )
     stack.attach(model)
     model.train()
     losses, grads = [], []
@@ -41,8 +42,10 @@ def losses_and_grads(recipe: str, checkpointing: bool, overrides=()):
         stack.on_step(step)
         generator = torch.Generator().manual_seed(step)
         size = cfg.model.img_size
-        batch = {"image": torch.randn(4, 3, size, size, generator=generator),
-                 "label": torch.randint(0, cfg.model.num_classes, (4,), generator=generator)}
+        batch = {
+            "image": torch.randn(4, 3, size, size, generator=generator),
+            "label": torch.randint(0, cfg.model.num_classes, (4,), generator=generator),
+        }
         images = stack.on_batch(step, batch)["image"]
         torch.manual_seed(100 + step)  # drop path, ToE's random init, MixToken: the same draws on both sides
         loss = outputs_sum(model(images))
@@ -53,13 +56,24 @@ def losses_and_grads(recipe: str, checkpointing: bool, overrides=()):
     return losses, grads
 
 
-@pytest.mark.parametrize("recipe", ["deit_tiny_toe_cpu.yaml", "deit_tiny_budgeted_cpu.yaml", "deit_tiny_et_cpu.yaml",
-                                    "deit_tiny_patchdrop_cpu.yaml", "lvvit_tiny_toe_cpu.yaml", "yolos_ti_toe_cpu.yaml"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "deit_tiny_toe_cpu.yaml",
+        "deit_tiny_budgeted_cpu.yaml",
+        "deit_tiny_et_cpu.yaml",
+        "deit_tiny_patchdrop_cpu.yaml",
+        "lvvit_tiny_toe_cpu.yaml",
+        "yolos_ti_toe_cpu.yaml",
+    ],
+)
 @pytest.mark.slow
 def test_checkpointed_blocks_give_the_same_losses_and_gradients(recipe):
-    overrides = {"yolos_ti_toe_cpu.yaml": ["detection.scales=[64]", "detection.max_size=96"],
-                 # token labelling is a loss on the dense head (its batches need label maps): the model is the point
-                 "lvvit_tiny_toe_cpu.yaml": ["methods.token_labelling=null"]}.get(recipe, [])
+    overrides = {
+        "yolos_ti_toe_cpu.yaml": ["detection.scales=[64]", "detection.max_size=96"],
+        # token labelling is a loss on the dense head (its batches need label maps): the model is the point
+        "lvvit_tiny_toe_cpu.yaml": ["methods.token_labelling=null"],
+    }.get(recipe, [])
     plain_losses, plain_grads = losses_and_grads(recipe, False, overrides)
     ckpt_losses, ckpt_grads = losses_and_grads(recipe, True, overrides)
     assert ckpt_losses == plain_losses
@@ -93,8 +107,9 @@ def test_a_checkpointed_run_logs_the_same_losses_and_its_peak_memory(tmp_path, t
 
     runs = {}
     for name, flag in (("plain", "false"), ("ckpt", "true")):
-        train(tmp_path / name, tiny_shards, "train.steps=6", "train.precision=fp32",
-              f"model.grad_checkpointing={flag}")  # 6 steps: ToE's 3 stages
+        train(
+            tmp_path / name, tiny_shards, "train.steps=6", "train.precision=fp32", f"model.grad_checkpointing={flag}"
+        )  # 6 steps: ToE's 3 stages
         runs[name] = records(tmp_path / name)
     assert [r["loss"] for r in runs["ckpt"].values()] == [r["loss"] for r in runs["plain"].values()]
     assert all(r["memory/peak_gib"] > 0 for r in runs["ckpt"].values())

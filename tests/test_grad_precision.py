@@ -1,5 +1,6 @@
 """bf16 runs accumulate and all-reduce their gradients in fp32 by default (``train.grad_precision``), as DeiT's
 AMP keeps fp32 gradients; ``bf16`` is the cheaper switch. Checked on what the DeepSpeed engine does."""
+
 import json
 import subprocess
 import sys
@@ -37,12 +38,18 @@ def test_bf16_recipes_get_fp32_gradients_by_default_and_bf16_on_request():
     assert grad_precision(load_config(CPU, ["train.grad_precision=fp32"])) is None
 
 
-@pytest.mark.parametrize("override,message", [
-    (BF16 + ["train.zero_stage=0", "train.grad_precision=fp32"], "train.grad_precision=fp32 .* needs train.zero_stage 1-3"),
-    (["train.grad_precision=bf16"], "train.grad_precision=bf16 is for train.precision=bf16"),
-    (["train.precision=fp16", "train.grad_precision=fp32"], "train.grad_precision=fp32 is for train.precision=bf16"),
-    (BF16 + ["train.grad_precision=fp16"], r"train.grad_precision must be one of \('fp32', 'bf16'\)"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            BF16 + ["train.zero_stage=0", "train.grad_precision=fp32"],
+            "train.grad_precision=fp32 .* needs train.zero_stage 1-3",
+        ),
+        (["train.grad_precision=bf16"], "train.grad_precision=bf16 is for train.precision=bf16"),
+        (["train.precision=fp16", "train.grad_precision=fp32"], "train.grad_precision=fp32 is for train.precision=bf16"),
+        (BF16 + ["train.grad_precision=fp16"], r"train.grad_precision must be one of \('fp32', 'bf16'\)"),
+    ],
+)
 def test_bad_gradient_precisions_are_refused_by_name(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CPU, override)
@@ -50,8 +57,11 @@ def test_bad_gradient_precisions_are_refused_by_name(override, message):
 
 def test_a_json_that_sets_another_gradient_dtype_is_refused(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
-                                "data_types": {"grad_accum_dtype": "bf16"}}))
+    path.write_text(
+        json.dumps(
+            {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "bf16"}}
+        )
+    )
     with pytest.raises(ConfigError, match="data_types=.* train.grad_precision=bf16"):
         deepspeed_config(load_config(CPU, BF16 + [f"train.ds_config={path}"]), 1)
 
@@ -85,11 +95,24 @@ def test_the_engine_accumulates_in_the_recipes_gradient_precision():
     configs = {}
     for stage in (1, 2):
         for grads in ("fp32", "bf16"):
-            cfg = load_config(CPU, ["train.precision=bf16", "train.global_batch=2", "train.grad_accum=2",
-                                    f"train.zero_stage={stage}", f"train.grad_precision={grads}"])
+            cfg = load_config(
+                CPU,
+                [
+                    "train.precision=bf16",
+                    "train.global_batch=2",
+                    "train.grad_accum=2",
+                    f"train.zero_stage={stage}",
+                    f"train.grad_precision={grads}",
+                ],
+            )
             configs[f"{stage}-{grads}"] = deepspeed_config(cfg, 1)
-    result = subprocess.run([sys.executable, "-c", ENGINE, str(free_port()), json.dumps(configs)],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", ENGINE, str(free_port()), json.dumps(configs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     line = next((text for text in result.stdout.splitlines() if text.startswith("ENGINE ")), None)
     assert line is not None, result.stdout[-2000:] + result.stderr[-3000:]
     used = json.loads(line.removeprefix("ENGINE "))

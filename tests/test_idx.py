@@ -1,4 +1,5 @@
 """IDX files (MNIST / Fashion-MNIST) -> shards -> the stream."""
+
 import gzip
 import json
 import struct
@@ -18,16 +19,26 @@ def test_idx_round_trip_through_shards_and_the_stream(tmp_path, compress):
     src = tmp_path / "src"
     src.mkdir()
     arrays = idx_folder(src, compress=compress)
-    x, y = read_idx_pair(src / f"train-images-idx3-ubyte{'.gz' if compress else ''}",
-                         src / f"train-labels-idx1-ubyte{'.gz' if compress else ''}")
+    x, y = read_idx_pair(
+        src / f"train-images-idx3-ubyte{'.gz' if compress else ''}",
+        src / f"train-labels-idx1-ubyte{'.gz' if compress else ''}",
+    )
     assert np.array_equal(x, arrays["train"][0]) and np.array_equal(y, arrays["train"][1])
     out = tmp_path / "shards"
     assert write_shards.main(["idx", str(src), str(out), "--shard-size", "5", "--no-progress"]) == 0
     meta = json.loads((out / "shards.json").read_text())
     assert meta["splits"]["train"]["total"] == 12 and meta["splits"]["val"]["total"] == 6 and meta["shuffled"]
     assert json.loads((out / "classes.json").read_text())["names"][9] == "Ankle boot"
-    stream = build_eval_stream(str(out), batch_size=3, num_workers=0, image_size=28, crop_pct=1.0,
-                               mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")
+    stream = build_eval_stream(
+        str(out),
+        batch_size=3,
+        num_workers=0,
+        image_size=28,
+        crop_pct=1.0,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        interpolation="bilinear",
+    )
     seen = {}
     for batch in stream:
         for image, label, valid, sid in zip(batch["image"], batch["label"], batch["valid"], batch["sample_id"]):
@@ -57,8 +68,9 @@ def test_bad_idx_files_are_named(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     idx_folder(src, train=4, val=3)
-    (src / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(
-        bytes([0, 0, 8, 1]) + struct.pack(">I", 2) + b"\x01\x02"))  # 3 images, 2 labels
+    (src / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 2) + b"\x01\x02")
+    )  # 3 images, 2 labels
     assert write_shards.main(["idx", str(src), str(tmp_path / "out"), "--no-progress"]) == 2
     assert not (tmp_path / "out").exists(), "nothing is written when an input is bad"
     (src / "train-images-idx3-ubyte.gz").unlink()

@@ -11,6 +11,7 @@ Every module's imports are read with ``ast`` (module level and inside functions,
 bench/, examples/ and tests/ may import anything. A known exception names the import to remove; once it is gone the test
 says so, and the entry goes too.
 """
+
 import ast
 from pathlib import Path
 from typing import NamedTuple
@@ -63,8 +64,9 @@ def known(name: str) -> str:
 
 def _type_checking(node: ast.If) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imports_of(name: str, path: Path) -> list[Import]:
@@ -78,11 +80,14 @@ def imports_of(name: str, path: Path) -> list[Import]:
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
-                    base = ".".join(package[:len(package) - child.level + 1] + ([base] if base else []))
+                    base = ".".join(package[: len(package) - child.level + 1] + ([base] if base else []))
                 targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in child.names]
             else:
-                inner = module_level and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) \
+                inner = (
+                    module_level
+                    and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
                     and not (isinstance(child, ast.If) and _type_checking(child))
+                )
                 visit(child, inner)
                 continue
             for target in targets:
@@ -177,8 +182,13 @@ def test_test_modules_import_no_other_test_module():
     bad = []
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
                 stem = name.removeprefix("tests.").split(".")[0]
                 if stem in local and (stem.startswith("test_") or stem == "conftest"):
@@ -190,11 +200,21 @@ def test_nothing_outside_tests_edits_sys_path():
     bad = []
     for path in sorted(p for top in (*LAYERS, "bench", "examples") for p in (ROOT / top).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) and \
-                    node.value.id == "sys" and not isinstance(getattr(node, "ctx", None), ast.Load):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "path"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "sys"
+                and not isinstance(getattr(node, "ctx", None), ast.Load)
+            ):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} assigns sys.path")
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                    node.func.attr in ("insert", "append", "extend") and ast.unparse(node.func.value) == "sys.path":
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("insert", "append", "extend")
+                and ast.unparse(node.func.value) == "sys.path"
+            ):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
-    assert not bad, "sys.path edits (the package is installed; run bench scripts as python bench/NAME.py):\n" + \
-        "\n".join(bad)
+    assert not bad, "sys.path edits (the package is installed; run bench scripts as python bench/NAME.py):\n" + "\n".join(
+        bad
+    )

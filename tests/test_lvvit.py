@@ -1,5 +1,6 @@
 """LV-ViT (models/lvvit.py): the definition, its eval rule, strict loads, ToE's zero-pad restore and the
 cost model with the conv stem (LVVIT_SPEC.md test plan 1, 2, 6, 8)."""
+
 import copy
 
 import pytest
@@ -152,13 +153,14 @@ def test_cost_model_counts_stem_and_aux_head():
         model = timm.create_model("lvvit_s", num_classes=1000)
     shape = ViTShape.from_model(model)
     assert shape.stem_width == 64 and shape.aux_head and shape.in_chans == 3 and shape.mlp_ratio == 3
-    macs = 112 ** 2 * 3 * 64 * 49 + 2 * 112 ** 2 * 64 * 64 * 9 + 14 ** 2 * 8 * 8 * 64 * 384  # LVVIT_SPEC "Cost model"
+    macs = 112**2 * 3 * 64 * 49 + 2 * 112**2 * 64 * 64 * 9 + 14**2 * 8 * 8 * 64 * 384  # LVVIT_SPEC "Cost model"
     assert stem_flops(shape) == 2 * macs
     heads = 2 * 384 * 1000 * (1 + 196)
     blocks = forward_flops(shape) - stem_flops(shape) - heads
     assert round(blocks / 2e9, 2) == 5.12 and round((blocks + stem_flops(shape)) / 2e9, 2) == 6.48
     # ToE saves block work only: the stem and the aux head (restored length) cost the same
     from dataclasses import replace
+
     bare = replace(shape, stem_width=0, aux_head=False)
     saved = forward_flops(shape) - token_plan_flops(shape, (1, 78))
     assert saved > 0 and saved == forward_flops(bare) - token_plan_flops(bare, (1, 78))
@@ -166,8 +168,11 @@ def test_cost_model_counts_stem_and_aux_head():
 
 # LVVIT_SPEC "Cost model": stem share of stem + blocks, stage shares, run speed-ups (300 / 310 epochs)
 # (with the paper's counting, 136 kept in stage 2; LVVIT_SPEC's table has the earlier 137: 0.833 / 1.194 ... for T)
-TABLE3 = {"lvvit_t": (0.44, 0.679, 0.831, 1.195, 1.188), "lvvit_s": (0.21, 0.544, 0.762, 1.301, 1.288),
-          "lvvit_m": (0.12, 0.486, 0.734, 1.351, 1.336)}
+TABLE3 = {
+    "lvvit_t": (0.44, 0.679, 0.831, 1.195, 1.188),
+    "lvvit_s": (0.21, 0.544, 0.762, 1.301, 1.288),
+    "lvvit_m": (0.12, 0.486, 0.734, 1.351, 1.336),
+}
 
 
 @pytest.mark.parametrize("name", sorted(TABLE3))
@@ -203,6 +208,7 @@ def test_compiles_to_one_graph_per_toe_stage_with_token_labelling():
     from torch._dynamo.utils import counters
 
     from methods.token_labelling import TokenLabellingConfig, TokenLabellingPlugin
+
     model = tiny()
     schedule = ToESchedule(r1=0.4, r0=0.2, total_steps=30, block=1)
     stack = PluginStack([TokenLabellingPlugin(TokenLabellingConfig()), ToEPlugin(schedule)])
@@ -215,9 +221,16 @@ def test_compiles_to_one_graph_per_toe_stage_with_token_labelling():
         model.train()
         for step in (0, 1, 10, 20):
             stack.on_step(step)
-            batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.zeros(4, dtype=torch.long),
-                     "token_logits": torch.randn(4, 2, 8, 8), "token_ids": torch.stack([torch.zeros(8, 8), torch.ones(8, 8)])
-                     .long()[None].expand(4, -1, -1, -1).contiguous(), "token_box": torch.tensor([[0.0, 0, 1, 1]] * 4)}
+            batch = {
+                "image": torch.randn(4, 3, 32, 32),
+                "label": torch.zeros(4, dtype=torch.long),
+                "token_logits": torch.randn(4, 2, 8, 8),
+                "token_ids": torch.stack([torch.zeros(8, 8), torch.ones(8, 8)])
+                .long()[None]
+                .expand(4, -1, -1, -1)
+                .contiguous(),
+                "token_box": torch.tensor([[0.0, 0, 1, 1]] * 4),
+            }
             batch = stack.on_batch(step, batch)
             cls_logits, aux_logits = model(batch["image"])
             assert aux_logits.shape == (4, 64, 10)
@@ -234,9 +247,28 @@ def test_compiles_to_one_graph_per_toe_stage_with_token_labelling():
 @pytest.fixture(scope="module")
 def oracle_shards(tmp_path_factory):
     from data import write_shards
+
     out = tmp_path_factory.mktemp("lvvit") / "shards"
-    assert write_shards.main(["synthetic", str(out), "--train", "128", "--val", "32", "--shard-size", "16",
-                              "--no-progress", "--token-labels", "8", "--token-k", "3"]) == 0
+    assert (
+        write_shards.main(
+            [
+                "synthetic",
+                str(out),
+                "--train",
+                "128",
+                "--val",
+                "32",
+                "--shard-size",
+                "16",
+                "--no-progress",
+                "--token-labels",
+                "8",
+                "--token-k",
+                "3",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -252,18 +284,51 @@ def test_two_ranks_with_toe_resume_exactly_and_export_loads_strict(tmp_path, ora
     from pathlib import Path
 
     from helpers import free_port
+
     root = Path(__file__).resolve().parents[1]
-    common = [f"data.path={oracle_shards}", f"out_dir={tmp_path}", "data.workers=1", "train.global_batch=16",
-              "model.kwargs={patch_size: 4, depth: 3, embed_dim: 48, num_heads: 2, stem_width: 8}",
-              "train.steps=8", "checkpoint.every=4", "checkpoint.keep=5", "train.log_every=1", "train.ema=true",
-              "train.ema_decay=0.9", "train.eval_every=0", "model.drop_path=0.1"]
+    common = [
+        f"data.path={oracle_shards}",
+        f"out_dir={tmp_path}",
+        "data.workers=1",
+        "train.global_batch=16",
+        "model.kwargs={patch_size: 4, depth: 3, embed_dim: 48, num_heads: 2, stem_width: 8}",
+        "train.steps=8",
+        "checkpoint.every=4",
+        "checkpoint.keep=5",
+        "train.log_every=1",
+        "train.ema=true",
+        "train.ema_decay=0.9",
+        "train.eval_every=0",
+        "model.drop_path=0.1",
+    ]
 
     def run(name, *extra):
-        args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port()), "-m", "launcher.train", "--config",
-                str(root / "configs/lvvit_tiny_toe_cpu.yaml"), f"name={name}", *common, *extra]
-        result = subprocess.run(args, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
-                                capture_output=True, text=True, timeout=400)
+        args = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "launcher.train",
+            "--config",
+            str(root / "configs/lvvit_tiny_toe_cpu.yaml"),
+            f"name={name}",
+            *common,
+            *extra,
+        ]
+        result = subprocess.run(
+            args,
+            cwd=root,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         return result.stdout + result.stderr
 
@@ -283,9 +348,11 @@ def test_two_ranks_with_toe_resume_exactly_and_export_loads_strict(tmp_path, ora
     assert final["straight"] == final["resumed"] and "ema_top1" in final["straight"]
 
     from launcher.export import export
+
     weights = export(str(tmp_path / "straight"), str(tmp_path / "model.pth"))
-    plain = timm.create_model("lvvit_t", num_classes=32, img_size=32, patch_size=4, depth=3, embed_dim=48,
-                              num_heads=2, stem_width=8)
+    plain = timm.create_model(
+        "lvvit_t", num_classes=32, img_size=32, patch_size=4, depth=3, embed_dim=48, num_heads=2, stem_width=8
+    )
     plain.load_state_dict(torch.load(weights, weights_only=True), strict=True)
 
 
@@ -293,6 +360,7 @@ def _bn_worker(rank, port, out):
     import torch.distributed as dist
 
     from models.lvvit import broadcast_batchnorm
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         model = tiny().train()
@@ -304,8 +372,15 @@ def _bn_worker(rank, port, out):
             before = model(probe)
             sent = broadcast_batchnorm(model)
             after = model(probe)
-        torch.save({"before": before, "after": after, "sent": sent,
-                    "stats": [b.clone() for n, b in model.named_buffers() if "running" in n]}, f"{out}/{rank}.pt")
+        torch.save(
+            {
+                "before": before,
+                "after": after,
+                "sent": sent,
+                "stats": [b.clone() for n, b in model.named_buffers() if "running" in n],
+            },
+            f"{out}/{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -317,6 +392,7 @@ def test_batchnorm_statistics_are_rank_zeros_after_the_broadcast(tmp_path):
     import torch.multiprocessing as mp
 
     from helpers import free_port
+
     mp.spawn(_bn_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     zero, one = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
     assert zero["sent"] == 9  # three BatchNorms x (mean, var, count)

@@ -1,4 +1,5 @@
 """The method seam: registry, recipe sections, events in the real engine, ToE and PatchDropout as plug-ins."""
+
 import json
 import re
 import signal
@@ -28,6 +29,7 @@ def tiny(**kwargs):
 
 # -- recipes ---------------------------------------------------------------------------------------
 
+
 def test_methods_come_from_the_recipe_in_order_with_overrides():
     cfg = load_config(TOE_CPU, ["methods.toe.r1=0.4", "methods.patch_dropout={rate: 0.25}"])
     assert list(cfg.methods) == ["toe", "patch_dropout"]
@@ -36,15 +38,18 @@ def test_methods_come_from_the_recipe_in_order_with_overrides():
     assert "methods:\n  toe:\n    r1: 0.4" in __import__("launcher.config").config.resolved(cfg)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("methods.tome={r: 8}", "unknown method 'tome'; registered methods: "),  # the list grows with methods
-    ("methods.toe.r2=0.4", "unknown key 'methods.toe.r2'"),
-    ("methods.toe.k=two", "methods.toe.k must be int"),
-    ("methods.toe.r1=1.5", "methods.toe.r1 must lie in"),
-    ("methods.patch_dropout={rate: 1.0}", "methods.patch_dropout.rate must be in [0, 1)"),
-    ("methods.toe.distance=l3", "methods.toe.distance must be one of"),
-    ("methods=[toe]", "methods must be dict"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("methods.tome={r: 8}", "unknown method 'tome'; registered methods: "),  # the list grows with methods
+        ("methods.toe.r2=0.4", "unknown key 'methods.toe.r2'"),
+        ("methods.toe.k=two", "methods.toe.k must be int"),
+        ("methods.toe.r1=1.5", "methods.toe.r1 must lie in"),
+        ("methods.patch_dropout={rate: 1.0}", "methods.patch_dropout.rate must be in [0, 1)"),
+        ("methods.toe.distance=l3", "methods.toe.distance must be one of"),
+        ("methods=[toe]", "methods must be dict"),
+    ],
+)
 def test_bad_method_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(TOE_CPU, [override])
@@ -58,6 +63,7 @@ def test_two_methods_setting_the_tokens_before_one_block_are_refused():
 
 
 # -- ToE and PatchDropout through the registry ------------------------------------------------------
+
 
 def test_toe_from_the_registry_is_the_toe_of_the_surgery():
     direct, seam = tiny(), tiny()
@@ -122,8 +128,9 @@ def test_patch_dropout_cost_model_matches_the_flop_counter():
 
 def test_patch_dropout_refuses_detection_tokens():
     with pytest.raises(ValueError, match="suffix tokens"):
-        build_stack({"patch_dropout": PatchDropoutConfig(0.5)},
-                    MethodContext(total_steps=10, steps_per_epoch=5, num_suffix=3))
+        build_stack(
+            {"patch_dropout": PatchDropoutConfig(0.5)}, MethodContext(total_steps=10, steps_per_epoch=5, num_suffix=3)
+        )
 
 
 def test_the_stack_prices_every_training_forward_on_its_grid():
@@ -147,6 +154,7 @@ def test_the_stack_prices_every_training_forward_on_its_grid():
 
 
 # -- every event in the real engine ----------------------------------------------------------------
+
 
 def expected_events(start: int, end: int, steps_per_epoch: int, accum: int, resumed: bool) -> list[tuple]:
     events = [("attach",), ("on_engine",)] + ([("load_state_dict", start)] if resumed else [])
@@ -181,8 +189,14 @@ def test_every_event_fires_in_order_across_a_kill_and_resume(tmp_path, tiny_shar
 
     run = tmp_path / "events"
     run.mkdir()
-    overrides = ["train.steps=20", "train.grad_accum=2", "train.zero_stage=2", "checkpoint.every=4",
-                 "method_modules=[tests.recording_method]", f"methods.recording={{out_dir: {run}}}"]
+    overrides = [
+        "train.steps=20",
+        "train.grad_accum=2",
+        "train.zero_stage=2",
+        "checkpoint.every=4",
+        "method_modules=[tests.recording_method]",
+        f"methods.recording={{out_dir: {run}}}",
+    ]
     process = start(run, tiny_shards, *overrides, ranks=2)
     wait_for_step(run, 9, process)
     kill_tree(process.pid, signal.SIGKILL)
@@ -195,9 +209,9 @@ def test_every_event_fires_in_order_across_a_kill_and_resume(tmp_path, tiny_shar
         first, second = read_events(run / f"events-rank{rank}.jsonl")
         final_eval = [event for event in second if event[0] == "on_eval_batch"]
         assert final_eval and set(final_eval) == {("on_eval_batch", 20)}  # the final evaluation, after step 20
-        assert second[-len(final_eval):] == final_eval
-        second = second[:-len(final_eval)]
+        assert second[-len(final_eval) :] == final_eval
+        second = second[: -len(final_eval)]
         resume = second[2][1]  # the state came back: the steps it saw before the checkpoint it resumes from
         assert resume in (8, 12, 16) and second == expected_events(resume, 20, steps_per_epoch, 2, resumed=True)
-        assert first == expected_events(0, 20, steps_per_epoch, 2, resumed=False)[:len(first)]
+        assert first == expected_events(0, 20, steps_per_epoch, 2, resumed=False)[: len(first)]
         assert len(first) > len(expected_events(0, 10, steps_per_epoch, 2, resumed=False)) - 8

@@ -6,6 +6,7 @@ counts and its one base for relative paths; export against checkpoint rotation; 
 unreadable shard; per-split sample keys of a pre-split image folder; the tiny LV-ViT recipes writing
 their own token-labelled shards.
 """
+
 import io
 import json
 import logging
@@ -26,17 +27,30 @@ from data.stream import SkipSample, build_train_stream, decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-TINY = ["model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}", "data.workers=1",
-        "train.global_batch=16", "train.log_every=1", "train.eval_every=0", "train.precision=fp32",
-        "train.zero_stage=1"]
+TINY = [
+    "model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}",
+    "data.workers=1",
+    "train.global_batch=16",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.precision=fp32",
+    "train.zero_stage=1",
+]
 
 
 def run_train(recipe: str, *args, timeout=400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(ROOT / recipe), *args], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.train", "--config", str(ROOT / recipe), *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # -- 1. model.num_classes against classes.json ------------------------------------------------------
+
 
 def test_num_classes_below_the_shards_classes_is_refused_at_start_up_naming_both(tmp_path, tiny_shards):
     from data.shards import check_num_classes
@@ -44,8 +58,16 @@ def test_num_classes_below_the_shards_classes_is_refused_at_start_up_naming_both
     with pytest.raises(ShardIndexError, match=r"model.num_classes=10, but .*classes.json lists 32 classes"):
         check_num_classes(str(tiny_shards), 10)
     assert check_num_classes(str(tiny_shards), 32) == 32 and check_num_classes(str(tiny_shards), 1000) == 32
-    result = run_train("configs/deit_tiny_cpu.yaml", f"out_dir={tmp_path}", "name=run", f"data.path={tiny_shards}",
-                       "data.synthetic=false", "model.num_classes=10", "train.steps=2", *TINY)
+    result = run_train(
+        "configs/deit_tiny_cpu.yaml",
+        f"out_dir={tmp_path}",
+        "name=run",
+        f"data.path={tiny_shards}",
+        "data.synthetic=false",
+        "model.num_classes=10",
+        "train.steps=2",
+        *TINY,
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 2, out[-3000:]
     assert "model.num_classes=10, but" in out and "lists 32 classes (labels 0..31)" in out
@@ -71,7 +93,7 @@ def _damaged(data: bytes, rng: random.Random, kind: str) -> bytes:
         return data[:at] + bytes([0xFF, rng.randrange(0xC0, 0x100)]) + data[at:]
     if kind in ("zeros", "ff_run"):
         run = rng.randrange(8, 64)
-        return data[:at] + (b"\0" if kind == "zeros" else b"\xff") * run + data[at + run:]
+        return data[:at] + (b"\0" if kind == "zeros" else b"\xff") * run + data[at + run :]
     return data[:at]
 
 
@@ -83,7 +105,7 @@ def damaged_jpegs(tmp_path_factory) -> Path:
     rng, noise = random.Random(3), np.random.default_rng(3)
     for i in range(16):
         yy, xx = np.mgrid[0:48, 0:64]
-        image = (noise.integers(0, 255, 3) + 80 * np.sin(xx[..., None] / 5 + yy[..., None] / 7 + noise.uniform(0, 6, 3)))
+        image = noise.integers(0, 255, 3) + 80 * np.sin(xx[..., None] / 5 + yy[..., None] / 7 + noise.uniform(0, 6, 3))
         buffer = io.BytesIO()
         Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
         data = buffer.getvalue() if i < 4 else _damaged(buffer.getvalue(), rng, KINDS[i % 4])
@@ -97,6 +119,7 @@ def damaged_jpegs(tmp_path_factory) -> Path:
 
 def _samples(shards: Path) -> list[dict]:
     from data.shards import ShardIndex, read_samples
+
     split = ShardIndex.load(str(shards)).split("train")
     return [s for url, n in zip(split.urls, split.counts) for _, s in read_samples(url, list(range(int(n))))]
 
@@ -152,24 +175,32 @@ def test_the_reduced_decode_check_agrees_with_the_full_decode_on_random_damage()
 def test_the_dali_stream_counts_the_pil_streams_corrupt_images(damaged_jpegs, caplog):
     from data import dali
 
-    options = dict(batch_size=4, num_workers=0, seed=1, image_size=32, buffer_size=4, auto_augment=None,
-                   re_prob=0.0, color_jitter=0.0)
+    options = dict(
+        batch_size=4, num_workers=0, seed=1, image_size=32, buffer_size=4, auto_augment=None, re_prob=0.0, color_jitter=0.0
+    )
     with caplog.at_level(logging.WARNING, logger="data.stream"):
         pil = build_train_stream(str(damaged_jpegs), **options)
         list(pil)
-        pil_lines = {r.getMessage().split(" (position")[0].split("skipped sample ")[1] for r in caplog.records
-                     if "skipped sample" in r.getMessage()}
+        pil_lines = {
+            r.getMessage().split(" (position")[0].split("skipped sample ")[1]
+            for r in caplog.records
+            if "skipped sample" in r.getMessage()
+        }
         caplog.clear()
         ours = dali.build_train_stream(str(damaged_jpegs), num_threads=1, device="cpu", **options)
         batches = list(ours)
-        dali_lines = {r.getMessage().split(" (position")[0].split("skipped sample ")[1] for r in caplog.records
-                      if "skipped sample" in r.getMessage()}
+        dali_lines = {
+            r.getMessage().split(" (position")[0].split("skipped sample ")[1]
+            for r in caplog.records
+            if "skipped sample" in r.getMessage()
+        }
     assert len(batches) == len(ours)
     assert ours.counters["corrupt_image"] == pil.counters["corrupt_image"] > 0
     assert ours.counters["dali_failed"] == 0 and dali_lines == pil_lines
 
 
 # -- 3. the synthetic index through the index reader ---------------------------------------------------
+
 
 def test_a_broken_synthetic_index_is_a_named_refusal(tmp_path):
     from data.write_shards import synthetic_holds
@@ -179,14 +210,16 @@ def test_a_broken_synthetic_index_is_a_named_refusal(tmp_path):
     (folder / "shards.json").write_text('{"format": "toe-shards/1",\n "synthetic": {oops}}\n')
     with pytest.raises(ShardIndexError, match=r"shards.json is not valid JSON: line 2"):
         synthetic_holds(str(folder), size=32, objects=1)
-    result = run_train("configs/deit_tiny_cpu.yaml", f"out_dir={tmp_path}", "name=run", f"data.path={folder}",
-                       "train.steps=2", *TINY)
+    result = run_train(
+        "configs/deit_tiny_cpu.yaml", f"out_dir={tmp_path}", "name=run", f"data.path={folder}", "train.steps=2", *TINY
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 2, out[-3000:]
     assert f"{folder}/shards.json is not valid JSON: line 2, column" in out and "JSONDecodeError" not in out
 
 
 # -- 4. launcher.compare: a recipe listed twice, an empty config.yaml -----------------------------------
+
 
 def test_compare_refuses_a_recipe_listed_twice(tmp_path, monkeypatch):
     from launcher import compare
@@ -196,13 +229,13 @@ def test_compare_refuses_a_recipe_listed_twice(tmp_path, monkeypatch):
     for twice in ([recipe, recipe], [recipe, "./" + recipe], [str(ROOT / recipe), recipe]):
         with pytest.raises(compare.ConfigError, match="lists .*deit_tiny_cpu.yaml twice"):
             compare.plan(twice, 1, tmp_path, ["train.steps=4"])
-    assert compare.main(["--recipes", recipe, recipe, "--seeds", "1", "--out", str(tmp_path / "cmp"),
-                         "train.steps=4"]) == 2
+    assert compare.main(["--recipes", recipe, recipe, "--seeds", "1", "--out", str(tmp_path / "cmp"), "train.steps=4"]) == 2
     assert not (tmp_path / "cmp").exists(), "refused before anything runs"
 
 
-@pytest.mark.parametrize("content, what", [("", "is empty"), ("# nothing\n", "is empty"), ("{}\n", "is empty"),
-                                           ("- a\n- b\n", "holds a list")])
+@pytest.mark.parametrize(
+    "content, what", [("", "is empty"), ("# nothing\n", "is empty"), ("{}\n", "is empty"), ("- a\n- b\n", "holds a list")]
+)
 def test_compare_refuses_an_empty_config_yaml_in_a_run_folder(tmp_path, content, what):
     from launcher import compare
 
@@ -215,14 +248,17 @@ def test_compare_refuses_an_empty_config_yaml_in_a_run_folder(tmp_path, content,
 
 # -- 5. launcher.submit: --nodes 0, and one base for relative paths -------------------------------------
 
+
 def test_submit_refuses_counts_that_make_no_job(capsys):
     from launcher import compare, submit
 
     config = str(ROOT / "configs/deit_tiny_cpu.yaml")
-    for flags, message in ((["--nodes", "0"], "--nodes must be >= 1, got 0"),
-                           (["--nodes", "-2"], "--nodes must be >= 1, got -2"),
-                           (["--cpus-per-task", "0"], "--cpus-per-task must be >= 1, got 0"),
-                           (["--tasks-per-node", "-1"], "--tasks-per-node must be >= 0, got -1")):
+    for flags, message in (
+        (["--nodes", "0"], "--nodes must be >= 1, got 0"),
+        (["--nodes", "-2"], "--nodes must be >= 1, got -2"),
+        (["--cpus-per-task", "0"], "--cpus-per-task must be >= 1, got 0"),
+        (["--tasks-per-node", "-1"], "--tasks-per-node must be >= 0, got -1"),
+    ):
         assert submit.main(["--config", config, "--tasks-per-node", "1", *flags, "--dry-run"]) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
@@ -243,8 +279,18 @@ def test_submit_from_outside_the_repository_resolves_output_lock_and_data_agains
     runs = tmp_path / "runs"
     out_dir = os.path.relpath(runs, ROOT)  # relative: it names another folder from `elsewhere`
     data = os.path.relpath(tmp_path / "shards", ROOT)
-    command = [sys.executable, "-m", "launcher.submit", "--config", str(ROOT / "configs/deit_tiny_cpu.yaml"),
-               "--tasks-per-node", "1", f"out_dir={out_dir}", "name=job", f"data.path={data}"]
+    command = [
+        sys.executable,
+        "-m",
+        "launcher.submit",
+        "--config",
+        str(ROOT / "configs/deit_tiny_cpu.yaml"),
+        "--tasks-per-node",
+        "1",
+        f"out_dir={out_dir}",
+        "name=job",
+        f"data.path={data}",
+    ]
     env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
     lock = RunLock(runs / "job").acquire()  # a live job of this run, in the folder the job would use
@@ -266,9 +312,11 @@ def test_submit_from_outside_the_repository_resolves_output_lock_and_data_agains
 
 # -- 6. launcher.export against checkpoint rotation -----------------------------------------------------
 
-HOLD = ("import sys; from launcher.runlock import checkpoint_readers\n"
-        "with checkpoint_readers(sys.argv[1]) as held:\n"
-        "    print('held' if held else 'not held', flush=True); sys.stdin.read()\n")
+HOLD = (
+    "import sys; from launcher.runlock import checkpoint_readers\n"
+    "with checkpoint_readers(sys.argv[1]) as held:\n"
+    "    print('held' if held else 'not held', flush=True); sys.stdin.read()\n"
+)
 
 
 def _fake_checkpoints(folder: Path, steps) -> None:
@@ -284,8 +332,14 @@ def test_rotation_leaves_checkpoints_to_a_reader_and_catches_up_after(tmp_path, 
     _fake_checkpoints(folder, [1, 2, 3, 4])
     checkpointer = Checkpointer.__new__(Checkpointer)
     checkpointer.folder, checkpointer.keep = folder, 2
-    reader = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], cwd=ROOT, env=ENV, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)],
+        cwd=ROOT,
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert reader.stdout.readline().strip() == "held"
         with caplog.at_level(logging.INFO, logger="launcher.checkpoint"):
@@ -306,9 +360,21 @@ def test_export_during_training_with_rotation_succeeds_every_time(tmp_path, tiny
     from launcher.export import export
 
     run, log_path = tmp_path / "run", tmp_path / "train.log"
-    args = [sys.executable, "-m", "launcher.train", "--config", str(ROOT / "configs/deit_tiny_cpu.yaml"),
-            f"out_dir={tmp_path}", "name=run", f"data.path={tiny_shards}", "data.synthetic=false", *TINY,
-            "train.steps=400", "checkpoint.every=1", "checkpoint.keep=1"]
+    args = [
+        sys.executable,
+        "-m",
+        "launcher.train",
+        "--config",
+        str(ROOT / "configs/deit_tiny_cpu.yaml"),
+        f"out_dir={tmp_path}",
+        "name=run",
+        f"data.path={tiny_shards}",
+        "data.synthetic=false",
+        *TINY,
+        "train.steps=400",
+        "checkpoint.every=1",
+        "checkpoint.keep=1",
+    ]
     deferred = "checkpoint rotation deferred to the next save"
     exported, failures = [], []
     with open(log_path, "w") as log_file:
@@ -317,8 +383,12 @@ def test_export_during_training_with_rotation_succeeds_every_time(tmp_path, tiny
             deadline = time.time() + 300
             while not (run / "checkpoints" / "latest").is_file() and process.poll() is None and time.time() < deadline:
                 time.sleep(0.2)
-            while process.poll() is None and len(exported) < 40 and len(failures) < 6 and (
-                    len(exported) < 6 or deferred not in log_path.read_text()):
+            while (
+                process.poll() is None
+                and len(exported) < 40
+                and len(failures) < 6
+                and (len(exported) < 6 or deferred not in log_path.read_text())
+            ):
                 try:
                     out = export(str(run), str(tmp_path / f"model{len(exported)}.pth"))
                     exported.append(json.loads(out.with_suffix(".json").read_text())["step"])
@@ -335,10 +405,28 @@ def test_export_during_training_with_rotation_succeeds_every_time(tmp_path, tiny
 
 # -- 7. one line per unreadable shard ------------------------------------------------------------------
 
+
 def test_a_shard_holding_fewer_samples_than_its_index_claims_logs_one_line(tmp_path, caplog):
     out = tmp_path / "shards"
-    assert write_shards.main(["synthetic", str(out), "--train", "200", "--val", "8", "--shard-size", "100",
-                              "--size", "16", "--no-progress", "--no-shuffle"]) == 0
+    assert (
+        write_shards.main(
+            [
+                "synthetic",
+                str(out),
+                "--train",
+                "200",
+                "--val",
+                "8",
+                "--shard-size",
+                "100",
+                "--size",
+                "16",
+                "--no-progress",
+                "--no-shuffle",
+            ]
+        )
+        == 0
+    )
     index = json.loads((out / "shards.json").read_text())
     shard = index["splits"]["train"]["shards"][0]
     shard["samples"] = 1000  # the tar holds 100
@@ -346,8 +434,16 @@ def test_a_shard_holding_fewer_samples_than_its_index_claims_logs_one_line(tmp_p
         shard.pop(recorded, None)
     index["splits"]["train"]["total"] = 1100
     (out / "shards.json").write_text(json.dumps(index))
-    stream = build_train_stream(str(out), batch_size=4, num_workers=0, image_size=16, buffer_size=16,
-                                auto_augment=None, re_prob=0.0, color_jitter=0.0)
+    stream = build_train_stream(
+        str(out),
+        batch_size=4,
+        num_workers=0,
+        image_size=16,
+        buffer_size=16,
+        auto_augment=None,
+        re_prob=0.0,
+        color_jitter=0.0,
+    )
     with caplog.at_level(logging.WARNING, logger="data.stream"):
         batches = list(stream)
     assert len(batches) == len(stream) == 1100 // 4
@@ -360,6 +456,7 @@ def test_a_shard_holding_fewer_samples_than_its_index_claims_logs_one_line(tmp_p
 
 
 # -- 8. a pre-split image folder whose splits reuse file names ------------------------------------------
+
 
 def _png(path: Path, value: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -382,18 +479,22 @@ def test_a_presplit_tree_reusing_file_names_across_splits_is_written(tmp_path, c
     _png(src / "train" / "3" / "00001.jpg", 5)  # the same key as train/3/00001.png, in the same split
     with caplog.at_level(logging.ERROR, logger="data.write_shards"):
         assert write_shards.main(["imagefolder", str(src), str(tmp_path / "again"), "--no-progress"]) == 2
-    assert (f"{src / 'train/3/00001.jpg'} and {src / 'train/3/00001.png'}" in caplog.text or
-            f"{src / 'train/3/00001.png'} and {src / 'train/3/00001.jpg'}" in caplog.text)
+    assert (
+        f"{src / 'train/3/00001.jpg'} and {src / 'train/3/00001.png'}" in caplog.text
+        or f"{src / 'train/3/00001.png'} and {src / 'train/3/00001.jpg'}" in caplog.text
+    )
     assert "the same sample key '3/00001' in split 'train'" in caplog.text
 
 
 def _split_samples(out: Path, split: str) -> list[dict]:
     from data.shards import ShardIndex, read_samples
+
     index = ShardIndex.load(str(out)).split(split)
     return [s for url, n in zip(index.urls, index.counts) for _, s in read_samples(url, list(range(int(n))))]
 
 
 # -- 9. the tiny LV-ViT recipes write their token-labelled shards ----------------------------------------
+
 
 def test_synthetic_token_labels_are_checked_against_the_folder(tmp_path, tiny_shards):
     from data.write_shards import synthetic_holds
@@ -413,10 +514,18 @@ def test_synthetic_token_labels_are_checked_against_the_folder(tmp_path, tiny_sh
 @pytest.mark.slow
 def test_the_tiny_lvvit_recipe_writes_its_token_labelled_shards_on_a_fresh_checkout(tmp_path):
     shards = tmp_path / "synthetic_tl"  # as data/shards/synthetic_tl on a fresh checkout: not there
-    result = run_train("configs/lvvit_tiny_cpu.yaml", f"out_dir={tmp_path}", "name=run", f"data.path={shards}",
-                       "train.steps=2", "data.workers=0", "train.global_batch=16", "train.eval_every=0",
-                       "model.kwargs={patch_size: 4, depth: 2, embed_dim: 48, num_heads: 2, stem_width: 8}",
-                       timeout=600)
+    result = run_train(
+        "configs/lvvit_tiny_cpu.yaml",
+        f"out_dir={tmp_path}",
+        "name=run",
+        f"data.path={shards}",
+        "train.steps=2",
+        "data.workers=0",
+        "train.global_batch=16",
+        "train.eval_every=0",
+        "model.kwargs={patch_size: 4, depth: 2, embed_dim: 48, num_heads: 2, stem_width: 8}",
+        timeout=600,
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     index = json.loads((shards / "shards.json").read_text())

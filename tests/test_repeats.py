@@ -1,4 +1,5 @@
 """Repeated augmentation as DeiT's RASampler places it: a sample's copies in one global step on different ranks."""
+
 import os
 import subprocess
 import sys
@@ -24,8 +25,10 @@ JOB_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # stream_job.py imports this 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("repeats") / "shards"  # 150 samples in 15 shards
-    assert write_shards.main(["synthetic", str(out), "--train", "150", "--val", "8", "--shard-size", "10",
-                              "--no-progress"]) == 0
+    assert (
+        write_shards.main(["synthetic", str(out), "--train", "150", "--val", "8", "--shard-size", "10", "--no-progress"])
+        == 0
+    )
     return out
 
 
@@ -40,8 +43,9 @@ def placements(layout, items, world, workers, batch):
     return where
 
 
-@pytest.mark.parametrize("world,workers,batch,repeats", [(3, 2, 4, 3), (6, 1, 2, 3), (4, 3, 5, 2), (2, 2, 4, 3),
-                                                          (1, 2, 6, 3), (5, 1, 3, 3)])
+@pytest.mark.parametrize(
+    "world,workers,batch,repeats", [(3, 2, 4, 3), (6, 1, 2, 3), (4, 3, 5, 2), (2, 2, 4, 3), (1, 2, 6, 3), (5, 1, 3, 3)]
+)
 def test_layout_partitions_the_epoch_and_deals_copies_over_ranks(shards, world, workers, batch, repeats):
     split = ShardIndex.load(str(shards)).split("train")
     items = epoch_items(split, 3, 0, shuffle=True, repeats=repeats)
@@ -75,10 +79,15 @@ def test_repeats_one_keeps_the_contiguous_layout(shards):
 
 
 def test_three_ranks_see_the_copies_in_the_same_step_with_different_augmentation(shards):
-    streams = [build_train_stream(str(shards), batch_size=4, rank=r, world_size=3, num_workers=2, seed=1,
-                                  image_size=32, buffer_size=8, repeats=3) for r in range(3)]
-    plain = build_train_stream(str(shards), batch_size=4, rank=0, world_size=3, num_workers=2, seed=1,
-                               image_size=32, buffer_size=8)
+    streams = [
+        build_train_stream(
+            str(shards), batch_size=4, rank=r, world_size=3, num_workers=2, seed=1, image_size=32, buffer_size=8, repeats=3
+        )
+        for r in range(3)
+    ]
+    plain = build_train_stream(
+        str(shards), batch_size=4, rank=0, world_size=3, num_workers=2, seed=1, image_size=32, buffer_size=8
+    )
     assert len(streams[0]) == len(plain), "an epoch keeps its length in iterations"
     steps = list(zip(*(list(s) for s in streams)))
     assert len(steps) == len(plain)
@@ -92,8 +101,9 @@ def test_three_ranks_see_the_copies_in_the_same_step_with_different_augmentation
 
 
 def run_job(*args, timeout=180):
-    result = subprocess.run([sys.executable, str(JOB), *map(str, args)], env=JOB_ENV, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(JOB), *map(str, args)], env=JOB_ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -112,16 +122,61 @@ def test_repeats_resume_exactly_and_across_a_world_size_change(shards, tmp_path)
         assert torch.equal(expected["sample_id"], got["sample_id"]) and torch.equal(expected["image"], got["image"])
     # 3 ranks for 2 steps, then 2 ranks finish the epoch: no copy of a sample is shown more than 3 times
     port = free_port()
-    jobs = [subprocess.Popen([sys.executable, str(JOB), str(shards), str(tmp_path / f"r{r}.pt"), "--rank", str(r),
-                              "--world", "3", *common[:4], "--repeats", "3", "--take", "2", "--dist-port", str(port),
-                              "--save-state", str(tmp_path / "three.pt")], env=JOB_ENV, stderr=subprocess.PIPE, text=True)
-            for r in range(3)]
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(JOB),
+                str(shards),
+                str(tmp_path / f"r{r}.pt"),
+                "--rank",
+                str(r),
+                "--world",
+                "3",
+                *common[:4],
+                "--repeats",
+                "3",
+                "--take",
+                "2",
+                "--dist-port",
+                str(port),
+                "--save-state",
+                str(tmp_path / "three.pt"),
+            ],
+            env=JOB_ENV,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(3)
+    ]
     for job in jobs:
         assert job.wait(timeout=180) == 0, job.stderr.read()[-3000:]
     port = free_port()
-    jobs = [subprocess.Popen([sys.executable, str(JOB), str(shards), str(tmp_path / f"s{r}.pt"), "--rank", str(r),
-                              "--world", "2", *common[:4], "--repeats", "3", "--state", str(tmp_path / "three.pt"),
-                              "--dist-port", str(port)], env=JOB_ENV, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(JOB),
+                str(shards),
+                str(tmp_path / f"s{r}.pt"),
+                "--rank",
+                str(r),
+                "--world",
+                "2",
+                *common[:4],
+                "--repeats",
+                "3",
+                "--state",
+                str(tmp_path / "three.pt"),
+                "--dist-port",
+                str(port),
+            ],
+            env=JOB_ENV,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     for job in jobs:
         assert job.wait(timeout=180) == 0, job.stderr.read()[-3000:]
     before = [i for r in range(3) for b in load(tmp_path / f"r{r}.pt")["batches"] for i in b["sample_id"].tolist()]

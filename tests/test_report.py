@@ -1,5 +1,6 @@
 """launcher.report on synthetic run folders (numbers checked against values computed here from the
 JSONL written), and launcher.compare end to end on real tiny runs (one killed mid-run)."""
+
 import json
 import os
 import signal
@@ -16,13 +17,25 @@ from PIL import Image
 from launcher import compare, report
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}", "data.workers=1",
-        "train.global_batch=16", "train.log_every=4", "checkpoint.keep=5"]
+TINY = [
+    "model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}",
+    "data.workers=1",
+    "train.global_batch=16",
+    "train.log_every=4",
+    "checkpoint.keep=5",
+]
 
 
 def config(name, seed=0, toe=True, task="classification", **extra):
-    return {"name": name, "out_dir": "runs", "task": task, "toe": {"enabled": toe, "r1": 0.5, "num_stages": 3},
-            "train": {"seed": seed, "steps": 8, "global_batch": 16}, "data": {"path": "shards"}, **extra}
+    return {
+        "name": name,
+        "out_dir": "runs",
+        "task": task,
+        "toe": {"enabled": toe, "r1": 0.5, "num_stages": 3},
+        "train": {"seed": seed, "steps": 8, "global_batch": 16},
+        "data": {"path": "shards"},
+        **extra,
+    }
 
 
 def write_run(path: Path, cfg: dict, records: list, final=None, tail: str = "") -> Path:
@@ -39,8 +52,16 @@ def start(step, t):
 
 
 def train(step, t, loss, stage, flops=1e13, img=None, **extra):
-    record = {"step": step, "loss": loss, "lr": 1e-3, "time": t, "toe/stage": float(stage),
-              "toe/kept_tokens": float(4 * (stage + 1)), "flops": flops, **extra}
+    record = {
+        "step": step,
+        "loss": loss,
+        "lr": 1e-3,
+        "time": t,
+        "toe/stage": float(stage),
+        "toe/kept_tokens": float(4 * (stage + 1)),
+        "flops": flops,
+        **extra,
+    }
     if img is not None:
         record["img_per_s"] = img
     return record
@@ -53,13 +74,30 @@ def evaluation(step, t, top1, **extra):
 def resumed_run(path: Path, seed=0, top1_final=0.5, speed=1.0, flops=1e13, toe=True, name=None):
     """Two segments with a gap between them: the first is killed after step 5, the second resumes at the
     step-4 checkpoint and redoes steps 4 and 5 (with other losses). Times scale with 1 / speed."""
-    segments = [(1000.0, [  # (start time, records)
-        train(0, 1001, 3.0, 1, flops, img=100.0), train(1, 1002, 2.9, 1, flops), train(2, 1003, 2.8, 1, flops),
-        train(3, 1004, 2.7, 1, flops, img=110.0), evaluation(4, 1004.5, 0.2), train(4, 1005, 9.9, 2, flops),
-        train(5, 1006, 9.8, 2, flops, img=999.0)]),
-        (5000.0, [train(4, 5001, 2.6, 2, flops), train(5, 5002, 2.5, 2, flops, img=120.0),
-                  train(6, 5003, 2.4, 3, flops), train(7, 5004, 2.3, 3, flops, img=130.0),
-                  evaluation(8, 5005, top1_final)])]
+    segments = [
+        (
+            1000.0,
+            [  # (start time, records)
+                train(0, 1001, 3.0, 1, flops, img=100.0),
+                train(1, 1002, 2.9, 1, flops),
+                train(2, 1003, 2.8, 1, flops),
+                train(3, 1004, 2.7, 1, flops, img=110.0),
+                evaluation(4, 1004.5, 0.2),
+                train(4, 1005, 9.9, 2, flops),
+                train(5, 1006, 9.8, 2, flops, img=999.0),
+            ],
+        ),
+        (
+            5000.0,
+            [
+                train(4, 5001, 2.6, 2, flops),
+                train(5, 5002, 2.5, 2, flops, img=120.0),
+                train(6, 5003, 2.4, 3, flops),
+                train(7, 5004, 2.3, 3, flops, img=130.0),
+                evaluation(8, 5005, top1_final),
+            ],
+        ),
+    ]
     records = []
     for begin, seg in segments:
         records.append(start(seg[0]["step"], begin / speed))
@@ -142,7 +180,8 @@ def test_plots_are_written_with_content(tmp_path):
 
 def test_one_run_without_flops_or_times_still_reports(tmp_path, caplog):
     records = [{"step": s, "loss": 3.0 - s / 10, "lr": 1e-3} for s in range(4)] + [
-        {"step": 4, "eval/top1": 0.25, "eval/top5": 0.5}]  # a log from before times were written
+        {"step": 4, "eval/top1": 0.25, "eval/top5": 0.5}
+    ]  # a log from before times were written
     path = write_run(tmp_path / "old", config("old", toe=False), records, final={"step": 4, "top1": 0.25})
     run = report.load_run(path)
     assert run.wall_clock is None and run.total_flops is None and run.steps == 4
@@ -174,8 +213,7 @@ def test_window_records_carry_the_flops_of_the_steps_they_cover(tmp_path):
 
 
 def test_a_truncated_last_line_is_skipped_and_a_run_in_progress_reports(tmp_path, caplog):
-    records = [start(0, 10.0), train(0, 11, 3.0, 1), train(1, 12, 2.9, 1), evaluation(2, 12.5, 0.1),
-               train(2, 13, 2.8, 1)]
+    records = [start(0, 10.0), train(0, 11, 3.0, 1), train(1, 12, 2.9, 1), evaluation(2, 12.5, 0.1), train(2, 13, 2.8, 1)]
     path = write_run(tmp_path / "live_s0", config("live_s0"), records, tail='{"step": 3, "loss": 2.')
     run = report.load_run(path)
     assert "last line is not a complete JSON record" in caplog.text and str(path) in caplog.text
@@ -188,8 +226,13 @@ def test_a_truncated_last_line_is_skipped_and_a_run_in_progress_reports(tmp_path
 
 def test_a_record_glued_to_a_cut_line_is_recovered(tmp_path, caplog):
     """A killed writer leaves no newline: the resumed run's start event lands on the cut line."""
-    lines = [json.dumps(start(0, 0.0)), json.dumps(train(0, 1, 3.0, 1)), json.dumps(train(1, 2, 2.9, 1)),
-             '{"step": 2, "lo' + json.dumps(start(1, 50.0)), json.dumps(train(1, 51, 2.7, 1))]
+    lines = [
+        json.dumps(start(0, 0.0)),
+        json.dumps(train(0, 1, 3.0, 1)),
+        json.dumps(train(1, 2, 2.9, 1)),
+        '{"step": 2, "lo' + json.dumps(start(1, 50.0)),
+        json.dumps(train(1, 51, 2.7, 1)),
+    ]
     path = tmp_path / "glued"
     write_run(path, config("glued"), [])
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -212,8 +255,12 @@ def test_a_folder_that_is_no_run_is_an_error_naming_it(tmp_path, capsys):
     assert "it has no metrics.jsonl" in capsys.readouterr().err
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
     assert "no such directory" in capsys.readouterr().err
-    result = subprocess.run([sys.executable, "-m", "launcher.report", str(empty), "--out", str(tmp_path / "r")],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.report", str(empty), "--out", str(tmp_path / "r")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "empty is not a run folder" in result.stderr
 
 
@@ -226,10 +273,13 @@ def test_methods_come_from_a_methods_mapping_and_the_toe_section():
 
 
 def test_detection_runs_report_ap(tmp_path):
-    records = [start(0, 0.0), train(0, 1, 5.0, 1), train(1, 2, 4.0, 1),
-               {"step": 2, "time": 3.0, "eval/AP": 0.12, "eval/AP50": 0.3, "eval/AP75": 0.1}]
-    path = write_run(tmp_path / "det", config("det", task="detection"), records,
-                     final={"step": 2, "AP": 0.12, "AP50": 0.3})
+    records = [
+        start(0, 0.0),
+        train(0, 1, 5.0, 1),
+        train(1, 2, 4.0, 1),
+        {"step": 2, "time": 3.0, "eval/AP": 0.12, "eval/AP50": 0.3, "eval/AP75": 0.1},
+    ]
+    path = write_run(tmp_path / "det", config("det", task="detection"), records, final={"step": 2, "AP": 0.12, "AP50": 0.3})
     out = report.write_report([report.load_run(path)], tmp_path / "report")
     row = table(out.read_text())["det"]
     assert row["final AP"] == "0.120" and row["final AP50"] == "0.300" and "final top-1 (%)" not in row
@@ -240,8 +290,17 @@ def test_compare_refuses_a_run_folder_of_another_config(tmp_path, capsys):
     folder = tmp_path / "cmp" / "runs" / "deit_tiny_cpu_s0"
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"name": "deit_tiny_cpu_s0", "train": {"steps": 3}}))
-    code = compare.main(["--recipes", str(ROOT / "configs/deit_tiny_cpu.yaml"), "--seeds", "1", "--out",
-                         str(tmp_path / "cmp"), "train.steps=4"])
+    code = compare.main(
+        [
+            "--recipes",
+            str(ROOT / "configs/deit_tiny_cpu.yaml"),
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path / "cmp"),
+            "train.steps=4",
+        ]
+    )
     assert code == 2 and "was trained with another config" in capsys.readouterr().err
 
 
@@ -259,8 +318,9 @@ def test_compare_accepts_a_run_folder_that_predates_an_option_left_at_its_defaul
     (planned.run_dir / "config.yaml").write_text(yaml.safe_dump(old))
     with pytest.raises(compare.ConfigError, match="train.steps"):
         compare.check_folder(planned)
-    planned = compare.plan([str(ROOT / "configs/deit_tiny_cpu.yaml")], 1, tmp_path / "b", ["train.steps=4",
-                                                                                          "train.signal_check_every=3"])[0]
+    planned = compare.plan(
+        [str(ROOT / "configs/deit_tiny_cpu.yaml")], 1, tmp_path / "b", ["train.steps=4", "train.signal_check_every=3"]
+    )[0]
     del old["train"]["steps"]
     old["train"].update(steps=4)
     planned.run_dir.mkdir(parents=True)
@@ -279,9 +339,22 @@ def test_compare_submits_one_slurm_job_per_run(tmp_path, monkeypatch, capsys):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "cmp"
-    code = compare.main(["--recipes", str(ROOT / "configs/deit_tiny_cpu.yaml"), str(ROOT / "configs/deit_tiny_toe_cpu.yaml"),
-                         "train.steps=4", "--seeds", "2", "--out", str(out), "--slurm", "--tasks-per-node", "1",
-                         "--no-wait"])
+    code = compare.main(
+        [
+            "--recipes",
+            str(ROOT / "configs/deit_tiny_cpu.yaml"),
+            str(ROOT / "configs/deit_tiny_toe_cpu.yaml"),
+            "train.steps=4",
+            "--seeds",
+            "2",
+            "--out",
+            str(out),
+            "--slurm",
+            "--tasks-per-node",
+            "1",
+            "--no-wait",
+        ]
+    )
     assert code == 0
     submitted = calls.read_text().splitlines()
     assert len(submitted) == 4 and all("--parsable" in s and "train.sbatch" in s for s in submitted)
@@ -296,17 +369,36 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_compare_skips_a_finished_run_and_resumes_a_killed_one(tmp_path, tiny_shards):
     out, total = tmp_path / "cmp", 200
-    args = [sys.executable, "-m", "launcher.compare", "--recipes", str(ROOT / "configs/deit_tiny_cpu.yaml"),
-            str(ROOT / "configs/deit_tiny_toe_cpu.yaml"), "--seeds", "1", "--out", str(out), "--progress-every", "1",
-            f"data.path={tiny_shards}", *TINY, f"train.steps={total}", "checkpoint.every=20", "train.eval_every=100"]
+    args = [
+        sys.executable,
+        "-m",
+        "launcher.compare",
+        "--recipes",
+        str(ROOT / "configs/deit_tiny_cpu.yaml"),
+        str(ROOT / "configs/deit_tiny_toe_cpu.yaml"),
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        "--progress-every",
+        "1",
+        f"data.path={tiny_shards}",
+        *TINY,
+        f"train.steps={total}",
+        "checkpoint.every=20",
+        "train.eval_every=100",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     first, victim = out / "runs" / "deit_tiny_cpu_s0", out / "runs" / "deit_tiny_toe_cpu_s0"
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # its own process group: the kill below takes the child too
+    process = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )  # its own process group: the kill below takes the child too
     try:
         deadline = time.time() + 300
-        while not ((victim / "metrics.jsonl").is_file()
-                   and max([r["step"] for r in metrics(victim) if "loss" in r], default=-1) >= 30):
+        while not (
+            (victim / "metrics.jsonl").is_file()
+            and max([r["step"] for r in metrics(victim) if "loss" in r], default=-1) >= 30
+        ):
             assert process.poll() is None, process.communicate()[0][-3000:]
             assert time.time() < deadline, "the second run did not reach step 30"
             time.sleep(0.1)
@@ -338,30 +430,49 @@ def test_compare_skips_a_finished_run_and_resumes_a_killed_one(tmp_path, tiny_sh
 
 def test_the_time_breakdown_is_summed_per_run_and_per_stage_found_in_the_log(tmp_path):
     """Stages come from whatever ``<method>/stage`` key the log has (here EfficientTrain's ``et/stage``)."""
+
     def window(step, stage, data, compute, optimizer, between=0.0):
-        return {"step": step, "steps": 2, "loss": 1.0, "lr": 1e-3, "time": 1000.0 + step, "et/stage": float(stage),
-                "time/data": data, "time/forward_backward": compute, "time/optimizer": optimizer,
-                "time/between_steps": between, "time/window": data + compute + optimizer + between}
-    records = [start(0, 999.0), window(1, 1, 0.2, 1.0, 0.2), window(3, 1, 0.0, 1.2, 0.2, 0.4),
-               window(5, 2, 0.4, 2.0, 0.2)]
+        return {
+            "step": step,
+            "steps": 2,
+            "loss": 1.0,
+            "lr": 1e-3,
+            "time": 1000.0 + step,
+            "et/stage": float(stage),
+            "time/data": data,
+            "time/forward_backward": compute,
+            "time/optimizer": optimizer,
+            "time/between_steps": between,
+            "time/window": data + compute + optimizer + between,
+        }
+
+    records = [start(0, 999.0), window(1, 1, 0.2, 1.0, 0.2), window(3, 1, 0.0, 1.2, 0.2, 0.4), window(5, 2, 0.4, 2.0, 0.2)]
     cfg = config("et", toe=False)
     run = report.load_run(write_run(tmp_path / "et", cfg, records))
     assert run.stage_key() == "et/stage"
     breakdown = run.time_breakdown()
-    assert breakdown[1] == pytest.approx({"steps": 4, "data": 0.2, "forward_backward": 2.2, "optimizer": 0.4,
-                                          "between_steps": 0.4})
-    assert breakdown[2] == pytest.approx({"steps": 2, "data": 0.4, "forward_backward": 2.0, "optimizer": 0.2,
-                                          "between_steps": 0.0})
-    plain = report.load_run(write_run(tmp_path / "plain", config("plain", toe=False),
-                                      [start(0, 999.0), {k: v for k, v in window(1, 1, 0.5, 1.0, 0.5).items()
-                                                         if k != "et/stage"}]))
+    assert breakdown[1] == pytest.approx(
+        {"steps": 4, "data": 0.2, "forward_backward": 2.2, "optimizer": 0.4, "between_steps": 0.4}
+    )
+    assert breakdown[2] == pytest.approx(
+        {"steps": 2, "data": 0.4, "forward_backward": 2.0, "optimizer": 0.2, "between_steps": 0.0}
+    )
+    plain = report.load_run(
+        write_run(
+            tmp_path / "plain",
+            config("plain", toe=False),
+            [start(0, 999.0), {k: v for k, v in window(1, 1, 0.5, 1.0, 0.5).items() if k != "et/stage"}],
+        )
+    )
     assert plain.stage_key() is None and list(plain.time_breakdown()) == [None]
     assert report.main([str(tmp_path / "et"), str(tmp_path / "plain"), "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
     assert "(time_breakdown.png)" in md
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
-            for line in md.split("## Where the time goes")[1].splitlines()
-            if line.startswith("| ") and "steps |" not in line}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+        for line in md.split("## Where the time goes")[1].splitlines()
+        if line.startswith("| ") and "steps |" not in line
+    }
     # ms per step: data, forward_backward, optimizer, between_steps, total, share waiting for data
     assert rows["et, et stage 1"][1:] == ["4", "50.0", "550.0", "100.0", "100.0", "800.0", "6.2%"]
     assert rows["et, et stage 2"][1:] == ["2", "200.0", "1000.0", "100.0", "0.0", "1300.0", "15.4%"]

@@ -2,6 +2,7 @@
 they train, a resumed run keeps its recipe, a folder that claims progress it cannot show is not
 overwritten, and refusals and signals are heard from every rank and every phase. Real processes,
 real DeepSpeed engines (gloo), real checkpoints."""
+
 import json
 import os
 import signal
@@ -26,8 +27,19 @@ FAST = [*TINY, "train.zero_stage=0", "train.precision=fp32"]
 
 
 def run(run_dir: Path, shards: Path, *overrides, extra=(), env=None, timeout=300):
-    args = [sys.executable, "-m", "launcher.train", "--config", str(RECIPE), *extra, f"out_dir={run_dir.parent}",
-            f"name={run_dir.name}", f"data.path={shards}", *FAST, *overrides]
+    args = [
+        sys.executable,
+        "-m",
+        "launcher.train",
+        "--config",
+        str(RECIPE),
+        *extra,
+        f"out_dir={run_dir.parent}",
+        f"name={run_dir.name}",
+        f"data.path={shards}",
+        *FAST,
+        *overrides,
+    ]
     result = subprocess.run(args, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
     return result.returncode, result.stdout + result.stderr
 
@@ -36,18 +48,35 @@ def start_ranks(per_rank: list[list[str]], *, cwd=None, env=None):
     """One process per rank (as srun starts them), each with its own extra arguments."""
     port, processes = free_port(), []
     for rank, args in enumerate(per_rank):
-        rank_env = {**ENV, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(len(per_rank)),
-                    "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        processes.append(subprocess.Popen([sys.executable, "-m", "launcher.train", "--config", str(RECIPE), *args],
-                                          cwd=(cwd or [ROOT] * len(per_rank))[rank], env=rank_env, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
+        rank_env = {
+            **ENV,
+            **(env or {}),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(len(per_rank)),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "launcher.train", "--config", str(RECIPE), *args],
+                cwd=(cwd or [ROOT] * len(per_rank))[rank],
+                env=rank_env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     return processes
 
 
 def strict_records(run_dir: Path) -> list[dict]:
     """metrics.jsonl read by a strict JSON reader (bare NaN / Infinity are errors)."""
+
     def refuse(name):
         raise ValueError(f"non-standard JSON constant {name}")
+
     return [json.loads(line, parse_constant=refuse) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -83,9 +112,16 @@ def test_a_nan_loss_stops_the_run_and_never_replaces_the_last_finite_checkpoint(
     code, out = run(run_dir, tiny_shards, "train.steps=4", "checkpoint.every=2")
     assert code == 0, out[-3000:]
     exit_file = tmp_path / "exit"
-    code, out = run(run_dir, tiny_shards, "train.steps=12", "checkpoint.every=2",
-                    "optim.lr=1e8", "optim.warmup_epochs=0", extra=["--allow-recipe-change"],
-                    env={"TOE_EXIT_FILE": str(exit_file)})
+    code, out = run(
+        run_dir,
+        tiny_shards,
+        "train.steps=12",
+        "checkpoint.every=2",
+        "optim.lr=1e8",
+        "optim.warmup_epochs=0",
+        extra=["--allow-recipe-change"],
+        env={"TOE_EXIT_FILE": str(exit_file)},
+    )
     assert code == 3 and exit_file.read_text().strip() == "3", out[-3000:]
     assert "diverged: the loss is not finite at step" in out and "Traceback" not in out
     checkpoints = run_dir / "checkpoints"
@@ -97,15 +133,24 @@ def test_a_nan_loss_stops_the_run_and_never_replaces_the_last_finite_checkpoint(
     assert records[-1]["event"] == "diverged" and "not finite" in records[-1]["error"]
     assert not (run_dir / "final.json").exists()
     from launcher.report import _status, load_run
+
     assert _status(load_run(run_dir)) == "diverged"
     from launcher.export import export
+
     exported = torch.load(export(str(run_dir), str(tmp_path / "model.pth")), weights_only=True)
     assert first_nonfinite(exported.items()) is None
 
     # a checkpoint due before any log step: the weights are checked there
     fresh = tmp_path / "fresh"
-    code, out = run(fresh, tiny_shards, "train.steps=8", "train.log_every=100", "checkpoint.every=3",
-                    "optim.lr=1e8", "optim.warmup_epochs=0")
+    code, out = run(
+        fresh,
+        tiny_shards,
+        "train.steps=8",
+        "train.log_every=100",
+        "checkpoint.every=3",
+        "optim.lr=1e8",
+        "optim.warmup_epochs=0",
+    )
     assert code == 3 and "diverged:" in out and "not finite" in out, out[-3000:]
     assert not (fresh / "checkpoints" / "latest").exists(), "no checkpoint of non-finite weights"
 
@@ -118,8 +163,14 @@ def test_a_nan_loss_stops_the_run_and_never_replaces_the_last_finite_checkpoint(
     manifest = json.loads((poisoned / MANIFEST).read_text())
     manifest["files"][states.name] = file_record(states)
     (poisoned / MANIFEST).write_text(json.dumps(manifest))
-    result = subprocess.run([sys.executable, "-m", "launcher.export", str(poisoned), str(tmp_path / "bad.pth")],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.export", str(poisoned), str(tmp_path / "bad.pth")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "holds non-finite weights" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "bad.pth").exists()
 
@@ -130,12 +181,13 @@ def test_a_nan_loss_stops_the_run_and_never_replaces_the_last_finite_checkpoint(
 @pytest.mark.slow
 def test_ranks_with_different_data_stop_within_seconds_naming_the_rank(tmp_path, tiny_shards):
     other = tmp_path / "other_shards"
-    assert write_shards.main(["synthetic", str(other), "--train", "64", "--val", "48", "--shard-size", "32",
-                              "--no-progress"]) == 0
+    assert (
+        write_shards.main(["synthetic", str(other), "--train", "64", "--val", "48", "--shard-size", "32", "--no-progress"])
+        == 0
+    )
     common = [f"out_dir={tmp_path}", "name=run", *FAST, "train.steps=4"]
     began = time.time()
-    outputs = finish_all(start_ranks([[*common, f"data.path={tiny_shards}"], [*common, f"data.path={other}"]]),
-                         timeout=240)
+    outputs = finish_all(start_ranks([[*common, f"data.path={tiny_shards}"], [*common, f"data.path={other}"]]), timeout=240)
     assert "refused: the ranks disagree before training" in outputs[0], outputs[0][-3000:]
     assert f"rank 1's recipe differs from rank 0's: data.path: '{other}'" in outputs[0]
     assert "shard index differs" in outputs[0] and "step plan differs" in outputs[0]
@@ -165,8 +217,7 @@ def test_node_local_run_folders_and_a_refusal_on_rank_1_are_named(tmp_path, tiny
         node.mkdir()
         os.symlink(tiny_shards, node / "shards")
     outputs = finish_all(start_ranks([args, args], cwd=shared_data), timeout=240)
-    assert "rank 1's run folder (token rank 0 wrote at this start) differs from rank 0's" in outputs[0], \
-        outputs[0][-3000:]
+    assert "rank 1's run folder (token rank 0 wrote at this start) differs from rank 0's" in outputs[0], outputs[0][-3000:]
     assert "out_dir on storage all nodes share" in outputs[0]
 
 
@@ -174,8 +225,10 @@ def test_a_checkpoint_missing_another_ranks_files_is_refused_before_latest_moves
     target = tmp_path / "step-4"
     target.mkdir()
     (target / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
-    gathered = [{"mp_rank_00_model_states.pt": {"size": 10, "crc32": "0"}},
-                {"zero_pp_rank_1_mp_rank_00_optim_states.pt": {"size": 20, "crc32": "0"}}]
+    gathered = [
+        {"mp_rank_00_model_states.pt": {"size": 10, "crc32": "0"}},
+        {"zero_pp_rank_1_mp_rank_00_optim_states.pt": {"size": 20, "crc32": "0"}},
+    ]
     message = Checkpointer._check_shared(target, gathered)
     assert "rank 1 wrote zero_pp_rank_1_mp_rank_00_optim_states.pt, but on rank 0 it is missing there" in message
     assert "storage that every node shares" in message
@@ -201,15 +254,19 @@ def test_a_resume_refuses_a_changed_recipe_and_records_allowed_changes(tmp_path,
     code, out = run(run_dir, tiny_shards, "train.steps=2", "train.log_every=2")  # a resumable option
     assert code == 0 and "recipe change at step 2: train.log_every 1 -> 2 (resumable)" in out, out[-3000:]
 
-    code, out = run(run_dir, tiny_shards, "train.steps=2", "train.log_every=2", "methods.toe.r1=0.25",
-                    extra=["--allow-recipe-change"])
+    code, out = run(
+        run_dir, tiny_shards, "train.steps=2", "train.log_every=2", "methods.toe.r1=0.25", extra=["--allow-recipe-change"]
+    )
     assert code == 0, out[-3000:]
     history = [json.loads(line) for line in (run_dir / "recipe_changes.jsonl").read_text().splitlines()]
     assert [(h["step"], h["allowed"], [c["key"] for c in h["changes"]]) for h in history] == [
-        (2, "resumable", ["train.log_every"]), (2, "--allow-recipe-change", ["methods.toe.r1"])]
+        (2, "resumable", ["train.log_every"]),
+        (2, "--allow-recipe-change", ["methods.toe.r1"]),
+    ]
     assert "r1: 0.25" in (run_dir / "config.yaml").read_text()
     from launcher.report import write_report  # noqa: I001
     from launcher.report import load_run
+
     report = write_report([load_run(run_dir)], tmp_path / "report").read_text()
     assert "## Recipe changes on resume" in report and "`methods.toe.r1` | 0.5 -> 0.25 | --allow-recipe-change" in report
 
@@ -231,10 +288,26 @@ def test_latest_naming_a_missing_checkpoint_is_not_overwritten(tmp_path, tiny_sh
 def test_a_signal_during_start_up_exits_75_and_writes_the_exit_file(tmp_path, tiny_shards, sig, delay):
     exit_file = tmp_path / "exit"
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "launcher.train", "--config", str(RECIPE), f"out_dir={tmp_path}", "name=run",
-            f"data.path={tiny_shards}", *FAST, "train.steps=400"]
-    process = subprocess.Popen(args, cwd=ROOT, env={**ENV, "TOE_EXIT_FILE": str(exit_file)}, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    args = [
+        sys.executable,
+        "-m",
+        "launcher.train",
+        "--config",
+        str(RECIPE),
+        f"out_dir={tmp_path}",
+        "name=run",
+        f"data.path={tiny_shards}",
+        *FAST,
+        "train.steps=400",
+    ]
+    process = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env={**ENV, "TOE_EXIT_FILE": str(exit_file)},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     if delay is not None:  # during the imports
         time.sleep(delay)
     else:  # once the process group is up and the data prepared: model build, DeepSpeed set-up
@@ -250,8 +323,7 @@ def test_a_signal_during_start_up_exits_75_and_writes_the_exit_file(tmp_path, ti
 def test_disk_full_while_checkpointing_names_enospc_and_the_path(tmp_path, tiny_shards):
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)], capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         code, out = run(mount / "run", tiny_shards, "train.steps=2")
@@ -265,6 +337,7 @@ def test_recipe_changes_read_an_older_run_folder_by_what_its_absent_options_mean
     import yaml
 
     from launcher.config import load_config, recipe_changes, resolved
+
     current = yaml.safe_load(resolved(load_config(str(RECIPE))))
     older = yaml.safe_load(resolved(load_config(str(RECIPE))))
     del older["train"]["signal_check_every"]  # added later, left at its default: the same run

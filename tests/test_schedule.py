@@ -1,4 +1,5 @@
 """ToESchedule: stages keyed off the global step, exact kept counts, validation, the table."""
+
 import math
 from fractions import Fraction
 
@@ -95,22 +96,25 @@ def test_no_state_to_checkpoint():
     assert not hasattr(schedule, "state_dict"), "the stage is a pure function of the step"
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(total_steps=None), "total_steps"),
-    (dict(total_steps=0), "total_steps"),
-    (dict(total_steps=10, r1=0.0), "r1 must lie in"),
-    (dict(total_steps=10, r1=1.5), "r1 must lie in"),
-    (dict(total_steps=10, r1=0.4, r0=0.5), "must not exceed"),
-    (dict(total_steps=10, num_stages=1), "num_stages"),
-    (dict(total_steps=10, k=0), "k \\(repeats"),
-    (dict(total_steps=10, block=-1), "block"),
-    (dict(total_steps=10, warmup_steps=10), "warmup_steps"),
-    (dict(total_steps=10, boundaries=[5]), "2 values"),
-    (dict(total_steps=10, boundaries=[6, 4]), "strictly after"),
-    (dict(total_steps=10, boundaries=[3, 10]), "before total_steps"),
-    (dict(total_steps=10, boundaries=[0.3, 7]), "all ints"),
-    (dict(total_steps=10, warmup_steps=5, boundaries=[4, 8]), "strictly after"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(total_steps=None), "total_steps"),
+        (dict(total_steps=0), "total_steps"),
+        (dict(total_steps=10, r1=0.0), "r1 must lie in"),
+        (dict(total_steps=10, r1=1.5), "r1 must lie in"),
+        (dict(total_steps=10, r1=0.4, r0=0.5), "must not exceed"),
+        (dict(total_steps=10, num_stages=1), "num_stages"),
+        (dict(total_steps=10, k=0), "k \\(repeats"),
+        (dict(total_steps=10, block=-1), "block"),
+        (dict(total_steps=10, warmup_steps=10), "warmup_steps"),
+        (dict(total_steps=10, boundaries=[5]), "2 values"),
+        (dict(total_steps=10, boundaries=[6, 4]), "strictly after"),
+        (dict(total_steps=10, boundaries=[3, 10]), "before total_steps"),
+        (dict(total_steps=10, boundaries=[0.3, 7]), "all ints"),
+        (dict(total_steps=10, warmup_steps=5, boundaries=[4, 8]), "strictly after"),
+    ],
+)
 def test_bad_configuration_names_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ToESchedule(**kwargs)

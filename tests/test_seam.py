@@ -1,5 +1,6 @@
 """The seam's start-up half: declarations checked against each other, and one run plan for training and
 ``launcher.compare`` (steps per epoch, a method's subset and run length)."""
+
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,13 @@ def _config(**declared):
     class Config:
         def declare(self):
             return Declaration(**declared)
+
     return Config()
 
 
 def test_every_registered_method_declares_with_its_defaults():
     import methods
+
     for name in methods.registered():
         config = methods.method(name).config
         if name == "recording":  # tests.recording_method, when another test loaded it
@@ -34,21 +37,33 @@ def test_every_registered_method_declares_with_its_defaults():
 def test_a_config_without_a_declaration_is_not_registered():
     class Bare:
         pass
+
     with pytest.raises(TypeError, match="has no declare"):
         register("bare_method_for_the_test", Bare, lambda config, context: None)
 
 
-@pytest.mark.parametrize("configs,message", [
-    ({"a": _config(input_grid="tokens"), "b": _config(input_grid="")},
-     "methods 'a' and 'b' both set the input grid .*turn a's input-grid part off with methods.a.tokens: false"),
-    ({"a": _config(owns_loss=True), "b": _config(owns_loss=True)}, "both replace the training loss"),
-    ({"a": _config(token_sites=frozenset({2})), "b": _config(token_sites=frozenset({2}))},
-     "both set the token count before block 2"),
-    ({"a": _config(input_grid="tokens", exclusive_tokens=True), "b": _config(token_sites=frozenset({5}))},
-     "methods 'a' and 'b' both set the token count: 'a' sets the input grid"),
-    ({"a": _config(), "b": _config(refuses={"a": "they share a buffer"})},
-     "methods 'b' and 'a' do not compose: they share a buffer"),
-])
+@pytest.mark.parametrize(
+    "configs,message",
+    [
+        (
+            {"a": _config(input_grid="tokens"), "b": _config(input_grid="")},
+            "methods 'a' and 'b' both set the input grid .*turn a's input-grid part off with methods.a.tokens: false",
+        ),
+        ({"a": _config(owns_loss=True), "b": _config(owns_loss=True)}, "both replace the training loss"),
+        (
+            {"a": _config(token_sites=frozenset({2})), "b": _config(token_sites=frozenset({2}))},
+            "both set the token count before block 2",
+        ),
+        (
+            {"a": _config(input_grid="tokens", exclusive_tokens=True), "b": _config(token_sites=frozenset({5}))},
+            "methods 'a' and 'b' both set the token count: 'a' sets the input grid",
+        ),
+        (
+            {"a": _config(), "b": _config(refuses={"a": "they share a buffer"})},
+            "methods 'b' and 'a' do not compose: they share a buffer",
+        ),
+    ],
+)
 def test_declarations_that_do_not_compose_are_refused_naming_both(configs, message):
     with pytest.raises(ValueError, match=message):
         check_combination(configs)
@@ -66,13 +81,15 @@ def test_efficienttrain_and_budgeteds_input_grid_are_refused_together():
     load_config(recipe, ["methods.efficienttrain={}", "methods.budgeted.tokens=false"])
 
 
-@pytest.mark.parametrize("world,workers,batch,repeats", [(1, 1, 16, 1), (2, 2, 8, 1), (3, 2, 5, 1), (2, 1, 8, 3),
-                                                         (1, 0, 7, 2)])
+@pytest.mark.parametrize(
+    "world,workers,batch,repeats", [(1, 1, 16, 1), (2, 2, 8, 1), (3, 2, 5, 1), (2, 1, 8, 3), (1, 0, 7, 2)]
+)
 @pytest.mark.parametrize("keep", [None, 0.8])
 def test_the_count_without_a_stream_is_the_streams_own(tiny_shards, world, workers, batch, repeats, keep):
     """``train_batches_per_rank`` (what compare plans with) equals ``len(stream)`` (what training runs)."""
-    stream = build_train_stream(str(tiny_shards), batch_size=batch, rank=0, world_size=world, num_workers=workers,
-                                image_size=32, repeats=repeats)
+    stream = build_train_stream(
+        str(tiny_shards), batch_size=batch, rank=0, world_size=world, num_workers=workers, image_size=32, repeats=repeats
+    )
     examples = stream.split.total
     if keep is not None:
         mask = np.random.default_rng(0).random(stream.split.total) < keep
@@ -81,19 +98,30 @@ def test_the_count_without_a_stream_is_the_streams_own(tiny_shards, world, worke
     assert train_batches_per_rank(examples, world=world, workers=workers, batch=batch, repeats=repeats) == len(stream)
 
 
-@pytest.mark.parametrize("recipe,overrides", [
-    ("configs/deit_tiny_cpu.yaml", ["train.epochs=2"]),
-    ("configs/deit_tiny_trilevel_cpu.yaml", ["train.epochs=3"]),  # epochs over Tri-Level's 80% subset
-    ("configs/deit_tiny_budgeted_cpu.yaml", ["train.epochs=4"]),  # the run's length is the budget's
-])
+@pytest.mark.parametrize(
+    "recipe,overrides",
+    [
+        ("configs/deit_tiny_cpu.yaml", ["train.epochs=2"]),
+        ("configs/deit_tiny_trilevel_cpu.yaml", ["train.epochs=3"]),  # epochs over Tri-Level's 80% subset
+        ("configs/deit_tiny_budgeted_cpu.yaml", ["train.epochs=4"]),  # the run's length is the budget's
+    ],
+)
 def test_compare_plans_the_steps_training_runs(tiny_shards, recipe, overrides):
     from launcher import compare
     from launcher.run_plan import plan_run
     from launcher.tasks import make_task
 
-    cfg = load_config(str(ROOT / recipe), [f"data.path={tiny_shards}", "train.steps=null", "train.global_batch=16",
-                                           "model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}",
-                                           "model.img_size=32", *overrides])
+    cfg = load_config(
+        str(ROOT / recipe),
+        [
+            f"data.path={tiny_shards}",
+            "train.steps=null",
+            "train.global_batch=16",
+            "model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}",
+            "model.img_size=32",
+            *overrides,
+        ],
+    )
     total, exact = compare.estimate_total(cfg, world=2)
     task = make_task(cfg)
     train, _ = task.build_streams(micro=8, rank=0, world=2, pin_memory=False)

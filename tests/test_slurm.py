@@ -1,4 +1,5 @@
 """slurm/ against a real SLURM (munged + slurmctld + slurmd on loopback, started here)."""
+
 import json
 import os
 import signal
@@ -15,17 +16,26 @@ from launcher.export import export
 from slurm_cluster import LocalSlurm, missing_binaries, submit
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}", "data.workers=1",
-        "train.global_batch=16", "train.log_every=1", "train.eval_every=0", "checkpoint.keep=10",
-        "train.precision=fp32", "train.zero_stage=1"]
+TINY = [
+    "model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}",
+    "data.workers=1",
+    "train.global_batch=16",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "checkpoint.keep=10",
+    "train.precision=fp32",
+    "train.zero_stage=1",
+]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     missing = missing_binaries()
     if missing:
-        message = (f"SLURM TESTS SKIPPED: {missing} not installed; install the Debian packages slurmd slurmctld "
-                   f"slurm-client munge (install.sh does so as root)")
+        message = (
+            f"SLURM TESTS SKIPPED: {missing} not installed; install the Debian packages slurmd slurmctld "
+            f"slurm-client munge (install.sh does so as root)"
+        )
         print(f"\n{'!' * 20} {message} {'!' * 20}", file=sys.stderr)
         pytest.skip(message)
     with LocalSlurm(tmp_path_factory.mktemp("slurm")) as local:
@@ -39,9 +49,24 @@ def shards(tiny_shards):
 
 def launch(cluster, run_dir: Path, shards: Path, *overrides, dry_run=False) -> str:
     """``python -m launcher.submit`` for 2 CPU tasks on the local cluster; returns the job id."""
-    command = [sys.executable, "-m", "launcher.submit", "--config", str(ROOT / "configs/deit_tiny_toe_cpu.yaml"),
-               "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "30",
-               f"out_dir={run_dir.parent}", f"name={run_dir.name}", f"data.path={shards}", *TINY, *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "launcher.submit",
+        "--config",
+        str(ROOT / "configs/deit_tiny_toe_cpu.yaml"),
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "30",
+        f"out_dir={run_dir.parent}",
+        f"name={run_dir.name}",
+        f"data.path={shards}",
+        *TINY,
+        *overrides,
+    ]
     if dry_run:
         command.append("--dry-run")
     env = {**cluster.env, "TOE_PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -70,13 +95,33 @@ def wait_for(predicate, timeout=240, what="condition"):
 
 @pytest.mark.slow
 def test_submit_validates_the_recipe_and_fills_the_template(tmp_path):
-    command = [sys.executable, "-m", "launcher.submit", "--config", str(ROOT / "configs/deit_small_toe_r05.yaml"),
-               "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--dry-run", f"out_dir={tmp_path}"]
+    command = [
+        sys.executable,
+        "-m",
+        "launcher.submit",
+        "--config",
+        str(ROOT / "configs/deit_small_toe_r05.yaml"),
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "gpu",
+        "--dry-run",
+        f"out_dir={tmp_path}",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    for option in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu",
-                   "--job-name=deit_small_toe_r05",
-                   "--signal=B:USR1@300", "slurm/train.sbatch", f"out_dir={tmp_path}"):
+    for option in (
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--job-name=deit_small_toe_r05",
+        "--signal=B:USR1@300",
+        "slurm/train.sbatch",
+        f"out_dir={tmp_path}",
+    ):
         assert option in result.stdout
     bad = subprocess.run(command[:-1] + ["train.global_batch=1000"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not divisible by world size 32" in bad.stderr
@@ -154,11 +199,27 @@ def test_deepspeed_hostfile_from_the_allocation(cluster, tmp_path):
 def test_deepspeed_sbatch_template_runs_the_recipe(cluster, shards, tmp_path):
     run = tmp_path / "ds"
     before = {p.name for p in Path("/dev/shm").glob("deepspeed*")}
-    env = {"SLOTS_PER_NODE": "2", "TOE_REPO": str(ROOT), "TOE_DEEPSPEED": str(Path(sys.executable).parent / "deepspeed"),
-           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={tmp_path}/ds-%j.out",
-            str(ROOT / "slurm/train_deepspeed.sbatch"), str(ROOT / "configs/deit_tiny_toe_cpu.yaml"),
-            f"out_dir={tmp_path}", "name=ds", f"data.path={shards}", *TINY, "train.steps=4", "checkpoint.every=0"]
+    env = {
+        "SLOTS_PER_NODE": "2",
+        "TOE_REPO": str(ROOT),
+        "TOE_DEEPSPEED": str(Path(sys.executable).parent / "deepspeed"),
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=2",
+        f"--output={tmp_path}/ds-%j.out",
+        str(ROOT / "slurm/train_deepspeed.sbatch"),
+        str(ROOT / "configs/deit_tiny_toe_cpu.yaml"),
+        f"out_dir={tmp_path}",
+        "name=ds",
+        f"data.path={shards}",
+        *TINY,
+        "train.steps=4",
+        "checkpoint.every=0",
+    ]
     try:
         job = submit(cluster, args, env)
         info = cluster.wait_job(job, timeout=300)

@@ -1,4 +1,5 @@
 """Where each log window's time goes (``launcher/step_timer.py``) and what a real run logs of it."""
+
 import json
 
 import pytest
@@ -28,7 +29,11 @@ def test_each_mark_gets_the_time_since_the_previous_one(monkeypatch):
             timer.mark(phase)
     window = timer.window()
     assert {k: window[k] for k in ("time/data", "time/forward_backward", "time/optimizer", "time/between_steps")} == {
-        "time/data": 2.0, "time/forward_backward": 4.0, "time/optimizer": 0.5, "time/between_steps": 3.25}
+        "time/data": 2.0,
+        "time/forward_backward": 4.0,
+        "time/optimizer": 0.5,
+        "time/between_steps": 3.25,
+    }
     assert window["time/window"] == 9.75 and window["time/data_share"] == pytest.approx(2.0 / 9.75)
     assert window["memory/peak_gib"] > 0
     clock.now += 1.0  # the next window starts at the read: only what comes after it counts

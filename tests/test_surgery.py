@@ -1,4 +1,5 @@
 """ToE inserted into real timm ViTs: token counts per block, training/eval behaviour, state_dict."""
+
 import copy
 
 import pytest
@@ -185,7 +186,7 @@ def test_yolos_and_lvvit_seams_follow_keep_index():
     gathered = module.gather_kept(pos)
     assert gathered.shape == out.shape
     for b in range(2):
-        assert torch.equal(gathered[b, prefix:prefix + 18], pos[0, prefix + keep_index[b]])
+        assert torch.equal(gathered[b, prefix : prefix + 18], pos[0, prefix + keep_index[b]])
     assert torch.equal(gathered[:, :prefix], pos[:, :prefix].expand(2, -1, -1))
     assert torch.equal(gathered[:, -suffix:], pos[:, -suffix:].expand(2, -1, -1))
     # zero-pad restore to the original positions
@@ -193,7 +194,7 @@ def test_yolos_and_lvvit_seams_follow_keep_index():
     assert restored.shape == x.shape
     assert torch.equal(gather_kept(restored, keep_index, prefix, suffix), out)
     dropped = torch.ones(2, num_patches, dtype=torch.bool).scatter_(1, keep_index, False)
-    assert torch.all(restored[:, prefix:prefix + num_patches][dropped] == 0)
+    assert torch.all(restored[:, prefix : prefix + num_patches][dropped] == 0)
     with pytest.raises(ValueError, match="tokens"):
         restore_tokens(x, keep_index, num_patches, prefix, suffix)
 

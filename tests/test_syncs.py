@@ -5,6 +5,7 @@
 each attributed to its caller (this project, DeepSpeed, the DataLoader) and to the context it ran in.
 On a GPU each host read waits for the device; here the calls themselves are counted.
 """
+
 import collections
 from pathlib import Path
 
@@ -26,17 +27,28 @@ def totals(events, **match) -> collections.Counter:
 @pytest.mark.slow
 def test_the_step_code_has_no_host_sync_between_log_steps(tmp_path, tiny_shards):
     steps, log_every, check_every = 12, 5, 4
-    events = probe(tmp_path, tiny_shards, f"train.steps={steps}", f"train.log_every={log_every}",
-                   f"train.signal_check_every={check_every}", "checkpoint.every=0")
+    events = probe(
+        tmp_path,
+        tiny_shards,
+        f"train.steps={steps}",
+        f"train.log_every={log_every}",
+        f"train.signal_check_every={check_every}",
+        "checkpoint.every=0",
+    )
     mine = [e for e in events if e["owner"] == "project" and e["context"] == "step"]
     assert not mine, f"host syncs / collectives in the project's step code between log steps: {mine}"
     # the stop-signal agreement: one all-reduce and one read every `check_every` steps, not every step
-    assert totals(events, owner="project", context="signal") == {"all_reduce": steps // check_every,
-                                                                 "item": steps // check_every}
+    assert totals(events, owner="project", context="signal") == {
+        "all_reduce": steps // check_every,
+        "item": steps // check_every,
+    }
     # the run log: one all-reduce and one read of the window per log step (steps 5, 10 and the last)
     log_steps = len({*range(log_every, steps + 1, log_every), steps})
-    assert totals(events, owner="project", context="log") == {"all_reduce": log_steps, "item": log_steps,
-                                                              "tolist": log_steps}
+    assert totals(events, owner="project", context="log") == {
+        "all_reduce": log_steps,
+        "item": log_steps,
+        "tolist": log_steps,
+    }
     # DeepSpeed's own, every step (ZeRO-1, fp32, one rank, unclipped: compute_grad_norm off): the gradient
     # all-reduce (one bucket at this size) and torch AdamW's reads of its CPU step counters (two parameter
     # groups; host memory, no device sync); no norm all-reduce, no bool() of a device flag

@@ -1,4 +1,5 @@
 """expand_tokens against a per-sample float64 loop of Eq. 2-7, plus its properties and errors."""
+
 import itertools
 import math
 
@@ -19,7 +20,7 @@ SHAPES = [  # batch, prefix, patches, suffix, channels
 
 
 def stage_cases():
-    for (shape, k, r1, num_stages) in itertools.product(SHAPES, (1, 2, 3), (0.4, 0.5, 0.6), (2, 3, 4)):
+    for shape, k, r1, num_stages in itertools.product(SHAPES, (1, 2, 3), (0.4, 0.5, 0.6), (2, 3, 4)):
         for stage in range(1, num_stages + 1):
             yield shape, k, r1, num_stages, stage
 
@@ -32,14 +33,13 @@ def test_matches_reference_loop(shape, k, r1, num_stages, stage):
     gen = torch.Generator().manual_seed(hash((shape, k, r1, num_stages, stage)) % 2**31)
     x = torch.randn(batch, prefix + num_patches + suffix, channels, generator=gen, dtype=torch.float64)
 
-    out, keep_index = expand_tokens(x, counts, num_prefix=prefix, num_suffix=suffix, k=k,
-                                    seed_stride=schedule.seed_stride)
+    out, keep_index = expand_tokens(x, counts, num_prefix=prefix, num_suffix=suffix, k=k, seed_stride=schedule.seed_stride)
 
     assert out.shape == (batch, prefix + counts[-1] + suffix, channels)
     for b in range(batch):
-        anchors, merged = reference_toe(x[b, prefix:prefix + num_patches].numpy(), counts, k, schedule.seed_stride)
+        anchors, merged = reference_toe(x[b, prefix : prefix + num_patches].numpy(), counts, k, schedule.seed_stride)
         assert keep_index[b].tolist() == anchors
-        np.testing.assert_allclose(out[b, prefix:prefix + counts[-1]].numpy(), merged, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(out[b, prefix : prefix + counts[-1]].numpy(), merged, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "manhattan"])
@@ -78,6 +78,7 @@ def test_ties_match_reference(distance, k):
 
 # -- properties ----------------------------------------------------------------------------------
 
+
 def merge_weights(x, out, prefix, kept):
     """``W[b, j, i]``: weight of input patch i in output token j, read off the op by backprop.
 
@@ -97,23 +98,29 @@ def merge_weights(x, out, prefix, kept):
 def test_every_patch_merged_into_exactly_one_anchor(r1, num_patches):
     prefix, suffix = 2, 1
     schedule = ToESchedule(r1=r1, total_steps=3)
-    x = torch.randn(2, prefix + num_patches + suffix, 4, requires_grad=True,
-                    generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(
+        2,
+        prefix + num_patches + suffix,
+        4,
+        requires_grad=True,
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
     for stage in (1, 2):
         counts = schedule.kept_counts(num_patches, stage)
-        out, keep_index = expand_tokens(x, counts, num_prefix=prefix, num_suffix=suffix,
-                                        seed_stride=schedule.seed_stride)
+        out, keep_index = expand_tokens(x, counts, num_prefix=prefix, num_suffix=suffix, seed_stride=schedule.seed_stride)
         weights = merge_weights(x, out, prefix, counts[-1])
-        patch_weights = weights[:, :, prefix:prefix + num_patches]
-        assert torch.all(weights[:, :, :prefix] == 0) and torch.all(weights[:, :, prefix + num_patches:] == 0)
+        patch_weights = weights[:, :, prefix : prefix + num_patches]
+        assert torch.all(weights[:, :, :prefix] == 0) and torch.all(weights[:, :, prefix + num_patches :] == 0)
         members = patch_weights > 0
         assert torch.all(members.sum(dim=1) == 1), "each patch must feed exactly one output token"
         for b in range(2):
             for j, anchor in enumerate(keep_index[b].tolist()):
                 assert members[b, j, anchor], "an anchor merges into its own output token"
                 size = int(members[b, j].sum())
-                torch.testing.assert_close(patch_weights[b, j][members[b, j]],
-                                           torch.full((size,), 1.0 / size, dtype=torch.float64))
+                torch.testing.assert_close(
+                    patch_weights[b, j][members[b, j]], torch.full((size,), 1.0 / size, dtype=torch.float64)
+                )
 
 
 @pytest.mark.parametrize("r1,num_stages,num_patches", [(0.4, 3, 196), (0.5, 3, 196), (0.6, 4, 49), (0.5, 2, 17)])
@@ -123,16 +130,19 @@ def test_kept_count_anchors_sorted_unique_prefix_suffix_untouched(r1, num_stages
     x = torch.randn(4, prefix + num_patches + suffix, channels)
     for stage in range(1, num_stages + 1):
         counts = schedule.kept_counts(num_patches, stage)
-        paper = num_patches if stage == num_stages else math.floor(schedule.r0 * num_patches) + sum(
-            math.floor(schedule.increment(m) * num_patches) for m in range(1, stage + 1))  # Sec. 3.3.2
+        paper = (
+            num_patches
+            if stage == num_stages
+            else math.floor(schedule.r0 * num_patches)
+            + sum(math.floor(schedule.increment(m) * num_patches) for m in range(1, stage + 1))
+        )  # Sec. 3.3.2
         assert counts[-1] == paper
-        out, keep_index = expand_tokens(x, counts, num_prefix=prefix, num_suffix=suffix,
-                                        seed_stride=schedule.seed_stride)
+        out, keep_index = expand_tokens(x, counts, num_prefix=prefix, num_suffix=suffix, seed_stride=schedule.seed_stride)
         assert keep_index.shape == (4, counts[-1]) and keep_index.dtype == torch.long
         assert torch.all(keep_index[:, 1:] > keep_index[:, :-1]), "anchors unique and ascending"
         assert torch.all((keep_index >= 0) & (keep_index < num_patches))
         assert torch.equal(out[:, :prefix], x[:, :prefix])
-        assert torch.equal(out[:, prefix + counts[-1]:], x[:, prefix + num_patches:])
+        assert torch.equal(out[:, prefix + counts[-1] :], x[:, prefix + num_patches :])
 
 
 def test_seeds_are_spatial_and_always_kept():
@@ -151,7 +161,7 @@ def test_selection_is_per_sample():
     out, keep_index = expand_tokens(x, counts, seed_stride=4)
     assert len({tuple(row) for row in keep_index.tolist()}) > 1, "different samples pick different anchors"
     for b in range(5):
-        single_out, single_index = expand_tokens(x[b:b + 1], counts, seed_stride=4)
+        single_out, single_index = expand_tokens(x[b : b + 1], counts, seed_stride=4)
         assert torch.equal(single_index[0], keep_index[b])
         torch.testing.assert_close(single_out[0], out[b])
 
@@ -207,8 +217,10 @@ def test_zero_vectors_give_no_nan(distance):
 
 def test_random_init_reproducible_with_generator():
     x = torch.randn(4, 1 + 49, 8)
+
     def run(seed):
         return expand_tokens(x, [12, 24], init="random", generator=torch.Generator().manual_seed(seed))[1]
+
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
     index = run(3)
@@ -220,8 +232,7 @@ def test_expansion_off_spatial_is_evenly_spaced():
     _, keep_index = expand_tokens(x, [12, 24, 36], expand=False)
     assert keep_index[0].tolist() == [i * 49 // 36 for i in range(36)]
     assert torch.equal(keep_index[0], keep_index[1])
-    _, random_index = expand_tokens(x, [12, 24, 36], expand=False, init="random",
-                                    generator=torch.Generator().manual_seed(0))
+    _, random_index = expand_tokens(x, [12, 24, 36], expand=False, init="random", generator=torch.Generator().manual_seed(0))
     assert random_index.shape == (2, 36) and torch.all(random_index[:, 1:] > random_index[:, :-1])
 
 
@@ -236,19 +247,22 @@ def test_merge_off_keeps_anchor_values():
     assert torch.all(x.grad[:, 1:50][dropped] == 0), "without merge, dropped patches get no gradient"
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(x=torch.randn(49, 8), keep_counts=[12, 24]), "rank 3"),
-    (dict(x=torch.randn(2, 50, 8), keep_counts=[24, 12]), "must not decrease"),
-    (dict(x=torch.randn(2, 50, 8), keep_counts=[12, 60]), "more than the 49 patch tokens"),
-    (dict(x=torch.randn(2, 50, 8), keep_counts=[0, 12]), "seed tokens"),
-    (dict(x=torch.randn(2, 50, 8), keep_counts=[]), "at least the seed count"),
-    (dict(x=torch.randn(2, 50, 8), keep_counts=[12, 24], k=0), "k \\(repeats"),
-    (dict(x=torch.randn(2, 50, 8), keep_counts=[12, 24], distance="cos"), "distance must be one of"),
-    (dict(x=torch.randn(2, 50, 8), keep_counts=[12, 24], init="grid"), "init must be one of"),
-    (dict(x=torch.randn(2, 50, 8), keep_counts=[12, 24], seed_stride=5), "does not fit 12 seeds"),
-    (dict(x=torch.randn(2, 3, 8), keep_counts=[1], num_prefix=2, num_suffix=1), "no patch tokens"),
-    (dict(x=torch.zeros(2, 50, 8, dtype=torch.long), keep_counts=[12, 24]), "floating-point"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(x=torch.randn(49, 8), keep_counts=[12, 24]), "rank 3"),
+        (dict(x=torch.randn(2, 50, 8), keep_counts=[24, 12]), "must not decrease"),
+        (dict(x=torch.randn(2, 50, 8), keep_counts=[12, 60]), "more than the 49 patch tokens"),
+        (dict(x=torch.randn(2, 50, 8), keep_counts=[0, 12]), "seed tokens"),
+        (dict(x=torch.randn(2, 50, 8), keep_counts=[]), "at least the seed count"),
+        (dict(x=torch.randn(2, 50, 8), keep_counts=[12, 24], k=0), "k \\(repeats"),
+        (dict(x=torch.randn(2, 50, 8), keep_counts=[12, 24], distance="cos"), "distance must be one of"),
+        (dict(x=torch.randn(2, 50, 8), keep_counts=[12, 24], init="grid"), "init must be one of"),
+        (dict(x=torch.randn(2, 50, 8), keep_counts=[12, 24], seed_stride=5), "does not fit 12 seeds"),
+        (dict(x=torch.randn(2, 3, 8), keep_counts=[1], num_prefix=2, num_suffix=1), "no patch tokens"),
+        (dict(x=torch.zeros(2, 50, 8, dtype=torch.long), keep_counts=[12, 24]), "floating-point"),
+    ],
+)
 def test_impossible_inputs_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         expand_tokens(**kwargs)

@@ -1,5 +1,6 @@
 """Token labelling: the loss, MixToken, the dense targets and their box order, the shard members and the
 paired transform, the label job (LVVIT_SPEC.md test plan 3, 4, 5, 7)."""
+
 import io
 import json
 import random
@@ -34,6 +35,7 @@ TINY = dict(num_classes=10, img_size=32, patch_size=4, depth=2, embed_dim=48, nu
 
 # -- the loss -----------------------------------------------------------------------------------
 
+
 def test_loss_equals_a_direct_computation():
     g = torch.Generator().manual_seed(0)
     cls_logits, aux_logits = torch.randn(4, 7, generator=g), torch.randn(4, 9, 7, generator=g)
@@ -41,14 +43,16 @@ def test_loss_equals_a_direct_computation():
     t_tok = torch.rand(4, 9, 7, generator=g).softmax(-1)
     loss, cls_term, dense_term = token_label_loss(cls_logits, aux_logits, t_cls, t_tok, w_cls=0.7, w_dense=0.3)
     direct_cls = sum(-(t_cls[b] * torch.log_softmax(cls_logits[b], -1)).sum() for b in range(4)) / 4
-    direct_dense = sum(-(t_tok[b, n] * torch.log_softmax(aux_logits[b, n], -1)).sum()
-                       for b in range(4) for n in range(9)) / 36
+    direct_dense = (
+        sum(-(t_tok[b, n] * torch.log_softmax(aux_logits[b, n], -1)).sum() for b in range(4) for n in range(9)) / 36
+    )
     assert torch.allclose(cls_term, direct_cls) and torch.allclose(dense_term, direct_dense)
     assert torch.allclose(loss, 0.7 * direct_cls + 0.3 * direct_dense)
     # with one-hot targets it is the cross entropy
     labels = torch.tensor([1, 2, 3, 4])
-    assert torch.allclose(soft_cross_entropy(cls_logits, torch.eye(7)[labels]).mean(),
-                          torch.nn.functional.cross_entropy(cls_logits, labels))
+    assert torch.allclose(
+        soft_cross_entropy(cls_logits, torch.eye(7)[labels]).mean(), torch.nn.functional.cross_entropy(cls_logits, labels)
+    )
 
 
 def test_smoothing_sums_to_one_plus_s_over_k():
@@ -66,6 +70,7 @@ def test_config_refuses_bad_values(bad):
 
 # -- MixToken -----------------------------------------------------------------------------------
 
+
 def test_mix_token_box_is_step_keyed_and_lam_is_the_swapped_area():
     boxes = {mix_token_box((14, 14), 0, step, 0, 0) for step in range(50)}
     assert mix_token_box((14, 14), 0, 3, 0, 0) == mix_token_box((14, 14), 0, 3, 0, 0)
@@ -79,12 +84,15 @@ def test_mix_token_box_is_step_keyed_and_lam_is_the_swapped_area():
 
 def _batch(batch_size=4, num_classes=10, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"image": torch.randn(batch_size, 3, 32, 32, generator=g),
-            "label": torch.randint(0, num_classes, (batch_size,), generator=g),
-            "token_logits": torch.randn(batch_size, 3, 8, 8, generator=g) * 3,
-            "token_ids": torch.stack([torch.randperm(num_classes, generator=g)[:3] for _ in range(batch_size)])
-            [:, :, None, None].expand(-1, -1, 8, 8).contiguous(),
-            "token_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * batch_size)}
+    return {
+        "image": torch.randn(batch_size, 3, 32, 32, generator=g),
+        "label": torch.randint(0, num_classes, (batch_size,), generator=g),
+        "token_logits": torch.randn(batch_size, 3, 8, 8, generator=g) * 3,
+        "token_ids": torch.stack([torch.randperm(num_classes, generator=g)[:3] for _ in range(batch_size)])[:, :, None, None]
+        .expand(-1, -1, 8, 8)
+        .contiguous(),
+        "token_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * batch_size),
+    }
 
 
 def _plugin(model, **options):
@@ -143,6 +151,7 @@ def test_mix_token_off_and_odd_batches():
 
 # -- dense targets ------------------------------------------------------------------------------
 
+
 def _marker_map(num_classes=4):
     """A 4 x 4 map: class 1 in the top-right cell, class 2 in the bottom-left, class 0 elsewhere."""
     logits = np.zeros((1, 4, 4), np.float32) + 8
@@ -174,17 +183,31 @@ def test_missing_classes_stay_at_logit_zero():
 
 # -- the paired transform -----------------------------------------------------------------------
 
+
 def _mask_sample(region: np.ndarray, label: int, num_classes: int, grid: int):
     """A raw sample whose image is its object's region (white on black) and whose maps are the oracle's."""
     png = io.BytesIO()
     Image.fromarray((region * 255).astype(np.uint8)).convert("RGB").save(png, format="PNG")
-    return {"__key__": "x", "png": png.getvalue(), "cls": str(label).encode(),
-            **encode_maps(*oracle_maps(region, label, num_classes, grid, 3))}
+    return {
+        "__key__": "x",
+        "png": png.getvalue(),
+        "cls": str(label).encode(),
+        **encode_maps(*oracle_maps(region, label, num_classes, grid, 3)),
+    }
 
 
 def _codec(grid, **options):
-    settings = dict(scale=(0.25, 0.6), ratio=(0.75, 1.333), hflip=0.5, auto_augment=None, re_prob=0.0,
-                    color_jitter=0.0, interpolation="bilinear", mean=(0, 0, 0), std=(1, 1, 1))
+    settings = dict(
+        scale=(0.25, 0.6),
+        ratio=(0.75, 1.333),
+        hflip=0.5,
+        auto_augment=None,
+        re_prob=0.0,
+        color_jitter=0.0,
+        interpolation="bilinear",
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+    )
     return TokenLabelCodec(32, index_block("oracle", 32, 3, grid, grid), num_classes=6, **{**settings, **options})
 
 
@@ -234,6 +257,7 @@ def test_flip_moves_the_marker():
 
 def test_maps_round_trip_and_bad_maps_are_refused():
     from data.stream import SkipSample
+
     logits = np.random.default_rng(0).normal(size=(5, 4, 4)).astype(np.float32)
     ids = np.arange(80).reshape(5, 4, 4) % 7
     sample = encode_maps(logits, ids)
@@ -248,6 +272,7 @@ def test_maps_round_trip_and_bad_maps_are_refused():
     with pytest.raises(SkipSample, match="bad_token_label"):
         decode_maps(sample, None, num_classes=5)  # ids up to 6
     from data.shards import ShardIndexError
+
     with pytest.raises(ShardIndexError, match="no 'token_labels' block"):
         check_index({}, "x/shards.json")
     with pytest.raises(ShardIndexError, match="token_labels.k"):
@@ -256,22 +281,49 @@ def test_maps_round_trip_and_bad_maps_are_refused():
 
 # -- shards, the stream, the label job ----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def labelled_shards(tmp_path_factory):
     from data import write_shards
+
     root = tmp_path_factory.mktemp("tl")
-    assert write_shards.main(["synthetic", str(root / "plain"), "--train", "64", "--val", "16", "--shard-size", "16",
-                              "--no-progress"]) == 0
-    assert write_shards.main(["synthetic", str(root / "oracle"), "--train", "64", "--val", "16", "--shard-size", "16",
-                              "--no-progress", "--token-labels", "8", "--token-k", "3"]) == 0
+    assert (
+        write_shards.main(
+            ["synthetic", str(root / "plain"), "--train", "64", "--val", "16", "--shard-size", "16", "--no-progress"]
+        )
+        == 0
+    )
+    assert (
+        write_shards.main(
+            [
+                "synthetic",
+                str(root / "oracle"),
+                "--train",
+                "64",
+                "--val",
+                "16",
+                "--shard-size",
+                "16",
+                "--no-progress",
+                "--token-labels",
+                "8",
+                "--token-k",
+                "3",
+            ]
+        )
+        == 0
+    )
     return root
 
 
 def test_label_job_oracle_equals_the_writer(labelled_shards):
     from launcher import label
+
     out = labelled_shards / "job"
-    assert label.main(["--oracle", "--shards", str(labelled_shards / "plain"), "--out", str(out), "--grid", "8",
-                       "--k", "3"]) == 0
+    assert (
+        label.main(["--oracle", "--shards", str(labelled_shards / "plain"), "--out", str(out), "--grid", "8", "--k", "3"])
+        == 0
+    )
     written = json.loads((labelled_shards / "oracle" / "shards.json").read_text())
     made = json.loads((out / "shards.json").read_text())
     assert made["token_labels"]["map_top1"] == 1.0  # exact maps name the image's class
@@ -283,8 +335,19 @@ def test_label_job_oracle_equals_the_writer(labelled_shards):
 
 def _stream(path, **options):
     from data.stream import build_train_stream
-    settings = dict(batch_size=8, num_workers=1, seed=3, image_size=32, buffer_size=16, auto_augment=None,
-                    re_prob=0.0, color_jitter=0.0, scale=(0.5, 1.0), token_labels=True)
+
+    settings = dict(
+        batch_size=8,
+        num_workers=1,
+        seed=3,
+        image_size=32,
+        buffer_size=16,
+        auto_augment=None,
+        re_prob=0.0,
+        color_jitter=0.0,
+        scale=(0.5, 1.0),
+        token_labels=True,
+    )
     return build_train_stream(str(path), **{**settings, **options})
 
 
@@ -309,6 +372,7 @@ def test_stream_reads_maps_and_resumes_bit_identically(labelled_shards):
         for key in ("image", "label", "token_logits", "token_ids", "token_box", "sample_id"):
             assert torch.equal(mine[key], theirs[key]), key
     from data.shards import ShardIndexError
+
     with pytest.raises(ShardIndexError, match="token_labels"):
         _stream(labelled_shards / "plain")
 
@@ -316,6 +380,7 @@ def test_stream_reads_maps_and_resumes_bit_identically(labelled_shards):
 def test_a_sample_without_maps_is_skipped_and_counted(labelled_shards, tmp_path):
     import shutil
     import tarfile
+
     source = labelled_shards / "oracle"
     shutil.copytree(source, tmp_path / "holed")
     shard = tmp_path / "holed" / "train-000000.tar"
@@ -346,17 +411,51 @@ def test_label_job_from_a_trained_run_of_this_engine(tmp_path, tiny_shards):
     from data.shards import ShardIndex, read_samples
     from data.stream import decode_image
     from launcher import label
+
     root = Path(__file__).resolve().parents[1]
-    args = [sys.executable, "-m", "launcher.train", "--config", str(root / "configs/deit_tiny_cpu.yaml"),
-            f"out_dir={tmp_path}", "name=teacher", f"data.path={tiny_shards}", "data.workers=0", "train.steps=4",
-            "train.global_batch=16", "model.kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 2}",
-            "train.eval_every=0", "checkpoint.every=0"]
-    result = subprocess.run(args, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
-                            capture_output=True, text=True, timeout=300)
+    args = [
+        sys.executable,
+        "-m",
+        "launcher.train",
+        "--config",
+        str(root / "configs/deit_tiny_cpu.yaml"),
+        f"out_dir={tmp_path}",
+        "name=teacher",
+        f"data.path={tiny_shards}",
+        "data.workers=0",
+        "train.steps=4",
+        "train.global_batch=16",
+        "model.kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 2}",
+        "train.eval_every=0",
+        "checkpoint.every=0",
+    ]
+    result = subprocess.run(
+        args,
+        cwd=root,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     out = tmp_path / "labelled"
-    assert label.main(["--teacher", str(tmp_path / "teacher"), "--shards", str(tiny_shards), "--out", str(out),
-                       "--k", "4", "--splits", "train"]) == 0
+    assert (
+        label.main(
+            [
+                "--teacher",
+                str(tmp_path / "teacher"),
+                "--shards",
+                str(tiny_shards),
+                "--out",
+                str(out),
+                "--k",
+                "4",
+                "--splits",
+                "train",
+            ]
+        )
+        == 0
+    )
     index = ShardIndex.load(str(out))
     block = index.meta["token_labels"]
     assert (block["k"], block["h"], block["w"], block["input_size"]) == (4, 4, 4, 32)
@@ -364,7 +463,7 @@ def test_label_job_from_a_trained_run_of_this_engine(tmp_path, tiny_shards):
     # one sample against a direct computation
     model, config = label.load_teacher(str(tmp_path / "teacher"))
     url = index.split("train").urls[0]
-    (_, sample), = read_samples(url, [3])
+    ((_, sample),) = read_samples(url, [3])
     logits, ids = decode_maps(sample, block)
     with torch.no_grad():
         x = label.TeacherMaps(model, config, 4).prepare(decode_image(sample))[None]
@@ -372,7 +471,7 @@ def test_label_job_from_a_trained_run_of_this_engine(tmp_path, tiny_shards):
     values, classes = dense.topk(4, dim=0)
     assert np.array_equal(ids, classes.numpy()) and np.allclose(logits, values.numpy(), atol=2e-2)
     # val was copied without maps; the train split streams with them
-    (_, val_sample), = read_samples(index.split("val").urls[0], [0])
+    ((_, val_sample),) = read_samples(index.split("val").urls[0], [0])
     assert "tlv.npy" not in val_sample
     batch = next(iter(_stream(out, batch_size=8)))
     assert batch["token_logits"].shape == (8, 4, 4, 4)
@@ -380,6 +479,7 @@ def test_label_job_from_a_trained_run_of_this_engine(tmp_path, tiny_shards):
 
 def test_rand_augment_leaves_out_the_geometric_ops():
     from data.token_labels import GEOMETRIC_OPS
+
     codec = _codec(8, auto_augment="rand-m9-mstd0.5-inc1")
     names = {op.name for op in codec.augment.ops}
     assert names and not names & set(GEOMETRIC_OPS) and "SolarizeIncreasing" in names
@@ -393,11 +493,15 @@ def test_rand_augment_leaves_out_the_geometric_ops():
 def test_recipes_refuse_what_token_labelling_cannot_do():
     from launcher.config import ConfigError, load_config
     from launcher.tasks import make_task
+
     assert make_task(load_config("configs/lvvit_tiny_cpu.yaml")).stream_fields == {"token_labels"}  # the declaration's
     assert make_task(load_config("configs/lvvit_tiny_plain_cpu.yaml")).stream_fields == set()
-    for override, message in (("data.mixup=0.8", "methods.token_labelling: it replaces Mixup / CutMix with MixToken"),
-                              ("model.name=deit_tiny_patch16_224", "aux head"), ("data.vflip=0.5", "vertical flip"),
-                              ("data.backend=dali", "PIL path")):
+    for override, message in (
+        ("data.mixup=0.8", "methods.token_labelling: it replaces Mixup / CutMix with MixToken"),
+        ("model.name=deit_tiny_patch16_224", "aux head"),
+        ("data.vflip=0.5", "vertical flip"),
+        ("data.backend=dali", "PIL path"),
+    ):
         with pytest.raises(ConfigError, match=message):  # refused at start-up, by the recipe loader
             load_config("configs/lvvit_tiny_cpu.yaml", [override])
     with pytest.raises(ConfigError, match="methods.token_labelling.w_dense"):

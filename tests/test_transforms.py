@@ -1,4 +1,5 @@
 """data/transforms.py: the configurable DeiT transform (train and eval) and Mixup/CutMix per rank."""
+
 import random
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def find(transform, kind):
 
 
 # -- Mixup / CutMix per rank -----------------------------------------------------------------------
+
 
 def mixed(rank: int, step: int, images: torch.Tensor, labels: torch.Tensor, **alphas):
     mixup = StepMixup(num_classes=8, seed=1, label_smoothing=0.0, rank=rank, **alphas)
@@ -50,8 +52,9 @@ def test_each_rank_draws_its_own_lambda_and_box_and_resumes_exactly(alphas):
     np.random.seed(3)
     before = np.random.get_state()[1].copy(), torch.get_rng_state()
     mixed(0, 0, images, labels, **alphas)
-    assert np.array_equal(np.random.get_state()[1], before[0]) and torch.equal(torch.get_rng_state(), before[1]), \
+    assert np.array_equal(np.random.get_state()[1], before[0]) and torch.equal(torch.get_rng_state(), before[1]), (
         "the caller's RNGs are left as they were"
+    )
 
 
 def test_micro_steps_of_one_rank_draw_differently():
@@ -61,9 +64,22 @@ def test_micro_steps_of_one_rank_draw_differently():
 
 
 def test_the_task_gives_mixup_its_rank_and_both_transforms_the_recipe_options(tiny_shards):
-    cfg = load_config(TINY, [f"data.path={tiny_shards}", "data.workers=0", "data.mixup=0.8", "data.cutmix=1.0",
-                             "data.interpolation=bilinear", "data.mean=[0.5, 0.4, 0.3]", "data.std=[0.2, 0.25, 0.3]",
-                             "data.scale=[0.5, 0.9]", "data.ratio=[0.9, 1.1]", "data.hflip=0.2", "data.vflip=0.1"])
+    cfg = load_config(
+        TINY,
+        [
+            f"data.path={tiny_shards}",
+            "data.workers=0",
+            "data.mixup=0.8",
+            "data.cutmix=1.0",
+            "data.interpolation=bilinear",
+            "data.mean=[0.5, 0.4, 0.3]",
+            "data.std=[0.2, 0.25, 0.3]",
+            "data.scale=[0.5, 0.9]",
+            "data.ratio=[0.9, 1.1]",
+            "data.hflip=0.2",
+            "data.vflip=0.1",
+        ],
+    )
     task = ClassificationTask(cfg)
     train, evaluation = task.build_streams(micro=4, rank=1, world=2, pin_memory=False)
     assert task.mixup.rank == 1 and task.mixup.seed == cfg.train.seed
@@ -81,6 +97,7 @@ def test_the_task_gives_mixup_its_rank_and_both_transforms_the_recipe_options(ti
 
 # -- the transform options --------------------------------------------------------------------------
 
+
 def test_defaults_are_deits():
     d = DataConfig()
     assert (d.scale, d.ratio, d.hflip, d.vflip, d.interpolation) == ([0.08, 1.0], [3 / 4, 4 / 3], 0.5, 0.0, "bicubic")
@@ -91,13 +108,27 @@ def test_defaults_are_deits():
     assert crop.interpolation == str_to_interp_mode("bicubic")
 
 
-@pytest.mark.parametrize("override,key", [
-    ("data.scale=[0.5]", "data.scale"), ("data.scale=[0.9, 0.5]", "data.scale"), ("data.scale=[0, 1]", "data.scale"),
-    ("data.scale=[0.5, 1.2]", "data.scale"), ("data.ratio=[2, 1]", "data.ratio"), ("data.ratio=[0, 1]", "data.ratio"),
-    ("data.hflip=1.5", "data.hflip"), ("data.vflip=-0.1", "data.vflip"), ("data.interpolation=cubic", "data.interpolation"),
-    ("data.interpolation=random", "data.interpolation"), ("data.mean=[0.5, 0.5]", "data.mean"),
-    ("data.mean=[a, b, c]", "data.mean"), ("data.std=[0.2, 0.2, 0]", "data.std"), ("data.std=0.2", "data.std"),
-    ("data.re_prob=2", "data.re_prob"), ("data.crop_pct=0", "data.crop_pct")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("data.scale=[0.5]", "data.scale"),
+        ("data.scale=[0.9, 0.5]", "data.scale"),
+        ("data.scale=[0, 1]", "data.scale"),
+        ("data.scale=[0.5, 1.2]", "data.scale"),
+        ("data.ratio=[2, 1]", "data.ratio"),
+        ("data.ratio=[0, 1]", "data.ratio"),
+        ("data.hflip=1.5", "data.hflip"),
+        ("data.vflip=-0.1", "data.vflip"),
+        ("data.interpolation=cubic", "data.interpolation"),
+        ("data.interpolation=random", "data.interpolation"),
+        ("data.mean=[0.5, 0.5]", "data.mean"),
+        ("data.mean=[a, b, c]", "data.mean"),
+        ("data.std=[0.2, 0.2, 0]", "data.std"),
+        ("data.std=0.2", "data.std"),
+        ("data.re_prob=2", "data.re_prob"),
+        ("data.crop_pct=0", "data.crop_pct"),
+    ],
+)
 def test_bad_transform_options_are_refused_at_start_up_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(TINY, [override])

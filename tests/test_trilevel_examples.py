@@ -1,5 +1,6 @@
 """Tri-Level E-ViT's example level (methods/trilevel_examples.py, TRILEVEL_SPEC "Level 1: examples"):
 forgetting scores, swaps, the subset through the stream, and exact resume in the real engine."""
+
 import json
 import signal
 from pathlib import Path
@@ -85,20 +86,24 @@ def test_swap_removes_the_lowest_scores_and_restores_as_many_from_the_pool():
     assert np.array_equal(new, again) and not np.array_equal(new, other), "a function of (seed, swap)"
     few = subset & (np.arange(400) < 30)
     short, info = swap_subset(subset, few, scores, 100, seed=1, swap=1)
-    assert len(info["removed"]) == len(info["restored"]) == few.sum() and short.sum() == 320, \
+    assert len(info["removed"]) == len(info["restored"]) == few.sum() and short.sum() == 320, (
         "fewer candidates than the swap size: restore as many as removed (official restores remove_n)"
+    )
     pruned, info = swap_subset(subset, presented, scores, 20, seed=1, swap=1, restore=False)
     assert pruned.sum() == 300 and len(info["restored"]) == 0
 
 
-@pytest.mark.parametrize("options, match", [({"drop": 1.0}, "drop"), ({"swap": 0.3}, "held-out pool"),
-                                            ({"period": 0}, "period"), ({"window": 2.5}, "window")])
+@pytest.mark.parametrize(
+    "options, match",
+    [({"drop": 1.0}, "drop"), ({"swap": 0.3}, "held-out pool"), ({"period": 0}, "period"), ({"window": 2.5}, "window")],
+)
 def test_bad_options_name_the_key(options, match):
     with pytest.raises(ValueError, match=match):
         TriLevelExamplesConfig(**options)
 
 
 # -- the plug-in over a real stream (no engine) -------------------------------------------------------
+
 
 def fake_logits(ids: torch.Tensor, labels: torch.Tensor, epoch: int, classes: int = 32) -> torch.Tensor:
     """Logits that are right or wrong by a hash of (sample, epoch): samples forget at different rates."""
@@ -179,14 +184,21 @@ def test_the_stream_refuses_a_subset_change_inside_a_pass(tiny_shards):
 
 # -- the real engine: SIGKILL + resume, and 2 -> 1 ranks ----------------------------------------------
 
-EXAMPLES = ["methods.trilevel_examples={period: 1, swaps: 3, swap: 0.05}", "train.epochs=4",
-            "train.zero_stage=1", "train.precision=fp32", "checkpoint.every=4", "checkpoint.keep=20",
-            "train.eval_every=0"]
+EXAMPLES = [
+    "methods.trilevel_examples={period: 1, swaps: 3, swap: 0.05}",
+    "train.epochs=4",
+    "train.zero_stage=1",
+    "train.precision=fp32",
+    "checkpoint.every=4",
+    "checkpoint.keep=20",
+    "train.eval_every=0",
+]
 
 
 def client_state(run: Path, step: int) -> dict:
-    return torch.load(run / "checkpoints" / f"step-{step}" / "mp_rank_00_model_states.pt", map_location="cpu",
-                      weights_only=False)["plugins"]["trilevel_examples"]
+    return torch.load(
+        run / "checkpoints" / f"step-{step}" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["plugins"]["trilevel_examples"]
 
 
 def subset_of(state: dict) -> np.ndarray:
@@ -239,10 +251,18 @@ def test_all_three_levels_train_on_a_subset_and_evaluate_sparse_and_dense(tmp_pa
     from helpers import records, train
 
     run = tmp_path / "trilevel"
-    train(run, tiny_shards, "methods.toe=null", "methods.trilevel_examples={period: 1, swaps: 1}",
-          "methods.trilevel_tokens={keep_ratio: 0.7, attn_ratio: 0.3, locations: [1, 3, 4]}",
-          "model.kwargs={patch_size: 8, depth: 6, embed_dim: 48, num_heads: 2}", "train.epochs=2",
-          "train.ema=true", "train.eval_every=12", "train.precision=fp32")
+    train(
+        run,
+        tiny_shards,
+        "methods.toe=null",
+        "methods.trilevel_examples={period: 1, swaps: 1}",
+        "methods.trilevel_tokens={keep_ratio: 0.7, attn_ratio: 0.3, locations: [1, 3, 4]}",
+        "model.kwargs={patch_size: 8, depth: 6, embed_dim: 48, num_heads: 2}",
+        "train.epochs=2",
+        "train.ema=true",
+        "train.eval_every=12",
+        "train.precision=fp32",
+    )
     steps = records(run)
     assert sorted(steps) == list(range(24)), "2 epochs of the 80% subset: 12 steps each"
     assert steps[23]["trilevel/swaps"] == 1 and steps[0]["trilevel/keep_ratio"] == 1.0

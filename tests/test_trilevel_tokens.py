@@ -1,6 +1,7 @@
 """Tri-Level E-ViT's token and connection levels (``methods/trilevel_tokens.py``) against the spec's test
 plan (``TRILEVEL_SPEC.md`` "Test plan" 1-6 and 11): schedule, counts, scores against explicit attention
 probabilities, identity at r = a = 1, permutation, the mask, gradients, the cost table, compile, eval."""
+
 import copy
 import math
 import re
@@ -38,13 +39,15 @@ TOTAL = 300  # steps of the test runs: warm-up to step 10, cosine to step 110
 
 def tiny(depth=12, **kwargs):
     torch.manual_seed(0)
-    return timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=depth,
-                             embed_dim=64, num_heads=2, **kwargs)
+    return timm.create_model(
+        "deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=depth, embed_dim=64, num_heads=2, **kwargs
+    )
 
 
 def stacked(model, total=TOTAL, **options):
-    stack = build_stack({"trilevel_tokens": TriLevelTokensConfig(**options)},
-                        MethodContext(total_steps=total, steps_per_epoch=10))
+    stack = build_stack(
+        {"trilevel_tokens": TriLevelTokensConfig(**options)}, MethodContext(total_steps=total, steps_per_epoch=10)
+    )
     stack.attach(model)
     return stack, stack.plugins[0]
 
@@ -55,6 +58,7 @@ def step_to(stack, step, images):
 
 
 # -- 1. schedule ------------------------------------------------------------------------------------
+
 
 def official_keep_rate(iteration, iters_per_epoch, target):
     """engine.py adjust_keep_rate with WARM_UP_EPOCH 10, total 10 + TOTAL_DECAY_EPOCH 100 (epoch-level guards)."""
@@ -80,6 +84,7 @@ def test_schedule_is_the_official_cosine_scaled_to_the_run():
 
 # -- 2. counts --------------------------------------------------------------------------------------
 
+
 def test_kept_counts_compound_with_a_robust_ceiling():
     assert kept_counts(196, 0.7, 3) == (138, 97, 68)
     assert kept_counts(196, 0.8, 3) == (157, 126, 101)
@@ -89,6 +94,7 @@ def test_kept_counts_compound_with_a_robust_ceiling():
 
 
 # -- 3. scores -------------------------------------------------------------------------------------
+
 
 def explicit_probs(q, k, scale, mask=None, smoothed=False):
     """Per head, one query row at a time: exp / sum over the open keys (the reference), or the official
@@ -115,13 +121,13 @@ def test_scores_equal_explicit_attention_probabilities(masked):
     if masked:
         probs = torch.rand(2, 12, 12)
         mask = connection_mask(probs, torch.tensor(4), num_prefix=1)
-    cls, patch = attention_scores(q, k, 8 ** -0.5, num_prefix=1, mask=mask)
-    reference = explicit_probs(q, k, 8 ** -0.5, mask)
+    cls, patch = attention_scores(q, k, 8**-0.5, num_prefix=1, mask=mask)
+    reference = explicit_probs(q, k, 8**-0.5, mask)
     torch.testing.assert_close(cls.double(), reference[:, 0, 1:], rtol=0, atol=1e-6)
     torch.testing.assert_close(patch.double(), reference[:, 1:, 1:], rtol=0, atol=1e-6)
-    official = explicit_probs(q, k, 8 ** -0.5, mask, smoothed=True)
+    official = explicit_probs(q, k, 8**-0.5, mask, smoothed=True)
     torch.testing.assert_close(patch.double(), official[:, 1:, 1:], rtol=0, atol=1e-5)
-    cls_only, none = attention_scores(q, k, 8 ** -0.5, num_prefix=1, mask=mask, patch_probs=False)
+    cls_only, none = attention_scores(q, k, 8**-0.5, num_prefix=1, mask=mask, patch_probs=False)
     assert none is None
     torch.testing.assert_close(cls_only, cls, rtol=0, atol=1e-6)
     if masked:
@@ -146,7 +152,7 @@ def test_pruning_keeps_the_highest_scored_tokens_of_the_blocks_own_attention():
         out, mask = location_forward(block, x, None, n_out, None, num_prefix=1)
         h = block.norm1(x)  # the reference: q, k from the block's own qkv, explicit probabilities
         q, k, _ = block.attn.qkv(h).reshape(2, 65, 3, 2, 32).permute(2, 0, 3, 1, 4).unbind(0)
-        scores = explicit_probs(q, k, 32 ** -0.5)[:, 0, 1:]
+        scores = explicit_probs(q, k, 32**-0.5)[:, 0, 1:]
         index = reference_tie_order(scores, n_out)
         mid = x + block.attn(h)  # timm's own attention (fused SDPA)
         kept = torch.cat([mid[:, :1], torch.stack([mid[b, 1:][index[b]] for b in range(2)])], dim=1)
@@ -159,6 +165,7 @@ def test_pruning_keeps_the_highest_scored_tokens_of_the_blocks_own_attention():
 
 # -- 4. identity at r = a = 1 ------------------------------------------------------------------------
 
+
 def test_at_full_ratios_the_model_is_exactly_timm():
     plain, model = tiny(), tiny()
     stack, plugin = stacked(model)
@@ -166,8 +173,7 @@ def test_at_full_ratios_the_model_is_exactly_timm():
     assert list(model.state_dict()) == list(plain.state_dict())
     assert all(a.shape == b.shape for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
     seen = []
-    model.blocks[4].register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("attn_mask")),
-                                              with_kwargs=True)
+    model.blocks[4].register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("attn_mask")), with_kwargs=True)
     x = torch.randn(3, 3, 32, 32)
     model.train(), plain.train()
     step_to(stack, 5, x)  # in the warm-up: r = a = 1
@@ -176,12 +182,14 @@ def test_at_full_ratios_the_model_is_exactly_timm():
     got = model(x)
     torch.manual_seed(3)
     assert torch.equal(got, plain(x)) and seen == [None], "no drop and no mask: timm's own forward"
-    fresh = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=12,
-                              embed_dim=64, num_heads=2)
+    fresh = timm.create_model(
+        "deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=12, embed_dim=64, num_heads=2
+    )
     fresh.load_state_dict(model.state_dict(), strict=True)
 
 
 # -- 5. permutation --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("options,kept", [(dict(connections=False), (58, 53, 48)), (dict(locations=[3]), (58,))])
 def test_kept_token_order_does_not_change_the_logits(options, kept):
@@ -203,6 +211,7 @@ def test_kept_token_order_does_not_change_the_logits(options, kept):
 
 
 # -- 6. the mask -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("ties", ["exact_k", "official"])
 def test_connection_mask_keeps_k_keys_per_patch_row(ties):
@@ -230,7 +239,8 @@ def test_each_locations_mask_reaches_the_blocks_up_to_the_next_location(monkeypa
     masks = {}
     for index, block in enumerate(model.blocks):
         block.register_forward_pre_hook(
-            lambda m, args, kwargs, index=index: masks.__setitem__(index, kwargs.get("attn_mask")), with_kwargs=True)
+            lambda m, args, kwargs, index=index: masks.__setitem__(index, kwargs.get("attn_mask")), with_kwargs=True
+        )
     made, original = {}, tl.location_forward
 
     def recording(block, x, mask, *args):
@@ -252,6 +262,7 @@ def test_each_locations_mask_reaches_the_blocks_up_to_the_next_location(monkeypa
 
 
 # -- gradients --------------------------------------------------------------------------------------
+
 
 def test_the_gather_carries_gradient_to_kept_tokens_only():
     x = torch.randn(2, 1 + 6, 4, requires_grad=True)
@@ -319,7 +330,8 @@ def test_stack_share_and_metrics_follow_the_step():
         step_to(stack, step, torch.zeros(2, 3, 32, 32))
     window = stack.step_metrics()
     assert [window[f"trilevel/kept_patches_{b}"] for b in (3, 6, 9)] == pytest.approx(
-        [(58 * 2 + 64) / 3, (53 * 2 + 64) / 3, (48 * 2 + 64) / 3])
+        [(58 * 2 + 64) / 3, (53 * 2 + 64) / 3, (48 * 2 + 64) / 3]
+    )
     assert "trilevel/kept_patches_3" not in stack.step_metrics(), "the window starts afresh"
     text = plugin.describe()
     assert "kept [58, 53, 48]" in text and f"compiled graphs over the run: {plugin.shape_variants()}" in text
@@ -335,6 +347,7 @@ def test_shape_variants_count_every_distinct_key_of_the_run():
 
 
 # -- compile, evaluation, config ---------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_tokens_and_connections_compile_to_one_graph_per_count_tuple():
@@ -385,41 +398,52 @@ def test_evaluation_variants_sparse_dense_and_the_ema_copy():
         assert torch.equal(model(x), plain(x)), "dense evaluation is plain timm"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("methods.trilevel_tokens={keep_ratio: 1.5}", "methods.trilevel_tokens.keep_ratio must be a number in (0, 1]"),
-    ("methods.trilevel_tokens={attn_ratio: 0}", "methods.trilevel_tokens.attn_ratio must be a number in (0, 1]"),
-    ("methods.trilevel_tokens={locations: [6, 3]}", "methods.trilevel_tokens.locations must be a non-empty"),
-    ("methods.trilevel_tokens={warmup: 0.5}", "methods.trilevel_tokens.warmup must be below decay_end"),
-    ("methods.trilevel_tokens={mask_ties: topk}", "methods.trilevel_tokens.mask_ties must be one of"),
-    ("methods.trilevel_tokens={evaluation: ema}", "methods.trilevel_tokens.evaluation must be one of"),
-    ("methods.trilevel_tokens={score: cls}", "methods.trilevel_tokens.score must be one of"),
-    ("methods.trilevel_tokens={tokens: false, connections: false}", "methods.trilevel_tokens.tokens must be true"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("methods.trilevel_tokens={keep_ratio: 1.5}", "methods.trilevel_tokens.keep_ratio must be a number in (0, 1]"),
+        ("methods.trilevel_tokens={attn_ratio: 0}", "methods.trilevel_tokens.attn_ratio must be a number in (0, 1]"),
+        ("methods.trilevel_tokens={locations: [6, 3]}", "methods.trilevel_tokens.locations must be a non-empty"),
+        ("methods.trilevel_tokens={warmup: 0.5}", "methods.trilevel_tokens.warmup must be below decay_end"),
+        ("methods.trilevel_tokens={mask_ties: topk}", "methods.trilevel_tokens.mask_ties must be one of"),
+        ("methods.trilevel_tokens={evaluation: ema}", "methods.trilevel_tokens.evaluation must be one of"),
+        ("methods.trilevel_tokens={score: cls}", "methods.trilevel_tokens.score must be one of"),
+        ("methods.trilevel_tokens={tokens: false, connections: false}", "methods.trilevel_tokens.tokens must be true"),
+    ],
+)
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(TOE_CPU, ["methods.toe=null", override])
 
 
 def test_toe_is_refused_and_locations_are_checked_against_the_depth():
-    with pytest.raises(ConfigError, match="methods 'trilevel_tokens' and 'toe' do not compose: ToE's pre-hook refuses "
-                                          "an attn_mask.*trilevel_examples composes with ToE"):
+    with pytest.raises(
+        ConfigError,
+        match="methods 'trilevel_tokens' and 'toe' do not compose: ToE's pre-hook refuses "
+        "an attn_mask.*trilevel_examples composes with ToE",
+    ):
         load_config(TOE_CPU, ["methods.trilevel_tokens={}"])
-    assert list(load_config(TOE_CPU, ["methods.toe=null", "methods.trilevel_tokens={}"]).methods) == \
-        ["trilevel_tokens"]
-    with pytest.raises(ValueError, match=re.escape("methods.trilevel_tokens.locations [3, 6, 9] must be blocks of "
-                                                   "the model (0-based, the model has 4: 0..3)")):
+    assert list(load_config(TOE_CPU, ["methods.toe=null", "methods.trilevel_tokens={}"]).methods) == ["trilevel_tokens"]
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "methods.trilevel_tokens.locations [3, 6, 9] must be blocks of the model (0-based, the model has 4: 0..3)"
+        ),
+    ):
         stacked(tiny(depth=4))
 
 
 def test_distilled_deit_keeps_both_prefix_tokens_and_scores_the_class_token():
     torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=4,
-                              embed_dim=64, num_heads=2).train()
+    model = timm.create_model(
+        "deit_tiny_distilled_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=2
+    ).train()
     stack, plugin = stacked(model, locations=[1, 2])
     images = step_to(stack, 200, torch.randn(2, 3, 32, 32))
     seen = []
     model.blocks[3].register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((args[0].shape[1], kwargs["attn_mask"])), with_kwargs=True)
+        lambda m, args, kwargs: seen.append((args[0].shape[1], kwargs["attn_mask"])), with_kwargs=True
+    )
     out = model(images)
     (out[0] if isinstance(out, tuple) else out).sum().backward()
     tokens, mask = seen[0]
@@ -463,9 +487,18 @@ def test_the_real_engine_step_code_has_no_host_sync(tmp_path, tiny_shards):
     evaluation on): nothing of the project reads the device between log steps."""
     from helpers import probe
 
-    events = probe(tmp_path, tiny_shards, "methods.toe=null", "methods.trilevel_tokens={locations: [0, 1, 2]}",
-                   "train.steps=12", "train.log_every=6", "train.ema=true", "train.eval_every=6",
-                   "checkpoint.every=0", "train.signal_check_every=12")
+    events = probe(
+        tmp_path,
+        tiny_shards,
+        "methods.toe=null",
+        "methods.trilevel_tokens={locations: [0, 1, 2]}",
+        "train.steps=12",
+        "train.log_every=6",
+        "train.ema=true",
+        "train.eval_every=6",
+        "checkpoint.every=0",
+        "train.signal_check_every=12",
+    )
     mine = [e for e in events if e["owner"] == "project" and e["context"] == "step"]
     assert not mine, f"host syncs in the project's step code with trilevel_tokens: {mine}"
     assert any(e["context"] == "eval" for e in events), "the probe saw the evaluations"

@@ -1,5 +1,6 @@
 """The method of docs/write_a_method.md: the page shows the file as it is, its pure core, its refusals,
 and a real run of the engine with it (loaded by ``method_modules``, as a user's own method is)."""
+
 import json
 import os
 import re
@@ -30,21 +31,42 @@ def test_the_rate_falls_linearly_to_zero_and_stays_there():
 
 def test_the_registry_refuses_it_next_to_another_method_on_its_tokens():
     from launcher.config import ConfigError, load_config
+
     with pytest.raises(ConfigError, match="both set the token count before block 0"):
-        load_config(str(ROOT / "configs/deit_tiny_cpu.yaml"),
-                    ["method_modules=[examples.annealed_patch_dropout]", "methods.annealed_patch_dropout={}",
-                     "methods.patch_dropout={rate: 0.3}"])
+        load_config(
+            str(ROOT / "configs/deit_tiny_cpu.yaml"),
+            [
+                "method_modules=[examples.annealed_patch_dropout]",
+                "methods.annealed_patch_dropout={}",
+                "methods.patch_dropout={rate: 0.3}",
+            ],
+        )
 
 
 @pytest.mark.slow
 def test_the_engine_trains_with_it(tmp_path, tiny_shards):
-    overrides = ["method_modules=[examples.annealed_patch_dropout]", "methods.annealed_patch_dropout={start: 0.5}",
-                 "model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}", "data.workers=1",
-                 "train.global_batch=16", "train.log_every=1", "train.eval_every=0", "train.steps=10",
-                 f"data.path={tiny_shards}", f"out_dir={tmp_path}", "name=run"]
+    overrides = [
+        "method_modules=[examples.annealed_patch_dropout]",
+        "methods.annealed_patch_dropout={start: 0.5}",
+        "model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}",
+        "data.workers=1",
+        "train.global_batch=16",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.steps=10",
+        f"data.path={tiny_shards}",
+        f"out_dir={tmp_path}",
+        "name=run",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(ROOT / "configs/deit_tiny_cpu.yaml"),
-                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher.train", "--config", str(ROOT / "configs/deit_tiny_cpu.yaml"), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     steps = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in steps if "loss" in r}

@@ -1,4 +1,5 @@
 """YOLOS: the model, ToE with detection tokens, Hungarian matching, the set criterion."""
+
 import itertools
 
 import pytest
@@ -24,18 +25,23 @@ def random_targets(batch, classes, generator, max_boxes=3):
         n = int(torch.randint(0, max_boxes + 1, (1,), generator=generator))
         centres = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
         sizes = torch.rand(n, 2, generator=generator) * 0.3 + 0.05
-        targets.append({"labels": torch.randint(0, classes, (n,), generator=generator),
-                        "boxes": torch.cat([centres, sizes], dim=1)})
+        targets.append(
+            {"labels": torch.randint(0, classes, (n,), generator=generator), "boxes": torch.cat([centres, sizes], dim=1)}
+        )
     return targets
 
 
 # -- matching ------------------------------------------------------------------------------------
 
+
 def brute_force_cost(logits, boxes, target):
     prob = logits.softmax(-1)
     xyxy = lambda b: box_convert(b, "cxcywh", "xyxy")
-    cost = (5 * torch.cdist(boxes, target["boxes"], p=1) - prob[:, target["labels"]]
-            - 2 * generalized_box_iou(xyxy(boxes), xyxy(target["boxes"])))
+    cost = (
+        5 * torch.cdist(boxes, target["boxes"], p=1)
+        - prob[:, target["labels"]]
+        - 2 * generalized_box_iou(xyxy(boxes), xyxy(target["boxes"]))
+    )
     n = len(target["labels"])
     return min(sum(cost[q, t] for t, q in enumerate(perm)) for perm in itertools.permutations(range(len(boxes)), n))
 
@@ -55,16 +61,22 @@ def test_matcher_finds_the_brute_force_optimum(seed):
             continue
         prob = logits[b].softmax(-1)
         xyxy = lambda x: box_convert(x, "cxcywh", "xyxy")
-        cost = (5 * torch.cdist(boxes[b], target["boxes"], p=1) - prob[:, target["labels"]]
-                - 2 * generalized_box_iou(xyxy(boxes[b]), xyxy(target["boxes"])))
+        cost = (
+            5 * torch.cdist(boxes[b], target["boxes"], p=1)
+            - prob[:, target["labels"]]
+            - 2 * generalized_box_iou(xyxy(boxes[b]), xyxy(target["boxes"]))
+        )
         assert cost[rows, cols].sum() == pytest.approx(float(brute_force_cost(logits[b], boxes[b], target)), abs=1e-5)
 
 
 # -- criterion -----------------------------------------------------------------------------------
 
+
 def test_perfect_prediction_has_zero_box_losses():
-    targets = [{"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
-               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    targets = [
+        {"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
     logits = torch.full((2, 4, 4), -20.0)
     logits[..., 3] = 20.0  # no-object everywhere ...
     boxes = torch.rand(2, 4, 4) * 0.1 + 0.05
@@ -91,13 +103,15 @@ def test_criterion_is_invariant_to_query_order_and_weighs_no_object():
     for key in base:
         assert shuffled[key].item() == pytest.approx(base[key].item(), rel=1e-6)
     assert base["loss"].item() == pytest.approx(
-        base["loss_ce"].item() + 5 * base["loss_bbox"].item() + 2 * base["loss_giou"].item(), rel=1e-6)
+        base["loss_ce"].item() + 5 * base["loss_bbox"].item() + 2 * base["loss_giou"].item(), rel=1e-6
+    )
     empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
     nothing = criterion({"pred_logits": logits, "pred_boxes": boxes}, empty)
     assert nothing["loss_bbox"].item() == 0.0 and nothing["loss_giou"].item() == 0.0
 
 
 # -- the model -----------------------------------------------------------------------------------
+
 
 def yolos_interpolate(table, old, new):
     """YOLOS's InterpolateInitPosEmbed, written out: [1, h*w, C] on ``old`` -> ``new`` (bicubic, no antialias)."""
@@ -115,20 +129,30 @@ def test_position_table_is_resampled_once_to_init_pe_size_and_learned_there(tmp_
     teacher = timm.create_model("deit_tiny_patch16_224", num_classes=1000, **TINY)
     path = tmp_path / "deit.pth"
     torch.save(teacher.state_dict(), path)
-    model = create_yolos(num_classes=5, num_det_tokens=6, checkpoint=str(path), init_pe_size=[48, 100],
-                         mid_pos_embed=True, mid_pe_size=[40, 56], **TINY)
+    model = create_yolos(
+        num_classes=5,
+        num_det_tokens=6,
+        checkpoint=str(path),
+        init_pe_size=[48, 100],
+        mid_pos_embed=True,
+        mid_pe_size=[40, 56],
+        **TINY,
+    )
     for name, value in teacher.state_dict().items():
         if not name.startswith(("head.", "pos_embed")):
             assert torch.equal(model.backbone.state_dict()[name], value), name
     table = model.backbone.pos_embed
     assert isinstance(table, torch.nn.Parameter) and table.shape == (1, 1 + 6 * 12, 48)  # 100 // 8 = 12, as YOLOS floors
     assert torch.equal(table[:, :1], teacher.pos_embed[:, :1])
-    torch.testing.assert_close(table[:, 1:], yolos_interpolate(teacher.pos_embed[:, 1:], (8, 8), (6, 12)),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(table[:, 1:], yolos_interpolate(teacher.pos_embed[:, 1:], (8, 8), (6, 12)), rtol=0, atol=1e-6)
     assert model.patch_embed.num_patches == 72 and tuple(model.patch_embed.grid_size) == (6, 12)
     assert model.mid_pos_embed.shape == (3, 1, 1 + 5 * 7, 48)
     assert {n for n, _ in model.named_parameters() if "pos_embed" in n} == {
-        "backbone.pos_embed", "det_pos_embed", "mid_pos_embed", "mid_det_pos_embed"}, "no 8 x 8 table left over"
+        "backbone.pos_embed",
+        "det_pos_embed",
+        "mid_pos_embed",
+        "mid_det_pos_embed",
+    }, "no 8 x 8 table left over"
 
     # at the init grid the learned table is used as it is; elsewhere it is resampled from that grid
     assert torch.equal(model.position_embeddings((6, 12))[:, 1:73], table[:, 1:])
@@ -137,8 +161,9 @@ def test_position_table_is_resampled_once_to_init_pe_size_and_learned_there(tmp_
         torch.testing.assert_close(got[:, 1:-6], yolos_interpolate(table[:, 1:], (6, 12), grid), rtol=0, atol=1e-6)
         mid = model.mid_position_embeddings(grid)
         assert mid.shape == (3, 1, 1 + grid[0] * grid[1] + 6, 48)
-        torch.testing.assert_close(mid[1, :, 1:-6], yolos_interpolate(model.mid_pos_embed[1, :, 1:], (5, 7), grid),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            mid[1, :, 1:-6], yolos_interpolate(model.mid_pos_embed[1, :, 1:], (5, 7), grid), rtol=0, atol=1e-6
+        )
     calls = []
     original = yolos_module.resample_grid
     monkeypatch.setattr(yolos_module, "resample_grid", lambda t, old, new: calls.append((old, new)) or original(t, old, new))
@@ -248,7 +273,9 @@ def test_toe_keeps_detection_tokens_and_works_per_sample_with_mid_position_embed
     def record(name):
         def hook(module, args):  # returns None: a pre-hook's return value would replace the input
             seen.setdefault(name, args[0].shape[1])
+
         return hook
+
     model.blocks[1].register_forward_pre_hook(record("before"))
     model.blocks[2].register_forward_pre_hook(record("after"))
     model.train()
@@ -259,7 +286,7 @@ def test_toe_keeps_detection_tokens_and_works_per_sample_with_mid_position_embed
     assert seen == {"before": 1 + n + 6, "after": 1 + n + 6}
     # per-sample runs give the same outputs: selection and mid position embeddings follow each sample
     for b in range(3):
-        single = model(images[b:b + 1])
+        single = model(images[b : b + 1])
         torch.testing.assert_close(single["pred_boxes"][0], batched["pred_boxes"][b], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(single["pred_logits"][0], batched["pred_logits"][b], rtol=1e-5, atol=1e-6)
     batched["pred_boxes"].sum().backward()
@@ -277,6 +304,7 @@ def test_toe_output_keeps_detection_tokens_bit_identical():
         out = original(x)
         captured["in"], captured["out"] = x, out
         return out
+
     module.forward = spy
     model.train()
     model(torch.randn(2, 3, 64, 64))
@@ -309,12 +337,34 @@ def test_yolos_overfits_a_few_images_through_the_whole_detection_path(tmp_path):
     from data import write_shards
     from data.detection import build_detection_stream, coco_evaluate, postprocess
     from data.synthetic import CLASS_NAMES
-    assert write_shards.main(["synthetic", str(tmp_path), "--train", "16", "--val", "0", "--size", "64", "--objects", "1",
-                              "--shard-size", "16", "--no-progress"]) == 0
+
+    assert (
+        write_shards.main(
+            [
+                "synthetic",
+                str(tmp_path),
+                "--train",
+                "16",
+                "--val",
+                "0",
+                "--size",
+                "64",
+                "--objects",
+                "1",
+                "--shard-size",
+                "16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     gt = tmp_path / "train_gt.json"
     gt.write_text(json.dumps(write_shards.coco_ground_truth("train", range(16), 0, 64, 1, CLASS_NAMES)))
-    batches = list(build_detection_stream(str(tmp_path), train=False, split="train", scales=[64], max_size=96,
-                                          pad_multiple=8, batch_size=8, num_workers=0))
+    batches = list(
+        build_detection_stream(
+            str(tmp_path), train=False, split="train", scales=[64], max_size=96, pad_multiple=8, batch_size=8, num_workers=0
+        )
+    )
     torch.manual_seed(0)
     model = create_yolos(num_classes=32, num_det_tokens=10, img_size=64, patch_size=8, depth=4)
     criterion = SetCriterion(32)
@@ -353,28 +403,49 @@ def test_tiny_recipe_lifts_held_out_ap50_far_above_the_untrained_model(tmp_path)
 
     root = Path(__file__).resolve().parents[1]
     steps = 400
-    result = subprocess.run([sys.executable, "-m", "launcher.train", "--config", "configs/yolos_ti_cpu.yaml",
-                             f"out_dir={tmp_path}", "name=det", f"data.path={tmp_path / 'shards'}",
-                             f"train.steps={steps}", "train.eval_on_start=true", "checkpoint.every=0"],
-                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.train",
+            "--config",
+            "configs/yolos_ti_cpu.yaml",
+            f"out_dir={tmp_path}",
+            "name=det",
+            f"data.path={tmp_path / 'shards'}",
+            f"train.steps={steps}",
+            "train.eval_on_start=true",
+            "checkpoint.every=0",
+        ],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     records = [json.loads(line) for line in (tmp_path / "det/metrics.jsonl").read_text().splitlines()]
     start = next(r for r in records if "eval/AP50" in r)
     final = json.loads((tmp_path / "det/final.json").read_text())
     assert start["step"] == 0 and final["step"] == steps and final["eval_samples"] == 1024
-    print(f"held-out AP50: untrained {start['eval/AP50']:.4f} -> {final['AP50']:.4f} after {steps} steps "
-          f"(AP {start['eval/AP']:.4f} -> {final['AP']:.4f})")
+    print(
+        f"held-out AP50: untrained {start['eval/AP50']:.4f} -> {final['AP50']:.4f} after {steps} steps "
+        f"(AP {start['eval/AP']:.4f} -> {final['AP']:.4f})"
+    )
     assert start["eval/AP50"] < 0.01
     assert final["AP50"] >= 0.02 and final["AP50"] >= 10 * max(start["eval/AP50"], 1e-3)
 
 
 # -- the recipes ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe,epochs,expansion_steps", [
-    ("yolos_s_toe_r05.yaml", 150, [5, 50, 100]),   # ToE/YOLOS/run/coco_small_run1.sh --expansion-step
-    ("yolos_ti_toe_r05.yaml", 300, [5, 100, 200]),  # ToE/YOLOS/run/coco_tiny_run1.sh --expansion-step
-])
+
+@pytest.mark.parametrize(
+    "recipe,epochs,expansion_steps",
+    [
+        ("yolos_s_toe_r05.yaml", 150, [5, 50, 100]),  # ToE/YOLOS/run/coco_small_run1.sh --expansion-step
+        ("yolos_ti_toe_r05.yaml", 300, [5, 100, 200]),  # ToE/YOLOS/run/coco_tiny_run1.sh --expansion-step
+    ],
+)
 def test_toe_recipes_stage_every_epoch_as_the_authors_runs(recipe, epochs, expansion_steps):
     """The authors set the stage once per epoch, ``bisect_right(expansion_step, epoch)`` (stage 0: all
     tokens); the recipe's warm-up epochs and fractional boundaries give the same stage at every step."""
@@ -396,15 +467,18 @@ def test_toe_recipes_stage_every_epoch_as_the_authors_runs(recipe, epochs, expan
         assert schedule.r0 == 0.25 and schedule.k == 2 and schedule.block == 1
 
 
-@pytest.mark.parametrize("override,key", [
-    ("detection.init_pe_size=[800]", "detection.init_pe_size"),
-    ("detection.init_pe_size=[2, 64]", "detection.init_pe_size"),
-    ("detection.mid_pe_size=[32, 32]", "detection.mid_pe_size"),  # mid_pos_embed is off in yolos_ti
-    ("detection.eval_max_size=512", "eval_max_size"),
-    ("detection.scales=[256, 8]", "scales"),
-    ("methods.toe.warmup_epochs=-1", "methods.toe.warmup_epochs"),
-    ("methods.toe.warmup_epochs=.nan", "methods.toe.warmup_epochs"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("detection.init_pe_size=[800]", "detection.init_pe_size"),
+        ("detection.init_pe_size=[2, 64]", "detection.init_pe_size"),
+        ("detection.mid_pe_size=[32, 32]", "detection.mid_pe_size"),  # mid_pos_embed is off in yolos_ti
+        ("detection.eval_max_size=512", "eval_max_size"),
+        ("detection.scales=[256, 8]", "scales"),
+        ("methods.toe.warmup_epochs=-1", "methods.toe.warmup_epochs"),
+        ("methods.toe.warmup_epochs=.nan", "methods.toe.warmup_epochs"),
+    ],
+)
 def test_bad_yolos_settings_are_refused_at_start_up(override, key):
     from pathlib import Path
 
@@ -414,5 +488,6 @@ def test_bad_yolos_settings_are_refused_at_start_up(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(str(Path(__file__).resolve().parents[1] / "configs" / recipe), [override])
     with pytest.raises(ConfigError, match="methods.toe.warmup_epochs"):  # one of warmup_steps and warmup_epochs
-        load_config(str(Path(__file__).resolve().parents[1] / "configs/yolos_ti_toe_r05.yaml"),
-                    ["methods.toe.warmup_steps=10"])
+        load_config(
+            str(Path(__file__).resolve().parents[1] / "configs/yolos_ti_toe_r05.yaml"), ["methods.toe.warmup_steps=10"]
+        )

@@ -14,6 +14,7 @@ Rates are handled as exact rationals (``Fraction(r).limit_denominator(10**6)``),
 writes as ``0.4`` is 2/5 and every floor in this file is exact: ``0.3 * 196`` cannot turn 58 added
 patches into 57, and ``1 // 0.2`` cannot turn the seed stride 5 into 4.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -32,8 +33,9 @@ _MAX_DENOMINATOR = 1_000_000
 COUNTINGS = ("paper", "rates")
 
 
-def kept_counts_from(num_patches: int, terms: Sequence[tuple[int, int]], *, cumulative: bool,
-                     last_is_full: bool) -> list[int]:
+def kept_counts_from(
+    num_patches: int, terms: Sequence[tuple[int, int]], *, cumulative: bool, last_is_full: bool
+) -> list[int]:
     """``[n_0, ..., n_stage]`` from the stage's constants, in plain ints (``torch.compile`` traces this;
     it cannot trace ``Fraction``). ``terms``: ``(numerator, denominator)`` of r0 and then of each stage's
     increment mu_m (``cumulative``: n_m = n_(m-1) + floor(mu_m N)) or kept rate r_m (n_m = floor(r_m N));
@@ -45,8 +47,10 @@ def kept_counts_from(num_patches: int, terms: Sequence[tuple[int, int]], *, cumu
     if last_is_full:
         counts[-1] = num_patches
     if counts[0] < 1:
-        raise ValueError(f"r0={terms[0][0] / terms[0][1]:g} keeps no seed token of {num_patches} patches "
-                         f"(floor(r0 * N) = 0); raise r1/r0 or use more patches")
+        raise ValueError(
+            f"r0={terms[0][0] / terms[0][1]:g} keeps no seed token of {num_patches} patches "
+            f"(floor(r0 * N) = 0); raise r1/r0 or use more patches"
+        )
     return counts
 
 
@@ -137,23 +141,23 @@ class ToESchedule:
             return [warm + -(-(d * span) // ng) for d in range(1, ng)]  # ceil(d * span / Ng)
         boundaries = list(boundaries)
         if len(boundaries) != ng - 1:
-            raise ValueError(
-                f"boundaries must give the first step of stages 2..{ng} ({ng - 1} values), got {boundaries!r}")
+            raise ValueError(f"boundaries must give the first step of stages 2..{ng} ({ng - 1} values), got {boundaries!r}")
         if all(_is_int(b) for b in boundaries):
             steps = [int(b) for b in boundaries]
         elif all(isinstance(b, float) and 0.0 < b < 1.0 for b in boundaries):
             steps = [math.ceil(Fraction(b).limit_denominator(_MAX_DENOMINATOR) * total) for b in boundaries]
         else:
             raise ValueError(
-                f"boundaries must be all ints (steps) or all floats in (0, 1) (fractions of total_steps), "
-                f"got {boundaries!r}")
+                f"boundaries must be all ints (steps) or all floats in (0, 1) (fractions of total_steps), got {boundaries!r}"
+            )
         previous = warm
         for step in steps:
             if not previous < step < total:
                 raise ValueError(
                     f"boundaries {boundaries!r} give stage starts {[warm] + steps}: each must be strictly "
                     f"after the previous one (stage 1 starts at warmup_steps={warm}) and before "
-                    f"total_steps={total}")
+                    f"total_steps={total}"
+                )
             previous = step
         return steps
 
@@ -213,8 +217,9 @@ class ToESchedule:
         self._check_stage(stage, allow_warmup=False)
         if not _is_int(num_patches) or num_patches < 1:
             raise ValueError(f"num_patches must be a positive int, got {num_patches!r}")
-        return kept_counts_from(num_patches, self.count_terms(stage), cumulative=self.counting == "paper",
-                                last_is_full=stage == self.num_stages)
+        return kept_counts_from(
+            num_patches, self.count_terms(stage), cumulative=self.counting == "paper", last_is_full=stage == self.num_stages
+        )
 
     def kept_tokens(self, num_patches: int, stage: int) -> int:
         """Patch tokens that blocks after ``block`` see in a stage (all of them in the warm-up)."""
@@ -261,15 +266,18 @@ class ToESchedule:
             label = "warm" if stage == 0 else str(stage)
             lines.append(
                 f"{label:>5} {f'[{first}, {end})':>21} {float(self.rate(stage)):>9.4f} "
-                f"{f'{kept}/{num_patches}':>13} {share:>11.3f}")
+                f"{f'{kept}/{num_patches}':>13} {share:>11.3f}"
+            )
         mean = self.mean_flops_share(shape)
         lines.append(f"mean FLOPs share {mean:.3f} -> theoretical training speed-up {1 / mean:.3f}x")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return (f"ToESchedule(r1={float(self.r1):g}, num_stages={self.num_stages}, total_steps={self.total_steps}, "
-                f"r0={float(self.r0):g}, k={self.k}, starts={self.starts}, block={self.block}, "
-                f"warmup_steps={self.warmup_steps}, counting={self.counting!r})")
+        return (
+            f"ToESchedule(r1={float(self.r1):g}, num_stages={self.num_stages}, total_steps={self.total_steps}, "
+            f"r0={float(self.r0):g}, k={self.k}, starts={self.starts}, block={self.block}, "
+            f"warmup_steps={self.warmup_steps}, counting={self.counting!r})"
+        )
 
     def _check_stage(self, stage: int, *, allow_warmup: bool) -> None:
         low = 0 if allow_warmup else 1

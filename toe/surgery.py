@@ -19,6 +19,7 @@ Seams for later models:
 - LV-ViT: token labelling needs every patch position back after the last block:
   ``module.restore(x)`` zero-pads kept tokens into their original positions.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,9 @@ def gather_kept(tokens: torch.Tensor, keep_index: torch.Tensor, num_prefix: int,
     return torch.cat([tokens[:, :num_prefix], tokens.gather(1, index), tokens[:, patches_end:]], dim=1)
 
 
-def restore_tokens(x: torch.Tensor, keep_index: torch.Tensor, num_patches: int, num_prefix: int,
-                   num_suffix: int = 0) -> torch.Tensor:
+def restore_tokens(
+    x: torch.Tensor, keep_index: torch.Tensor, num_patches: int, num_prefix: int, num_suffix: int = 0
+) -> torch.Tensor:
     """``[B, P + n + S, C]`` -> ``[B, P + N + S, C]``: kept tokens back at their original patch
     positions, zeros elsewhere (LV-ViT token labelling, appendix Fig. 1)."""
     batch, kept = keep_index.shape
@@ -56,8 +58,8 @@ def restore_tokens(x: torch.Tensor, keep_index: torch.Tensor, num_patches: int, 
         raise ValueError(f"x has {x.shape[1]} tokens, keep_index implies {num_prefix + kept + num_suffix}")
     patches = x.new_zeros(batch, num_patches, x.shape[-1])
     index = keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    patches = patches.scatter(1, index, x[:, num_prefix:num_prefix + kept])
-    return torch.cat([x[:, :num_prefix], patches, x[:, num_prefix + kept:]], dim=1)
+    patches = patches.scatter(1, index, x[:, num_prefix : num_prefix + kept])
+    return torch.cat([x[:, :num_prefix], patches, x[:, num_prefix + kept :]], dim=1)
 
 
 class TokenExpansion(nn.Module):
@@ -117,8 +119,9 @@ class TokenExpansion(nn.Module):
 
     def kept_counts(self, num_patches: int) -> list[int]:
         """``ToESchedule.kept_counts(num_patches, stage)`` from the stage's int constants."""
-        return kept_counts_from(num_patches, self._terms, cumulative=self.schedule.counting == "paper",
-                                last_is_full=self._last_stage)
+        return kept_counts_from(
+            num_patches, self._terms, cumulative=self.schedule.counting == "paper", last_is_full=self._last_stage
+        )
 
     @property
     def active(self) -> bool:
@@ -137,8 +140,15 @@ class TokenExpansion(nn.Module):
         if counts[-1] == self.num_patches:
             return x
         out, keep_index = expand_tokens(
-            x, counts, num_prefix=self.num_prefix, num_suffix=self.num_suffix, k=self.schedule.k,
-            seed_stride=self._seed_stride, remainder=self.schedule.remainder, **self.options)
+            x,
+            counts,
+            num_prefix=self.num_prefix,
+            num_suffix=self.num_suffix,
+            k=self.schedule.k,
+            seed_stride=self._seed_stride,
+            remainder=self.schedule.remainder,
+            **self.options,
+        )
         self.keep_index = keep_index
         return out
 
@@ -167,12 +177,15 @@ class TokenExpansion(nn.Module):
 
     def extra_repr(self) -> str:
         options = ", ".join(f"{key}={value!r}" for key, value in self.options.items())
-        return (f"block={self.schedule.block}, num_prefix={self.num_prefix}, num_suffix={self.num_suffix}, "
-                f"{options}, sparse_eval={self.sparse_eval}, stage={self.stage}")
+        return (
+            f"block={self.schedule.block}, num_prefix={self.num_prefix}, num_suffix={self.num_suffix}, "
+            f"{options}, sparse_eval={self.sparse_eval}, stage={self.stage}"
+        )
 
 
-def apply_token_expansion(model: nn.Module, schedule: ToESchedule, *, num_suffix: int = 0, restore: bool = False,
-                          **options: Any) -> TokenExpansion:
+def apply_token_expansion(
+    model: nn.Module, schedule: ToESchedule, *, num_suffix: int = 0, restore: bool = False, **options: Any
+) -> TokenExpansion:
     """Insert ToE before ``model.blocks[schedule.block]`` (i.e. after block ``schedule.block``, 1-based).
 
     Works on any timm ``VisionTransformer`` (DeiT, distilled DeiT with two prefix tokens, any
@@ -187,10 +200,11 @@ def apply_token_expansion(model: nn.Module, schedule: ToESchedule, *, num_suffix
     if isinstance(getattr(model, "token_expansion", None), TokenExpansion):
         raise ValueError("Token Expansion is already applied to this model")
     if not 0 <= schedule.block < len(blocks):
-        raise ValueError(f"schedule.block={schedule.block} must be in [0, {len(blocks) - 1}] for a "
-                         f"{len(blocks)}-block model (ToE must be followed by at least one block)")
-    module = TokenExpansion(schedule, num_prefix=int(getattr(model, "num_prefix_tokens")), num_suffix=num_suffix,
-                            **options)
+        raise ValueError(
+            f"schedule.block={schedule.block} must be in [0, {len(blocks) - 1}] for a "
+            f"{len(blocks)}-block model (ToE must be followed by at least one block)"
+        )
+    module = TokenExpansion(schedule, num_prefix=int(getattr(model, "num_prefix_tokens")), num_suffix=num_suffix, **options)
     module.train(model.training)
     model.token_expansion = module
     blocks[schedule.block].register_forward_pre_hook(module._pre_hook, with_kwargs=True)

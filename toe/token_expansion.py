@@ -12,6 +12,7 @@ on GPUs too (no scatter-add atomics).
 Ties (equal distances, e.g. zero vectors) go to the lowest patch index, both in the expansion
 top-q and in the nearest-anchor choice, so the result does not depend on kernel order.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -77,14 +78,15 @@ def expand_tokens(
     if kept == num_patches:
         return x, torch.arange(num_patches, device=x.device).expand(batch, num_patches)
 
-    patches = x[:, num_prefix:num_prefix + num_patches]
+    patches = x[:, num_prefix : num_prefix + num_patches]
     with torch.no_grad():
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         feats = patches.detach().to(compute_dtype)
         if distance == "cosine":
             feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        is_anchor, nearest_index = _select_anchors(feats, counts, k, distance, init, expand, seed_stride, generator,
-                                                   remainder)
+        is_anchor, nearest_index = _select_anchors(
+            feats, counts, k, distance, init, expand, seed_stride, generator, remainder
+        )
         # anchors in ascending patch index: sort the anchor indices (N marks non-anchors) and cut
         positions = torch.arange(num_patches, device=x.device).expand(batch, num_patches)
         keep_index = torch.where(is_anchor, positions, num_patches).sort(dim=1).values[:, :kept]
@@ -96,7 +98,7 @@ def expand_tokens(
             merged = torch.bmm(assignment, patches.to(compute_dtype)).to(x.dtype)
     else:
         merged = patches.gather(1, keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    out = torch.cat([x[:, :num_prefix], merged, x[:, num_prefix + num_patches:]], dim=1)
+    out = torch.cat([x[:, :num_prefix], merged, x[:, num_prefix + num_patches :]], dim=1)
     return out, keep_index
 
 
@@ -111,8 +113,9 @@ def _validate(x, keep_counts, num_prefix, num_suffix, k, distance, init, seed_st
     batch, tokens, _ = x.shape
     num_patches = tokens - num_prefix - num_suffix
     if num_patches < 1:
-        raise ValueError(f"x has {tokens} tokens: no patch tokens left after {num_prefix} prefix "
-                         f"and {num_suffix} suffix tokens")
+        raise ValueError(
+            f"x has {tokens} tokens: no patch tokens left after {num_prefix} prefix and {num_suffix} suffix tokens"
+        )
     counts = [int(c) for c in keep_counts]
     if not counts:
         raise ValueError("keep_counts must hold at least the seed count n_0")
@@ -138,8 +141,9 @@ def _pairwise_distance(feats: torch.Tensor, anchors: torch.Tensor, distance: str
     if distance == "cosine":
         return 1.0 - torch.bmm(feats, anchors.transpose(1, 2))
     # no matmul shortcut for euclidean: exact differences keep ties and zero distances exact
-    return torch.cdist(feats, anchors, p=2.0 if distance == "euclidean" else 1.0,
-                       compute_mode="donot_use_mm_for_euclid_dist")
+    return torch.cdist(
+        feats, anchors, p=2.0 if distance == "euclidean" else 1.0, compute_mode="donot_use_mm_for_euclid_dist"
+    )
 
 
 def _gather_rows(feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

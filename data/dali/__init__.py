@@ -58,6 +58,7 @@ per-operator seeds, so neither exact resume nor a world-size change mid-epoch wo
 This package imports DALI only where a pipeline is built: the workers and ``launcher.config`` use
 the parsing and checking code (``data/dali/codec.py``) without it.
 """
+
 from __future__ import annotations
 
 from .codec import (
@@ -82,6 +83,24 @@ from .pipeline import NOISE_SEED, DaliRunError, DaliStream, _rand_ops, build_eva
 # pipeline.py (the training process: the DALI pipeline, DaliStream, the builders). The names the single
 # module had are importable from here (of its private ones, _rand_ops: tests/test_dali.py); a test that
 # patches a function patches it in the module that calls it (data.dali.codec.check_encoded).
-__all__ = ["DaliCodec", "DaliStream", "DaliRunError", "RandAugmentSpec", "build_train_stream", "build_eval_stream",
-           "check_dali_options", "check_encoded", "dali_available", "level_to_arg", "RAND_OPS", "IDENTITY", "INTERP",
-           "LEVEL_DENOM", "TRANSLATE_PCT", "DALI_FORMATS", "ERASE_AREA", "ERASE_LOG_ASPECT", "NOISE_SEED"]
+__all__ = [
+    "DaliCodec",
+    "DaliStream",
+    "DaliRunError",
+    "RandAugmentSpec",
+    "build_train_stream",
+    "build_eval_stream",
+    "check_dali_options",
+    "check_encoded",
+    "dali_available",
+    "level_to_arg",
+    "RAND_OPS",
+    "IDENTITY",
+    "INTERP",
+    "LEVEL_DENOM",
+    "TRANSLATE_PCT",
+    "DALI_FORMATS",
+    "ERASE_AREA",
+    "ERASE_LOG_ASPECT",
+    "NOISE_SEED",
+]

@@ -2,6 +2,7 @@
 a sample's encoded image bytes, and ``DaliCodec``, which draws each sample's augmentation parameters (crop
 box, flips, RandAugment ops and arguments, erased box) with timm's calls on the stream's per-sample RNGs.
 Imports no DALI: ``launcher.config`` and the DataLoader workers use it without."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,14 +14,37 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["DaliCodec", "RandAugmentSpec", "check_dali_options", "check_encoded", "dali_available", "level_to_arg",
-           "RAND_OPS", "IDENTITY", "INTERP"]
+__all__ = [
+    "DaliCodec",
+    "RandAugmentSpec",
+    "check_dali_options",
+    "check_encoded",
+    "dali_available",
+    "level_to_arg",
+    "RAND_OPS",
+    "IDENTITY",
+    "INTERP",
+]
 
 # timm's RandAugment "increasing" set, in timm's order (timm/data/auto_augment.py
 # _RAND_INCREASING_TRANSFORMS): indices 0..14; index 15 is "identity", taken when an op is skipped (p)
-RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
-            "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
-            "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+RAND_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
 IDENTITY = len(RAND_OPS)
 LEVEL_DENOM = 10.0  # timm _LEVEL_DENOM
 TRANSLATE_PCT = 0.45  # timm _translate_rel_level_to_arg default
@@ -43,15 +67,19 @@ class RandAugmentSpec:
     def __init__(self, config: str) -> None:
         sections = config.split("-")
         if sections[0] != "rand":
-            raise ValueError(f"auto_augment {config!r}: the DALI path implements timm's RandAugment ('rand-...') "
-                             f"only, not AutoAugment / AugMix policies")
+            raise ValueError(
+                f"auto_augment {config!r}: the DALI path implements timm's RandAugment ('rand-...') "
+                f"only, not AutoAugment / AugMix policies"
+            )
         self.magnitude, self.layers, self.prob, self.std, self.max = 10.0, 2, 0.5, 0.0, LEVEL_DENOM
         increasing = False
         for part in sections[1:]:
             key, *rest = re.split(r"(\d.*)", part)
             if not rest:
-                raise ValueError(f"auto_augment {config!r}: section {part!r} has no value (the DALI path does not "
-                                 f"take timm's 't' op-set names)")
+                raise ValueError(
+                    f"auto_augment {config!r}: section {part!r} has no value (the DALI path does not "
+                    f"take timm's 't' op-set names)"
+                )
             value = rest[0]
             try:
                 if key == "m":
@@ -71,8 +99,10 @@ class RandAugmentSpec:
             except ValueError as err:
                 raise ValueError(f"auto_augment {config!r}: {err}") from None
         if not increasing:
-            raise ValueError(f"auto_augment {config!r}: the DALI path implements timm's increasing op set only "
-                             f"(add '-inc1', as DeiT's rand-m9-mstd0.5-inc1 has)")
+            raise ValueError(
+                f"auto_augment {config!r}: the DALI path implements timm's increasing op set only "
+                f"(add '-inc1', as DeiT's rand-m9-mstd0.5-inc1 has)"
+            )
         if self.layers < 1 or not 0 <= self.prob <= 1 or self.max <= 0:
             raise ValueError(f"auto_augment {config!r}: needs n >= 1, p in [0, 1] and mmax > 0")
 
@@ -125,12 +155,20 @@ def level_to_arg(name: str, magnitude: float, image_size: int) -> list[float]:
     return [0.0, 0.0]  # AutoContrast, Equalize, Invert: no argument
 
 
-def check_dali_options(prefix: str = "", *, auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
-                       interpolation: str = "bicubic", color_jitter: float = 0.3, **_unused) -> None:
+def check_dali_options(
+    prefix: str = "",
+    *,
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
+    interpolation: str = "bicubic",
+    color_jitter: float = 0.3,
+    **_unused,
+) -> None:
     """``ValueError`` naming ``prefix + option`` for a transform option the DALI path does not implement."""
     if interpolation not in INTERP:
-        raise ValueError(f"{prefix}interpolation {interpolation!r} has no DALI counterpart with data.backend=dali; "
-                         f"use one of {tuple(INTERP)}")
+        raise ValueError(
+            f"{prefix}interpolation {interpolation!r} has no DALI counterpart with data.backend=dali; "
+            f"use one of {tuple(INTERP)}"
+        )
     if auto_augment:
         try:
             RandAugmentSpec(auto_augment)
@@ -138,8 +176,10 @@ def check_dali_options(prefix: str = "", *, auto_augment: Optional[str] = "rand-
             raise ValueError(f"{prefix}{err}") from None
     elif color_jitter:
         # timm applies ColorJitter only without auto_augment (transforms_imagenet_train); not implemented here
-        raise ValueError(f"{prefix}color_jitter={color_jitter} without auto_augment is not implemented with "
-                         f"data.backend=dali; set {prefix}color_jitter=0 or use data.backend=pil")
+        raise ValueError(
+            f"{prefix}color_jitter={color_jitter} without auto_augment is not implemented with "
+            f"data.backend=dali; set {prefix}color_jitter=0 or use data.backend=pil"
+        )
 
 
 def check_encoded(data: bytes) -> tuple[int, int]:
@@ -148,6 +188,7 @@ def check_encoded(data: bytes) -> tuple[int, int]:
     from PIL import Image
 
     from ..samples import SkipSample, check_decodable
+
     try:
         with Image.open(io.BytesIO(data)) as image:
             size, fmt = image.size, image.format
@@ -245,26 +286,44 @@ class DaliCodec:
         encoded = bytes(data)  # bytes: the DataLoader's default_convert leaves them alone (numpy would become tensors)
         if not self.train:
             return (encoded, None), label
-        o = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "vflip": 0.0, "re_prob": 0.25,
-             "auto_augment": "rand-m9-mstd0.5-inc1", **self._options()}
+        o = {
+            "scale": (0.08, 1.0),
+            "ratio": (3 / 4, 4 / 3),
+            "hflip": 0.5,
+            "vflip": 0.0,
+            "re_prob": 0.25,
+            "auto_augment": "rand-m9-mstd0.5-inc1",
+            **self._options(),
+        }
         # timm transforms_imagenet_train order: crop, hflip, vflip, RandAugment, normalise, erasing
         crop = _resized_crop_box(width, height, o["scale"], o["ratio"])
-        flips = [int(o["hflip"] > 0 and torch.rand(1).item() < o["hflip"]),  # torchvision Random*Flip draws
-                 int(o["vflip"] > 0 and torch.rand(1).item() < o["vflip"])]
+        flips = [
+            int(o["hflip"] > 0 and torch.rand(1).item() < o["hflip"]),  # torchvision Random*Flip draws
+            int(o["vflip"] > 0 and torch.rand(1).item() < o["vflip"]),
+        ]
         spec = self._spec(o["auto_augment"])
         layers = self._spec(self.options.get("auto_augment", "rand-m9-mstd0.5-inc1"))
         if (spec is None) != (layers is None) or (spec is not None and spec.layers != layers.layers):
-            raise ValueError(f"a step's auto_augment {o['auto_augment']!r} turns RandAugment on or off or changes its "
-                             f"number of ops, which the DALI pipeline fixes when it is built")
+            raise ValueError(
+                f"a step's auto_augment {o['auto_augment']!r} turns RandAugment on or off or changes its "
+                f"number of ops, which the DALI pipeline fixes when it is built"
+            )
         if spec is not None:
             ops, args = spec.draw(self.image_size)
         else:
             ops, args = [IDENTITY], [[0.0, 0.0]]
-        erase = _erase_box(self.image_size, o["re_prob"]) if o["re_prob"] > 0 else \
-            [0.0] * 4 + [0.0, 0.0, float(self.image_size), float(self.image_size)]
-        params = {"crop": np.asarray(crop, np.int32), "flip": np.asarray(flips, np.int32),
-                  "ops": np.asarray(ops, np.int32), "args": np.asarray(args, np.float32),
-                  "erase": np.asarray(erase, np.float32)}
+        erase = (
+            _erase_box(self.image_size, o["re_prob"])
+            if o["re_prob"] > 0
+            else [0.0] * 4 + [0.0, 0.0, float(self.image_size), float(self.image_size)]
+        )
+        params = {
+            "crop": np.asarray(crop, np.int32),
+            "flip": np.asarray(flips, np.int32),
+            "ops": np.asarray(ops, np.int32),
+            "args": np.asarray(args, np.float32),
+            "erase": np.asarray(erase, np.float32),
+        }
         return (encoded, params), label
 
     def collate(self, decoded: list, ids: list[int], valid: list[bool]) -> dict[str, Any]:
@@ -274,9 +333,12 @@ class DaliCodec:
         if filler is None:
             raise RuntimeError("a batch without a single readable sample")
         entries = [(d or filler)[0] for d in decoded]
-        batch = {"encoded": [e[0] for e in entries],
-                 "label": torch.tensor([d[1] if d is not None else -1 for d in decoded], dtype=torch.long),
-                 "sample_id": torch.tensor(ids, dtype=torch.long), "valid": torch.tensor(valid, dtype=torch.bool)}
+        batch = {
+            "encoded": [e[0] for e in entries],
+            "label": torch.tensor([d[1] if d is not None else -1 for d in decoded], dtype=torch.long),
+            "sample_id": torch.tensor(ids, dtype=torch.long),
+            "valid": torch.tensor(valid, dtype=torch.bool),
+        }
         if self.train:
             batch["dali_params"] = {k: np.stack([e[1][k] for e in entries]) for k in entries[0][1]}
         return batch

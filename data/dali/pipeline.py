@@ -1,6 +1,7 @@
 """The training-process side of the DALI data path (``data.dali``): the DALI pipeline fed with the
 parameters ``DaliCodec`` drew (``_Pipeline``), ``DaliStream`` (a ``ShardStream`` whose batches it turns into
 images) and the stream builders. DALI itself is imported only where a pipeline is built."""
+
 from __future__ import annotations
 
 import logging
@@ -87,20 +88,51 @@ def _rand_ops(fill: int):
     def identity(image, arg):
         return image
 
-    return [auto_contrast, equalize, invert, rotate, posterize, solarize, solarize_add, color, contrast,
-            brightness, sharpness, shear, shear, translate, translate, identity]
+    return [
+        auto_contrast,
+        equalize,
+        invert,
+        rotate,
+        posterize,
+        solarize,
+        solarize_add,
+        color,
+        contrast,
+        brightness,
+        sharpness,
+        shear,
+        shear,
+        translate,
+        translate,
+        identity,
+    ]
 
 
 class _Pipeline:
     """One DALI pipeline for a stream's batches: train (crop, flips, RandAugment, normalise, erase)
     or eval (resize, centre crop, normalise). ``run(batch)`` -> float32 ``[B, 3, size, size]`` tensor."""
 
-    def __init__(self, train: bool, image_size: int, batch_size: int, *, device: str, device_id: Optional[int],
-                 num_threads: int, options: dict) -> None:
+    def __init__(
+        self,
+        train: bool,
+        image_size: int,
+        batch_size: int,
+        *,
+        device: str,
+        device_id: Optional[int],
+        num_threads: int,
+        options: dict,
+    ) -> None:
         self.train, self.size, self.batch_size = train, int(image_size), int(batch_size)
         self.device, self.device_id, self.num_threads = device, device_id, int(num_threads)
-        self.options = {"interpolation": "bicubic", "mean": DEIT_MEAN, "std": DEIT_STD, "crop_pct": 0.875,
-                        "auto_augment": "rand-m9-mstd0.5-inc1", **options}
+        self.options = {
+            "interpolation": "bicubic",
+            "mean": DEIT_MEAN,
+            "std": DEIT_STD,
+            "crop_pct": 0.875,
+            "auto_augment": "rand-m9-mstd0.5-inc1",
+            **options,
+        }
         self.spec = RandAugmentSpec(self.options["auto_augment"]) if train and self.options["auto_augment"] else None
         self.pipe = None
 
@@ -118,23 +150,43 @@ class _Pipeline:
         suite = _rand_ops(fill) if spec is not None else None
         noise = np.random.default_rng(NOISE_SEED).standard_normal((3, 2 * size, 2 * size)).astype(np.float32)
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                      enable_conditionals=True, exec_dynamic=True, prefetch_queue_depth=1)
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            enable_conditionals=True,
+            exec_dynamic=True,
+            prefetch_queue_depth=1,
+        )
         def graph():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8)
             if not train:  # timm eval: resize the shorter side to floor(size / crop_pct), centre crop, normalise
-                image = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB,
-                                          adjust_orientation=False)
-                image = fn.resize(image, resize_shorter=math.floor(size / o["crop_pct"]), interp_type=interp,
-                                  antialias=True)
-                return fn.crop_mirror_normalize(image, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5, mean=mean,
-                                                std=std, dtype=types.FLOAT, output_layout="CHW")
+                image = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, adjust_orientation=False)
+                image = fn.resize(image, resize_shorter=math.floor(size / o["crop_pct"]), interp_type=interp, antialias=True)
+                return fn.crop_mirror_normalize(
+                    image,
+                    crop=(size, size),
+                    crop_pos_x=0.5,
+                    crop_pos_y=0.5,
+                    mean=mean,
+                    std=std,
+                    dtype=types.FLOAT,
+                    output_layout="CHW",
+                )
             crop = fn.external_source(name="crop", dtype=types.INT32)
             flip = fn.external_source(name="flip", dtype=types.INT32)
             erase = fn.external_source(name="erase", dtype=types.FLOAT)
-            image = fn.decoders.image_slice(encoded, crop[0:2], crop[2:4], device=decode_device,
-                                            output_type=types.RGB, normalized_anchor=False, normalized_shape=False,
-                                            axis_names="WH", adjust_orientation=False)
+            image = fn.decoders.image_slice(
+                encoded,
+                crop[0:2],
+                crop[2:4],
+                device=decode_device,
+                output_type=types.RGB,
+                normalized_anchor=False,
+                normalized_shape=False,
+                axis_names="WH",
+                adjust_orientation=False,
+            )
             image = fn.resize(image, size=[size, size], interp_type=interp, antialias=True)
             image = fn.flip(image, horizontal=flip[0], vertical=flip[1])
             if spec is not None:
@@ -145,8 +197,14 @@ class _Pipeline:
             image = fn.crop_mirror_normalize(image, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
             if erase[2] > 0:  # only the samples with a box (a quarter at DeiT's re_prob) pay for the blend
                 where = "gpu" if gpu else "cpu"
-                patch = fn.slice(types.Constant(noise, device=where), erase[4:6], erase[6:8], axes=[1, 2],
-                                 normalized_anchor=False, normalized_shape=False)
+                patch = fn.slice(
+                    types.Constant(noise, device=where),
+                    erase[4:6],
+                    erase[6:8],
+                    axes=[1, 2],
+                    normalized_anchor=False,
+                    normalized_shape=False,
+                )
                 ones = types.Constant(np.ones((3, size, size), np.float32), layout="CHW", device=where)
                 keep = fn.erase(ones, anchor=erase[0:2], shape=erase[2:4], axis_names="HW", fill_value=0.0)
                 image = image * keep + patch * (1.0 - keep)
@@ -155,16 +213,25 @@ class _Pipeline:
         start = time.perf_counter()
         self.pipe = graph()
         self.pipe.build()
-        log.info("DALI %s pipeline built on the %s in %.1f s (batch %d, %d px, %d threads)",
-                 "train" if train else "eval", self.device.upper(), time.perf_counter() - start, self.batch_size,
-                 size, self.num_threads)
+        log.info(
+            "DALI %s pipeline built on the %s in %.1f s (batch %d, %d px, %d threads)",
+            "train" if train else "eval",
+            self.device.upper(),
+            time.perf_counter() - start,
+            self.batch_size,
+            size,
+            self.num_threads,
+        )
 
     def _feed(self, encoded: list, params: Optional[dict], index: Optional[list[int]] = None) -> None:
         # the DataLoader hands numpy arrays over as tensors (its default_convert): back to numpy, no copy
         def pick(seq):
             rows = [seq[i] for i in index] if index is not None else list(seq)
-            return [np.frombuffer(r, np.uint8) if isinstance(r, bytes) else r.numpy() if hasattr(r, "numpy")
-                    else np.asarray(r) for r in rows]
+            return [
+                np.frombuffer(r, np.uint8) if isinstance(r, bytes) else r.numpy() if hasattr(r, "numpy") else np.asarray(r)
+                for r in rows
+            ]
+
         self.pipe.feed_input("encoded", pick(encoded))
         if self.train:
             names = ["crop", "flip", "erase"] + (["ops", "args"] if self.spec is not None else [])
@@ -187,7 +254,7 @@ class _Pipeline:
             self.build()
         self._feed(encoded, params, index)
         try:
-            output, = self.pipe.run()
+            (output,) = self.pipe.run()
         except RuntimeError as err:
             self.pipe = None  # a DALI error leaves the pipeline unusable: the next run builds a new one
             raise DaliRunError(str(err)) from err
@@ -237,8 +304,12 @@ class DaliStream:
         try:
             images = self.pipeline.run(encoded, params)
         except DaliRunError as err:  # a sample the worker's check passed and DALI refused: find it, count it
-            log.warning("%s epoch %d: a DALI batch failed (%s); decoding its samples one by one",
-                        self.stream.split_name, self.stream.epoch, str(err).strip().splitlines()[-1][:200])
+            log.warning(
+                "%s epoch %d: a DALI batch failed (%s); decoding its samples one by one",
+                self.stream.split_name,
+                self.stream.epoch,
+                str(err).strip().splitlines()[-1][:200],
+            )
             images = self._one_by_one(batch, encoded, params)
         if self.pin_images and images.device.type == "cpu" and torch.cuda.is_available():
             images = images.pin_memory()
@@ -254,11 +325,16 @@ class DaliStream:
                 good[i] = self.pipeline.run(encoded, params, index=[i])[0]
             except DaliRunError:
                 self.failures["dali_failed"] += 1
-                log.warning("%s epoch %d: skipped sample %d: DALI cannot decode it (dali_failed)",
-                            self.stream.split_name, self.stream.epoch, int(batch["sample_id"][i]))
+                log.warning(
+                    "%s epoch %d: skipped sample %d: DALI cannot decode it (dali_failed)",
+                    self.stream.split_name,
+                    self.stream.epoch,
+                    int(batch["sample_id"][i]),
+                )
         if not good:
-            raise RuntimeError(f"{self.stream.split_name}: DALI decodes no sample of a batch "
-                               f"(sample ids {batch['sample_id'].tolist()})")
+            raise RuntimeError(
+                f"{self.stream.split_name}: DALI decodes no sample of a batch (sample ids {batch['sample_id'].tolist()})"
+            )
         filler = next(iter(good))
         for i in range(len(encoded)):
             if i not in good:  # a copy of a good sample, marked: batches stay full and equal on every rank
@@ -285,11 +361,25 @@ def _require_dali() -> None:
         raise ImportError("data.backend=dali needs NVIDIA DALI: pip install -r requirements-dali.txt")
 
 
-def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                       seed: int = 0, image_size: int = 224, split: str = "train", buffer_size: int = 1000,
-                       repeats: int = 1, base: Optional[str] = None, pin_memory: bool = False,
-                       device: Optional[str] = None, num_threads: int = 2, remote=None,
-                       **transform_options) -> DaliStream:
+def build_train_stream(
+    path: str,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    seed: int = 0,
+    image_size: int = 224,
+    split: str = "train",
+    buffer_size: int = 1000,
+    repeats: int = 1,
+    base: Optional[str] = None,
+    pin_memory: bool = False,
+    device: Optional[str] = None,
+    num_threads: int = 2,
+    remote=None,
+    **transform_options,
+) -> DaliStream:
     """``data.stream.build_train_stream`` with the DeiT train transform in DALI (``device``: "gpu"
     when torch sees CUDA, else "cpu"); the same transform options (``check_dali_options`` says which
     values are not implemented)."""
@@ -303,20 +393,49 @@ def build_train_stream(path: str, *, batch_size: int, rank: int = 0, world_size:
     index.warn_if_unshuffled(split, buffer_size=buffer_size, readers=world_size * max(1, num_workers), rank=rank)
     classes = index.classes()
     codec = DaliCodec(True, image_size, num_classes=len(classes) or None, **transform_options)
-    stream = ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
-                         num_workers=num_workers, seed=seed, shuffle=True, pad=False, buffer_size=buffer_size,
-                         repeats=repeats, pin_memory=False, split_name=split)
+    stream = ShardStream(
+        index.split(split),
+        codec,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        seed=seed,
+        shuffle=True,
+        pad=False,
+        buffer_size=buffer_size,
+        repeats=repeats,
+        pin_memory=False,
+        split_name=split,
+    )
     if hasattr(stream, "transform_options"):  # a step-aware schedule edits the codec's options per step
         stream.transform_options = {"image_size": image_size, **transform_options}
     dev, device_id = _device(device)  # images are pinned after DALI, in this process (raw batches hold bytes)
-    return DaliStream(stream, _Pipeline(True, image_size, batch_size, device=dev, device_id=device_id,
-                                        num_threads=num_threads, options=transform_options), pin_memory)
+    return DaliStream(
+        stream,
+        _Pipeline(
+            True, image_size, batch_size, device=dev, device_id=device_id, num_threads=num_threads, options=transform_options
+        ),
+        pin_memory,
+    )
 
 
-def build_eval_stream(path: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                      image_size: int = 224, split: str = "val", base: Optional[str] = None,
-                      pin_memory: bool = False, device: Optional[str] = None, num_threads: int = 2,
-                      remote=None, **transform_options) -> DaliStream:
+def build_eval_stream(
+    path: str,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    image_size: int = 224,
+    split: str = "val",
+    base: Optional[str] = None,
+    pin_memory: bool = False,
+    device: Optional[str] = None,
+    num_threads: int = 2,
+    remote=None,
+    **transform_options,
+) -> DaliStream:
     """``data.stream.build_eval_stream`` with timm's eval transform in DALI."""
     from ..shards import ShardIndex
     from ..stream import ShardStream
@@ -327,9 +446,31 @@ def build_eval_stream(path: str, *, batch_size: int, rank: int = 0, world_size: 
     index = ShardIndex.load(path, base, remote)
     classes = index.classes()
     codec = DaliCodec(False, image_size, num_classes=len(classes) or None)
-    stream = ShardStream(index.split(split), codec, batch_size=batch_size, rank=rank, world_size=world_size,
-                         num_workers=num_workers, seed=0, shuffle=False, pad=True, buffer_size=0,
-                         pin_memory=False, split_name=split)
+    stream = ShardStream(
+        index.split(split),
+        codec,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        seed=0,
+        shuffle=False,
+        pad=True,
+        buffer_size=0,
+        pin_memory=False,
+        split_name=split,
+    )
     dev, device_id = _device(device)
-    return DaliStream(stream, _Pipeline(False, image_size, batch_size, device=dev, device_id=device_id,
-                                        num_threads=num_threads, options=transform_options), pin_memory)
+    return DaliStream(
+        stream,
+        _Pipeline(
+            False,
+            image_size,
+            batch_size,
+            device=dev,
+            device_id=device_id,
+            num_threads=num_threads,
+            options=transform_options,
+        ),
+        pin_memory,
+    )

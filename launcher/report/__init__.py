@@ -10,6 +10,7 @@ requeue do not count. Training FLOPs are the sum of the per-step ``flops`` the e
 speed-ups are against the recipe of ``--baseline`` (default: the first run given).
 Exit code 2 when a folder is not a run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,20 @@ from .tables import _breakdown_table, _recipe_changes, _runs_table, _status, _ta
 # the package: runs.py (reading run folders, grouping them by recipe), tables.py (the markdown tables),
 # plots.py (the PNG plots); this module writes the report from them and is the command line (__main__.py).
 # Every name the single module had is importable from here (_status: tests/test_safety_net.py).
-__all__ = ["ReportError", "Run", "Group", "Segment", "load_run", "recipe_key", "group_runs", "methods_of",
-           "fmt_duration", "write_plots", "write_report", "main"]
+__all__ = [
+    "ReportError",
+    "Run",
+    "Group",
+    "Segment",
+    "load_run",
+    "recipe_key",
+    "group_runs",
+    "methods_of",
+    "fmt_duration",
+    "write_plots",
+    "write_report",
+    "main",
+]
 
 log = logging.getLogger("launcher.report")
 
@@ -43,10 +56,14 @@ def write_report(runs: list[Run], out, baseline: Optional[Run] = None) -> Path:
     plots, notes = write_plots(groups, out)
     for note in notes:
         log.warning(note)
-    lines = ["# Training report", "",
-             f"{len(runs)} run(s), {len(groups)} recipe(s). Mean ± std (sample std) over seeds when a recipe has "
-             f"several; speed-ups against `{base_group.label}`. Wall-clock sums the run's segments (resumes "
-             f"counted without the gaps between them). Top-1 in %.", ""]
+    lines = [
+        "# Training report",
+        "",
+        f"{len(runs)} run(s), {len(groups)} recipe(s). Mean ± std (sample std) over seeds when a recipe has "
+        f"several; speed-ups against `{base_group.label}`. Wall-clock sums the run's segments (resumes "
+        f"counted without the gaps between them). Top-1 in %.",
+        "",
+    ]
     for task in dict.fromkeys(g.task for g in groups):
         task_groups = [g for g in groups if g.task == task]
         if len({g.task for g in groups}) > 1:
@@ -55,12 +72,19 @@ def write_report(runs: list[Run], out, baseline: Optional[Run] = None) -> Path:
     lines += ["## Runs", ""] + _runs_table(runs) + [""]
     lines += _recipe_changes(runs)
     lines += [f"- `{run.path}` diverged: {run.diverged}" for run in runs if run.diverged] + (
-        [""] if any(run.diverged for run in runs) else [])
+        [""] if any(run.diverged for run in runs) else []
+    )
     lines += _breakdown_table(runs)
-    titles = {"top1_vs_wallclock": "Eval top-1 against wall-clock", "top1_vs_flops": "Eval top-1 against training FLOPs",
-              "ap_vs_wallclock": "Eval AP against wall-clock", "ap_vs_flops": "Eval AP against training FLOPs",
-              "loss": "Train loss", "kept_tokens": "ToE kept tokens", "img_per_s": "Throughput",
-              "time_breakdown": "Where each step's time goes"}
+    titles = {
+        "top1_vs_wallclock": "Eval top-1 against wall-clock",
+        "top1_vs_flops": "Eval top-1 against training FLOPs",
+        "ap_vs_wallclock": "Eval AP against wall-clock",
+        "ap_vs_flops": "Eval AP against training FLOPs",
+        "loss": "Train loss",
+        "kept_tokens": "ToE kept tokens",
+        "img_per_s": "Throughput",
+        "time_breakdown": "Where each step's time goes",
+    }
     if plots:
         lines += ["## Plots", ""]
         for plot in plots:

@@ -1,4 +1,5 @@
 """``python -m launcher.report``: the command line of ``launcher.report`` (also the ``toe-report`` script)."""
+
 import sys
 
 from . import main

@@ -1,6 +1,7 @@
 """The PNG plots of ``launcher.report`` (matplotlib, Agg backend): eval metric against wall-clock and
 against training FLOPs (mean +- std over seeds), train loss, ToE kept tokens and throughput against step,
 and where each step's time goes."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,10 @@ from .tables import METRIC_TITLES, _breakdown_rows, _phases
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")  # files only: no display on a cluster node
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -54,9 +57,11 @@ def _metric_plots(plt, groups: list[Group], key: str, out: Path, written: list[P
             for run in group.runs:
                 curve = run.eval_curve(key)
                 if curve and any(point[index] is None for point in curve):
-                    notes.append(f"{run.path}: no {'times' if axis == 'wallclock' else 'per-step flops'} in "
-                                 f"metrics.jsonl: left off the {title} against "
-                                 f"{'wall-clock' if axis == 'wallclock' else 'FLOPs'} plot")
+                    notes.append(
+                        f"{run.path}: no {'times' if axis == 'wallclock' else 'per-step flops'} in "
+                        f"metrics.jsonl: left off the {title} against "
+                        f"{'wall-clock' if axis == 'wallclock' else 'FLOPs'} plot"
+                    )
                 elif curve:
                     curves.append([(p[0], p[index], p[3] * percent) for p in curve])
             if curves:
@@ -75,8 +80,14 @@ def _metric_plots(plt, groups: list[Group], key: str, out: Path, written: list[P
             xs = [x / unit for x in xs]
             ax.plot(xs, ys, marker="o", markersize=3, color=colour, label=f"{label} ({seeds} seed{'s' * (seeds > 1)})")
             if seeds > 1:
-                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=colour,
-                                alpha=0.2, label=f"{label}: ± 1 std over seeds")
+                ax.fill_between(
+                    xs,
+                    [y - s for y, s in zip(ys, sd)],
+                    [y + s for y, s in zip(ys, sd)],
+                    color=colour,
+                    alpha=0.2,
+                    label=f"{label}: ± 1 std over seeds",
+                )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(title)
         ax.set_title(heading)
@@ -92,30 +103,52 @@ def _binned(steps: list[int], values: list[float], bins: int = 2000):
     if len(steps) <= bins:
         return steps, values
     size = math.ceil(len(steps) / bins)
-    return ([statistics.fmean(steps[i:i + size]) for i in range(0, len(steps), size)],
-            [statistics.fmean(values[i:i + size]) for i in range(0, len(values), size)])
+    return (
+        [statistics.fmean(steps[i : i + size]) for i in range(0, len(steps), size)],
+        [statistics.fmean(values[i : i + size]) for i in range(0, len(values), size)],
+    )
 
 
-def _step_plot(plt, groups: list[Group], metric: str, ylabel: str, title: str, path: Path, written: list[Path],
-               boundaries: bool, drawstyle: str = "default") -> None:
+def _step_plot(
+    plt,
+    groups: list[Group],
+    metric: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+    written: list[Path],
+    boundaries: bool,
+    drawstyle: str = "default",
+) -> None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False
     for i, group in enumerate(groups):
         colour = colours[i % len(colours)]
         for j, run in enumerate(group.runs):
-            points = [(s, float(r[metric])) for s, r in sorted(run.train.items())
-                      if isinstance(r.get(metric), (int, float))]
+            points = [(s, float(r[metric])) for s, r in sorted(run.train.items()) if isinstance(r.get(metric), (int, float))]
             if not points:
                 continue
             xs, ys = _binned([p[0] for p in points], [p[1] for p in points])
-            ax.plot(xs, ys, color=colour, linewidth=1, alpha=1.0 if j == 0 else 0.5, drawstyle=drawstyle,
-                    label=f"{group.label}" + (f" (seed {run.seed})" if len(group.runs) > 1 else ""))
+            ax.plot(
+                xs,
+                ys,
+                color=colour,
+                linewidth=1,
+                alpha=1.0 if j == 0 else 0.5,
+                drawstyle=drawstyle,
+                label=f"{group.label}" + (f" (seed {run.seed})" if len(group.runs) > 1 else ""),
+            )
             drawn = True
         if boundaries and group.runs:
             for k, step in enumerate(group.runs[0].stage_boundaries()):
-                ax.axvline(step, color=colour, linestyle="--", linewidth=1,
-                           label=f"{group.label}: stage boundary" if k == 0 else None)
+                ax.axvline(
+                    step,
+                    color=colour,
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"{group.label}: stage boundary" if k == 0 else None,
+                )
     if not drawn:
         plt.close(fig)
         return
@@ -160,19 +193,36 @@ def write_plots(groups: list[Group], out: Path) -> tuple[list[Path], list[str]]:
         if any(key in r.metric_keys() for r in runs):
             keys.append(key)
     for key in keys:
-        notes += _metric_plots(plt, [g for g in groups if any(key in r.metric_keys() for r in g.runs)], key, out,
-                               written)
-    _step_plot(plt, groups, "loss", "train loss (per step)", "Train loss against step", out / "loss.png",
-               written, boundaries=False)
+        notes += _metric_plots(plt, [g for g in groups if any(key in r.metric_keys() for r in g.runs)], key, out, written)
+    _step_plot(
+        plt, groups, "loss", "train loss (per step)", "Train loss against step", out / "loss.png", written, boundaries=False
+    )
     phased = {key.split("/")[0] for r in runs if (key := r.phase_key())}  # the method whose stages the plots mark
-    kept = sorted({k for r in runs for record in r.train.values() for k in record if k.endswith("/kept_tokens")},
-                  key=lambda k: (k.split("/")[0] not in phased, k))
+    kept = sorted(
+        {k for r in runs for record in r.train.values() for k in record if k.endswith("/kept_tokens")},
+        key=lambda k: (k.split("/")[0] not in phased, k),
+    )
     if kept:  # a method's kept patch tokens (ToE's after its block): the phased method's first
-        _step_plot(plt, groups, kept[0], f"kept patch tokens per sample ({kept[0]})",
-                   "Kept tokens against step (stage boundaries dashed)", out / "kept_tokens.png", written,
-                   boundaries=True, drawstyle="steps-post")  # a stage holds its count until the next boundary
-    _step_plot(plt, groups, "img_per_s", "training throughput (images / s, all ranks)",
-               "Throughput against step (stage boundaries dashed)", out / "img_per_s.png", written,
-               boundaries=True)
+        _step_plot(
+            plt,
+            groups,
+            kept[0],
+            f"kept patch tokens per sample ({kept[0]})",
+            "Kept tokens against step (stage boundaries dashed)",
+            out / "kept_tokens.png",
+            written,
+            boundaries=True,
+            drawstyle="steps-post",
+        )  # a stage holds its count until the next boundary
+    _step_plot(
+        plt,
+        groups,
+        "img_per_s",
+        "training throughput (images / s, all ranks)",
+        "Throughput against step (stage boundaries dashed)",
+        out / "img_per_s.png",
+        written,
+        boundaries=True,
+    )
     _breakdown_plot(plt, runs, out / "time_breakdown.png", written)
     return written, notes

@@ -1,6 +1,7 @@
 """Run folders for ``launcher.report``: ``load_run`` reads one (``config.yaml``, ``metrics.jsonl``,
 ``final.json``, ``recipe_changes.jsonl``) into a ``Run``; ``group_runs`` groups runs by recipe (the
 resolved config except ``train.seed``, ``name`` and ``out_dir``)."""
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ class ReportError(ValueError):
 @dataclass
 class Segment:
     """One process lifetime of a run: from its start event to its last record."""
+
     start_step: int
     start_time: Optional[float]
     end_time: Optional[float]
@@ -151,7 +153,6 @@ class Run:
             previous = stage if stage is not None else previous
         return out
 
-
     def stage_key(self) -> Optional[str]:
         """The run's stage metric, found in the log: the first ``<method>/stage`` key of its records."""
         for record in self.train.values():
@@ -165,8 +166,11 @@ class Run:
         ``launcher.step_timer``), per stage of the run's stage metric (key None: one stage, or none logged)."""
         key, out = self.stage_key(), {}
         for record in self.train.values():
-            phases = {k[5:]: float(v) for k, v in record.items()
-                      if k.startswith("time/") and k not in ("time/window", "time/data_share")}
+            phases = {
+                k[5:]: float(v)
+                for k, v in record.items()
+                if k.startswith("time/") and k not in ("time/window", "time/data_share")
+            }
             if not phases:
                 continue
             totals = out.setdefault(record.get(key) if key else None, {"steps": 0})
@@ -271,8 +275,12 @@ def load_run(path) -> Run:
                 segment.end_time = max(segment.end_time, float(when))
         if any(k.startswith("eval/") for k in record):
             done = sum(s.duration or 0.0 for s in segments[:-1])
-            record = dict(record, _elapsed=(done + float(when) - segment.start_time)
-                          if when_known and all(s.duration is not None for s in segments[:-1]) else None)
+            record = dict(
+                record,
+                _elapsed=(done + float(when) - segment.start_time)
+                if when_known and all(s.duration is not None for s in segments[:-1])
+                else None,
+            )
             evals[step] = record
         elif "loss" in record:
             train[step] = record
@@ -280,8 +288,9 @@ def load_run(path) -> Run:
                 covered = max(1, int(record.get("steps", 1)))  # a window record: flops is the window's total
                 for s in range(step - covered + 1, step + 1):
                     step_flops[s] = float(record["flops"]) / covered
-    changes = list(_read_records(path / "recipe_changes.jsonl", warnings)) if (
-        path / "recipe_changes.jsonl").is_file() else []
+    changes = (
+        list(_read_records(path / "recipe_changes.jsonl", warnings)) if (path / "recipe_changes.jsonl").is_file() else []
+    )
     run = Run(path, config, final, train, evals, segments, step_flops, warnings, diverged, changes)
     if run.wall_clock is None and segments:
         message = f"{path}: metrics.jsonl has no times (written before the engine logged them): no wall-clock"
@@ -310,6 +319,7 @@ def _declared_phase(listed: dict) -> Optional[str]:
     a method this process does not know, or options it refuses, declare nothing."""
     import methods
     from methods.registry import phase_key
+
     configs = {}
     for name, options in listed.items():
         if isinstance(options, dict):
@@ -324,17 +334,24 @@ def methods_of(config: dict) -> str:
     """Training methods of a run: the ``methods:`` mapping (plug-ins), after any top-level section named after
     a method with ``enabled: true`` (run folders written before the registry: ``toe:``)."""
     import methods as registry
+
     listed = config.get("methods") if isinstance(config.get("methods"), dict) else {}
-    legacy = {name: config[name] for name in registry.registered()
-              if isinstance(config.get(name), dict) and config[name].get("enabled") and name not in listed}
+    legacy = {
+        name: config[name]
+        for name in registry.registered()
+        if isinstance(config.get(name), dict) and config[name].get("enabled") and name not in listed
+    }
     parts = []
     for name, options in {**legacy, **listed}.items():
         if isinstance(options, dict):
             if options.get("enabled", True) is False:
                 continue
             defaults, always = _method_defaults(name)
-            shown = [f"{k}={v}" for k, v in options.items() if k != "enabled" and _scalar(v) and
-                     (k in always or k not in defaults or defaults[k] != v)]
+            shown = [
+                f"{k}={v}"
+                for k, v in options.items()
+                if k != "enabled" and _scalar(v) and (k in always or k not in defaults or defaults[k] != v)
+            ]
             parts.append(f"{name} ({', '.join(shown)})" if shown else str(name))
         elif options not in (False, None):
             parts.append(str(name) if options is True else f"{name} ({options})")
@@ -347,6 +364,7 @@ def _method_defaults(name: str) -> tuple[dict, tuple]:
     import dataclasses
 
     import methods
+
     try:
         config = methods.method(name).config
     except KeyError:  # a method of the user's own (method_modules) that this process has not imported

@@ -1,5 +1,6 @@
 """The markdown tables of ``launcher.report``: one row per recipe (mean +- std over seeds), one per run,
 the recipe changes made on resume and where each step's time goes; and the number formats they use."""
+
 from __future__ import annotations
 
 import statistics
@@ -37,11 +38,23 @@ def _metric_fmt(key: str):
     return lambda v: f"{v:.3f}"
 
 
-METRIC_TITLES = {"top1": "top-1 (%)", "ema_top1": "EMA top-1 (%)", "AP": "AP", "AP50": "AP50",
-                 "ema_AP": "EMA AP", "ema_AP50": "EMA AP50"}
+METRIC_TITLES = {
+    "top1": "top-1 (%)",
+    "ema_top1": "EMA top-1 (%)",
+    "AP": "AP",
+    "AP50": "AP50",
+    "ema_AP": "EMA AP",
+    "ema_AP50": "EMA AP50",
+}
 
-METRIC_SHORT = {"top1": "top-1 %", "ema_top1": "EMA top-1 %", "AP": "AP", "AP50": "AP50", "ema_AP": "EMA AP",
-                "ema_AP50": "EMA AP50"}
+METRIC_SHORT = {
+    "top1": "top-1 %",
+    "ema_top1": "EMA top-1 %",
+    "AP": "AP",
+    "AP50": "AP50",
+    "ema_AP": "EMA AP",
+    "ema_AP50": "EMA AP50",
+}
 
 
 def _stages_text(group: Group) -> str:
@@ -63,18 +76,31 @@ def _status(run: Run) -> str:
 
 def _recipe_changes(runs: list[Run]) -> list[str]:
     """The runs' timelines of recipe changes made on resume (empty when there are none)."""
-    rows = [f"| `{run.path}` | {entry.get('step')} | `{change.get('key')}` | {change.get('old')!r} -> "
-            f"{change.get('new')!r} | {entry.get('allowed', '-')} |"
-            for run in runs for entry in run.recipe_changes for change in entry.get("changes", [])]
+    rows = [
+        f"| `{run.path}` | {entry.get('step')} | `{change.get('key')}` | {change.get('old')!r} -> "
+        f"{change.get('new')!r} | {entry.get('allowed', '-')} |"
+        for run in runs
+        for entry in run.recipe_changes
+        for change in entry.get("changes", [])
+    ]
     if not rows:
         return []
-    return ["## Recipe changes on resume", "", "| run | at step | option | change | allowed by |",
-            "|---|---|---|---|---|", *rows, ""]
+    return [
+        "## Recipe changes on resume",
+        "",
+        "| run | at step | option | change | allowed by |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _table(groups: list[Group], baseline: Group) -> list[str]:
-    keys = [k for k in ("top1", "ema_top1", "AP", "AP50", "ema_AP", "ema_AP50")
-            if any(k in r.metric_keys() for g in groups for r in g.runs)]
+    keys = [
+        k
+        for k in ("top1", "ema_top1", "AP", "AP50", "ema_AP", "ema_AP50")
+        if any(k in r.metric_keys() for g in groups for r in g.runs)
+    ]
     head = ["recipe", "seeds", "methods"]
     for key in keys:
         head += [f"final {METRIC_TITLES[key]}", f"best {METRIC_TITLES[key]}"]
@@ -89,37 +115,48 @@ def _table(groups: list[Group], baseline: Group) -> list[str]:
         row = [f"`{group.label}`" + (" (baseline)" if group is baseline else ""), seeds, group.methods]
         for key in keys:
             fmt = _metric_fmt(key)
-            row += [_fmt(_mean_std([r.final_metric(key) for r in runs]), fmt),
-                    _fmt(_mean_std([r.best_metric(key) for r in runs]), fmt)]
+            row += [
+                _fmt(_mean_std([r.final_metric(key) for r in runs]), fmt),
+                _fmt(_mean_std([r.best_metric(key) for r in runs]), fmt),
+            ]
         flops, wall = _mean_std([r.total_flops for r in runs]), _mean_std([r.wall_clock for r in runs])
-        row += [_fmt(_mean_std([float(r.steps) for r in runs]), lambda v: f"{v:.0f}"),
-                _fmt(wall, fmt_duration), _stages_text(group), _fmt(flops, lambda v: f"{v / 1e15:.4g}"),
-                f"{base_flops[0] / flops[0]:.2f}x" if base_flops and flops and flops[0] > 0 else "-",
-                f"{base_wall[0] / wall[0]:.2f}x" if base_wall and wall and wall[0] > 0 else "-"]
+        row += [
+            _fmt(_mean_std([float(r.steps) for r in runs]), lambda v: f"{v:.0f}"),
+            _fmt(wall, fmt_duration),
+            _stages_text(group),
+            _fmt(flops, lambda v: f"{v / 1e15:.4g}"),
+            f"{base_flops[0] / flops[0]:.2f}x" if base_flops and flops and flops[0] > 0 else "-",
+            f"{base_wall[0] / wall[0]:.2f}x" if base_wall and wall and wall[0] > 0 else "-",
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
 def _runs_table(runs: list[Run]) -> list[str]:
-    lines = ["| run | seed | status | steps | segments | wall-clock | final | best | train PFLOPs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | seed | status | steps | segments | wall-clock | final | best | train PFLOPs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for run in runs:
         keys = run.metric_keys()
         key = keys[0] if keys else None
         fmt = _metric_fmt(key or "top1")
         final = run.final_metric(key) if key else None
         best = run.best_metric(key) if key else None
-        lines.append(f"| `{run.path}` | {run.seed} | {_status(run)} | {run.steps} | {len(run.segments)} | "
-                     f"{fmt_duration(run.wall_clock) if run.wall_clock is not None else '-'} | "
-                     f"{f'{METRIC_SHORT[key]} {fmt(final)}' if final is not None else '-'} | "
-                     f"{fmt(best) if best is not None else '-'} | "
-                     f"{f'{run.total_flops / 1e15:.4g}' if run.total_flops is not None else '-'} |")
+        lines.append(
+            f"| `{run.path}` | {run.seed} | {_status(run)} | {run.steps} | {len(run.segments)} | "
+            f"{fmt_duration(run.wall_clock) if run.wall_clock is not None else '-'} | "
+            f"{f'{METRIC_SHORT[key]} {fmt(final)}' if final is not None else '-'} | "
+            f"{fmt(best) if best is not None else '-'} | "
+            f"{f'{run.total_flops / 1e15:.4g}' if run.total_flops is not None else '-'} |"
+        )
     return lines
 
 
 def _phases(breakdowns) -> list[str]:
     """The phases logged, in the step loop's order (``launcher.step_timer.PHASES``), unknown ones after."""
     from ..step_timer import PHASES
+
     seen = {p for b in breakdowns for totals in b.values() for p in totals if p != "steps"}
     return [p for p in PHASES if p in seen] + sorted(seen - set(PHASES))
 
@@ -140,11 +177,15 @@ def _breakdown_table(runs: list[Run]) -> list[str]:
     if not rows:
         return []
     phases = _phases([{None: totals} for _, totals in rows])
-    lines = ["## Where the time goes", "",
-             "Milliseconds per optimizer step, from the `time/...` keys of every log window (`launcher.step_timer`: "
-             "host timers on the CPU, CUDA events on a GPU); evaluation and checkpoints count in `between_steps`.",
-             "", "| run, stage | steps | " + " | ".join(phases) + " | total | waiting for data |",
-             "|---|---|" + "---|" * (len(phases) + 2)]
+    lines = [
+        "## Where the time goes",
+        "",
+        "Milliseconds per optimizer step, from the `time/...` keys of every log window (`launcher.step_timer`: "
+        "host timers on the CPU, CUDA events on a GPU); evaluation and checkpoints count in `between_steps`.",
+        "",
+        "| run, stage | steps | " + " | ".join(phases) + " | total | waiting for data |",
+        "|---|---|" + "---|" * (len(phases) + 2),
+    ]
     for label, totals in rows:
         steps = totals["steps"]
         whole = sum(totals.get(p, 0.0) for p in phases)
