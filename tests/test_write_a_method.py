@@ -2,17 +2,14 @@
 and a real run of the engine with it (loaded by ``method_modules``, as a user's own method is)."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from examples.annealed_patch_dropout import AnnealedPatchDropoutConfig, kept_patches, rate_at
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, records, train
+
 PAGE = ROOT / "docs/write_a_method.md"
 MODULE = ROOT / "examples/annealed_patch_dropout.py"
 
@@ -45,32 +42,17 @@ def test_the_registry_refuses_it_next_to_another_method_on_its_tokens():
 
 @pytest.mark.slow
 def test_the_engine_trains_with_it(tmp_path, tiny_shards):
-    overrides = [
+    run_dir = tmp_path / "run"
+    train(
+        run_dir,
+        tiny_shards,
+        "methods.toe=null",
         "method_modules=[examples.annealed_patch_dropout]",
         "methods.annealed_patch_dropout={start: 0.5}",
-        "model.kwargs={patch_size: 8, depth: 3, embed_dim: 48, num_heads: 2}",
-        "data.workers=1",
-        "train.global_batch=16",
-        "train.log_every=1",
-        "train.eval_every=0",
         "train.steps=10",
-        f"data.path={tiny_shards}",
-        f"out_dir={tmp_path}",
-        "name=run",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "launcher.train", "--config", str(ROOT / "configs/deit_tiny_cpu.yaml"), *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    steps = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    steps = {r["step"]: r for r in steps if "loss" in r}
+    steps = records(run_dir)
     assert [steps[t]["annealed_patch_dropout/rate"] for t in (0, 4, 8, 9)] == pytest.approx([0.5, 0.25, 0.0, 0.0])
     # the cost model priced what the module dropped: half the 16 patches at step 0, all of them from step 8
     assert steps[0]["cost/flops_share"] < 0.6 and steps[9]["cost/flops_share"] == 1.0
-    assert json.loads((tmp_path / "run/final.json").read_text())["step"] == 10
+    assert json.loads((run_dir / "final.json").read_text())["step"] == 10
