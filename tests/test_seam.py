@@ -138,3 +138,34 @@ def test_compare_plans_the_steps_training_runs(tiny_shards, recipe, overrides):
     planned = plan_run(cfg, train.split.total, world=2, batches=batches, meta_model=meta_model)
     assert (total, exact) == (planned.total_steps, False)
     assert planned.total_steps > 0
+
+
+def test_the_launcher_names_no_method():
+    """No code under launcher/ picks a method by name: no method name (or a ``<method>/...`` metric key) compared,
+    looked up by key or passed to ``.get`` (the old ``make_task`` picked token labelling's task that way, the run
+    log and the report read ``toe/stage``). Docstrings, comments and recipe examples may name methods."""
+    import ast
+
+    import methods
+
+    names = set(methods.registered()) - {"recording"}
+
+    def names_a_method(node) -> bool:
+        return (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and (node.value in names or node.value.split("/")[0] in names and "/" in node.value)
+        )
+
+    found = []
+    for path in sorted((ROOT / "launcher").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            picked = []
+            if isinstance(node, ast.Compare):
+                picked = [node.left, *node.comparators]
+            elif isinstance(node, ast.Subscript):
+                picked = [node.slice]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop"):
+                picked = node.args[:1]
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}: {n.value!r}" for n in picked if names_a_method(n)]
+    assert not found, "the launcher picks methods by name:\n" + "\n".join(found)
