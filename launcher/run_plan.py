@@ -19,16 +19,9 @@ __all__ = ["RunPlan", "plan_run", "plan_from_index"]
 
 @dataclass(frozen=True)
 class RunPlan:
-    examples: int  # training examples an epoch passes over (a method's subset applied)
-    subset: Optional[np.ndarray]  # the method's boolean mask over the split, or None (every example)
-    micro_batch: int  # per rank
-    batches_per_epoch: int  # this rank's micro-batches in an epoch
-    steps_per_epoch: int  # optimizer steps in an epoch
+    steps_per_epoch: int  # optimizer steps in an epoch (over a method's example subset, if it sets one)
     total_steps: int
     methods: dict  # the recipe's method configs resolved against the run (Budgeted Training's dense_steps)
-
-    def describe(self) -> str:
-        return f"{self.total_steps} steps, {self.steps_per_epoch} per epoch over {self.examples} examples"
 
 
 def plan_run(
@@ -51,7 +44,6 @@ def plan_run(
     t = cfg.train
     micro = deepspeed_config(cfg, world)["train_micro_batch_size_per_gpu"]
     subset = initial_subset(cfg.methods, split_total, t.seed)  # Tri-Level E-ViT: epochs are passes over 80%
-    examples = int(subset.sum()) if subset is not None else int(split_total)
     steps_per_epoch = batches(subset, micro) // t.grad_accum
     recipe_steps = math.ceil(t.epochs * steps_per_epoch) if t.epochs is not None else t.steps
     if recipe_steps is None:  # the recipe loader refuses this already; here for a RunConfig built by hand
@@ -60,7 +52,7 @@ def plan_run(
         run_steps, methods = run_length(cfg.methods, steps_per_epoch, recipe_steps, meta_model)
     except ValueError as err:  # a budget the data cannot meet: the same on every rank
         raise ConfigError(str(err)) from err
-    return RunPlan(examples, subset, micro, steps_per_epoch * t.grad_accum, steps_per_epoch, t.steps or run_steps, methods)
+    return RunPlan(steps_per_epoch, t.steps or run_steps, methods)
 
 
 def plan_from_index(cfg: RunConfig, *, world: int) -> Optional[RunPlan]:
