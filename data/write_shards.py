@@ -22,6 +22,8 @@ kept, ``iscrowd`` kept; the annotation file is copied to ``{split}_coco.json`` f
 ``.cls``. The pickles are read with an unpickler that admits numpy arrays and nothing else.
 ``--keep-classes`` (idx, cifar): only those classes (``0-4``, ``5,7,9``), relabelled 0..K-1 in the order
 given; ``classes.json`` lists their names and ``shards.json`` the original labels (``class_filter``).
+``--train-per-class N`` (idx, cifar): the training split keeps the first N samples of each class in file
+order (a smaller class-balanced set for long schedules on few samples); the val split stays whole.
 ``synthetic``: the embedded default data (``data.synthetic``): ``.png`` + ``.cls`` + ``.json``
 (boxes, for detection), and ``{split}_coco.json`` ground truth for COCO evaluation.
 
@@ -506,7 +508,7 @@ def idx(args) -> dict:
             raise ValueError(
                 f"{labels} has label {y.max()}, but {args.classes} has {len(IDX_CLASSES[args.classes])} classes"
             )
-    indices, relabel, kept_names, block = class_filter(all_labels, args.keep_classes, names)
+    indices, relabel, kept_names, block = class_filter(all_labels, args.keep_classes, names, args.train_per_class)
     prepare_out(out, args.overwrite)
     encode = _EncodeIdx(files, relabel)
     splits = {
@@ -550,15 +552,35 @@ def parse_class_list(text: str, num_classes: int) -> list[int]:
     return labels
 
 
-def class_filter(labels_by_split: dict[str, np.ndarray], keep: Optional[str], names: Sequence[str]):
+def class_filter(
+    labels_by_split: dict[str, np.ndarray],
+    keep: Optional[str],
+    names: Sequence[str],
+    train_per_class: Optional[int] = None,
+):
     """``(indices per split, new label of each original label or None, kept names, index block)`` for
-    ``--keep-classes``; without it every sample, labels unchanged."""
-    if keep is None:
-        return {split: list(range(len(y))) for split, y in labels_by_split.items()}, None, list(names), {}
-    kept = parse_class_list(keep, len(names))
-    relabel = {original: new for new, original in enumerate(kept)}
+    ``--keep-classes`` and ``--train-per-class``; without them every sample, labels unchanged.
+
+    ``train_per_class``: the ``train`` split keeps the first N samples of each (kept) class in file order
+    (a smaller, class-balanced training set; the other splits stay whole)."""
+    kept = list(range(len(names))) if keep is None else parse_class_list(keep, len(names))
+    relabel = None if keep is None else {original: new for new, original in enumerate(kept)}
     indices = {split: [int(i) for i in np.flatnonzero(np.isin(y, kept))] for split, y in labels_by_split.items()}
-    block = {"class_filter": {"kept_original_labels": kept, "relabelled": "original label kept[i] is written as i"}}
+    block: dict = {}
+    if keep is not None:
+        block["class_filter"] = {"kept_original_labels": kept, "relabelled": "original label kept[i] is written as i"}
+    if train_per_class is not None:
+        if train_per_class < 1:
+            raise ValueError(f"--train-per-class must be >= 1, got {train_per_class}")
+        y = labels_by_split["train"]
+        for label in kept:
+            found = int(np.count_nonzero(y == label))
+            if found < train_per_class:
+                raise ValueError(
+                    f"--train-per-class {train_per_class}: class {label} ({names[label]}) has {found} training samples"
+                )
+        indices["train"] = sorted(int(i) for label in kept for i in np.flatnonzero(y == label)[:train_per_class])
+        block["train_per_class"] = {"samples": train_per_class, "chosen": "the first N of each class in file order"}
     return indices, relabel, [names[label] for label in kept], block
 
 
@@ -686,7 +708,7 @@ def cifar(args) -> dict:
         if len(y) and (y.min() < 0 or y.max() >= len(names)):
             raise ValueError(f"{src}: label {int(y.max())} of split {split} has no name ({len(names)} classes)")
         labels[split] = y
-    indices, relabel, kept_names, block = class_filter(labels, args.keep_classes, names)
+    indices, relabel, kept_names, block = class_filter(labels, args.keep_classes, names, args.train_per_class)
     prepare_out(out, args.overwrite)
     encode = _EncodeCifar(str(src), files, labels_keys[args.label], relabel)
     splits = {
@@ -869,6 +891,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(a disjoint pre-training / fine-tuning split)"
     )
     idx_parser.add_argument("--keep-classes", metavar="LABELS", help=keep_help)
+    per_class_help = "the training split keeps the first N samples of each class (file order); val stays whole"
+    idx_parser.add_argument("--train-per-class", type=int, metavar="N", help=per_class_help)
     cifar_parser = sub.add_parser(
         "cifar", parents=[common, order_seed], help="CIFAR-10 / CIFAR-100 python pickles -> train and val shards"
     )
@@ -881,6 +905,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="CIFAR-100: the 100 fine classes or the 20 coarse superclasses",
     )
     cifar_parser.add_argument("--keep-classes", metavar="LABELS", help=keep_help)
+    cifar_parser.add_argument("--train-per-class", type=int, metavar="N", help=per_class_help)
     synth = sub.add_parser("synthetic", parents=[common], help="the embedded default data set")
     synth.add_argument("out")
     synth.add_argument("--train", type=int, default=8192)

@@ -150,6 +150,41 @@ def test_keep_classes_on_idx_splits_fashion_mnist_in_two(tmp_path):
     assert totals["pre"] + totals["fine"] == 90, "every sample in exactly one of the two parts"
 
 
+def test_train_per_class_keeps_the_first_n_of_each_class_and_the_whole_val_split(tmp_path, caplog):
+    """A small class-balanced training set (long schedules on few samples), with and without a class filter."""
+    from helpers import idx_folder
+
+    src = tmp_path / "src"
+    src.mkdir()
+    arrays = idx_folder(src, train=60, val=30)
+    y = [int(v) for v in arrays["train"][1]]
+    counts = {label: y.count(label) for label in set(y)}
+    n = min(counts.values())
+    assert n >= 2 and max(counts.values()) > n, "the fixture's classes are uneven: the cut is visible"
+    out = tmp_path / "balanced"
+    assert write_shards.main(["idx", str(src), str(out), "--train-per-class", str(n), "--no-progress"]) == 0
+    index, samples = read_shards(out, "train")
+    wanted = [i for i, label in enumerate(y) if sum(1 for j in range(i) if y[j] == label) < n]
+    assert sorted(samples) == [f"train_{i:06d}" for i in wanted] and len(wanted) == n * len(counts)
+    assert all(samples[f"train_{i:06d}"][1] == y[i] for i in wanted), "labels unchanged without --keep-classes"
+    assert index["splits"]["val"]["total"] == 30 and index["train_per_class"]["samples"] == n
+    assert "class_filter" not in index
+    # with a class filter: the first n of each kept class, relabelled
+    out = tmp_path / "both"
+    args = ["idx", str(src), str(out), "--keep-classes", "5-9", "--train-per-class", "1", "--no-progress"]
+    assert write_shards.main(args) == 0
+    _, samples = read_shards(out, "train")
+    firsts = sorted(y.index(label) for label in range(5, 10) if label in counts)
+    assert sorted(samples) == [f"train_{i:06d}" for i in firsts]
+    assert all(samples[f"train_{i:06d}"][1] == y[i] - 5 for i in firsts)
+    # a class with fewer samples than asked for is refused by name, before anything is written
+    args = ["idx", str(src), str(tmp_path / "bad"), "--train-per-class", str(max(counts.values()) + 1), "--no-progress"]
+    assert write_shards.main(args) == 2
+    assert "training samples" in caplog.text and not (tmp_path / "bad").exists()
+    assert write_shards.main(["idx", str(src), str(tmp_path / "zero"), "--train-per-class", "0", "--no-progress"]) == 2
+    assert "must be >= 1" in caplog.text
+
+
 @pytest.mark.parametrize(
     "keep,message",
     [

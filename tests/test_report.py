@@ -157,12 +157,31 @@ def test_a_seed_pair_is_one_row_with_mean_and_std_and_speed_ups_against_the_base
     assert rows["base"]["final top-1 (%)"] == f"{statistics.fmean([40.0, 44.0]):.2f} ± {statistics.stdev([40.0, 44.0]):.2f}"
     assert rows["base"]["methods"] == "none" and rows["toe"]["methods"] == "toe (r1=0.5)"
     assert rows["toe"]["FLOPs speed-up"] == "2.00x", "8 x 2e13 against 8 x 1e13"
-    assert rows["toe"]["wall-clock speed-up"] == "2.00x", "every time halved"
+    assert rows["toe"]["wall-clock speed-up"] == "2.00x ± 0.00x", "every time halved, seed by seed"
     assert rows["toe"]["wall-clock"] == "5.5 s ± 0.0 s" and rows["base"]["FLOPs speed-up"] == "1.00x"
     # --baseline picks another reference
     assert report.main([str(base_a), str(toe_a), "--out", str(tmp_path / "r2"), "--baseline", str(toe_a)]) == 0
     rows = table((tmp_path / "r2" / "report.md").read_text())
     assert rows["base"]["FLOPs speed-up"] == "0.50x" and "(baseline)" in (tmp_path / "r2/report.md").read_text()
+
+
+def test_the_wall_clock_speed_up_pairs_each_seed_with_the_baseline_run_of_its_seed(tmp_path):
+    # the machine ran seed 1 of both recipes at half speed (a drift between the seeds): pairs cancel it
+    base = [
+        resumed_run(tmp_path / f"base_s{s}", seed=s, toe=False, name=f"base_s{s}", speed=v)[0]
+        for s, v in ((0, 1.0), (1, 0.5))
+    ]
+    toe = [resumed_run(tmp_path / f"toe_s{s}", seed=s, speed=v)[0] for s, v in ((0, 1.25), (1, 0.5))]
+    runs = [report.load_run(p) for p in base + toe]
+    ratios = [b.wall_clock / t.wall_clock for b, t in zip(runs[:2], runs[2:])]
+    assert ratios == pytest.approx([1.25, 1.0])
+    rows = table(report.write_report(runs, tmp_path / "report").read_text())
+    assert rows["toe"]["wall-clock speed-up"] == f"{statistics.fmean(ratios):.2f}x ± {statistics.stdev(ratios):.2f}x"
+    assert rows["base"]["wall-clock speed-up"] == "1.00x ± 0.00x"
+    # a seed without a baseline run of its own: the ratio of the mean wall-clocks
+    rows = table(report.write_report(runs[:1] + runs[2:], tmp_path / "r2").read_text())
+    means = runs[0].wall_clock / statistics.fmean([r.wall_clock for r in runs[2:]])
+    assert rows["toe"]["wall-clock speed-up"] == f"{means:.2f}x"
 
 
 def test_plots_are_written_with_content(tmp_path):

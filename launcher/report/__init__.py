@@ -61,7 +61,10 @@ def write_report(runs: list[Run], out, baseline: Optional[Run] = None) -> Path:
         "",
         f"{len(runs)} run(s), {len(groups)} recipe(s). Mean ± std (sample std) over seeds when a recipe has "
         f"several; speed-ups against `{base_group.label}`. Wall-clock sums the run's segments (resumes "
-        f"counted without the gaps between them). Top-1 in %.",
+        f"counted without the gaps between them). The wall-clock speed-up of a recipe whose every seed has a "
+        f"baseline run of the same seed is the mean ± std of the per-seed ratios (each run against the "
+        f"baseline run of its seed, timed beside it by `launcher.compare`); otherwise the ratio of the mean "
+        f"wall-clocks. Top-1 in %.",
         "",
     ]
     for task in dict.fromkeys(g.task for g in groups):

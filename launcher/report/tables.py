@@ -95,6 +95,26 @@ def _recipe_changes(runs: list[Run]) -> list[str]:
     ]
 
 
+def _paired_wall_ratios(baseline: list[Run], runs: list[Run]) -> Optional[list[float]]:
+    """Baseline wall-clock over this recipe's, seed by seed, when every run has a baseline run of its seed.
+
+    ``launcher.compare`` runs seed K of every recipe before seed K + 1, so the two runs of a pair are
+    timed close together: a machine whose speed drifts over a long comparison (or a comparison resumed
+    in another session) moves both alike, and the ratio keeps what the method changed."""
+    base = {r.seed: r.wall_clock for r in baseline}
+    pairs = [(base.get(r.seed), r.wall_clock) for r in runs]
+    if len(runs) < 2 or len(base) < len(baseline) or any(b is None or w is None or w <= 0 for b, w in pairs):
+        return None
+    return [b / w for b, w in pairs]
+
+
+def _wall_speed_up(baseline: list[Run], runs: list[Run], base_wall, wall) -> str:
+    ratios = _paired_wall_ratios(baseline, runs)
+    if ratios is not None:
+        return _fmt((statistics.fmean(ratios), statistics.stdev(ratios), len(ratios)), lambda v: f"{v:.2f}x")
+    return f"{base_wall[0] / wall[0]:.2f}x" if base_wall and wall and wall[0] > 0 else "-"
+
+
 def _table(groups: list[Group], baseline: Group) -> list[str]:
     keys = [
         k
@@ -126,7 +146,7 @@ def _table(groups: list[Group], baseline: Group) -> list[str]:
             _stages_text(group),
             _fmt(flops, lambda v: f"{v / 1e15:.4g}"),
             f"{base_flops[0] / flops[0]:.2f}x" if base_flops and flops and flops[0] > 0 else "-",
-            f"{base_wall[0] / wall[0]:.2f}x" if base_wall and wall and wall[0] > 0 else "-",
+            _wall_speed_up(baseline.runs, runs, base_wall, wall),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return lines
