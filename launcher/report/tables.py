@@ -111,7 +111,7 @@ def _paired_wall_ratios(baseline: list[Run], runs: list[Run]) -> Optional[list[f
 def _wall_speed_up(baseline: list[Run], runs: list[Run], base_wall, wall) -> str:
     ratios = _paired_wall_ratios(baseline, runs)
     if ratios is not None:
-        return _fmt((statistics.fmean(ratios), statistics.stdev(ratios), len(ratios)), lambda v: f"{v:.2f}x")
+        return _fmt(_mean_std(ratios), lambda v: f"{v:.2f}x")
     return f"{base_wall[0] / wall[0]:.2f}x" if base_wall and wall and wall[0] > 0 else "-"
 
 
