@@ -1,10 +1,10 @@
-"""Where each log window's time and memory go: data wait, forward + backward, optimizer step, and
-what runs between steps (evaluation, checkpoints, the run log, the EMA), without a host sync
-between log steps.
+"""Where each log window's time and memory go: data wait, forward + backward, optimizer step, what
+runs between steps (the plug-ins' step end, the EMA, the run log), evaluation and checkpoints,
+without a host sync between log steps.
 
 The step loop calls ``mark(phase)`` at the end of each phase: the time since the previous mark
 goes to ``phase``. ``window()`` (called by the run log at a log step) returns the window's
-``time/<phase>`` seconds, ``time/window`` (their sum), ``time/data_share`` (the share spent
+``time/<phase>`` seconds for every phase of ``PHASES`` (0 when it did not run), ``time/window`` (their sum), ``time/data_share`` (the share spent
 waiting for data) and ``memory/peak_gib``, then starts the next window.
 
 - CPU: host timers (``time.perf_counter``); a CPU step is synchronous, so host time is the work.
@@ -26,8 +26,10 @@ import torch
 
 __all__ = ["StepTimer", "PHASES", "peak_memory_gib"]
 
-# the phases the training loop marks, in loop order; the report stacks them in this order
-PHASES = ("data", "forward_backward", "optimizer", "between_steps")
+# the phases the training loop marks, in loop order; the report stacks them in this order. Evaluation
+# and checkpoints are phases of their own so that a run's training time (``launcher.report``) can leave
+# them out: their cost is the recipe's choice of how often, not the method's.
+PHASES = ("data", "forward_backward", "optimizer", "between_steps", "evaluation", "checkpoint")
 
 
 def peak_memory_gib(device: torch.device, reset: bool = True) -> float:
@@ -79,7 +81,9 @@ class StepTimer:
                         seen.add(id(event))
                         self._spare.append(event)
             self._pending = []
-        totals, self._totals = self._totals, {}
+        totals = {phase: 0.0 for phase in PHASES}
+        totals.update(self._totals)
+        self._totals = {}
         whole = sum(totals.values())
         record = {f"time/{phase}": seconds for phase, seconds in totals.items()}
         record["time/window"] = whole

@@ -595,8 +595,10 @@ class Trainer:
                 metrics=lambda: {**metrics, **plugins.step_metrics(), **timer.window()},
             )
             step += 1
+            timer.mark("between_steps")  # the plug-ins' step end, the EMA, the run log
             if due(step, t.eval_every, self.total_steps):
                 self._evaluate(step)
+                timer.mark("evaluation")
             signum = stop.requested(step)
             if signum:
                 self.checkpointer.save(step, self._client_state(step))
@@ -604,7 +606,7 @@ class Trainer:
                 return self._announce_exit(EXIT_PREEMPTED)
             if due(step, cfg.checkpoint.every, self.total_steps):
                 self.checkpointer.save(step, self._client_state(step))
-            timer.mark("between_steps")  # the EMA, the run log, evaluation, checkpoints
+                timer.mark("checkpoint")
             if step >= self.total_steps:
                 break
         batches.close()  # ends the stream's DataLoader workers now

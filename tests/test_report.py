@@ -184,6 +184,49 @@ def test_the_wall_clock_speed_up_pairs_each_seed_with_the_baseline_run_of_its_se
     assert rows["toe"]["wall-clock speed-up"] == f"{means:.2f}x"
 
 
+def timed_run(path: Path, seed: int, step_seconds: float, eval_seconds: float, toe: bool, name: str) -> Path:
+    """Four 2-step windows of ``step_seconds`` per step; an evaluation of ``eval_seconds`` and a 0.5 s
+    checkpoint after the second window (they land in the third window's ``time/...``, as the loop marks them)."""
+    records, now = [start(0, 100.0)], 100.0
+    for window in range(4):
+        evaluation_, checkpoint = (eval_seconds, 0.5) if window == 2 else (0.0, 0.0)
+        phases = {"data": 0.1, "forward_backward": 2 * step_seconds - 0.1, "optimizer": 0.0, "between_steps": 0.0}
+        phases.update(evaluation=evaluation_, checkpoint=checkpoint)
+        now += sum(phases.values())
+        times = {f"time/{k}": v for k, v in phases.items()}
+        records.append(train(2 * window + 1, now, 1.0, 1, steps=2, **times, **{"time/window": sum(phases.values())}))
+    records.append(evaluation(8, now + eval_seconds, 0.5))
+    return write_run(path, config(name, seed=seed, toe=toe), records, final={"step": 8, "top1": 0.5})
+
+
+def test_train_time_leaves_evaluation_and_checkpoints_out_and_has_its_own_paired_speed_up(tmp_path):
+    # ToE's steps take half the time, the evaluation (10 s) and checkpoint (0.5 s) cost both alike
+    runs = [
+        report.load_run(timed_run(tmp_path / f"{n}_s{s}", s, step, 10.0, n == "toe", f"{n}_s{s}"))
+        for s in (0, 1)
+        for n, step in (("base", 2.0 + s), ("toe", (2.0 + s) / 2))
+    ]
+    base0, toe0 = runs[0], runs[1]
+    assert base0.train_time == pytest.approx(8 * 2.0), "8 steps of 2 s; the evaluation and checkpoint are out"
+    assert toe0.train_time == pytest.approx(8 * 1.0)
+    assert base0.wall_clock == pytest.approx(8 * 2.0 + 10.5 + 10.0), "two evaluations and a checkpoint are in"
+    rows = table(report.write_report(runs, tmp_path / "report").read_text())
+    assert rows["toe"]["train-time speed-up"] == "2.00x ± 0.00x"
+    walls = [b.wall_clock / t.wall_clock for b, t in ((runs[0], runs[1]), (runs[2], runs[3]))]
+    assert rows["toe"]["wall-clock speed-up"] == f"{statistics.fmean(walls):.2f}x ± {statistics.stdev(walls):.2f}x"
+    assert max(walls) < 1.5, "the evaluations every recipe pays dilute the wall-clock speed-up"
+    assert rows["base"]["train time"] == "20.0 s ± 5.7 s"  # 16 s and 24 s
+    # a log written before evaluation was a phase of its own: its training time is unknown, not guessed
+    old = tmp_path / "old_s0"
+    records = [
+        {k: v for k, v in r.items() if k not in ("time/evaluation", "time/checkpoint")}
+        for r in map(json.loads, (runs[0].path / "metrics.jsonl").read_text().splitlines())
+    ]
+    old_run = report.load_run(write_run(old, config("old", toe=False), records, final={"step": 8, "top1": 0.5}))
+    assert old_run.train_time is None and old_run.wall_clock == pytest.approx(base0.wall_clock)
+    assert table(report.write_report([old_run], tmp_path / "r2").read_text())["old"]["train time"] == "-"
+
+
 def test_plots_are_written_with_content(tmp_path):
     paths = [resumed_run(tmp_path / f"toe_s{s}", seed=s, top1_final=0.5 + 0.1 * s)[0] for s in range(2)]
     paths.append(resumed_run(tmp_path / "base_s0", toe=False, flops=2e13, name="base_s0")[0])

@@ -61,10 +61,12 @@ def write_report(runs: list[Run], out, baseline: Optional[Run] = None) -> Path:
         "",
         f"{len(runs)} run(s), {len(groups)} recipe(s). Mean ± std (sample std) over seeds when a recipe has "
         f"several; speed-ups against `{base_group.label}`. Wall-clock sums the run's segments (resumes "
-        f"counted without the gaps between them). The wall-clock speed-up of a recipe whose every seed has a "
-        f"baseline run of the same seed is the mean ± std of the per-seed ratios (each run against the "
-        f"baseline run of its seed, timed beside it by `launcher.compare`); otherwise the ratio of the mean "
-        f"wall-clocks. Top-1 in %.",
+        f"counted without the gaps between them); train time is the step loop's time without evaluation "
+        f"and checkpoints (the log windows' `time/window` less `time/evaluation` and `time/checkpoint`), "
+        f"whose cost is the recipe's choice of how often, not the method's. A speed-up of a recipe whose "
+        f"every seed has a baseline run of the same seed is the mean ± std of the per-seed ratios (each run "
+        f"against the baseline run of its seed, timed beside it by `launcher.compare`); otherwise the ratio "
+        f"of the means. Top-1 in %.",
         "",
     ]
     for task in dict.fromkeys(g.task for g in groups):

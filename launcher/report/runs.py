@@ -86,6 +86,19 @@ class Run:
         return sum(durations)
 
     @property
+    def train_time(self) -> Optional[float]:
+        """Seconds in the step loop with evaluation and checkpoints left out: the log windows'
+        ``time/window`` less their ``time/evaluation`` and ``time/checkpoint`` (``launcher.step_timer``).
+        None for a log whose windows do not split evaluation out (written before the split, when it
+        counted in ``time/between_steps``): its training time is not known."""
+        if not self.train or any("time/window" not in r or "time/evaluation" not in r for r in self.train.values()):
+            return None
+        return sum(
+            float(r["time/window"]) - float(r["time/evaluation"]) - float(r.get("time/checkpoint", 0.0))
+            for r in self.train.values()
+        )
+
+    @property
     def total_flops(self) -> Optional[float]:
         return sum(self.step_flops.values()) if self.step_flops else None
 

@@ -95,24 +95,28 @@ def _recipe_changes(runs: list[Run]) -> list[str]:
     ]
 
 
-def _paired_wall_ratios(baseline: list[Run], runs: list[Run]) -> Optional[list[float]]:
-    """Baseline wall-clock over this recipe's, seed by seed, when every run has a baseline run of its seed.
+def _paired_ratios(baseline: list[Run], runs: list[Run], seconds) -> Optional[list[float]]:
+    """Baseline time over this recipe's (``seconds(run)``: wall-clock or training time), seed by seed,
+    when every run has a baseline run of its seed.
 
     ``launcher.compare`` runs seed K of every recipe before seed K + 1, so the two runs of a pair are
     timed close together: a machine whose speed drifts over a long comparison (or a comparison resumed
     in another session) moves both alike, and the ratio keeps what the method changed."""
-    base = {r.seed: r.wall_clock for r in baseline}
-    pairs = [(base.get(r.seed), r.wall_clock) for r in runs]
+    base = {r.seed: seconds(r) for r in baseline}
+    pairs = [(base.get(r.seed), seconds(r)) for r in runs]
     if len(runs) < 2 or len(base) < len(baseline) or any(b is None or w is None or w <= 0 for b, w in pairs):
         return None
     return [b / w for b, w in pairs]
 
 
-def _wall_speed_up(baseline: list[Run], runs: list[Run], base_wall, wall) -> str:
-    ratios = _paired_wall_ratios(baseline, runs)
+def _time_speed_up(baseline: list[Run], runs: list[Run], seconds) -> str:
+    """The paired speed-up (mean +- std of the per-seed ratios) where every seed has its baseline run,
+    else the ratio of the mean times."""
+    ratios = _paired_ratios(baseline, runs, seconds)
     if ratios is not None:
         return _fmt(_mean_std(ratios), lambda v: f"{v:.2f}x")
-    return f"{base_wall[0] / wall[0]:.2f}x" if base_wall and wall and wall[0] > 0 else "-"
+    base, mine = _mean_std([seconds(r) for r in baseline]), _mean_std([seconds(r) for r in runs])
+    return f"{base[0] / mine[0]:.2f}x" if base and mine and mine[0] > 0 else "-"
 
 
 def _table(groups: list[Group], baseline: Group) -> list[str]:
@@ -124,10 +128,10 @@ def _table(groups: list[Group], baseline: Group) -> list[str]:
     head = ["recipe", "seeds", "methods"]
     for key in keys:
         head += [f"final {METRIC_TITLES[key]}", f"best {METRIC_TITLES[key]}"]
-    head += ["steps", "wall-clock", "img/s per stage", "train PFLOPs", "FLOPs speed-up", "wall-clock speed-up"]
+    head += ["steps", "wall-clock", "train time", "img/s per stage", "train PFLOPs", "FLOPs speed-up"]
+    head += ["wall-clock speed-up", "train-time speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_flops = _mean_std([r.total_flops for r in baseline.runs])
-    base_wall = _mean_std([r.wall_clock for r in baseline.runs])
     for group in groups:
         runs = group.runs
         done = sum(r.finished for r in runs)
@@ -139,14 +143,16 @@ def _table(groups: list[Group], baseline: Group) -> list[str]:
                 _fmt(_mean_std([r.final_metric(key) for r in runs]), fmt),
                 _fmt(_mean_std([r.best_metric(key) for r in runs]), fmt),
             ]
-        flops, wall = _mean_std([r.total_flops for r in runs]), _mean_std([r.wall_clock for r in runs])
+        flops = _mean_std([r.total_flops for r in runs])
         row += [
             _fmt(_mean_std([float(r.steps) for r in runs]), lambda v: f"{v:.0f}"),
-            _fmt(wall, fmt_duration),
+            _fmt(_mean_std([r.wall_clock for r in runs]), fmt_duration),
+            _fmt(_mean_std([r.train_time for r in runs]), fmt_duration),
             _stages_text(group),
             _fmt(flops, lambda v: f"{v / 1e15:.4g}"),
             f"{base_flops[0] / flops[0]:.2f}x" if base_flops and flops and flops[0] > 0 else "-",
-            _wall_speed_up(baseline.runs, runs, base_wall, wall),
+            _time_speed_up(baseline.runs, runs, lambda r: r.wall_clock),
+            _time_speed_up(baseline.runs, runs, lambda r: r.train_time),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -201,7 +207,9 @@ def _breakdown_table(runs: list[Run]) -> list[str]:
         "## Where the time goes",
         "",
         "Milliseconds per optimizer step, from the `time/...` keys of every log window (`launcher.step_timer`: "
-        "host timers on the CPU, CUDA events on a GPU); evaluation and checkpoints count in `between_steps`.",
+        "host timers on the CPU, CUDA events on a GPU); `between_steps` is the plug-ins' step end, the EMA and "
+        "the run log; evaluation and checkpoints after a log step land in the next window (a log written "
+        "before they were phases of their own counts them in `between_steps`).",
         "",
         "| run, stage | steps | " + " | ".join(phases) + " | total | waiting for data |",
         "|---|---|" + "---|" * (len(phases) + 2),
