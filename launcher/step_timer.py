@@ -4,8 +4,9 @@ without a host sync between log steps.
 
 The step loop calls ``mark(phase)`` at the end of each phase: the time since the previous mark
 goes to ``phase``. ``window()`` (called by the run log at a log step) returns the window's
-``time/<phase>`` seconds for every phase of ``PHASES`` (0 when it did not run), ``time/window`` (their sum), ``time/data_share`` (the share spent
-waiting for data) and ``memory/peak_gib``, then starts the next window.
+``time/<phase>`` seconds for every phase of ``PHASES`` (0 when it did not run), ``time/window``
+(their sum), ``time/data_share`` (the share spent waiting for data) and ``memory/peak_gib``, then
+starts the next window.
 
 - CPU: host timers (``time.perf_counter``); a CPU step is synchronous, so host time is the work.
 - CUDA: one CUDA event per mark on the current stream, read at the log step only (the run log's
