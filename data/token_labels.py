@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 __all__ = [
     "TOKEN_LOGITS",
@@ -273,12 +274,13 @@ class TokenLabelCodec:
         if filler is None:
             raise RuntimeError("a batch without a single readable sample")
         rows = [d or filler for d in decoded]
+        # default_collate stacks straight into shared memory in a DataLoader worker (ClassificationCodec.collate)
         return {
-            "image": torch.stack([r[0] for r in rows]),
+            "image": default_collate([r[0] for r in rows]),
             "label": torch.tensor([d[1] if d is not None else -1 for d in decoded], dtype=torch.long),
-            "token_logits": torch.stack([r[2] for r in rows]),
-            "token_ids": torch.stack([r[3] for r in rows]),
-            "token_box": torch.stack([r[4] for r in rows]),
+            "token_logits": default_collate([r[2] for r in rows]),
+            "token_ids": default_collate([r[3] for r in rows]),
+            "token_box": default_collate([r[4] for r in rows]),
             "sample_id": torch.tensor(ids, dtype=torch.long),
             "valid": torch.tensor(valid, dtype=torch.bool),
         }
