@@ -192,29 +192,35 @@ def say(message: str) -> None:
     print(f"compare: {message}", flush=True)
 
 
-def train_command(run: PlannedRun, ranks: int) -> list[str]:
+def launch_prefix(ranks: int, port: Optional[int] = None) -> list[str]:
+    """The command that starts ``launcher.train`` on this machine: the module itself for one rank,
+    torchrun with ``ranks`` processes on loopback otherwise (``port``: the rendezvous port; default a
+    free one, so two comparisons can share a machine)."""
     if ranks == 1:
-        prefix = [sys.executable, "-m", "launcher.train"]
-    else:
+        return [sys.executable, "-m", "launcher.train"]
+    if port is None:
         import socket
 
-        with socket.socket() as sock:  # a free rendezvous port, so two comparisons can share a machine
+        with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        prefix = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(ranks),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-            "-m",
-            "launcher.train",
-        ]
-    return [*prefix, "--config", str(run.recipe.resolve()), *run.overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "launcher.train",
+    ]
+
+
+def train_command(run: PlannedRun, ranks: int) -> list[str]:
+    return [*launch_prefix(ranks), "--config", str(run.recipe.resolve()), *run.overrides]
 
 
 def run_local(runs: list[PlannedRun], ranks: int, every: float) -> int:

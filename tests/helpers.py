@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from launcher.compare import launch_prefix
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,21 +49,7 @@ TINY = [
 
 
 def command(ranks: int, port: int):
-    if ranks == 1:
-        return [sys.executable, "-m", "launcher.train"]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(ranks),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        "-m",
-        "launcher.train",
-    ]
+    return launch_prefix(ranks, port)
 
 
 def start(run_dir: Path, shards: Path, *overrides, ranks=1, extra=()):

@@ -17,7 +17,7 @@ from PIL import Image
 from data import write_shards
 from data.plan import buffer_order, epoch_items, split_slots
 from data.shards import ShardIndex, check_key, read_samples
-from data.stream import build_eval_stream, build_train_stream
+from data.stream import INLINE_BYTES, build_eval_stream, build_train_stream, inline_small_tensors
 from data.transforms import StepMixup
 
 from helpers import free_port
@@ -205,6 +205,56 @@ def test_two_ranks_two_workers_cover_the_epoch_once_with_equal_batches(shards):
         assert len(seen) == len(set(seen)) == 64, "each sample at most once; remainder 77 - 64 dropped"
         assert all(s.epoch == epoch + 1 for s in streams)
     assert streams[0].dropped == 13
+
+
+def test_small_tensors_cross_the_worker_pipe_by_value_and_arrive_equal():
+    """A worker's small tensors go inside the batch's pickle (no shared-memory file descriptor each, fetched
+    over a socket); large ones, and dtypes numpy has not, stay shared memory. What arrives is equal."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 (registers torch's shared-memory reductions on ForkingPickler)
+
+    big = torch.arange(INLINE_BYTES // 4, dtype=torch.float32).reshape(-1, 4)  # exactly the limit: stays shared
+    batch = {
+        "image": big,
+        "label": torch.tensor([3, 1, 4]),
+        "valid": torch.tensor([True, False, True]),
+        "half": torch.ones(2, dtype=torch.bfloat16),
+        "targets": [{"boxes": torch.rand(2, 4), "image_id": torch.tensor(7)}, {"boxes": torch.rand(0, 4)}],
+        "pair": (torch.tensor([1.5]), 2),
+        "augment_step": 5,
+    }
+    packed = inline_small_tensors(batch)
+    assert packed["image"] is big and packed["half"] is batch["half"]
+    assert type(packed["label"]).__name__ == "_Inline" and type(packed["targets"][0]["boxes"]).__name__ == "_Inline"
+    received = pickle.loads(bytes(ForkingPickler.dumps(packed)))
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+
+    assert same(batch, received)
+    received["label"][0] = 9  # a tensor of its own, writable
+    assert batch["label"][0] == 3
+
+
+def test_a_worker_batch_equals_the_in_process_batch(shards):
+    """The same stream read by one DataLoader worker (small tensors sent by value) and in-process."""
+
+    def batches(workers):
+        stream = build_train_stream(str(shards), batch_size=4, num_workers=workers, seed=2, image_size=32, buffer_size=8)
+        return list(stream)
+
+    for a, b in zip(batches(0), batches(1), strict=True):
+        assert a.keys() == b.keys()
+        for key in ("image", "label", "sample_id", "valid"):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 
 def test_order_is_reproducible_and_changes_with_epoch(shards):
