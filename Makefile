@@ -25,5 +25,6 @@ bench: install  ## the benchmarks (tables + JSON in bench/results/)
 	$(PY) bench/toe_overhead.py
 	$(PY) bench/step_throughput.py
 	$(PY) bench/data_throughput.py
+	$(PY) bench/batch_transfer.py
 	$(PY) bench/trilevel_attention.py
 	$(PY) bench/trilevel_examples.py
