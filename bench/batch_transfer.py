@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from data.stream import inline_small_tensors
+
+from timing import cpu_seconds
 
 
 class _Batches(IterableDataset):
@@ -40,16 +41,11 @@ class _Batches(IterableDataset):
             yield inline_small_tensors(batch) if self.inline else batch
 
 
-def _cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 def _ms_per_batch(small: int, inline: bool, batches: int, size: int) -> float:
-    start = _cpu_seconds()
+    start = cpu_seconds()
     for _ in DataLoader(_Batches(small, inline, batches, size), batch_size=None, num_workers=1):
         pass
-    return 1e3 * (_cpu_seconds() - start) / batches
+    return 1e3 * (cpu_seconds() - start) / batches
 
 
 def main() -> None:

@@ -40,6 +40,8 @@ from data.stream import build_train_stream
 from data.synthetic import draw_sample
 from data.transforms import build_transform
 
+from timing import cpu_seconds
+
 # what a DeiT-S needs at 40% MFU on one H100 (issue 14's estimate: ~4.6 GFLOPs forward x 3 per image)
 DEIT_S_NEEDS = 14_000
 
@@ -64,12 +66,6 @@ def make_folder(root: Path, count: int, classes: int = 8) -> float:
         (folder / f"img_{i:05d}.jpg").write_bytes(buffer.getvalue())
         sizes.append(len(buffer.getvalue()))
     return float(np.mean(sizes)) / 1024
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process (every thread) and of its finished children (the DataLoader workers)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 def time_epoch(make_batches, sync=None) -> dict:

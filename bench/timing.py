@@ -5,6 +5,7 @@ benchmarks' common options: device, autocast dtype and rounds, defaulting by dev
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable
@@ -12,6 +13,12 @@ from typing import Callable
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (every thread) and of its finished children (DataLoader workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
