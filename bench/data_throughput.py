@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from data import write_shards
+from data.shards import ShardIndex, read_samples
 from data.stream import build_train_stream
 from data.synthetic import draw_sample
 from data.transforms import build_transform
@@ -90,6 +91,49 @@ def decode_only(encoded: list[bytes], batch: int):
             with Image.open(io.BytesIO(data)) as image:
                 images.append(image.convert("RGB"))
         yield {"image": images}
+
+
+def read_costs(folder: Path, shards: Path, rounds: int) -> dict[str, float]:
+    """CPU microseconds per sample of reading the raw bytes alone, no decode: every sample of every
+    shard, and every 8th (what one of 8 ranks reads of a shard under repeated augmentation or a subset),
+    through ``tarfile`` (``read_samples``) and through the byte offsets the index recorded (``read_indexed``,
+    what the stream uses); and every JPEG of the folder opened and read (what ImageFolder's loader does
+    before decoding). Interleaved, median of ``rounds``."""
+    split = ShardIndex.load(str(shards)).split("train")
+    shard_list = list(enumerate(zip(split.urls, split.counts)))
+    files = sorted(folder.rglob("*.jpg"))
+
+    def reader(indexed: bool, step: int):
+        def read() -> int:
+            count = 0
+            for shard, (url, samples) in shard_list:
+                offsets = list(range(0, int(samples), step))
+                for _ in split.read(shard, offsets) if indexed else read_samples(url, offsets):
+                    count += 1
+            return count
+
+        return read
+
+    def by_files() -> int:
+        for path in files:
+            with open(path, "rb") as f:
+                f.read()
+        return len(files)
+
+    cases = {
+        "tarfile, all": reader(False, 1),
+        "indexed, all": reader(True, 1),
+        "tarfile, 1 in 8": reader(False, 8),
+        "indexed, 1 in 8": reader(True, 8),
+        "JPEG files (ImageFolder)": by_files,
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds + 1):  # the first round warms the page cache
+        for name, read in cases.items():
+            start = time.process_time()
+            count = read()
+            times[name].append((time.process_time() - start) / count * 1e6)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
 
 
 def main() -> None:
@@ -154,6 +198,8 @@ def main() -> None:
             for name, (make, sync) in cases.items():
                 samples.setdefault(name, []).append(time_epoch(make, sync))
 
+        reads = read_costs(folder, shards, max(3, args.rounds))
+
     rows = []
     for name, runs in samples.items():
         rows.append(
@@ -187,6 +233,7 @@ def main() -> None:
             f"{row['loader']:>12} {row['per_s']:>8.1f} {row['per_cpu_s']:>10.1f} {row['per_cpu_s_vs_pil']:>19.2f} "
             f"{row['per_cpu_s_vs_pil_paired']:>16.2f}"
         )
+    print("raw bytes only, CPU us per sample: " + ", ".join(f"{name} {us:.1f}" for name, us in reads.items()))
     dali_row = next((r for r in rows if r["loader"].startswith("DALI")), None)
     if dali_row is not None:
         print(
@@ -209,6 +256,7 @@ def main() -> None:
                 "dali_build_s": build_s,
                 "deit_s_needs_per_s": DEIT_S_NEEDS,
                 "rows": rows,
+                "read_us_per_sample": reads,
                 "cpus": os.cpu_count(),
                 "machine": platform.machine(),
                 "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -15,7 +15,8 @@ Readers learn the epoch length and every sample's global position from the index
 scanning a tar. ``read_samples`` reads the samples at given positions of one shard: members of
 samples not asked for are skipped without being read (seek) when the shard is a local file, and
 read but never decoded when it is a stream (``pipe:``, ``http``; opened through webdataset's
-``gopen``).
+``gopen``). A local shard whose index records each sample's byte offset (every writer here since
+issue 26) is read by ``read_indexed`` instead: one seek and one read per wanted sample.
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ class SplitIndex:
         """``read_samples`` of shard ``shard``: remote shards through ``data.remote`` (retries, ranged
         reads from the offsets recorded at write time, the node cache); ``counters`` gets its counts."""
         url = self.urls[shard]
+        path = local_path(url)
+        if path is not None and self.byte_starts is not None and len(offsets):
+            base, count = int(self.starts[shard]), int(self.counts[shard])
+            ends = [int(self.byte_starts[base + o + 1]) if o + 1 < count else None for o in offsets]
+            return read_indexed(path, offsets, [int(self.byte_starts[base + o]) for o in offsets], ends)
         if self.remote is None or not is_remote(url) or not len(offsets):
             return read_samples(url, offsets)
         return read_samples(url, offsets, opener=lambda: self._open_remote(shard, offsets, counters))
@@ -342,13 +348,13 @@ def read_samples(
     if target is None:
         return
     skipped = 0
-    local = not re.match(r"^[a-z0-9]+:", url) or url.startswith("file:")
-    path = url[len("file:") :] if url.startswith("file:") else url
+    path = local_path(url)
+    local = path is not None
     try:
         if opener is not None:
             stream, skipped, local = opener()
         else:
-            stream = open(path, "rb") if local else gopen(url, "rb")
+            stream = open(path, "rb") if path is not None else gopen(url, "rb")
     except RetriesExhausted as err:
         raise ShardLostError(f"{url}: {err.cause}") from err
     except OSError as err:
@@ -381,3 +387,103 @@ def read_samples(
         raise ShardReadError(f"{url}: unreadable after sample {offset}: {getattr(err, 'cause', err)}") from err
     if target is not None:
         raise ShardReadError(f"{url}: holds {offset + 1} samples, sample {target} was asked for")
+
+
+def local_path(url: str) -> Optional[str]:
+    """The file path of a local shard URL (a plain path or ``file:``), None for anything else."""
+    if url.startswith("file:"):
+        return url[len("file:") :]
+    return None if re.match(r"^[a-z0-9]+:", url) else url
+
+
+# member types whose meaning spans headers (pax extended headers, GNU long names, sparse files): a sample
+# holding one is parsed by tarfile's own reader instead of header by header
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+_MULTI_HEADER = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.GNUTYPE_SPARSE,
+)
+
+
+def read_indexed(
+    path: str, offsets: Sequence[int], starts: Sequence[int], ends: Sequence[Optional[int]]
+) -> Iterator[tuple[int, dict[str, bytes]]]:
+    """``read_samples`` of a local shard whose index recorded each sample's byte offset at write time:
+    one seek and one read per wanted sample (``starts[i]`` to ``ends[i]``, None: to the end of the
+    file), its member headers parsed from those bytes with tarfile's own ``TarInfo.frombuf``, and no
+    header of an unwanted sample read at all (``tarfile`` walks every header up to the last wanted
+    sample and builds a member and a file object per member; ``bench/data_throughput.py`` prints both
+    readers' CPU per sample). A sample with a pax / GNU long-name header goes through ``tarfile`` on
+    its bytes. Raises ``ShardReadError`` (after yielding what was readable) when the file is missing
+    or truncated, or its bytes are not the samples the index says (a shard rewritten after its index)."""
+    try:
+        stream = open(path, "rb")
+    except OSError as err:
+        raise ShardReadError(f"{path}: cannot open: {err}") from err
+    with stream:
+        for offset, start, end in zip(offsets, starts, ends):
+            try:
+                stream.seek(start)
+                data = stream.read(-1 if end is None else end - start)
+            except OSError as err:
+                raise ShardReadError(f"{path}: unreadable at sample {offset}: {err}") from err
+            if end is not None and len(data) < end - start:
+                raise ShardReadError(f"{path}: truncated in sample {offset} (byte {start + len(data)} of {end})")
+            yield offset, _sample_from_bytes(data, f"{path}: sample {offset} at byte {start}", end is None)
+
+
+def _sample_from_bytes(data: bytes, where: str, to_end: bool) -> dict[str, bytes]:
+    """One sample's ``{ext: bytes, "__key__": key}`` from the bytes of its members, headers included:
+    exactly whole members, or (``to_end``: a shard's last sample) members up to the end-of-archive block."""
+    members: list[tuple[str, bytes]] = []
+    position, closed = 0, False
+    try:
+        while position + tarfile.BLOCKSIZE <= len(data):
+            header = data[position : position + tarfile.BLOCKSIZE]
+            if header == _ZERO_BLOCK:  # the end-of-archive blocks after a shard's last sample
+                closed = True
+                break
+            info = tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
+            if info.type in _MULTI_HEADER:
+                members, closed = _members_by_tarfile(data), True
+                break
+            body = position + tarfile.BLOCKSIZE
+            if body + info.size > len(data):
+                raise ShardReadError(f"{where}: truncated in member {info.name!r}")
+            if info.isfile():
+                members.append((info.name, data[body : body + info.size]))
+            position = body + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    except tarfile.TarError as err:
+        raise ShardReadError(
+            f"{where}: not a tar member header there ({err}); was the shard rewritten after its index?"
+        ) from err
+    if to_end and not closed:
+        raise ShardReadError(f"{where}: truncated (the shard ends without its end-of-archive block)")
+    if not to_end and not closed and position != len(data):
+        raise ShardReadError(
+            f"{where}: the sample's recorded bytes do not end at a member boundary; was the shard rewritten after its index?"
+        )
+    sample: dict[str, bytes] = {}
+    for name, payload in members:
+        key, ext = base_plus_ext(name)
+        if key is None:
+            continue
+        if sample.setdefault("__key__", key) != key:
+            raise ShardReadError(
+                f"{where}: holds members of samples {sample['__key__']!r} and {key!r}; "
+                "was the shard rewritten after its index?"
+            )
+        sample[ext] = payload
+    if not sample:
+        raise ShardReadError(f"{where}: no sample member there; was the shard rewritten after its index?")
+    return sample
+
+
+def _members_by_tarfile(data: bytes) -> list[tuple[str, bytes]]:
+    import io
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]  # type: ignore[union-attr]

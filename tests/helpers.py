@@ -7,10 +7,12 @@ from here and from no other test module; fixtures live in ``conftest.py``.
   exported ``module_state``, ``kill_tree`` and ``wait_for_step``;
 - ``probe``: a run under ``tests/sync_probe.py`` (host syncs and collectives counted);
 - ``idx_folder``: MNIST-style IDX files;
+- ``edit_shard``: damage a written shard's samples as if the writer had written them so;
 - ``reference_toe``: Token Expansion as a per-sample float64 loop of Eq. 2-7 (TOE_SPEC "The op").
 """
 
 import gzip
+import io
 import json
 import os
 import signal
@@ -18,8 +20,10 @@ import socket
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -167,6 +171,33 @@ def write_idx(path, array: np.ndarray, compress: bool) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     raw = header + array.astype(np.uint8).tobytes()
     path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def edit_shard(tar_path: Path, edit: Callable[[int, str, bytes], Optional[bytes]]) -> list[str]:
+    """Rewrite a written shard's members through ``edit(sample position in the shard, ext, bytes)`` (None
+    drops the member) and record the rewritten shard's byte offsets in its ``shards.json``, as if the
+    writer had written the edited samples (a shard changed after its index is refused by name instead:
+    ``tests/test_shard_reader.py``). Returns the shard's sample keys in order."""
+    from data.write_shards import sample_offsets
+
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]  # type: ignore[union-attr]
+    keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m, _ in members))
+    with tarfile.open(tar_path, "w") as tar:
+        for member, data in members:
+            key, ext = member.name.split(".", 1)
+            edited = edit(keys.index(key), ext, data)
+            if edited is not None:
+                member.size = len(edited)
+                tar.addfile(member, io.BytesIO(edited))
+    index = tar_path.parent / "shards.json"
+    meta = json.loads(index.read_text())
+    for split in meta["splits"].values():
+        for entry in split["shards"]:
+            if entry["name"] == tar_path.name and "offsets" in entry:
+                entry["offsets"], entry["bytes"] = sample_offsets(str(tar_path))
+    index.write_text(json.dumps(meta))
+    return keys
 
 
 def idx_folder(root, train=12, val=6, compress=True):

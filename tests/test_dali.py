@@ -17,6 +17,8 @@ from data import write_shards
 from data.dali import IDENTITY, RAND_OPS, DaliCodec, check_dali_options, dali_available
 from data.stream import _decode_seeded, _sample_seed, build_eval_stream, build_train_stream
 
+from helpers import edit_shard
+
 pytestmark = pytest.mark.skipif(
     not dali_available(), reason="NVIDIA DALI is not installed (pip install -r requirements-dali.txt; install.sh does it)"
 )
@@ -235,21 +237,18 @@ def bad_shards(src: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     for item in src.iterdir():
         (out / item.name).write_bytes(item.read_bytes())
     tar_path = sorted(out.glob("train-*.tar"))[1]
-    with tarfile.open(tar_path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar]
-    keys = list(dict.fromkeys(m.name.split(".")[0] for m, _ in members))
-    broken = {keys[1]: "truncated", keys[4]: "garbage", keys[7]: "unlabelled"}
-    with tarfile.open(tar_path, "w") as tar:
-        for member, data in members:
-            key, ext = member.name.split(".", 1)
-            if broken.get(key) == "truncated" and ext == "jpg":
-                data = data[: len(data) * 4 // 5]  # past the header, short of the end
-            if broken.get(key) == "garbage" and ext == "jpg":
-                data = b"\xff\xd8\xff" + bytes(range(256)) * 4
-            if broken.get(key) == "unlabelled" and ext == "cls":
-                continue
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
+    kinds = {1: "truncated", 4: "garbage", 7: "unlabelled"}
+
+    def damage(position: int, ext: str, data: bytes):
+        kind = kinds.get(position)
+        if kind == "truncated" and ext == "jpg":
+            return data[: len(data) * 4 // 5]  # past the header, short of the end
+        if kind == "garbage" and ext == "jpg":
+            return b"\xff\xd8\xff" + bytes(range(256)) * 4
+        return None if kind == "unlabelled" and ext == "cls" else data
+
+    keys = edit_shard(tar_path, damage)
+    broken = {keys[position]: kind for position, kind in kinds.items()}
     return out, broken
 
 

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from data.shards import ShardIndex, check_key, read_samples
 from data.stream import INLINE_BYTES, build_eval_stream, build_train_stream, inline_small_tensors
 from data.transforms import StepMixup
 
-from helpers import free_port
+from helpers import edit_shard, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "stream_job.py"
@@ -355,20 +354,14 @@ def corrupt_shards(tmp_path: Path) -> tuple[Path, str, str]:
     and the last shard is truncated; returns the folder and those two samples' keys."""
     out = synthetic_shards(tmp_path / "bad", train=40, val=0, shard_size=10)
     tar_path = out / "train-000001.tar"  # positions 10..19
-    members = []
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            members.append((member, tar.extractfile(member).read()))
-    keys = list(dict.fromkeys(member.name.split(".")[0] for member, _ in members))  # in shard order
+
+    def damage(position: int, ext: str, data: bytes):
+        if position == 13 - 10 and ext == "png":
+            return b"\x89PNG broken"
+        return None if position == 17 - 10 and ext == "cls" else data
+
+    keys = edit_shard(tar_path, damage)
     broken, unlabelled = keys[13 - 10], keys[17 - 10]
-    with tarfile.open(tar_path, "w") as tar:
-        for member, data in members:
-            if member.name == f"{broken}.png":
-                data = b"\x89PNG broken"
-            if member.name == f"{unlabelled}.cls":
-                continue
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
     last = out / "train-000003.tar"
     last.write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])  # truncated mid-shard
     return out, broken, unlabelled

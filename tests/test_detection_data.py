@@ -2,7 +2,6 @@
 
 import io
 import json
-import tarfile
 from collections import Counter
 
 import pytest
@@ -18,6 +17,8 @@ from data.detection import (
     resized_size,
 )
 from data.shards import ShardIndex, read_samples
+
+from helpers import edit_shard
 
 SIZES = dict(scales=[48, 64, 80], max_size=120, crop_scales=[48, 64], crop_size=(32, 60), pad_multiple=8)
 
@@ -114,19 +115,15 @@ def test_bad_boxes_are_skipped_and_counted(shards, tmp_path):
         )
         == 0
     )  # position = index
-    tar_path = out / "train-000000.tar"
-    with tarfile.open(tar_path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar]
-    with tarfile.open(tar_path, "w") as tar:
-        for member, data in members:
-            if member.name == "train_00000003.json":
-                meta = json.loads(data)
-                meta["boxes"][0] = [30, 30, 10, 10]  # x1 < x0
-                data = json.dumps(meta).encode()
-            if member.name == "train_00000005.json":
-                continue
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
+
+    def damage(position: int, ext: str, data: bytes):
+        if position == 3 and ext == "json":
+            meta = json.loads(data)
+            meta["boxes"][0] = [30, 30, 10, 10]  # x1 < x0
+            return json.dumps(meta).encode()
+        return None if position == 5 and ext == "json" else data
+
+    assert edit_shard(out / "train-000000.tar", damage)[3] == "train_00000003"
     stream = build_detection_stream(str(out), train=True, batch_size=4, num_workers=0, buffer_size=4, **SIZES)
     batches = list(stream)
     assert len(batches) == 4

@@ -3,14 +3,12 @@ checkpoints with fall-back, exit codes wrappers can trust, validation that names
 bad samples counted once. Real processes, real DeepSpeed engines (gloo), real checkpoints."""
 
 import dataclasses
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import typing
 from pathlib import Path
@@ -26,7 +24,7 @@ from launcher.checkpoint import MANIFEST, Checkpointer, CheckpointError, ResumeP
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.runlock import RunLock, RunLockedError
 
-from helpers import TINY, finish, finish_all, free_port, kill_tree, module_state, start, wait_for_step
+from helpers import TINY, edit_shard, finish, finish_all, free_port, kill_tree, module_state, start, wait_for_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/deit_tiny_toe_cpu.yaml"
@@ -187,19 +185,13 @@ def test_counters_count_each_bad_sample_once_whichever_pass_meets_it(tmp_path):
         )
         == 0
     )
-    tar_path = out / "train-000000.tar"
-    with tarfile.open(tar_path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar]
-    keys = list(dict.fromkeys(m.name.split(".")[0] for m, _ in members))
-    with tarfile.open(tar_path, "w") as tar:
-        for member, data in members:
-            key, ext = member.name.split(".", 1)
-            if key == keys[0] and ext != "cls":
-                data = b"\x89PNG broken"
-            if key in keys[1:3] and ext == "cls":
-                data = b"not a label"
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
+
+    def damage(position: int, ext: str, data: bytes):
+        if position == 0 and ext != "cls":
+            return b"\x89PNG broken"
+        return b"not a label" if position in (1, 2) and ext == "cls" else data
+
+    edit_shard(out / "train-000000.tar", damage)
     stream = build_train_stream(
         str(out), batch_size=4, num_workers=0, seed=0, image_size=16, buffer_size=0, auto_augment=None, re_prob=0.0
     )

@@ -30,6 +30,8 @@ from methods.token_labelling import (
     token_label_loss,
 )
 
+from helpers import edit_shard
+
 TINY = dict(num_classes=10, img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=2, stem_width=8)
 
 
@@ -379,19 +381,12 @@ def test_stream_reads_maps_and_resumes_bit_identically(labelled_shards):
 
 def test_a_sample_without_maps_is_skipped_and_counted(labelled_shards, tmp_path):
     import shutil
-    import tarfile
 
-    source = labelled_shards / "oracle"
-    shutil.copytree(source, tmp_path / "holed")
-    shard = tmp_path / "holed" / "train-000000.tar"
-    with tarfile.open(source / "train-000000.tar") as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    victim = members[0][0].name.split(".")[0]
-    with tarfile.open(shard, "w") as tar:
-        for member, data in members:
-            if member.name.startswith(victim + ".") and member.name.endswith("tlv.npy"):
-                continue
-            tar.addfile(member, io.BytesIO(data))
+    shutil.copytree(labelled_shards / "oracle", tmp_path / "holed")
+    edit_shard(
+        tmp_path / "holed" / "train-000000.tar",
+        lambda position, ext, data: None if position == 0 and ext.endswith("tlv.npy") else data,
+    )
     stream = _stream(tmp_path / "holed")
     batches = list(stream)
     assert stream.counters["missing_token_label"] == 1 and len(batches) == 8
