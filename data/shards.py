@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tarfile
 from collections import Counter
@@ -46,6 +47,7 @@ __all__ = [
     "read_samples",
     "ShardReadError",
     "ShardLostError",
+    "StaleOffsetsError",
 ]
 
 INDEX_NAME = "shards.json"
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
 _ORDER_WARNED: set = set()  # (index root, split) already warned about in this process
+_STALE_WARNED: set = set()  # first shard URL of each split already warned about stale offsets in this process
 
 
 def check_key(key: str) -> str:
@@ -84,6 +87,7 @@ class SplitIndex:
     counts: np.ndarray  # samples per shard
     starts: np.ndarray  # global position of each shard's first sample
     byte_starts: Optional[np.ndarray] = None  # per global position: byte offset of the sample in its tar
+    sizes: Optional[np.ndarray] = None  # per shard: its size in bytes when the index was written (with byte_starts)
     remote: Optional[RemoteOptions] = None  # how remote shards are read (None: webdataset's gopen)
 
     @property
@@ -107,12 +111,35 @@ class SplitIndex:
         url = self.urls[shard]
         path = local_path(url)
         if path is not None and self.byte_starts is not None and len(offsets):
-            base, count = int(self.starts[shard]), int(self.counts[shard])
-            ends = [int(self.byte_starts[base + o + 1]) if o + 1 < count else None for o in offsets]
-            return read_indexed(path, offsets, [int(self.byte_starts[base + o]) for o in offsets], ends)
+            return self._read_indexed(shard, path, offsets)
         if self.remote is None or not is_remote(url) or not len(offsets):
             return read_samples(url, offsets)
         return read_samples(url, offsets, opener=lambda: self._open_remote(shard, offsets, counters))
+
+    def _read_indexed(self, shard: int, path: str, offsets: Sequence[int]) -> Iterator[tuple[int, dict[str, bytes]]]:
+        """``read_indexed`` at the recorded offsets. A shard whose size or bytes are not what the index
+        recorded (an index older than its shard: shards labelled by ``launcher.label`` before it recorded
+        the grown samples' offsets, a shard rewritten or cut) is read through ``tarfile`` from its start
+        instead, as with an index without offsets: the same samples, or the same ``ShardReadError`` after
+        what is readable. One warning per split and process."""
+        base, count = int(self.starts[shard]), int(self.counts[shard])
+        starts = [int(self.byte_starts[base + o]) for o in offsets]  # type: ignore[index]
+        ends = [int(self.byte_starts[base + o + 1]) if o + 1 < count else None for o in offsets]  # type: ignore[index]
+        size = int(self.sizes[shard]) if self.sizes is not None else None
+        given = 0
+        try:
+            for item in read_indexed(path, offsets, starts, ends, size):
+                yield item
+                given += 1
+        except StaleOffsetsError as err:
+            if self.urls[0] not in _STALE_WARNED:
+                _STALE_WARNED.add(self.urls[0])
+                log.warning(
+                    "%s; reading such shards of this split through tarfile from their start (same samples, more "
+                    "CPU per sample). Writing the index again (data.write_shards, launcher.label) records the offsets",
+                    err,
+                )
+            yield from read_samples(self.urls[shard], offsets[given:])
 
     def _open_remote(self, shard: int, offsets: Sequence[int], counters: Optional[Counter]):
         """``(file object, samples before its first byte, seekable)`` for a remote shard."""
@@ -221,10 +248,12 @@ class ShardIndex:
         shards = self.meta["splits"][name]["shards"]
         counts = np.asarray([s["samples"] for s in shards], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        byte_starts = None  # recorded by the writers since issue 26; ranged reads need every shard's
+        byte_starts = sizes = None  # recorded by the writers since issue 26; ranged reads need every shard's
         if all("offsets" in s for s in shards):
             byte_starts = np.concatenate([np.asarray(s["offsets"], np.int64) for s in shards])
-        return SplitIndex(tuple(f"{self.base}/{s['name']}" for s in shards), counts, starts, byte_starts, self.remote)
+            sizes = np.asarray([s["bytes"] for s in shards], np.int64)
+        urls = tuple(f"{self.base}/{s['name']}" for s in shards)
+        return SplitIndex(urls, counts, starts, byte_starts=byte_starts, sizes=sizes, remote=self.remote)
 
     @property
     def shuffled(self) -> Optional[bool]:
@@ -327,6 +356,10 @@ class ShardReadError(RuntimeError):
     """A shard could not be read to the end (missing, truncated, not a tar)."""
 
 
+class StaleOffsetsError(ShardReadError):
+    """The bytes at a sample's recorded offset are not that sample's members: the index is older than the shard."""
+
+
 class ShardLostError(ShardReadError):
     """A remote shard whose reads kept failing (network, server) through every retry: lost to an
     outage rather than bad data; the stream stops the job when too many are (``data.max_lost_share``)."""
@@ -409,7 +442,7 @@ _MULTI_HEADER = (
 
 
 def read_indexed(
-    path: str, offsets: Sequence[int], starts: Sequence[int], ends: Sequence[Optional[int]]
+    path: str, offsets: Sequence[int], starts: Sequence[int], ends: Sequence[Optional[int]], size: Optional[int] = None
 ) -> Iterator[tuple[int, dict[str, bytes]]]:
     """``read_samples`` of a local shard whose index recorded each sample's byte offset at write time:
     one seek and one read per wanted sample (``starts[i]`` to ``ends[i]``, None: to the end of the
@@ -418,12 +451,17 @@ def read_indexed(
     sample and builds a member and a file object per member; ``bench/data_throughput.py`` prints both
     readers' CPU per sample). A sample with a pax / GNU long-name header goes through ``tarfile`` on
     its bytes. Raises ``ShardReadError`` (after yielding what was readable) when the file is missing
-    or truncated, or its bytes are not the samples the index says (a shard rewritten after its index)."""
+    or truncated; ``StaleOffsetsError`` (a ``ShardReadError``) when its size is not ``size`` (the size the
+    index recorded; None: unchecked) or its bytes are not the samples the index says (an index older than
+    the shard; ``SplitIndex.read`` then reads it through ``tarfile``)."""
     try:
         stream = open(path, "rb")
     except OSError as err:
         raise ShardReadError(f"{path}: cannot open: {err}") from err
     with stream:
+        actual = os.fstat(stream.fileno()).st_size
+        if size is not None and actual != size:
+            raise StaleOffsetsError(f"{path} holds {actual} bytes, its index recorded {size}")
         for offset, start, end in zip(offsets, starts, ends):
             try:
                 stream.seek(start)
@@ -451,20 +489,22 @@ def _sample_from_bytes(data: bytes, where: str, to_end: bool) -> dict[str, bytes
                 members, closed = _members_by_tarfile(data), True
                 break
             body = position + tarfile.BLOCKSIZE
-            if body + info.size > len(data):
-                raise ShardReadError(f"{where}: truncated in member {info.name!r}")
+            if body + info.size > len(data):  # past the end of the file, or (stale) past the next sample's start
+                if to_end:
+                    raise ShardReadError(f"{where}: truncated in member {info.name!r}")
+                raise StaleOffsetsError(f"{where}: member {info.name!r} runs past the sample's recorded end")
             if info.isfile():
                 members.append((info.name, data[body : body + info.size]))
             position = body + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     except tarfile.TarError as err:
-        raise ShardReadError(
-            f"{where}: not a tar member header there ({err}); was the shard rewritten after its index?"
+        raise StaleOffsetsError(
+            f"{where}: not a tar member header there ({err}): the index is older than the shard"
         ) from err
     if to_end and not closed:
         raise ShardReadError(f"{where}: truncated (the shard ends without its end-of-archive block)")
     if not to_end and not closed and position != len(data):
-        raise ShardReadError(
-            f"{where}: the sample's recorded bytes do not end at a member boundary; was the shard rewritten after its index?"
+        raise StaleOffsetsError(
+            f"{where}: the recorded bytes do not end at a member boundary: the index is older than the shard"
         )
     sample: dict[str, bytes] = {}
     for name, payload in members:
@@ -472,13 +512,12 @@ def _sample_from_bytes(data: bytes, where: str, to_end: bool) -> dict[str, bytes
         if key is None:
             continue
         if sample.setdefault("__key__", key) != key:
-            raise ShardReadError(
-                f"{where}: holds members of samples {sample['__key__']!r} and {key!r}; "
-                "was the shard rewritten after its index?"
+            raise StaleOffsetsError(
+                f"{where}: holds members of samples {sample['__key__']!r} and {key!r}: the index is older than the shard"
             )
         sample[ext] = payload
     if not sample:
-        raise ShardReadError(f"{where}: no sample member there; was the shard rewritten after its index?")
+        raise StaleOffsetsError(f"{where}: no sample member there: the index is older than the shard")
     return sample
 
 

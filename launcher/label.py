@@ -112,6 +112,7 @@ def label_shards(
     from data.samples import SkipSample, read_label
     from data.shards import INDEX_NAME, ShardIndex
     from data.token_labels import encode_maps
+    from data.write_shards import sample_offsets
 
     index = ShardIndex.load(shards)
     chosen = index.splits if splits is None else splits
@@ -123,8 +124,9 @@ def label_shards(
         raise FileExistsError(f"{target} already holds shards; choose an empty directory or pass --overwrite")
     target.mkdir(parents=True, exist_ok=True)
     hits, counted = 0, 0
+    meta = json.loads(json.dumps(index.meta))  # a deep copy: the labelled shards' entries change below
     for split in index.splits:
-        entries = index.meta["splits"][split]["shards"]
+        entries = meta["splits"][split]["shards"]
         for entry, url in zip(entries, index.split(split).urls):
             if split not in chosen:
                 shutil.copyfile(url, target / entry["name"])
@@ -143,12 +145,13 @@ def label_shards(
                 hits += int(_map_class(logits, ids) == label)
                 counted += 1
             _write(target / entry["name"], labelled)
+            if "offsets" in entry:  # the samples grew by their maps: record where each one now starts
+                entry["offsets"], entry["bytes"] = sample_offsets(str(target / entry["name"]))
         log.info("%s: %s", split, "labelled" if split in chosen else "copied unlabelled")
     for name in [index.meta.get("classes", "classes.json")] + [p.name for p in Path(index.root).glob("*_coco.json")]:
         if (Path(index.root) / name).is_file():
             shutil.copyfile(Path(index.root) / name, target / name)
     accuracy = hits / counted if counted else None
-    meta = dict(index.meta)
     meta["token_labels"] = {**block, "splits": list(chosen), "map_top1": accuracy}
     (target / INDEX_NAME).write_text(json.dumps(meta, indent=1))
     if accuracy is not None:
@@ -208,6 +211,60 @@ def oracle(shards: str, grid: int, k: int) -> tuple[Callable, dict]:
     return maps, index_block("oracle", size, k, grid, grid)
 
 
+def teacher_top1(source: str) -> Optional[float]:
+    """The teacher run's final top-1 (its ``final.json``), None when it has none."""
+    from .checkpoint import find_resume_point
+
+    point = find_resume_point(Path(source))
+    final = point.folder.parent.parent / "final.json" if point is not None else None
+    if final is None or not final.is_file():
+        return None
+    top1 = json.loads(final.read_text()).get("top1")
+    return float(top1) if isinstance(top1, (int, float)) else None
+
+
+def map_warning(map_top1: Optional[float], top1: Optional[float], tolerance: float = 0.05) -> Optional[str]:
+    """A warning when the maps' pooled class (what a student's class target becomes) is right clearly less
+    often than the teacher itself: the student learns the maps, not the teacher's prediction."""
+    if map_top1 is None or top1 is None or map_top1 >= top1 - tolerance:
+        return None
+    return (
+        f"the maps' pooled class names the label for {map_top1:.1%} of the images, the teacher itself is right on "
+        f"{top1:.1%} (its final top-1): token labelling's class target is the pooled map, so a student learns the "
+        f"{map_top1:.1%}. The mean of a ViT's per-token head outputs is its prediction only if it was trained on "
+        f"that mean (global average pooling) or on dense labels; an LV-ViT trained without token labelling learns "
+        f"its aux head only through the max over tokens (docs/methods/lvvit.md, 'Teachers')"
+    )
+
+
+def label_maps(shards: str, grid: int, k: int) -> tuple[Callable, dict]:
+    """Maps made of each sample's own class label: every cell's top class is the label at ``ORACLE_LOGIT``
+    (``data.token_labels.oracle_maps`` with the object covering the whole image), the rest flat. A
+    teacher that is always right and says nothing about where the object is: the control that tells
+    token labelling's own cost (MixToken, the dense loss) from what a real teacher's maps give or take."""
+    from data.samples import SkipSample, read_label
+    from data.shards import ShardIndex
+    from data.token_labels import index_block, oracle_maps
+
+    classes = len(ShardIndex.load(shards).classes())
+    if not classes:
+        raise ValueError(f"--labels needs the class names of {shards} (classes.json): the maps have one class per entry")
+    if k > classes:
+        raise ValueError(f"--k {k} is more than the {classes} classes of {shards}")
+    whole = np.ones((grid, grid), bool)
+
+    def maps(samples: list[dict]) -> list:
+        out = []
+        for sample in samples:
+            try:
+                out.append(oracle_maps(whole, read_label(sample, classes), classes, grid, k))
+            except SkipSample as skip:
+                raise ValueError(f"sample {sample.get('__key__')}: {skip}: it has no class to label it with") from None
+        return out
+
+    return maps, index_block("labels", grid, k, grid, grid)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(
@@ -216,18 +273,27 @@ def main(argv=None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--teacher", help="a run folder or checkpoint folder of this engine")
     source.add_argument("--oracle", action="store_true", help="exact maps for the embedded synthetic shapes")
+    source.add_argument("--labels", action="store_true", help="maps of each sample's own class label (a control)")
     parser.add_argument("--shards", required=True, help="the shard directory to label")
     parser.add_argument("--out", required=True, help="the new shard directory")
     parser.add_argument("--k", type=int, default=5, help="classes kept per map cell (generate_label.py: 5)")
-    parser.add_argument("--grid", type=int, default=16, help="--oracle: map cells per side")
+    parser.add_argument("--grid", type=int, default=16, help="--oracle / --labels: map cells per side")
     parser.add_argument("--splits", nargs="*", help="splits to label (default all; the others are copied)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if args.k < 1 or args.grid < 1:
         parser.error("--k and --grid must be >= 1")
     try:
-        maps, block = oracle(args.shards, args.grid, args.k) if args.oracle else teacher_maps(args.teacher, args.k)
-        label_shards(args.shards, args.out, maps, block, splits=args.splits, overwrite=args.overwrite)
+        if args.oracle:
+            maps, block = oracle(args.shards, args.grid, args.k)
+        elif args.labels:
+            maps, block = label_maps(args.shards, args.grid, args.k)
+        else:
+            maps, block = teacher_maps(args.teacher, args.k)
+        meta = label_shards(args.shards, args.out, maps, block, splits=args.splits, overwrite=args.overwrite)
+        warning = map_warning(meta["token_labels"]["map_top1"], teacher_top1(args.teacher)) if args.teacher else None
+        if warning:
+            log.warning("%s", warning)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         log.error("%s", err)
         return 2

@@ -332,7 +332,36 @@ def test_label_job_oracle_equals_the_writer(labelled_shards):
     assert {k: v for k, v in made["token_labels"].items() if k not in ("splits", "map_top1")} == written["token_labels"]
     for shard in written["splits"]["train"]["shards"]:
         assert (out / shard["name"]).read_bytes() == (labelled_shards / "oracle" / shard["name"]).read_bytes()
+    assert made["splits"] == written["splits"], "the labelled shards' byte offsets are recorded anew"
     assert label.main(["--oracle", "--shards", str(labelled_shards / "plain"), "--out", str(out)]) == 2  # exists
+
+
+def test_label_job_warns_when_the_maps_are_worse_than_their_teacher():
+    from launcher.label import map_warning
+
+    message = map_warning(0.5044, 0.8642)  # the Fashion-MNIST LV-ViT teacher of issue 27
+    assert message is not None and "50.4%" in message and "86.4%" in message
+    assert map_warning(0.85, 0.8642) is None and map_warning(None, 0.9) is None and map_warning(0.5, None) is None
+
+
+def test_label_job_from_the_labels_gives_every_cell_the_class(labelled_shards):
+    from data.shards import ShardIndex
+    from data.token_labels import ORACLE_LOGIT, decode_maps
+    from launcher import label
+
+    out = labelled_shards / "labels"
+    args = ["--labels", "--shards", str(labelled_shards / "plain"), "--out", str(out), "--grid", "8", "--k", "3"]
+    assert label.main(args) == 0
+    meta = json.loads((out / "shards.json").read_text())
+    assert meta["token_labels"]["teacher"] == "labels" and meta["token_labels"]["map_top1"] == 1.0
+    split = ShardIndex.load(str(out)).split("train")
+    for shard, count in enumerate(split.counts):
+        for _, sample in split.read(shard, list(range(int(count)))):  # the indexed reader, at the new offsets
+            logits, ids = decode_maps(sample)
+            assert logits.shape == ids.shape == (3, 8, 8)
+            assert (ids[0] == int(sample["cls"])).all() and np.allclose(logits[0], ORACLE_LOGIT)
+            assert (logits[1:] == 0).all()
+    assert _stream(out).__len__() == 8
 
 
 def _stream(path, **options):
