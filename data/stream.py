@@ -28,9 +28,13 @@ Guarantees (``data/plan.py`` has the arithmetic):
 from __future__ import annotations
 
 import atexit
+import ctypes
+import functools
 import logging
+import os
 import random
 import signal
+import sys
 import weakref
 from collections import Counter
 from typing import Any, Callable, Iterator, Optional
@@ -118,12 +122,28 @@ def inline_small_tensors(value: Any) -> Any:
     return value
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _worker_init(parent: int, worker_id: int) -> None:
     """DataLoader workers leave SIGTERM / SIGUSR1 to the training process, which checkpoints and then
     ends them; a job-wide signal (scancel, a preemption) would otherwise kill a worker mid-batch and
-    take the rank down before it can save. Workers still exit when their parent dies."""
+    take the rank down before it can save.
+
+    And they die with their parent (Linux): a rank killed by SIGKILL (the OOM killer, a launcher's
+    escalation, a failed peer under ``torch.distributed`` elastic) cannot end its workers, and torch's
+    worker, on noticing its parent gone, exits by joining its queue's feeder thread, which waits
+    forever on a pipe nobody reads: the worker would hold its memory until someone kills it. The
+    kernel sends the signal when the thread that forked the worker ends, so streams are iterated on
+    the main thread only; ``parent`` closes the race of a parent that died before the request."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("workers will not end with a killed rank: prctl failed (errno %d)", ctypes.get_errno())
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 _LIVE_LOADERS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators with workers, not yet finished
@@ -545,7 +565,7 @@ class ShardStream:
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             persistent_workers=False,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=functools.partial(_worker_init, os.getpid()),
             generator=torch.Generator(),
         )  # leave the global RNG alone
         batches_iter = iter(loader)

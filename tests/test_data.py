@@ -3,8 +3,10 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -449,6 +451,7 @@ def test_step_mixup_is_a_function_of_the_step():
 
 FAILING_RUN = """
 import sys
+import time
 from data.stream import build_train_stream
 stream = build_train_stream(sys.argv[1], batch_size=4, num_workers=2, seed=0, image_size=32, buffer_size=8)
 if sys.argv[2] == "worker":
@@ -478,3 +481,47 @@ def test_a_failure_ends_the_process_instead_of_hanging_on_its_workers(shards, wh
         cwd=Path(__file__).resolve().parents[1],
     )
     assert run.returncode == 1 and message in run.stderr, run.stderr[-2000:]
+
+
+HELD_RUN = """
+import sys, time
+from data.stream import build_train_stream
+stream = build_train_stream(sys.argv[1], batch_size=4, num_workers=2, seed=0, image_size=32, buffer_size=8)
+batches = iter(stream)
+next(batches)
+import data.stream
+print(" ".join(str(w.pid) for it in data.stream._LIVE_LOADERS for w in it._workers), flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")  # a zombie is gone
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_workers_end_when_their_rank_is_killed(shards):
+    """SIGKILL leaves a rank no chance to end its workers; the kernel does it for them (they ignore
+    SIGTERM, and torch's worker, on noticing its parent gone, waits forever on its queue's feeder)."""
+    run = subprocess.Popen(
+        [sys.executable, "-c", HELD_RUN, str(shards)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        workers = [int(p) for p in run.stdout.readline().split()]
+        assert len(workers) == 2 and not any(_gone(p) for p in workers)
+    finally:
+        run.kill()
+        run.wait()
+    deadline = time.monotonic() + 20
+    while not all(_gone(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in workers if not _gone(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their killed rank"
