@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DistEnv", "discover", "init_distributed", "abort_and_exit"]
+__all__ = ["DistEnv", "discover", "init_distributed", "abort_and_exit", "exit_process"]
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,6 @@ def abort_and_exit(code: int) -> None:
     sockets close with the process. ``os._exit`` skips interpreter clean-up on purpose: atexit
     handlers and ``finally`` blocks of other frames may run collectives or join processes (the
     DataLoader's workers notice their parent is gone and end by themselves; ours are killed here)."""
-    import logging
-
     import torch.distributed as dist
 
     try:
@@ -122,6 +120,23 @@ def abort_and_exit(code: int) -> None:
         _end_live_workers()
     except Exception:  # noqa: BLE001
         pass
+    exit_process(code)
+
+
+def exit_process(code: int) -> None:
+    """Leave the process with ``code`` once the logs and standard streams are out, skipping the
+    interpreter's finalization.
+
+    A finished rank is not safe to finalize: gloo's worker threads outlive ``destroy_process_group``
+    (DeepSpeed keeps its groups), and one still destroying a finished collective's work (a barrier
+    ends by dropping the all-gathers before it) decrefs Python tensors; during finalization taking
+    the GIL ends that thread with ``pthread_exit``, whose unwinding through a ``noexcept`` frame calls
+    ``std::terminate``: SIGABRT, exit 134 after a successful run (seen in this suite, 1 run in ~15:
+    ``ProcessGroupGloo::runLoop`` > ``~AsyncBarrierWork`` > ``~AsyncAllgatherWork`` >
+    ``decref_pyobject`` > ``take_gil`` > ``PyThread_exit_thread``). Files the run wrote are closed by
+    then; atexit handlers do not run (ours only end DataLoader workers, which die with the process)."""
+    import logging
+
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -68,7 +68,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -671,4 +670,6 @@ class Trainer:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.distributed import exit_process
+
+    exit_process(main())

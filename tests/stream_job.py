@@ -89,4 +89,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from launcher.distributed import exit_process
+
     main()
+    exit_process(0)  # as launcher.train ends: no finalization racing gloo's threads

@@ -173,4 +173,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.distributed import exit_process
+
+    exit_process(main())  # as launcher.train ends: no finalization racing gloo's threads

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher.config import ConfigError, load_config
+from launcher.distributed import exit_process
 from methods import MethodContext, build_stack
 from methods.budgeted import (
     BudgetedConfig,
@@ -441,6 +442,7 @@ def _growth_worker(rank, port, out):
         Path(out).write_text(json.dumps(checked))
     dist.barrier()
     dist.destroy_process_group()
+    exit_process(0)  # a rank that finished: no finalization racing gloo's threads (launcher.distributed)
 
 
 @pytest.mark.slow

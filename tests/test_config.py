@@ -83,6 +83,8 @@ for name, ds in json.loads(sys.argv[2]).items():
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=ds)
     out[name] = engine.gradient_clipping()
 print("CLIPPING", json.dumps(out))
+from launcher.distributed import exit_process
+exit_process(0)  # as launcher.train ends
 """
 
 

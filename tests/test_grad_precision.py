@@ -87,6 +87,8 @@ for name, ds in json.loads(sys.argv[2]).items():
     out[name] = {"optimizer": type(engine.optimizer).__name__, "accum": str(engine.get_data_types()[1]),
                  "comm": str(engine.communication_data_type), "master": float(master[0].flatten()[0])}
 print("ENGINE", json.dumps(out))
+from launcher.distributed import exit_process
+exit_process(0)  # as launcher.train ends
 """
 
 

@@ -346,3 +346,23 @@ def test_recipe_changes_read_an_older_run_folder_by_what_its_absent_options_mean
     assert recipe_changes(older, yaml.safe_load(resolved(load_config(str(RECIPE), ["methods.toe.counting=rates"])))) == []
     changed = yaml.safe_load(resolved(load_config(str(RECIPE), ["train.seed=3", "train.log_every=7"])))
     assert [key for key, _, _ in recipe_changes(current, changed)] == ["train.log_every", "train.seed"]
+
+
+EXITING = """
+import atexit, logging, sys
+from launcher.distributed import exit_process
+atexit.register(print, "atexit ran")
+logging.basicConfig(stream=sys.stderr)
+logging.getLogger("run").warning("the last log line")
+print("the last result", end="")
+exit_process(3)
+"""
+
+
+def test_a_finished_rank_exits_with_its_code_after_its_output_without_finalizing():
+    """launcher.train's way out (launcher.distributed.exit_process): the code, every buffered line,
+    and no interpreter finalization (where gloo's worker threads can abort a finished rank)."""
+    done = subprocess.run([sys.executable, "-c", EXITING], capture_output=True, text=True, timeout=60, cwd=ROOT, env=ENV)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stdout == "the last result" and "the last log line" in done.stderr
+    assert "atexit ran" not in done.stdout + done.stderr
