@@ -11,7 +11,7 @@ demo: install  ## install, then run the main job (DeiT-Ti + ToE, DeepSpeed, CPU)
 	$(PY) -m launcher.train --config configs/deit_tiny_toe_cpu.yaml
 
 test: install lint  ## lint, type checks and the whole test suite, CPU only (what CI runs)
-	$(PY) -m pytest tests/ -q
+	$(PY) -m pytest tests/ -q --durations=25  # the slowest 25 at the end: the suite keeps under 35 min on 2 cores
 
 test-fast: install  ## the tests not marked slow: a few minutes, for working
 	$(PY) -m pytest tests/ -q -m "not slow"
