@@ -26,7 +26,6 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -37,20 +36,21 @@ log = logging.getLogger("launcher.label")
 
 
 def load_teacher(source: str) -> tuple[torch.nn.Module, dict]:
-    """The trained model of a run folder or checkpoint folder, in eval mode, and its run's config."""
+    """The trained model of a run folder or checkpoint folder, in eval mode, and its run's config. The
+    checkpoint is chosen, verified and read under the readers' lock (a run still training meanwhile
+    does not rotate it away), as ``launcher.export`` reads it."""
     import yaml
 
-    from .checkpoint import find_resume_point
-    from .export import export, plain_model
+    from .checkpoint import checkpoint_state_dict
+    from .export import plain_model
 
-    point = find_resume_point(Path(source))
-    if point is None:
-        raise FileNotFoundError(f"--teacher {source}: no complete checkpoint there")
+    try:
+        state, point = checkpoint_state_dict(source)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--teacher {source}: {err}") from err
     run_dir = point.folder.parent.parent
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = export(str(point.folder), str(Path(tmp) / "teacher.pth"))
-        model = plain_model(run_dir / "config.yaml")
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    model = plain_model(run_dir / "config.yaml")
+    model.load_state_dict(state, strict=True)
     return model.eval(), yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
