@@ -367,7 +367,7 @@ class Checkpointer:
         tag = f"step-{step}"
         target = self.folder / tag
         if self.rank == 0 and target.exists():  # an incomplete or older save of the same step
-            shutil.rmtree(target)
+            self._replace(target)
         dist.barrier()
         with _naming_write_errors(target):
             self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
@@ -408,6 +408,16 @@ class Checkpointer:
                         f"'latest'; the checkpoint cannot be resumed from"
                     )
         return None
+
+    def _replace(self, target: Path) -> None:
+        """Rank 0: remove ``target`` (a ``step-N`` about to be saved again: an incomplete save, or a run
+        resumed from an older checkpoint reaching the same step) once no reader holds the checkpoints:
+        a reader (launcher.export, launcher.label, a fine-tuning run's ``model.checkpoint``) verifies a
+        checkpoint and then opens its files by name, and would read the new save's files as the old's."""
+        from .runlock import rotation_lock
+
+        with rotation_lock(self.folder, wait=f"replacing {target.name}"):
+            shutil.rmtree(target)
 
     def _prune(self) -> None:
         from .runlock import READERS_LOCK, rotation_lock

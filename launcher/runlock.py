@@ -148,9 +148,10 @@ def checkpoint_readers(folder: Path) -> Iterator[bool]:
 
 
 @contextmanager
-def rotation_lock(folder: Path) -> Iterator[bool]:
-    """Take ``folder/.readers.lock`` exclusively without waiting; yields True when no reader holds it (or
-    locks are not available: rotation then goes on as before), False while a reader does."""
+def rotation_lock(folder: Path, wait: Optional[str] = None) -> Iterator[bool]:
+    """Take ``folder/.readers.lock`` exclusively; yields True when no reader holds it (or locks are not
+    available: rotation then goes on as before), False while a reader does. With ``wait`` (what the
+    caller is about to do, for the log), it waits for the readers instead and yields True."""
     fd = _open_lock_file(Path(folder) / READERS_LOCK, write=True)
     if fd is None:
         yield True
@@ -159,11 +160,14 @@ def rotation_lock(folder: Path) -> Iterator[bool]:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            if err.errno in (errno.EACCES, errno.EAGAIN):
-                yield False
-                return
-            if err.errno not in _NO_LOCKS:
+            if err.errno not in (errno.EACCES, errno.EAGAIN) and err.errno not in _NO_LOCKS:
                 raise
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                if wait is None:
+                    yield False
+                    return
+                log.info("waiting for the readers of %s (%s) to finish before %s", folder, READERS_LOCK, wait)
+                fcntl.lockf(fd, fcntl.LOCK_EX)
         yield True
     finally:
         os.close(fd)

@@ -7,6 +7,7 @@ unreadable shard; per-split sample keys of a pre-split image folder; the tiny LV
 their own token-labelled shards.
 """
 
+import contextlib
 import io
 import json
 import logging
@@ -319,6 +320,24 @@ HOLD = (
 )
 
 
+@contextlib.contextmanager
+def _reader_holding(folder: Path):
+    """A reader of ``folder``'s checkpoints (another process: POSIX locks are per process) holding its lock."""
+    reader = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)],
+        cwd=ROOT,
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout.readline().strip() == "held"
+        yield
+    finally:
+        reader.communicate("", timeout=60)
+
+
 def _fake_checkpoints(folder: Path, steps) -> None:
     for step in steps:
         (folder / f"step-{step}").mkdir(parents=True)
@@ -332,24 +351,37 @@ def test_rotation_leaves_checkpoints_to_a_reader_and_catches_up_after(tmp_path, 
     _fake_checkpoints(folder, [1, 2, 3, 4])
     checkpointer = Checkpointer.__new__(Checkpointer)
     checkpointer.folder, checkpointer.keep = folder, 2
-    reader = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(folder)],
-        cwd=ROOT,
-        env=ENV,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert reader.stdout.readline().strip() == "held"
+    with _reader_holding(folder):
         with caplog.at_level(logging.INFO, logger="launcher.checkpoint"):
             checkpointer._prune()
         assert sorted(p.name for p in folder.glob("step-*")) == ["step-1", "step-2", "step-3", "step-4"]
         assert "checkpoint rotation deferred to the next save: a reader holds" in caplog.text
-    finally:
-        reader.communicate("", timeout=60)
     checkpointer._prune()
     assert sorted(p.name for p in folder.glob("step-*")) == ["step-3", "step-4"]
+
+
+def test_saving_a_step_again_waits_for_the_readers_of_the_old_one(tmp_path, caplog):
+    """A run resumed from an older checkpoint saves step N again: the old step-N goes only after its
+    readers are done (they verify it and then open its files by name: they would read the new ones)."""
+    import threading
+
+    from launcher.checkpoint import Checkpointer
+
+    folder = tmp_path / "checkpoints"
+    _fake_checkpoints(folder, [1, 2])
+    checkpointer = Checkpointer.__new__(Checkpointer)
+    checkpointer.folder = folder
+    with _reader_holding(folder):
+        with caplog.at_level(logging.INFO, logger="launcher.runlock"):
+            replacing = threading.Thread(target=checkpointer._replace, args=(folder / "step-2",))
+            replacing.start()
+            replacing.join(timeout=1.0)
+            assert replacing.is_alive() and (folder / "step-2" / "meta.json").is_file(), "kept while read"
+            assert "waiting for the readers of" in caplog.text and "before replacing step-2" in caplog.text
+    replacing.join(timeout=60)
+    assert not replacing.is_alive() and sorted(p.name for p in folder.glob("step-*")) == ["step-1"]
+    checkpointer._replace(folder / "step-1")  # no reader: at once
+    assert not list(folder.glob("step-*"))
 
 
 @pytest.mark.slow
