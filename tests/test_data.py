@@ -502,6 +502,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_workers_end_when_their_rank_is_killed(shards):
     """SIGKILL leaves a rank no chance to end its workers; the kernel does it for them (they ignore
