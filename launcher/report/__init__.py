@@ -53,7 +53,7 @@ def write_report(runs: list[Run], out, baseline: Optional[Run] = None) -> Path:
     groups = group_runs(runs)
     baseline = baseline or runs[0]
     base_group = next(g for g in groups if any(r is baseline for r in g.runs))
-    plots, notes = write_plots(groups, out)
+    plots, notes = write_plots(groups, out, base_group)
     for note in notes:
         log.warning(note)
     lines = [
@@ -85,6 +85,8 @@ def write_report(runs: list[Run], out, baseline: Optional[Run] = None) -> Path:
         "top1_vs_flops": "Eval top-1 against training FLOPs",
         "ap_vs_wallclock": "Eval AP against wall-clock",
         "ap_vs_flops": "Eval AP against training FLOPs",
+        "top1_vs_speedup": "Final top-1 against speed-up",
+        "ap_vs_speedup": "Final AP against speed-up",
         "loss": "Train loss",
         "kept_tokens": "ToE kept tokens",
         "img_per_s": "Throughput",

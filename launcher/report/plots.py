@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
+from typing import Optional
 
 from .runs import Group, Run
 from .tables import METRIC_TITLES, _breakdown_rows, _phases
@@ -40,6 +41,24 @@ def _time_unit(seconds: float) -> tuple[float, str]:
     return (60.0, "min") if seconds >= 180 else (1.0, "s")
 
 
+def _colours(plt, n: int) -> list:
+    """The default cycle (10 colours), or tab20's 20 when more recipes share a plot."""
+    return list(plt.rcParams["axes.prop_cycle"].by_key()["color"] if n <= 10 else plt.get_cmap("tab20").colors)
+
+
+def _legend(fig, ax, extra: tuple = ()) -> None:
+    """The axes' labelled artists (and ``extra`` handles) inside the axes for a few entries; beside
+    them, on a wider figure, for more (a comparison of every method has 11 recipes: a legend inside
+    would cover the curves)."""
+    handles = ax.get_legend_handles_labels()[0] + list(extra)
+    if len(handles) <= 6:
+        ax.legend(handles=handles, fontsize="small")
+        return
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width + 3.6, height)
+    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def _save(fig, path: Path, written: list[Path]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -47,7 +66,9 @@ def _save(fig, path: Path, written: list[Path]) -> None:
 
 
 def _metric_plots(plt, groups: list[Group], key: str, out: Path, written: list[Path]) -> list[str]:
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    from matplotlib.patches import Patch
+
+    colours = _colours(plt, len(groups))
     title, percent = METRIC_TITLES[key], 100.0 if "top" in key else 1.0
     notes = []
     for axis, index in (("wallclock", 1), ("flops", 2)):
@@ -86,16 +107,73 @@ def _metric_plots(plt, groups: list[Group], key: str, out: Path, written: list[P
                     [y + s for y, s in zip(ys, sd)],
                     color=colour,
                     alpha=0.2,
-                    label=f"{label}: ± 1 std over seeds",
                 )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(title)
         ax.set_title(heading)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        bands = any(seeds > 1 for *_, seeds in lines)  # one legend entry says what every band is
+        _legend(fig, ax, (Patch(color="grey", alpha=0.3, label="± 1 std over seeds"),) if bands else ())
         _save(fig, out / f"{key.lower()}_vs_{axis}.png", written)
         plt.close(fig)
     return notes
+
+
+def _speed_up_plot(plt, groups: list[Group], baseline: Group, key: str, out: Path, written: list[Path]) -> None:
+    """One point per recipe: its final eval metric against its wall-clock speed-up (left) and its
+    train-time speed-up (right), mean ± std over seeds as error bars (speed-ups paired by seed where
+    every seed has its baseline run: ``tables.speed_up``); the baseline's ± 1 std as a band. The plot
+    a user picks a method from."""
+    from .tables import speed_up
+
+    title, percent = METRIC_TITLES[key], 100.0 if "top" in key else 1.0
+    points = []
+    for group in groups:
+        finals = [r.final_metric(key) for r in group.runs]
+        if not finals or any(v is None for v in finals):
+            continue
+        ys = [v * percent for v in finals]  # type: ignore[operator]
+        y, y_sd = statistics.fmean(ys), statistics.stdev(ys) if len(ys) > 1 else 0.0
+        times = [
+            speed_up(baseline.runs, group.runs, lambda r: r.wall_clock),
+            speed_up(baseline.runs, group.runs, lambda r: r.train_time),
+        ]
+        points.append((group, y, y_sd, times))
+    if not any(t is not None for *_, times in points for t in times):
+        return
+    colours, markers = _colours(plt, len(points)), "osD^v<>pP*XhH8d"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    for ax, index, xlabel in (
+        (axes[0], 0, "wall-clock speed-up"),
+        (axes[1], 1, "train-time speed-up (evaluation, checkpoints out)"),
+    ):
+        for i, (group, y, y_sd, times) in enumerate(points):
+            if times[index] is None:
+                continue
+            x, x_sd = times[index]
+            seeds = len(group.runs)
+            ax.errorbar(
+                x,
+                y,
+                xerr=x_sd or None,
+                yerr=y_sd if seeds > 1 else None,
+                fmt=markers[i % len(markers)],
+                color=colours[i % len(colours)],
+                capsize=3,
+                label=f"{group.label} ({seeds} seed{'s' * (seeds > 1)})" if index == 0 else None,
+            )
+        base = [v * percent for v in (r.final_metric(key) for r in baseline.runs) if v is not None]
+        if len(base) > 1:
+            mean, sd = statistics.fmean(base), statistics.stdev(base)
+            ax.axhspan(mean - sd, mean + sd, color="grey", alpha=0.2, label="baseline ± 1 std" if index == 0 else None)
+        ax.axvline(1.0, color="grey", linewidth=1, linestyle="--")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"final {title}")
+    fig.suptitle(f"Final {title} against speed-up over `{baseline.label}` (mean ± std over seeds)")
+    _legend(fig, axes[1], tuple(axes[0].get_legend_handles_labels()[0]))
+    _save(fig, out / f"{key.lower()}_vs_speedup.png", written)
+    plt.close(fig)
 
 
 def _binned(steps: list[int], values: list[float], bins: int = 2000):
@@ -120,7 +198,7 @@ def _step_plot(
     boundaries: bool,
     drawstyle: str = "default",
 ) -> None:
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = _colours(plt, len(groups))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False
     for i, group in enumerate(groups):
@@ -137,7 +215,7 @@ def _step_plot(
                 linewidth=1,
                 alpha=1.0 if j == 0 else 0.5,
                 drawstyle=drawstyle,
-                label=f"{group.label}" + (f" (seed {run.seed})" if len(group.runs) > 1 else ""),
+                label=(group.label + (f" ({len(group.runs)} seeds)" if len(group.runs) > 1 else "")) if j == 0 else None,
             )
             drawn = True
         if boundaries and group.runs:
@@ -156,7 +234,7 @@ def _step_plot(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(fig, ax)
     _save(fig, path, written)
     plt.close(fig)
 
@@ -183,7 +261,7 @@ def _breakdown_plot(plt, runs: list[Run], path: Path, written: list[Path]) -> No
     plt.close(fig)
 
 
-def write_plots(groups: list[Group], out: Path) -> tuple[list[Path], list[str]]:
+def write_plots(groups: list[Group], out: Path, baseline: Optional[Group] = None) -> tuple[list[Path], list[str]]:
     plt = _pyplot()
     written: list[Path] = []
     notes: list[str] = []
@@ -193,7 +271,10 @@ def write_plots(groups: list[Group], out: Path) -> tuple[list[Path], list[str]]:
         if any(key in r.metric_keys() for r in runs):
             keys.append(key)
     for key in keys:
-        notes += _metric_plots(plt, [g for g in groups if any(key in r.metric_keys() for r in g.runs)], key, out, written)
+        with_key = [g for g in groups if any(key in r.metric_keys() for r in g.runs)]
+        notes += _metric_plots(plt, with_key, key, out, written)
+        if baseline is not None and len(with_key) > 1:
+            _speed_up_plot(plt, with_key, baseline, key, out, written)
     _step_plot(
         plt, groups, "loss", "train loss (per step)", "Train loss against step", out / "loss.png", written, boundaries=False
     )

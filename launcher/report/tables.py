@@ -109,14 +109,25 @@ def _paired_ratios(baseline: list[Run], runs: list[Run], seconds) -> Optional[li
     return [b / w for b, w in pairs]
 
 
+def speed_up(baseline: list[Run], runs: list[Run], seconds) -> Optional[tuple[float, Optional[float]]]:
+    """``(mean, std)`` of the paired per-seed ratios where every seed has its baseline run, else
+    ``(ratio of the mean times, None)``; None when the times are unknown."""
+    ratios = _paired_ratios(baseline, runs, seconds)
+    if ratios is not None:
+        mean, std, _ = _mean_std(ratios)  # type: ignore[misc]
+        return mean, std
+    base, mine = _mean_std([seconds(r) for r in baseline]), _mean_std([seconds(r) for r in runs])
+    return (base[0] / mine[0], None) if base and mine and mine[0] > 0 else None
+
+
 def _time_speed_up(baseline: list[Run], runs: list[Run], seconds) -> str:
     """The paired speed-up (mean +- std of the per-seed ratios) where every seed has its baseline run,
     else the ratio of the mean times."""
-    ratios = _paired_ratios(baseline, runs, seconds)
-    if ratios is not None:
-        return _fmt(_mean_std(ratios), lambda v: f"{v:.2f}x")
-    base, mine = _mean_std([seconds(r) for r in baseline]), _mean_std([seconds(r) for r in runs])
-    return f"{base[0] / mine[0]:.2f}x" if base and mine and mine[0] > 0 else "-"
+    found = speed_up(baseline, runs, seconds)
+    if found is None:
+        return "-"
+    mean, std = found
+    return f"{mean:.2f}x" if std is None else f"{mean:.2f}x ± {std:.2f}x"
 
 
 def _table(groups: list[Group], baseline: Group) -> list[str]:
