@@ -71,7 +71,7 @@ def evaluation(step, t, top1, **extra):
     return {"step": step, "time": t, "eval/top1": top1, "eval/top5": 0.9, "eval/eval_samples": 48, **extra}
 
 
-def resumed_run(path: Path, seed=0, top1_final=0.5, speed=1.0, flops=1e13, toe=True, name=None):
+def resumed_run(path: Path, seed=0, top1_final=0.5, speed=1.0, flops=1e13, toe=True, name=None, **extra):
     """Two segments with a gap between them: the first is killed after step 5, the second resumes at the
     step-4 checkpoint and redoes steps 4 and 5 (with other losses). Times scale with 1 / speed."""
     segments = [
@@ -102,7 +102,7 @@ def resumed_run(path: Path, seed=0, top1_final=0.5, speed=1.0, flops=1e13, toe=T
     for begin, seg in segments:
         records.append(start(seg[0]["step"], begin / speed))
         records += [dict(r, time=r["time"] / speed) for r in seg]
-    cfg = config(name or f"toe_s{seed}", seed=seed, toe=toe)
+    cfg = config(name or f"toe_s{seed}", seed=seed, toe=toe, **extra)
     return write_run(path, cfg, records, final={"step": 8, "top1": top1_final, "top5": 0.9}), segments
 
 
@@ -236,6 +236,31 @@ def test_plots_are_written_with_content(tmp_path):
         assert f"({name}.png)" in md
         with Image.open(tmp_path / "report" / f"{name}.png") as image:
             assert image.format == "PNG" and image.size == (700, 450)
+            colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+            assert colours is not None and len(colours) > 50, f"{name}.png is blank"
+
+
+def test_a_comparison_of_many_recipes_gets_a_plot_to_pick_from_and_legends_beside_the_curves(tmp_path):
+    """Eight recipes x two seeds, as launcher.compare times them: one point per recipe against its
+    paired speed-ups; the legends (one entry per recipe) move beside the axes on wider figures."""
+    paths = [
+        resumed_run(
+            tmp_path / f"r{i}_s{seed}",
+            seed=seed,
+            top1_final=0.4 + 0.02 * i,
+            speed=1 + i / 10,
+            name=f"r{i}_s{seed}",
+            variant=i,
+        )[0]
+        for seed in range(2)
+        for i in range(8)
+    ]
+    assert report.main([*map(str, paths), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "(top1_vs_speedup.png)" in md and table(md)["r7"]["wall-clock speed-up"] == "1.70x ± 0.00x"
+    for name, size in (("top1_vs_speedup", (1360, 450)), ("top1_vs_wallclock", (1060, 450)), ("loss", (1060, 450))):
+        with Image.open(tmp_path / "report" / f"{name}.png") as image:
+            assert image.size == size, name
             colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
             assert colours is not None and len(colours) > 50, f"{name}.png is blank"
 
