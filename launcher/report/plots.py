@@ -203,7 +203,8 @@ def _step_plot(
     drawn = False
     for i, group in enumerate(groups):
         colour = colours[i % len(colours)]
-        for j, run in enumerate(group.runs):
+        labelled = False
+        for run in group.runs:
             points = [(s, float(r[metric])) for s, r in sorted(run.train.items()) if isinstance(r.get(metric), (int, float))]
             if not points:
                 continue
@@ -213,11 +214,11 @@ def _step_plot(
                 ys,
                 color=colour,
                 linewidth=1,
-                alpha=1.0 if j == 0 else 0.5,
+                alpha=0.5 if labelled else 1.0,
                 drawstyle=drawstyle,
-                label=(group.label + (f" ({len(group.runs)} seeds)" if len(group.runs) > 1 else "")) if j == 0 else None,
+                label=None if labelled else group.label + (f" ({len(group.runs)} seeds)" if len(group.runs) > 1 else ""),
             )
-            drawn = True
+            drawn = labelled = True  # one legend entry per recipe: its other seeds are the paler lines
         if boundaries and group.runs:
             for k, step in enumerate(group.runs[0].stage_boundaries()):
                 ax.axvline(
