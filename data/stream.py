@@ -122,6 +122,9 @@ def inline_small_tensors(value: Any) -> Any:
     return value
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def _worker_init(parent: int, worker_id: int) -> None:
     """DataLoader workers leave SIGTERM / SIGUSR1 to the training process, which checkpoints and then
     ends them; a job-wide signal (scancel, a preemption) would otherwise kill a worker mid-batch and
@@ -141,9 +144,6 @@ def _worker_init(parent: int, worker_id: int) -> None:
             log.warning("workers will not end with a killed rank: prctl failed (errno %d)", ctypes.get_errno())
         if os.getppid() != parent:
             os._exit(1)
-
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 _LIVE_LOADERS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators with workers, not yet finished

@@ -282,13 +282,9 @@ class Trainer:
 
         d, t = self.cfg.data, self.cfg.train
         if d.synthetic:
-            from data.write_shards import synthetic_holds, write_synthetic_once
+            from data.write_shards import synthetic_geometry, synthetic_holds, write_synthetic_once
 
-            wanted = {
-                "size": self.cfg.model.img_size,
-                "objects": d.synthetic_objects,
-                "token_labels": d.synthetic_token_labels,
-            }
+            wanted = synthetic_geometry(d, self.cfg.model.img_size)
             if self.rank == 0 and not (Path(d.path) / INDEX_NAME).is_file():
                 write_synthetic_once(d.path, **wanted)  # one complete copy even when two jobs start at once
             dist.barrier()  # on every rank, whatever it sees: a rank-local condition here would hang the job

@@ -529,7 +529,7 @@ def _split_samples(out: Path, split: str) -> list[dict]:
 
 
 def test_synthetic_token_labels_are_checked_against_the_folder(tmp_path, tiny_shards):
-    from data.write_shards import synthetic_holds
+    from data.write_shards import synthetic_geometry, synthetic_holds
     from launcher.config import ConfigError, load_config
 
     with pytest.raises(ShardIndexError, match="without token labels, but the recipe wants them"):
@@ -539,6 +539,7 @@ def test_synthetic_token_labels_are_checked_against_the_folder(tmp_path, tiny_sh
         synthetic_holds(str(tiny_shards), size=48, objects=1)
     cfg = load_config(str(ROOT / "configs/lvvit_tiny_cpu.yaml"))
     assert cfg.data.synthetic and cfg.data.synthetic_token_labels == 16
+    assert synthetic_geometry(cfg.data, cfg.model.img_size) == {"size": 32, "objects": 1, "token_labels": 16}
     with pytest.raises(ConfigError, match="synthetic_token_labels=5 needs"):
         load_config(str(ROOT / "configs/lvvit_tiny_cpu.yaml"), ["data.synthetic_token_labels=5"])
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from .runs import Group, Run
-from .tables import METRIC_TITLES, _breakdown_rows, _phases
+from .tables import METRIC_TITLES, _breakdown_rows, _mean_std, _phases, speed_up
 
 
 def _pyplot():
@@ -124,16 +124,16 @@ def _speed_up_plot(plt, groups: list[Group], baseline: Group, key: str, out: Pat
     train-time speed-up (right), mean ± std over seeds as error bars (speed-ups paired by seed where
     every seed has its baseline run: ``tables.speed_up``); the baseline's ± 1 std as a band. The plot
     a user picks a method from."""
-    from .tables import speed_up
-
     title, percent = METRIC_TITLES[key], 100.0 if "top" in key else 1.0
+
+    def final(runs) -> Optional[tuple[float, float, int]]:
+        return _mean_std([None if (v := r.final_metric(key)) is None else v * percent for r in runs])
+
     points = []
     for group in groups:
-        finals = [r.final_metric(key) for r in group.runs]
-        if not finals or any(v is None for v in finals):
+        if (stat := final(group.runs)) is None:
             continue
-        ys = [v * percent for v in finals]  # type: ignore[operator]
-        y, y_sd = statistics.fmean(ys), statistics.stdev(ys) if len(ys) > 1 else 0.0
+        y, y_sd, _ = stat
         times = [
             speed_up(baseline.runs, group.runs, lambda r: r.wall_clock),
             speed_up(baseline.runs, group.runs, lambda r: r.train_time),
@@ -141,6 +141,7 @@ def _speed_up_plot(plt, groups: list[Group], baseline: Group, key: str, out: Pat
         points.append((group, y, y_sd, times))
     if not any(t is not None for *_, times in points for t in times):
         return
+    band = final(baseline.runs)  # the baseline's spread, drawn in both panels
     colours, markers = _colours(plt, len(points)), "osD^v<>pP*XhH8d"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
     for ax, index, xlabel in (
@@ -162,9 +163,8 @@ def _speed_up_plot(plt, groups: list[Group], baseline: Group, key: str, out: Pat
                 capsize=3,
                 label=f"{group.label} ({seeds} seed{'s' * (seeds > 1)})" if index == 0 else None,
             )
-        base = [v * percent for v in (r.final_metric(key) for r in baseline.runs) if v is not None]
-        if len(base) > 1:
-            mean, sd = statistics.fmean(base), statistics.stdev(base)
+        if band is not None and band[2] > 1:
+            mean, sd, _ = band
             ax.axhspan(mean - sd, mean + sd, color="grey", alpha=0.2, label="baseline ± 1 std" if index == 0 else None)
         ax.axvline(1.0, color="grey", linewidth=1, linestyle="--")
         ax.set_xlabel(xlabel)
