@@ -455,7 +455,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_compare_skips_a_finished_run_and_resumes_a_killed_one(tmp_path, tiny_shards):
-    out, total = tmp_path / "cmp", 200
+    out, total = tmp_path / "cmp", 120
     args = [
         sys.executable,
         "-m",
@@ -473,7 +473,7 @@ def test_compare_skips_a_finished_run_and_resumes_a_killed_one(tmp_path, tiny_sh
         *TINY,
         f"train.steps={total}",
         "checkpoint.every=20",
-        "train.eval_every=100",
+        "train.eval_every=60",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     first, victim = out / "runs" / "deit_tiny_cpu_s0", out / "runs" / "deit_tiny_toe_cpu_s0"
