@@ -110,6 +110,13 @@ def oracle_token_maps(index: int, seed: int = 0, size: int = 32, grid: int = 16,
     return oracle_maps(sample.regions[0], sample.label, NUM_CLASSES, grid, k)
 
 
+def synthetic_geometry(data, img_size: int) -> dict[str, int]:
+    """What a run's embedded synthetic shards hold, from its ``data`` section (``launcher.config.DataConfig``)
+    and model image size: the keywords of ``check_synthetic_options`` and of
+    ``data.write_shards``' ``write_synthetic_once`` and ``synthetic_holds``."""
+    return {"size": img_size, "objects": data.synthetic_objects, "token_labels": data.synthetic_token_labels}
+
+
 def check_synthetic_options(size: int, objects: int, token_labels: int = 0, prefix: str = "data.") -> None:
     """What the embedded data can be written with (``data.write_shards synthetic``); ``ValueError`` naming the option."""
     if token_labels and (objects != 1 or size % token_labels):

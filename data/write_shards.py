@@ -378,12 +378,6 @@ def synthetic(args) -> dict:
     return meta
 
 
-def synthetic_geometry(data, img_size: int) -> dict[str, int]:
-    """What a run's embedded synthetic shards hold, from its ``data`` section (``launcher.config.DataConfig``)
-    and model image size: the keywords of ``write_synthetic_once`` and ``synthetic_holds``."""
-    return {"size": img_size, "objects": data.synthetic_objects, "token_labels": data.synthetic_token_labels}
-
-
 def synthetic_holds(path: str, *, size: int, objects: int, token_labels: int = 0) -> None:
     """Refuse (``ShardIndexError``, a start-up refusal) a folder whose shards are not the embedded synthetic
     data of this geometry (another image size or object count), or that carry no dense token labels when

@@ -446,10 +446,10 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
     if d.synthetic_objects < 1 or (cfg.task == "classification" and d.synthetic_objects != 1):
         raise ConfigError(f"data.synthetic_objects must be >= 1 (and 1 for classification), got {d.synthetic_objects}")
-    from data.synthetic import check_synthetic_options  # light: numpy only
+    from data.synthetic import check_synthetic_options, synthetic_geometry  # light: numpy only
 
     try:
-        check_synthetic_options(cfg.model.img_size, d.synthetic_objects, d.synthetic_token_labels)
+        check_synthetic_options(**synthetic_geometry(d, cfg.model.img_size))
     except ValueError as err:
         raise ConfigError(str(err)) from err
     _validate_remote(cfg)

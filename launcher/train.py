@@ -282,7 +282,8 @@ class Trainer:
 
         d, t = self.cfg.data, self.cfg.train
         if d.synthetic:
-            from data.write_shards import synthetic_geometry, synthetic_holds, write_synthetic_once
+            from data.synthetic import synthetic_geometry
+            from data.write_shards import synthetic_holds, write_synthetic_once
 
             wanted = synthetic_geometry(d, self.cfg.model.img_size)
             if self.rank == 0 and not (Path(d.path) / INDEX_NAME).is_file():

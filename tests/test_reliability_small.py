@@ -529,7 +529,8 @@ def _split_samples(out: Path, split: str) -> list[dict]:
 
 
 def test_synthetic_token_labels_are_checked_against_the_folder(tmp_path, tiny_shards):
-    from data.write_shards import synthetic_geometry, synthetic_holds
+    from data.synthetic import synthetic_geometry
+    from data.write_shards import synthetic_holds
     from launcher.config import ConfigError, load_config
 
     with pytest.raises(ShardIndexError, match="without token labels, but the recipe wants them"):
