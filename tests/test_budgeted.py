@@ -184,11 +184,11 @@ def test_the_model_must_resample_its_position_embedding():
     ).attach(tiny())  # heads / MLP only: fine
 
 
-def share_of_run(recipe, steps_per_epoch=937):
+def share_of_run(recipe, steps_per_epoch=937, overrides=()):
     """Training FLOPs of a recipe's whole run against its dense run's, step by step through the plug-in stack."""
     from launcher.tasks import make_task
 
-    cfg = load_config(str(ROOT / "configs" / recipe))
+    cfg = load_config(str(ROOT / "configs" / recipe), list(overrides))
     dense = math.ceil(cfg.train.epochs * steps_per_epoch)
     task = make_task(cfg)
     total, methods = run_length(cfg.methods, steps_per_epoch, dense, lambda: task.build_model()[0])
@@ -206,6 +206,12 @@ def test_the_fashion_mnist_recipes_cost_what_toe_costs():
     assert 0.784 - 1 / 937 < budgeted <= 0.784 and steps < 1000  # within one dense step of the budget, never above
     both, steps = share_of_run("fmnist_deit_tiny_budgeted_toe.yaml")
     assert abs(both - toe) < 1e-3 and steps == 1057
+
+
+def test_the_four_epoch_control_costs_what_toe_costs_over_four_epochs():
+    toe, steps = share_of_run("fmnist_deit_tiny_toe_r05.yaml", overrides=["train.epochs=4"])
+    control = load_config(str(ROOT / "configs/fmnist_deit_tiny_at_toe_flops.yaml"), ["train.epochs=4"])
+    assert steps == 3748 and round(toe, 4) == 0.7844 and control.train.steps == round(toe * steps) == 2940
 
 
 # -- the sliced model -------------------------------------------------------------------------------
