@@ -8,16 +8,17 @@ of its windows at ``cost/flops_share`` 1: ToE's last stage, Budgeted + ToE's las
 ends are timed in the same run, so the machine's speed drift between runs (13-25% within a session here)
 cancels; the paired wall-clock ratios of `launcher.report` carry it.
 
-    python docs/evidence/fmnist_long/summary.py docs/evidence/fmnist_long/runs > docs/evidence/fmnist_long/summary.md
+    PYTHONPATH=. python docs/evidence/fmnist_long/summary.py RUNS_DIR > docs/evidence/fmnist_long/summary.md
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
+
+from launcher.report.runs import load_run as load_report_run
 
 BASELINE = "fmnist_deit_tiny"
 RECIPES = {
@@ -31,20 +32,19 @@ SEEDS = (0, 1, 2)
 
 
 def load_run(folder: Path) -> dict:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    windows = [r for r in rows if "time/window" in r]
+    run = load_report_run(folder)  # launcher.report's reading: wall-clock over segments, train time, FLOPs
+    windows = list(run.train.values())
 
     def train_time(r: dict) -> float:
         return r["time/window"] - r.get("time/evaluation", 0.0) - r.get("time/checkpoint", 0.0)
 
     full = [r for r in windows if r.get("cost/flops_share", 0.0) >= 0.999 and r["steps"] > 1]
-    start = min(r["time"] for r in rows if r.get("event") == "start")
     return {
-        "final": 100 * json.loads((folder / "final.json").read_text())["top1"],
-        "evals": {r["step"]: 100 * r["eval/top1"] for r in rows if "eval/top1" in r},
-        "wall": max(r["time"] for r in rows) - start,
-        "train": sum(train_time(r) for r in windows),
-        "flops": sum(r.get("flops", 0.0) for r in windows),
+        "final": 100 * run.final["top1"],
+        "evals": {step: 100 * r["eval/top1"] for step, r in run.evals.items() if "eval/top1" in r},
+        "wall": run.wall_clock,
+        "train": run.train_time,
+        "flops": run.total_flops,
         "full_step_s": sum(train_time(r) for r in full) / sum(r["steps"] for r in full),
     }
 
